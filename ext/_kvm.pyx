@@ -1,0 +1,776 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""Thin wrappers over the /dev/kvm ioctls (Documentation/virt/kvm/api.rst).
+
+One class per kernel object (Kvm, VmFd, VcpuFd), one method per ioctl, no
+policy. Values cross into Python as plain ints, bytes, dicts (struct field
+names as keys, straight from <asm/kvm.h>) and small exit objects. A failed
+ioctl raises the OSError subclass matching its errno, named after the ioctl.
+"""
+
+from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_FillInfo
+from libc.errno cimport errno, EINTR, EAGAIN
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
+from libc.stdlib cimport calloc, free
+from libc.string cimport memcpy, memset, strerror
+
+cimport kvm as k
+cimport hostos as s
+
+import os as _os
+
+API_VERSION = k.KVM_API_VERSION
+
+EXIT_UNKNOWN = k.KVM_EXIT_UNKNOWN
+EXIT_IO = k.KVM_EXIT_IO
+EXIT_HLT = k.KVM_EXIT_HLT
+EXIT_MMIO = k.KVM_EXIT_MMIO
+EXIT_SHUTDOWN = k.KVM_EXIT_SHUTDOWN
+EXIT_FAIL_ENTRY = k.KVM_EXIT_FAIL_ENTRY
+EXIT_INTR = k.KVM_EXIT_INTR
+EXIT_INTERNAL_ERROR = k.KVM_EXIT_INTERNAL_ERROR
+EXIT_SYSTEM_EVENT = k.KVM_EXIT_SYSTEM_EVENT
+
+MEM_LOG_DIRTY_PAGES = k.KVM_MEM_LOG_DIRTY_PAGES
+MEM_READONLY = k.KVM_MEM_READONLY
+
+#: KVM_CHECK_EXTENSION arguments by their header names.
+CAPS = {
+    "KVM_CAP_IRQCHIP": k.KVM_CAP_IRQCHIP,
+    "KVM_CAP_HLT": k.KVM_CAP_HLT,
+    "KVM_CAP_USER_MEMORY": k.KVM_CAP_USER_MEMORY,
+    "KVM_CAP_SET_TSS_ADDR": k.KVM_CAP_SET_TSS_ADDR,
+    "KVM_CAP_EXT_CPUID": k.KVM_CAP_EXT_CPUID,
+    "KVM_CAP_NR_VCPUS": k.KVM_CAP_NR_VCPUS,
+    "KVM_CAP_MAX_VCPUS": k.KVM_CAP_MAX_VCPUS,
+    "KVM_CAP_MP_STATE": k.KVM_CAP_MP_STATE,
+    "KVM_CAP_PIT2": k.KVM_CAP_PIT2,
+    "KVM_CAP_PIT_STATE2": k.KVM_CAP_PIT_STATE2,
+    "KVM_CAP_IRQFD": k.KVM_CAP_IRQFD,
+    "KVM_CAP_IOEVENTFD": k.KVM_CAP_IOEVENTFD,
+    "KVM_CAP_ADJUST_CLOCK": k.KVM_CAP_ADJUST_CLOCK,
+    "KVM_CAP_SET_IDENTITY_MAP_ADDR": k.KVM_CAP_SET_IDENTITY_MAP_ADDR,
+    "KVM_CAP_VCPU_EVENTS": k.KVM_CAP_VCPU_EVENTS,
+    "KVM_CAP_DEBUGREGS": k.KVM_CAP_DEBUGREGS,
+    "KVM_CAP_XSAVE": k.KVM_CAP_XSAVE,
+    "KVM_CAP_XCRS": k.KVM_CAP_XCRS,
+    "KVM_CAP_IMMEDIATE_EXIT": k.KVM_CAP_IMMEDIATE_EXIT,
+    "KVM_CAP_TSC_DEADLINE_TIMER": k.KVM_CAP_TSC_DEADLINE_TIMER,
+    "KVM_CAP_IRQ_ROUTING": k.KVM_CAP_IRQ_ROUTING,
+    "KVM_CAP_GET_MSR_FEATURES": k.KVM_CAP_GET_MSR_FEATURES,
+    "KVM_CAP_NR_MEMSLOTS": k.KVM_CAP_NR_MEMSLOTS,
+    "KVM_CAP_READONLY_MEM": k.KVM_CAP_READONLY_MEM,
+}
+
+# Upper bounds for the variable-length ioctls; KVM answers E2BIG past them.
+DEF MAX_CPUID_ENTRIES = 256
+DEF MAX_MSR_ENTRIES = 1024
+
+
+cdef int _check(int ret, str name) except -1:
+    """Turn a -1 ioctl return into the OSError subclass for errno."""
+    cdef int err
+    if ret < 0:
+        err = errno
+        raise OSError(err, f"{name}: {strerror(err).decode()}")
+    return ret
+
+
+cdef class _Fd:
+    """An owned file descriptor, closed exactly once."""
+    cdef public int fd
+
+    def __cinit__(self):
+        self.fd = -1
+
+    def fileno(self):
+        if self.fd < 0:
+            raise ValueError(f"{type(self).__name__} is closed")
+        return self.fd
+
+    @property
+    def closed(self):
+        return self.fd < 0
+
+    def close(self):
+        if self.fd >= 0:
+            s.close(self.fd)
+            self.fd = -1
+
+    def __dealloc__(self):
+        if self.fd >= 0:
+            s.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+cdef class Kvm(_Fd):
+    """The /dev/kvm system fd."""
+
+    def __init__(self, path="/dev/kvm"):
+        cdef bytes p = _os.fsencode(path)
+        self.fd = _check(s.open(p, s.O_RDWR | s.O_CLOEXEC), f"open({path})")
+
+    def get_api_version(self):
+        return _check(s.ioctl(self.fd, k.KVM_GET_API_VERSION, 0), "KVM_GET_API_VERSION")
+
+    def check_extension(self, int cap):
+        return _check(s.ioctl(self.fd, k.KVM_CHECK_EXTENSION, <unsigned long>cap),
+                      "KVM_CHECK_EXTENSION")
+
+    def get_vcpu_mmap_size(self):
+        return _check(s.ioctl(self.fd, k.KVM_GET_VCPU_MMAP_SIZE, 0), "KVM_GET_VCPU_MMAP_SIZE")
+
+    def get_supported_cpuid(self):
+        return _get_cpuid(self.fd, k.KVM_GET_SUPPORTED_CPUID, "KVM_GET_SUPPORTED_CPUID")
+
+    def get_msr_index_list(self):
+        return _get_msr_list(self.fd, k.KVM_GET_MSR_INDEX_LIST, "KVM_GET_MSR_INDEX_LIST")
+
+    def get_msr_feature_index_list(self):
+        return _get_msr_list(self.fd, k.KVM_GET_MSR_FEATURE_INDEX_LIST,
+                             "KVM_GET_MSR_FEATURE_INDEX_LIST")
+
+    def get_feature_msrs(self, indices):
+        """KVM_GET_MSRS on the system fd: values of feature MSRs."""
+        return _get_msrs(self.fd, indices)
+
+    def create_vm(self):
+        cdef VmFd vm = VmFd.__new__(VmFd)
+        vm.fd = _check(s.ioctl(self.fd, k.KVM_CREATE_VM, 0), "KVM_CREATE_VM")
+        vm.mmap_size = self.get_vcpu_mmap_size()
+        return vm
+
+
+cdef list _get_cpuid(int fd, unsigned long req, str name):
+    cdef size_t size = sizeof(k.kvm_cpuid2) + MAX_CPUID_ENTRIES * sizeof(k.kvm_cpuid_entry2)
+    cdef k.kvm_cpuid2 *c = <k.kvm_cpuid2 *>calloc(1, size)
+    if c == NULL:
+        raise MemoryError()
+    try:
+        c.nent = MAX_CPUID_ENTRIES
+        _check(s.ioctl(fd, req, c), name)
+        return [c.entries[i] for i in range(c.nent)]
+    finally:
+        free(c)
+
+
+cdef list _get_msr_list(int fd, unsigned long req, str name):
+    cdef size_t size = sizeof(k.kvm_msr_list) + MAX_MSR_ENTRIES * sizeof(uint32_t)
+    cdef k.kvm_msr_list *lst = <k.kvm_msr_list *>calloc(1, size)
+    if lst == NULL:
+        raise MemoryError()
+    try:
+        lst.nmsrs = MAX_MSR_ENTRIES
+        _check(s.ioctl(fd, req, lst), name)
+        return [lst.indices[i] for i in range(lst.nmsrs)]
+    finally:
+        free(lst)
+
+
+cdef dict _get_msrs(int fd, indices):
+    cdef list idx = list(indices)
+    cdef Py_ssize_t n = len(idx), i
+    cdef k.kvm_msrs *m = <k.kvm_msrs *>calloc(1, sizeof(k.kvm_msrs) + n * sizeof(k.kvm_msr_entry))
+    if m == NULL:
+        raise MemoryError()
+    try:
+        m.nmsrs = n
+        for i in range(n):
+            m.entries[i].index = idx[i]
+        got = _check(s.ioctl(fd, k.KVM_GET_MSRS, m), "KVM_GET_MSRS")
+        if got != n:
+            raise OSError(0, f"KVM_GET_MSRS: MSR {idx[got]:#x} is not supported")
+        return {m.entries[i].index: m.entries[i].data for i in range(n)}
+    finally:
+        free(m)
+
+
+cdef class VmFd(_Fd):
+    """A VM fd (KVM_CREATE_VM)."""
+    cdef public int mmap_size
+
+    def set_user_memory_region(self, uint32_t slot, uint64_t guest_phys_addr,
+                               uint64_t memory_size, uint64_t userspace_addr,
+                               uint32_t flags=0):
+        cdef k.kvm_userspace_memory_region r
+        r.slot = slot
+        r.flags = flags
+        r.guest_phys_addr = guest_phys_addr
+        r.memory_size = memory_size
+        r.userspace_addr = userspace_addr
+        _check(s.ioctl(self.fd, k.KVM_SET_USER_MEMORY_REGION, &r), "KVM_SET_USER_MEMORY_REGION")
+
+    def create_irqchip(self):
+        _check(s.ioctl(self.fd, k.KVM_CREATE_IRQCHIP, 0), "KVM_CREATE_IRQCHIP")
+
+    def create_pit2(self, uint32_t flags=0):
+        cdef k.kvm_pit_config cfg
+        memset(&cfg, 0, sizeof(cfg))
+        cfg.flags = flags
+        _check(s.ioctl(self.fd, k.KVM_CREATE_PIT2, &cfg), "KVM_CREATE_PIT2")
+
+    def set_tss_addr(self, unsigned long addr):
+        _check(s.ioctl(self.fd, k.KVM_SET_TSS_ADDR, addr), "KVM_SET_TSS_ADDR")
+
+    def set_identity_map_addr(self, uint64_t addr):
+        _check(s.ioctl(self.fd, k.KVM_SET_IDENTITY_MAP_ADDR, &addr), "KVM_SET_IDENTITY_MAP_ADDR")
+
+    def irq_line(self, uint32_t irq, uint32_t level):
+        cdef k.kvm_irq_level lvl
+        lvl.irq = irq
+        lvl.level = level
+        _check(s.ioctl(self.fd, k.KVM_IRQ_LINE, &lvl), "KVM_IRQ_LINE")
+
+    def irqfd(self, int fd, uint32_t gsi, bint deassign=False):
+        cdef k.kvm_irqfd req
+        memset(&req, 0, sizeof(req))
+        req.fd = fd
+        req.gsi = gsi
+        req.flags = k.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0
+        _check(s.ioctl(self.fd, k.KVM_IRQFD, &req), "KVM_IRQFD")
+
+    def ioeventfd(self, int fd, uint64_t addr, uint32_t length, datamatch=None,
+                  bint pio=False, bint deassign=False):
+        cdef k.kvm_ioeventfd req
+        memset(&req, 0, sizeof(req))
+        req.fd = fd
+        req.addr = addr
+        req.len = length
+        if datamatch is not None:
+            req.datamatch = datamatch
+            req.flags |= k.KVM_IOEVENTFD_FLAG_DATAMATCH
+        if pio:
+            req.flags |= k.KVM_IOEVENTFD_FLAG_PIO
+        if deassign:
+            req.flags |= k.KVM_IOEVENTFD_FLAG_DEASSIGN
+        _check(s.ioctl(self.fd, k.KVM_IOEVENTFD, &req), "KVM_IOEVENTFD")
+
+    def get_clock(self):
+        cdef k.kvm_clock_data c
+        memset(&c, 0, sizeof(c))
+        _check(s.ioctl(self.fd, k.KVM_GET_CLOCK, &c), "KVM_GET_CLOCK")
+        return {"clock": c.clock, "flags": c.flags}
+
+    def set_clock(self, uint64_t clock, uint32_t flags=0):
+        cdef k.kvm_clock_data c
+        memset(&c, 0, sizeof(c))
+        c.clock = clock
+        c.flags = flags
+        _check(s.ioctl(self.fd, k.KVM_SET_CLOCK, &c), "KVM_SET_CLOCK")
+
+    def get_irqchip(self, uint32_t chip_id):
+        cdef k.kvm_irqchip c
+        memset(&c, 0, sizeof(c))
+        c.chip_id = chip_id
+        _check(s.ioctl(self.fd, k.KVM_GET_IRQCHIP, &c), "KVM_GET_IRQCHIP")
+        return (<char *>&c)[:sizeof(c)]
+
+    def set_irqchip(self, const uint8_t[:] state):
+        cdef k.kvm_irqchip c
+        _copy_in(&c, sizeof(c), state, "KVM_SET_IRQCHIP")
+        _check(s.ioctl(self.fd, k.KVM_SET_IRQCHIP, &c), "KVM_SET_IRQCHIP")
+
+    def get_pit2(self):
+        cdef k.kvm_pit_state2 p
+        memset(&p, 0, sizeof(p))
+        _check(s.ioctl(self.fd, k.KVM_GET_PIT2, &p), "KVM_GET_PIT2")
+        return (<char *>&p)[:sizeof(p)]
+
+    def set_pit2(self, const uint8_t[:] state):
+        cdef k.kvm_pit_state2 p
+        _copy_in(&p, sizeof(p), state, "KVM_SET_PIT2")
+        _check(s.ioctl(self.fd, k.KVM_SET_PIT2, &p), "KVM_SET_PIT2")
+
+    def create_vcpu(self, unsigned long vcpu_id):
+        cdef VcpuFd v = VcpuFd.__new__(VcpuFd)
+        v.fd = _check(s.ioctl(self.fd, k.KVM_CREATE_VCPU, vcpu_id), "KVM_CREATE_VCPU")
+        v.vcpu_id = vcpu_id
+        v._map_run(self.mmap_size)
+        return v
+
+
+cdef int _copy_in(void *dst, size_t size, const uint8_t[:] src, str name) except -1:
+    """Copy a state blob from Python into a fixed-size ioctl struct."""
+    if <size_t>src.shape[0] != size:
+        raise ValueError(f"{name}: state must be {size} bytes, got {src.shape[0]}")
+    if size:
+        memcpy(dst, &src[0], size)
+    return 0
+
+
+# --- VM exits -------------------------------------------------------------
+# run() returns one of these. Reads (IoIn, MmioRead) are answered with
+# respond(data) before the next run(); KVM copies the answer into the
+# guest's register when it re-enters (api.rst, KVM_RUN).
+
+cdef class VmExit:
+    reason = -1
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+cdef class IoOut(VmExit):
+    reason = k.KVM_EXIT_IO
+    cdef readonly int port, size, count
+    cdef readonly bytes data
+
+    def __repr__(self):
+        return f"IoOut(port={self.port:#x}, size={self.size}, count={self.count}, data={self.data!r})"
+
+
+cdef class IoIn(VmExit):
+    reason = k.KVM_EXIT_IO
+    cdef readonly int port, size, count
+    cdef VcpuFd _vcpu
+    cdef uint64_t _offset
+
+    def respond(self, data):
+        """Give the guest the bytes it reads: size * count bytes."""
+        cdef const uint8_t[:] d = data
+        cdef size_t n = self.size * self.count
+        if <size_t>d.shape[0] != n:
+            raise ValueError(f"port {self.port:#x} read wants {n} bytes, got {d.shape[0]}")
+        self._vcpu._check_run()
+        memcpy(<char *>self._vcpu.run_page + self._offset, &d[0], n)
+
+    def __repr__(self):
+        return f"IoIn(port={self.port:#x}, size={self.size}, count={self.count})"
+
+
+cdef class MmioWrite(VmExit):
+    reason = k.KVM_EXIT_MMIO
+    cdef readonly uint64_t addr
+    cdef readonly bytes data
+
+    def __repr__(self):
+        return f"MmioWrite(addr={self.addr:#x}, data={self.data!r})"
+
+
+cdef class MmioRead(VmExit):
+    reason = k.KVM_EXIT_MMIO
+    cdef readonly uint64_t addr
+    cdef readonly int length
+    cdef VcpuFd _vcpu
+
+    def respond(self, data):
+        """Give the guest the `length` bytes it reads."""
+        cdef const uint8_t[:] d = data
+        if d.shape[0] != self.length:
+            raise ValueError(f"MMIO read at {self.addr:#x} wants {self.length} bytes, got {d.shape[0]}")
+        self._vcpu._check_run()
+        memcpy(self._vcpu.run_page.mmio.data, &d[0], self.length)
+
+    def __repr__(self):
+        return f"MmioRead(addr={self.addr:#x}, length={self.length})"
+
+
+cdef class Hlt(VmExit):
+    reason = k.KVM_EXIT_HLT
+
+
+cdef class Shutdown(VmExit):
+    """Triple fault (or other shutdown condition): the vCPU cannot go on."""
+    reason = k.KVM_EXIT_SHUTDOWN
+
+
+cdef class Intr(VmExit):
+    """KVM_RUN was interrupted by a signal or immediate_exit."""
+    reason = k.KVM_EXIT_INTR
+
+
+cdef class FailEntry(VmExit):
+    reason = k.KVM_EXIT_FAIL_ENTRY
+    cdef readonly uint64_t hardware_entry_failure_reason
+    cdef readonly uint32_t cpu
+
+    def __repr__(self):
+        return f"FailEntry(reason={self.hardware_entry_failure_reason:#x}, cpu={self.cpu})"
+
+
+cdef class InternalError(VmExit):
+    reason = k.KVM_EXIT_INTERNAL_ERROR
+    cdef readonly uint32_t suberror
+    cdef readonly tuple data
+
+    def __repr__(self):
+        return f"InternalError(suberror={self.suberror}, data={[hex(x) for x in self.data]})"
+
+
+cdef class SystemEvent(VmExit):
+    reason = k.KVM_EXIT_SYSTEM_EVENT
+    cdef readonly uint32_t type
+    cdef readonly tuple data
+
+    def __repr__(self):
+        return f"SystemEvent(type={self.type}, data={self.data})"
+
+
+cdef class UnknownExit(VmExit):
+    cdef readonly uint32_t exit_reason
+    cdef readonly uint64_t hardware_exit_reason
+
+    def __repr__(self):
+        return f"UnknownExit(exit_reason={self.exit_reason}, hw={self.hardware_exit_reason:#x})"
+
+
+cdef class VcpuFd(_Fd):
+    """A vCPU fd (KVM_CREATE_VCPU) and its mmapped struct kvm_run."""
+    cdef k.kvm_run *run_page
+    cdef size_t run_size
+    cdef readonly unsigned long vcpu_id
+
+    cdef _map_run(self, size_t size):
+        cdef void *p = s.mmap(NULL, size, s.PROT_READ | s.PROT_WRITE, s.MAP_SHARED, self.fd, 0)
+        if p == s.MAP_FAILED:
+            _check(-1, "mmap(kvm_run)")
+        self.run_page = <k.kvm_run *>p
+        self.run_size = size
+
+    cdef int _check_run(self) except -1:
+        if self.run_page == NULL:
+            raise ValueError("VcpuFd is closed")
+        return 0
+
+    def close(self):
+        if self.run_page != NULL:
+            s.munmap(self.run_page, self.run_size)
+            self.run_page = NULL
+        _Fd.close(self)
+
+    def __dealloc__(self):
+        if self.run_page != NULL:
+            s.munmap(self.run_page, self.run_size)
+            self.run_page = NULL
+
+    @property
+    def immediate_exit(self):
+        self._check_run()
+        return self.run_page.immediate_exit
+
+    @immediate_exit.setter
+    def immediate_exit(self, value):
+        # A plain byte store: safe from any thread; KVM reads it on entry.
+        self._check_run()
+        self.run_page.immediate_exit = 1 if value else 0
+
+    def run(self):
+        """KVM_RUN with the GIL released; returns the exit as a VmExit."""
+        cdef int ret, err, fd = self.fd
+        self._check_run()
+        with nogil:
+            # The run page and fd stay valid: close() needs the GIL, which
+            # this thread holds again before anyone could take them away.
+            ret = s.ioctl(fd, k.KVM_RUN, 0)
+        if ret < 0:
+            err = errno
+            if err == EINTR or err == EAGAIN:
+                return Intr.__new__(Intr)
+            raise OSError(err, f"KVM_RUN: {strerror(err).decode()}")
+        return self._decode_exit()
+
+    cdef object _decode_exit(self):
+        cdef k.kvm_run *r = self.run_page
+        cdef uint32_t reason = r.exit_reason
+        cdef IoOut out
+        cdef IoIn inp
+        cdef MmioWrite mw
+        cdef MmioRead mr
+        if reason == k.KVM_EXIT_IO:
+            if r.io.direction == k.KVM_EXIT_IO_OUT:
+                out = IoOut.__new__(IoOut)
+                out.port = r.io.port
+                out.size = r.io.size
+                out.count = r.io.count
+                out.data = (<char *>r + r.io.data_offset)[:r.io.size * r.io.count]
+                return out
+            inp = IoIn.__new__(IoIn)
+            inp.port = r.io.port
+            inp.size = r.io.size
+            inp.count = r.io.count
+            inp._vcpu = self
+            inp._offset = r.io.data_offset
+            return inp
+        if reason == k.KVM_EXIT_MMIO:
+            if r.mmio.is_write:
+                mw = MmioWrite.__new__(MmioWrite)
+                mw.addr = r.mmio.phys_addr
+                mw.data = (<char *>r.mmio.data)[:min(r.mmio.len, 8)]
+                return mw
+            mr = MmioRead.__new__(MmioRead)
+            mr.addr = r.mmio.phys_addr
+            mr.length = min(r.mmio.len, 8)
+            mr._vcpu = self
+            return mr
+        if reason == k.KVM_EXIT_HLT:
+            return Hlt.__new__(Hlt)
+        if reason == k.KVM_EXIT_SHUTDOWN:
+            return Shutdown.__new__(Shutdown)
+        if reason == k.KVM_EXIT_INTR:
+            return Intr.__new__(Intr)
+        cdef FailEntry fe
+        cdef InternalError ie
+        cdef SystemEvent se
+        cdef UnknownExit ue
+        if reason == k.KVM_EXIT_FAIL_ENTRY:
+            fe = FailEntry.__new__(FailEntry)
+            fe.hardware_entry_failure_reason = r.fail_entry.hardware_entry_failure_reason
+            fe.cpu = r.fail_entry.cpu
+            return fe
+        if reason == k.KVM_EXIT_INTERNAL_ERROR:
+            ie = InternalError.__new__(InternalError)
+            ie.suberror = r.internal.suberror
+            ie.data = tuple([r.internal.data[i] for i in range(min(r.internal.ndata, 16))])
+            return ie
+        if reason == k.KVM_EXIT_SYSTEM_EVENT:
+            se = SystemEvent.__new__(SystemEvent)
+            se.type = r.system_event.type
+            se.data = tuple([r.system_event.data[i] for i in range(min(r.system_event.ndata, 16))])
+            return se
+        ue = UnknownExit.__new__(UnknownExit)
+        ue.exit_reason = reason
+        ue.hardware_exit_reason = r.hw.hardware_exit_reason
+        return ue
+
+    # --- register state (dicts keyed by <asm/kvm.h> field names) ---------
+
+    def get_regs(self):
+        cdef k.kvm_regs r
+        _check(s.ioctl(self.fd, k.KVM_GET_REGS, &r), "KVM_GET_REGS")
+        return r
+
+    def set_regs(self, k.kvm_regs regs):
+        _check(s.ioctl(self.fd, k.KVM_SET_REGS, &regs), "KVM_SET_REGS")
+
+    def get_sregs(self):
+        cdef k.kvm_sregs r
+        _check(s.ioctl(self.fd, k.KVM_GET_SREGS, &r), "KVM_GET_SREGS")
+        return r
+
+    def set_sregs(self, sregs):
+        cdef k.kvm_sregs r
+        memset(&r, 0, sizeof(r))
+        r = sregs
+        _check(s.ioctl(self.fd, k.KVM_SET_SREGS, &r), "KVM_SET_SREGS")
+
+    def get_fpu(self):
+        cdef k.kvm_fpu f
+        _check(s.ioctl(self.fd, k.KVM_GET_FPU, &f), "KVM_GET_FPU")
+        return (<char *>&f)[:sizeof(f)]
+
+    def set_fpu(self, const uint8_t[:] state):
+        cdef k.kvm_fpu f
+        _copy_in(&f, sizeof(f), state, "KVM_SET_FPU")
+        _check(s.ioctl(self.fd, k.KVM_SET_FPU, &f), "KVM_SET_FPU")
+
+    def get_cpuid2(self):
+        return _get_cpuid(self.fd, k.KVM_GET_CPUID2, "KVM_GET_CPUID2")
+
+    def set_cpuid2(self, entries):
+        cdef list ents = list(entries)
+        cdef Py_ssize_t n = len(ents), i
+        cdef k.kvm_cpuid2 *c = <k.kvm_cpuid2 *>calloc(
+            1, sizeof(k.kvm_cpuid2) + n * sizeof(k.kvm_cpuid_entry2))
+        if c == NULL:
+            raise MemoryError()
+        try:
+            c.nent = n
+            for i in range(n):
+                c.entries[i] = ents[i]
+            _check(s.ioctl(self.fd, k.KVM_SET_CPUID2, c), "KVM_SET_CPUID2")
+        finally:
+            free(c)
+
+    def get_msrs(self, indices):
+        return _get_msrs(self.fd, indices)
+
+    def set_msrs(self, values):
+        """Set MSRs from {index: value}; raises if KVM refuses any."""
+        cdef list items = list(values.items())
+        cdef Py_ssize_t n = len(items), i
+        cdef k.kvm_msrs *m = <k.kvm_msrs *>calloc(1, sizeof(k.kvm_msrs) + n * sizeof(k.kvm_msr_entry))
+        if m == NULL:
+            raise MemoryError()
+        try:
+            m.nmsrs = n
+            for i in range(n):
+                m.entries[i].index = items[i][0]
+                m.entries[i].data = items[i][1]
+            got = _check(s.ioctl(self.fd, k.KVM_SET_MSRS, m), "KVM_SET_MSRS")
+            if got != n:
+                raise OSError(0, f"KVM_SET_MSRS: MSR {items[got][0]:#x} was refused")
+            return got
+        finally:
+            free(m)
+
+    def get_lapic(self):
+        cdef k.kvm_lapic_state st
+        _check(s.ioctl(self.fd, k.KVM_GET_LAPIC, &st), "KVM_GET_LAPIC")
+        return (<char *>&st)[:sizeof(st)]
+
+    def set_lapic(self, const uint8_t[:] state):
+        cdef k.kvm_lapic_state st
+        _copy_in(&st, sizeof(st), state, "KVM_SET_LAPIC")
+        _check(s.ioctl(self.fd, k.KVM_SET_LAPIC, &st), "KVM_SET_LAPIC")
+
+    def get_mp_state(self):
+        cdef k.kvm_mp_state st
+        _check(s.ioctl(self.fd, k.KVM_GET_MP_STATE, &st), "KVM_GET_MP_STATE")
+        return st.mp_state
+
+    def set_mp_state(self, uint32_t mp_state):
+        cdef k.kvm_mp_state st
+        st.mp_state = mp_state
+        _check(s.ioctl(self.fd, k.KVM_SET_MP_STATE, &st), "KVM_SET_MP_STATE")
+
+    def get_xsave(self):
+        cdef k.kvm_xsave st
+        _check(s.ioctl(self.fd, k.KVM_GET_XSAVE, &st), "KVM_GET_XSAVE")
+        return (<char *>&st)[:sizeof(st)]
+
+    def set_xsave(self, const uint8_t[:] state):
+        cdef k.kvm_xsave st
+        _copy_in(&st, sizeof(st), state, "KVM_SET_XSAVE")
+        _check(s.ioctl(self.fd, k.KVM_SET_XSAVE, &st), "KVM_SET_XSAVE")
+
+    def get_xcrs(self):
+        cdef k.kvm_xcrs st
+        memset(&st, 0, sizeof(st))
+        _check(s.ioctl(self.fd, k.KVM_GET_XCRS, &st), "KVM_GET_XCRS")
+        return {st.xcrs[i].xcr: st.xcrs[i].value for i in range(min(st.nr_xcrs, 16))}
+
+    def set_xcrs(self, values):
+        cdef k.kvm_xcrs st
+        memset(&st, 0, sizeof(st))
+        cdef list items = list(values.items())
+        if len(items) > 16:
+            raise ValueError("KVM_SET_XCRS: at most 16 XCRs")
+        st.nr_xcrs = len(items)
+        for i, (xcr, value) in enumerate(items):
+            st.xcrs[i].xcr = xcr
+            st.xcrs[i].value = value
+        _check(s.ioctl(self.fd, k.KVM_SET_XCRS, &st), "KVM_SET_XCRS")
+
+    def get_vcpu_events(self):
+        cdef k.kvm_vcpu_events ev
+        memset(&ev, 0, sizeof(ev))
+        _check(s.ioctl(self.fd, k.KVM_GET_VCPU_EVENTS, &ev), "KVM_GET_VCPU_EVENTS")
+        return (<char *>&ev)[:sizeof(ev)]
+
+    def set_vcpu_events(self, const uint8_t[:] state):
+        cdef k.kvm_vcpu_events ev
+        _copy_in(&ev, sizeof(ev), state, "KVM_SET_VCPU_EVENTS")
+        _check(s.ioctl(self.fd, k.KVM_SET_VCPU_EVENTS, &ev), "KVM_SET_VCPU_EVENTS")
+
+    def get_debugregs(self):
+        cdef k.kvm_debugregs d
+        memset(&d, 0, sizeof(d))
+        _check(s.ioctl(self.fd, k.KVM_GET_DEBUGREGS, &d), "KVM_GET_DEBUGREGS")
+        return {"db": [d.db[i] for i in range(4)], "dr6": d.dr6, "dr7": d.dr7, "flags": d.flags}
+
+    def set_debugregs(self, regs):
+        cdef k.kvm_debugregs d
+        memset(&d, 0, sizeof(d))
+        for i in range(4):
+            d.db[i] = regs["db"][i]
+        d.dr6 = regs["dr6"]
+        d.dr7 = regs["dr7"]
+        d.flags = regs.get("flags", 0)
+        _check(s.ioctl(self.fd, k.KVM_SET_DEBUGREGS, &d), "KVM_SET_DEBUGREGS")
+
+
+# --- guest memory mappings --------------------------------------------------
+
+cdef class Mapping:
+    """An mmap for guest RAM, exposed through the buffer protocol.
+
+    Anonymous (MAP_NORESERVE: pages are only committed when touched) or
+    backed by a file descriptor; optionally hugetlb. close() unmaps, and
+    refuses while any memoryview of it is still alive, so no Python object
+    can reach unmapped memory.
+    """
+    cdef char *base
+    cdef readonly size_t size
+    cdef readonly int exports
+
+    def __cinit__(self, size_t size, int fd=-1, long offset=0, bint shared=False,
+                  bint hugepages=False, bint populate=False):
+        cdef int flags = s.MAP_SHARED if shared else s.MAP_PRIVATE
+        if size == 0:
+            raise ValueError("mapping size must be positive")
+        if fd < 0:
+            flags |= s.MAP_ANONYMOUS | s.MAP_NORESERVE
+        if hugepages:
+            flags |= s.MAP_HUGETLB
+        if populate:
+            flags |= s.MAP_POPULATE
+        cdef void *p = s.mmap(NULL, size, s.PROT_READ | s.PROT_WRITE, flags, fd, offset)
+        if p == s.MAP_FAILED:
+            _check(-1, f"mmap({size} bytes)")
+        self.base = <char *>p
+        self.size = size
+
+    @property
+    def address(self):
+        """Host virtual address, for KVM_SET_USER_MEMORY_REGION."""
+        if self.base == NULL:
+            raise ValueError("mapping is closed")
+        return <uintptr_t>self.base
+
+    @property
+    def closed(self):
+        return self.base == NULL
+
+    def discard(self, size_t offset, size_t length):
+        """MADV_DONTNEED a page-aligned range: anonymous pages read as zero again."""
+        if self.base == NULL:
+            raise ValueError("mapping is closed")
+        if offset + length > self.size or offset + length < offset:
+            raise ValueError("range outside mapping")
+        _check(s.madvise(self.base + offset, length, s.MADV_DONTNEED), "madvise")
+
+    def close(self):
+        if self.base == NULL:
+            return
+        if self.exports:
+            raise BufferError(f"{self.exports} view(s) of guest memory are still in use")
+        s.munmap(self.base, self.size)
+        self.base = NULL
+
+    def __dealloc__(self):
+        # No exports can exist here: each view holds a reference to us.
+        if self.base != NULL:
+            s.munmap(self.base, self.size)
+            self.base = NULL
+
+    def __getbuffer__(self, Py_buffer *buf, int flags):
+        if self.base == NULL:
+            raise ValueError("mapping is closed")
+        PyBuffer_FillInfo(buf, self, self.base, self.size, 0, flags)
+        self.exports += 1
+
+    def __releasebuffer__(self, Py_buffer *buf):
+        self.exports -= 1
+
+
+# --- vCPU kick signal -------------------------------------------------------
+
+cdef void _noop_handler(int signum) noexcept nogil:
+    # Exists only so the signal interrupts KVM_RUN with EINTR instead of
+    # killing the process; the vCPU loop reads its own flags afterwards.
+    pass
+
+
+def install_kick_signal(int signum):
+    """Install a no-op handler (without SA_RESTART) for the vCPU kick signal."""
+    cdef s.sigaction_t act
+    memset(&act, 0, sizeof(act))
+    act.sa_handler = _noop_handler
+    s.sigemptyset(&act.sa_mask)
+    act.sa_flags = 0
+    _check(s.sigaction(signum, &act, NULL), "sigaction")

@@ -1,0 +1,116 @@
+"""The port-I/O and MMIO buses: address ranges mapped to devices.
+
+A device registers a range once; the vCPU loop hands every exit to the bus,
+which finds the device and passes it the offset within its range. Ranges may
+not overlap. Accesses nobody claims read as all ones (an undriven ISA/PCI
+bus floats high) and writes are dropped; both are counted so a misbehaving
+guest is visible without stopping the VM.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections import Counter
+from typing import Protocol
+
+from microvm.errors import BusError
+
+log = logging.getLogger(__name__)
+
+
+class BusDevice(Protocol):
+    """What a device on a bus implements. Offsets are relative to its base."""
+
+    def read(self, offset: int, size: int) -> int: ...
+
+    def write(self, offset: int, size: int, value: int) -> None: ...
+
+
+class Bus:
+    """A set of non-overlapping [base, base+length) ranges, each owned by a device."""
+
+    def __init__(self, name: str, limit: int):
+        self.name = name
+        self.limit = limit
+        self._bases: list[int] = []
+        self._ranges: list[tuple[int, int, BusDevice]] = []
+        self.unhandled: Counter[int] = Counter()
+
+    def register(self, base: int, length: int, device: BusDevice) -> None:
+        if length <= 0 or base < 0 or base + length > self.limit:
+            raise BusError(f"{self.name}: invalid range {base:#x}+{length:#x}")
+        i = bisect.bisect_left(self._bases, base)
+        for j in (i - 1, i):
+            if 0 <= j < len(self._ranges):
+                b, n, other = self._ranges[j]
+                if base < b + n and b < base + length:
+                    raise BusError(
+                        f"{self.name}: {type(device).__name__} at {base:#x}+{length:#x} overlaps "
+                        f"{type(other).__name__} at {b:#x}+{n:#x}"
+                    )
+        self._bases.insert(i, base)
+        self._ranges.insert(i, (base, length, device))
+
+    def unregister(self, base: int) -> BusDevice:
+        i = bisect.bisect_left(self._bases, base)
+        if i == len(self._bases) or self._bases[i] != base:
+            raise BusError(f"{self.name}: nothing registered at {base:#x}")
+        del self._bases[i]
+        return self._ranges.pop(i)[2]
+
+    def find(self, addr: int) -> tuple[int, BusDevice] | None:
+        """(base, device) whose range holds addr, or None."""
+        i = bisect.bisect_right(self._bases, addr) - 1
+        if i >= 0:
+            base, length, device = self._ranges[i]
+            if addr < base + length:
+                return base, device
+        return None
+
+    def read(self, addr: int, size: int) -> int:
+        hit = self.find(addr)
+        if hit is None:
+            self._unhandled(addr, "read")
+            return (1 << (8 * size)) - 1
+        return hit[1].read(addr - hit[0], size)
+
+    def write(self, addr: int, size: int, value: int) -> None:
+        hit = self.find(addr)
+        if hit is None:
+            self._unhandled(addr, "write")
+            return
+        hit[1].write(addr - hit[0], size, value)
+
+    def _unhandled(self, addr: int, what: str) -> None:
+        if not self.unhandled[addr]:
+            log.debug("%s: unhandled %s at %#x", self.name, what, addr)
+        self.unhandled[addr] += 1
+
+
+class PioBus(Bus):
+    """The x86 I/O port space (64 KiB). Lookups go through a per-port table,
+    because port exits are the hottest path of a VMM without virtio."""
+
+    def __init__(self) -> None:
+        super().__init__("pio", 0x10000)
+        self._ports: dict[int, tuple[int, BusDevice]] = {}
+
+    def register(self, base: int, length: int, device: BusDevice) -> None:
+        super().register(base, length, device)
+        for port in range(base, base + length):
+            self._ports[port] = (base, device)
+
+    def unregister(self, base: int) -> BusDevice:
+        device = super().unregister(base)
+        for port in [p for p, (b, _) in self._ports.items() if b == base]:
+            del self._ports[port]
+        return device
+
+    def find(self, addr: int) -> tuple[int, BusDevice] | None:
+        return self._ports.get(addr)
+
+
+class MmioBus(Bus):
+    def __init__(self) -> None:
+        super().__init__("mmio", 1 << 52)

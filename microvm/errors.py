@@ -1,0 +1,60 @@
+"""One error hierarchy for microvm.
+
+Every exception microvm raises on purpose is a MicroVMError; the subclass
+names the operation that failed, and the cause (an OSError from an ioctl, a
+pyelftools error, ...) is chained with ``raise ... from``.
+"""
+
+from __future__ import annotations
+
+
+class MicroVMError(Exception):
+    """Base class of every error microvm raises on purpose."""
+
+
+class KvmError(MicroVMError):
+    """KVM itself cannot be used on this host."""
+
+
+class KvmUnavailableError(KvmError):
+    """/dev/kvm does not exist (no KVM module, or not in this container)."""
+
+
+class KvmPermissionError(KvmError):
+    """/dev/kvm exists but this user may not open it."""
+
+
+class KvmApiVersionError(KvmError):
+    """The kernel's KVM API version is not the one microvm was built for."""
+
+
+class KvmCapabilityError(KvmError):
+    """A KVM capability microvm needs is missing."""
+
+
+class ConfigError(MicroVMError, ValueError):
+    """A configuration value is invalid."""
+
+
+class GuestMemoryError(MicroVMError):
+    """A guest physical address range is not backed by guest memory."""
+
+
+class BusError(MicroVMError):
+    """A device range could not be registered on the I/O or MMIO bus."""
+
+
+class VcpuError(MicroVMError):
+    """A vCPU stopped in a way the guest cannot recover from."""
+
+
+class GuestCrashError(VcpuError):
+    """The guest crashed: triple fault, failed entry, emulation failure."""
+
+
+class LoaderError(MicroVMError):
+    """A kernel or initrd could not be loaded into guest memory."""
+
+
+class DeviceError(MicroVMError):
+    """A device could not be set up."""

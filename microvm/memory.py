@@ -1,0 +1,145 @@
+"""Guest physical memory: the only door into guest RAM.
+
+GuestMemory owns one or more regions, each a host mapping placed at a guest
+physical address. Every access is bounds-checked: an address outside every
+region, or a range that runs off the end of its region, raises
+GuestMemoryError; it never reaches host memory outside the mapping.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from microvm.errors import GuestMemoryError
+
+PAGE_SIZE = 4096
+
+_CT = TypeVar("_CT", bound=ctypes.Structure)
+
+
+@dataclass
+class MemoryRegion:
+    """One contiguous range of guest RAM backed by a host buffer."""
+
+    guest_addr: int
+    size: int
+    view: memoryview
+    backing: object  # the object that owns the host memory (Mapping, bytearray)
+
+    @property
+    def end(self) -> int:
+        return self.guest_addr + self.size
+
+    def host_address(self) -> int:
+        address = getattr(self.backing, "address", None)
+        if address is None:
+            raise GuestMemoryError("region has no host address (not an mmap)")
+        return int(address)
+
+
+class GuestMemory:
+    """Bounds-checked access to guest physical memory."""
+
+    def __init__(self, regions: Iterable[tuple[int, object]]):
+        """regions: (guest_addr, backing) pairs; backing is a writable buffer."""
+        self._regions: list[MemoryRegion] = []
+        for guest_addr, backing in sorted(regions, key=lambda r: r[0]):
+            view = memoryview(backing).cast("B")  # type: ignore[arg-type]
+            if view.readonly:
+                raise GuestMemoryError("guest memory backing must be writable")
+            region = MemoryRegion(guest_addr, len(view), view, backing)
+            if self._regions and self._regions[-1].end > guest_addr:
+                raise GuestMemoryError(f"memory region at {guest_addr:#x} overlaps the one before it")
+            self._regions.append(region)
+        self._starts = [r.guest_addr for r in self._regions]
+
+    @classmethod
+    def anonymous(cls, layout: Iterable[tuple[int, int]], hugepages: bool = False) -> GuestMemory:
+        """Anonymous MAP_NORESERVE mappings for (guest_addr, size) pairs."""
+        from microvm._kvm import Mapping
+
+        regions = []
+        for guest_addr, size in layout:
+            if size <= 0 or size % PAGE_SIZE or guest_addr % PAGE_SIZE:
+                raise GuestMemoryError(f"region {guest_addr:#x}+{size:#x} is not page aligned")
+            try:
+                regions.append((guest_addr, Mapping(size, hugepages=hugepages)))
+            except OSError as e:
+                raise GuestMemoryError(f"cannot map {size >> 20} MiB of guest memory: {e}") from e
+        return cls(regions)
+
+    @property
+    def regions(self) -> list[MemoryRegion]:
+        return list(self._regions)
+
+    @property
+    def size(self) -> int:
+        """Total bytes of guest RAM."""
+        return sum(r.size for r in self._regions)
+
+    def _locate(self, addr: int, length: int) -> tuple[MemoryRegion, int]:
+        if addr < 0 or length < 0:
+            raise GuestMemoryError(f"invalid guest range {addr:#x}+{length:#x}")
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i >= 0:
+            region = self._regions[i]
+            offset = addr - region.guest_addr
+            if offset < region.size and offset + length <= region.size:
+                return region, offset
+        raise GuestMemoryError(f"guest range {addr:#x}+{length:#x} is outside guest memory")
+
+    def contains(self, addr: int, length: int = 1) -> bool:
+        try:
+            self._locate(addr, length)
+        except GuestMemoryError:
+            return False
+        return True
+
+    def view(self, addr: int, length: int) -> memoryview:
+        """A zero-copy, writable view of guest memory [addr, addr+length)."""
+        region, offset = self._locate(addr, length)
+        return region.view[offset : offset + length]
+
+    def read(self, addr: int, length: int) -> bytes:
+        return bytes(self.view(addr, length))
+
+    def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        src = memoryview(data).cast("B")
+        self.view(addr, len(src))[:] = src
+
+    def fill(self, addr: int, length: int, byte: int = 0) -> None:
+        view = self.view(addr, length)
+        view[:] = bytes([byte]) * length
+
+    def read_int(self, addr: int, size: int) -> int:
+        return int.from_bytes(self.view(addr, size), "little")
+
+    def write_int(self, addr: int, size: int, value: int) -> None:
+        self.view(addr, size)[:] = value.to_bytes(size, "little")
+
+    def read_obj(self, addr: int, ctype: type[_CT]) -> _CT:
+        """Copy a ctypes structure out of guest memory."""
+        return ctype.from_buffer_copy(self.view(addr, ctypes.sizeof(ctype)))
+
+    def write_obj(self, addr: int, obj: ctypes.Structure | ctypes.Array) -> None:  # type: ignore[type-arg]
+        self.write(addr, memoryview(obj).cast("B"))
+
+    def close(self) -> None:
+        """Release our views and unmap every region we own."""
+        for region in self._regions:
+            region.view.release()
+            close = getattr(region.backing, "close", None)
+            if close is not None:
+                close()
+        self._regions = []
+        self._starts = []
+
+    def __enter__(self) -> GuestMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,195 @@
+"""The vCPU run loop: one thread per vCPU, exits dispatched to the buses.
+
+A running vCPU is stopped or paused promptly by setting immediate_exit in
+its kvm_run page and sending its thread a signal: the signal interrupts a
+KVM_RUN in progress, and immediate_exit covers the window just before the
+thread enters KVM_RUN (api.rst, "immediate_exit").
+"""
+
+from __future__ import annotations
+
+import enum
+import signal
+import threading
+from collections.abc import Callable
+
+from microvm import _kvm
+from microvm.bus import Bus
+from microvm.errors import GuestCrashError, VcpuError
+
+#: Real-time signal used to kick vCPU threads out of KVM_RUN.
+KICK_SIGNAL = signal.SIGRTMIN + 7
+
+_kick_installed = False
+_kick_lock = threading.Lock()
+
+
+def _install_kick() -> None:
+    global _kick_installed
+    with _kick_lock:
+        if not _kick_installed:
+            _kvm.install_kick_signal(KICK_SIGNAL)
+            _kick_installed = True
+
+
+class StopReason(enum.Enum):
+    STOPPED = "stopped"  # stop() was called
+    HALTED = "halted"  # HLT with no in-kernel irqchip to wake the vCPU
+    SHUTDOWN = "shutdown"  # triple fault
+    SYSTEM_EVENT = "system_event"  # KVM_EXIT_SYSTEM_EVENT (reset, shutdown, crash)
+    REQUESTED = "requested"  # a device asked the VM to end (reset line, exit device)
+    ERROR = "error"  # the loop failed; see Vcpu.error
+
+
+class Vcpu:
+    """One vCPU: its KVM fd, its thread and its run loop."""
+
+    def __init__(self, index: int, fd: _kvm.VcpuFd, pio: Bus, mmio: Bus,
+                 on_stop: Callable[[Vcpu], None] | None = None):
+        self.index = index
+        self.fd = fd
+        self.pio = pio
+        self.mmio = mmio
+        self.on_stop = on_stop
+        self.exits = 0
+        self.stop_reason: StopReason | None = None
+        self.error: BaseException | None = None
+        self.last_exit: _kvm.VmExit | None = None
+        self._stop = False
+        self._pause = False
+        self._paused = threading.Event()
+        self._resume = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._ident: int | None = None
+        self.first_entry_ns: int | None = None
+
+    # --- control, from any thread ------------------------------------------------
+
+    def start(self) -> None:
+        _install_kick()
+        self._thread = threading.Thread(target=self._thread_main, name=f"vcpu{self.index}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Make the run loop return as soon as possible."""
+        self._stop = True
+        self._resume.set()
+        self._kick()
+
+    def pause(self, timeout: float = 1.0) -> bool:
+        """Park the vCPU outside KVM_RUN; True once it is parked."""
+        self._resume.clear()
+        self._pause = True
+        self._kick()
+        return self._paused.wait(timeout)
+
+    def resume(self) -> None:
+        self._pause = False
+        self._paused.clear()
+        self._resume.set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _kick(self) -> None:
+        if self.fd.closed:
+            return
+        self.fd.immediate_exit = True
+        ident = self._ident
+        if ident is not None and self.running:
+            try:
+                signal.pthread_kill(ident, KICK_SIGNAL)
+            except ProcessLookupError:
+                pass  # the thread ended between the check and the kill
+
+    # --- the loop, in the vCPU thread ------------------------------------------
+
+    def _thread_main(self) -> None:
+        self._ident = threading.get_ident()
+        try:
+            self.stop_reason = self.run_loop()
+        except BaseException as e:  # reported through .error, never lost
+            self.error = e
+            self.stop_reason = StopReason.ERROR
+            self.fd.immediate_exit = False
+        finally:
+            if self.on_stop is not None:
+                self.on_stop(self)
+
+    def run_loop(self) -> StopReason:
+        """Run until the guest stops this vCPU or stop() is called."""
+        run = self.fd.run
+        pio_read, pio_write = self.pio.read, self.pio.write
+        mmio_read, mmio_write = self.mmio.read, self.mmio.write
+        IoOut, IoIn, MmioRead, MmioWrite, Intr = (
+            _kvm.IoOut, _kvm.IoIn, _kvm.MmioRead, _kvm.MmioWrite, _kvm.Intr)
+        from_bytes = int.from_bytes
+        if self._stop:
+            return StopReason.STOPPED
+        while True:
+            ex = run()
+            self.exits += 1
+            t = type(ex)
+            if t is IoOut:
+                size = ex.size
+                data = ex.data
+                port = ex.port
+                if ex.count == 1:
+                    pio_write(port, size, from_bytes(data, "little"))
+                else:
+                    for i in range(0, len(data), size):
+                        pio_write(port, size, from_bytes(data[i:i + size], "little"))
+            elif t is IoIn:
+                size = ex.size
+                ex.respond(b"".join(pio_read(ex.port, size).to_bytes(size, "little")
+                                    for _ in range(ex.count)))
+            elif t is MmioWrite:
+                data = ex.data
+                mmio_write(ex.addr, len(data), from_bytes(data, "little"))
+            elif t is MmioRead:
+                ex.respond(mmio_read(ex.addr, ex.length).to_bytes(ex.length, "little"))
+            elif t is Intr:
+                if self._stop:
+                    return StopReason.STOPPED
+                if self._pause:
+                    self._paused.set()
+                    self._resume.wait()
+                    if self._stop:
+                        return StopReason.STOPPED
+                self.fd.immediate_exit = False
+            else:
+                self.last_exit = ex
+                return self._final_exit(ex)
+            if self._stop:
+                return StopReason.STOPPED
+
+    def _final_exit(self, ex: _kvm.VmExit) -> StopReason:
+        if isinstance(ex, _kvm.Hlt):
+            return StopReason.HALTED
+        if isinstance(ex, _kvm.Shutdown):
+            # Triple fault: on real hardware the CPU would reset; for us the
+            # guest has crashed, and whoever waits on the VM hears about it.
+            self.error = GuestCrashError(
+                f"vcpu{self.index}: triple fault (KVM_EXIT_SHUTDOWN) at {self._where()}")
+            return StopReason.SHUTDOWN
+        if isinstance(ex, _kvm.SystemEvent):
+            return StopReason.SYSTEM_EVENT
+        if isinstance(ex, (_kvm.FailEntry, _kvm.InternalError)):
+            raise GuestCrashError(f"vcpu{self.index}: {ex!r} at {self._where()}")
+        raise VcpuError(f"vcpu{self.index}: unexpected exit {ex!r} at {self._where()}")
+
+    def _where(self) -> str:
+        try:
+            return f"rip={self.fd.get_regs()['rip']:#x}"
+        except OSError:
+            return "rip=?"
+
+    def close(self) -> None:
+        self.fd.close()

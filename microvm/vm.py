@@ -1,0 +1,140 @@
+"""A VM: the KVM fds, guest memory, the buses and the vCPU threads.
+
+This is the machine without a personality: no loader, no devices. The
+builder (microvm.machine) puts a kernel and devices on top of it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+
+from microvm import _kvm
+from microvm.bus import MmioBus, PioBus
+from microvm.errors import ConfigError, KvmError, MicroVMError
+from microvm.kvm import open_kvm
+from microvm.memory import GuestMemory
+from microvm.vcpu import StopReason, Vcpu
+
+# Addresses KVM needs for its own pages on Intel (api.rst: KVM_SET_TSS_ADDR
+# takes three pages, KVM_SET_IDENTITY_MAP_ADDR one), placed just below the
+# 4 GiB boundary where no RAM or device of ours lives.
+TSS_ADDR = 0xFFFB_D000
+IDENTITY_MAP_ADDR = 0xFFFB_C000
+
+
+class Vm:
+    """A KVM virtual machine with its memory and vCPUs (not yet running)."""
+
+    def __init__(self, memory: Iterable[tuple[int, int]], vcpus: int = 1, irqchip: bool = True,
+                 kvm_path: str = "/dev/kvm"):
+        layout = list(memory)
+        if vcpus < 1:
+            raise ConfigError(f"vcpus must be at least 1, got {vcpus}")
+        self.kvm = open_kvm(kvm_path)
+        self.pio = PioBus()
+        self.mmio = MmioBus()
+        self.vcpus: list[Vcpu] = []
+        self.memory: GuestMemory | None = None
+        self.irqchip = irqchip
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self.end_reason: StopReason | None = None
+        self.error: BaseException | None = None
+        self._closed = False
+        try:
+            self.fd = self.kvm.create_vm()
+            if irqchip:
+                self.fd.set_identity_map_addr(IDENTITY_MAP_ADDR)
+                self.fd.set_tss_addr(TSS_ADDR)
+                self.fd.create_irqchip()
+                self.fd.create_pit2(0)
+            self.memory = GuestMemory.anonymous(layout)
+            for slot, region in enumerate(self.memory.regions):
+                self.fd.set_user_memory_region(slot, region.guest_addr, region.size,
+                                               region.host_address())
+            max_vcpus = self.kvm.check_extension(_kvm.CAPS["KVM_CAP_MAX_VCPUS"])
+            if vcpus > max_vcpus:
+                raise ConfigError(f"vcpus={vcpus} exceeds this host's KVM limit of {max_vcpus}")
+            for i in range(vcpus):
+                self.vcpus.append(Vcpu(i, self.fd.create_vcpu(i), self.pio, self.mmio,
+                                       on_stop=self._vcpu_stopped))
+        except OSError as e:
+            self.close()
+            raise KvmError(f"creating the VM failed: {e}") from e
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def mem(self) -> GuestMemory:
+        if self.memory is None:
+            raise MicroVMError("VM is closed")
+        return self.memory
+
+    # --- lifecycle -----------------------------------------------------------
+
+    def start(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.start()
+
+    def _vcpu_stopped(self, vcpu: Vcpu) -> None:
+        # The first vCPU to stop for a reason of its own decides how the VM
+        # ended; the others are stopped with it.
+        with self._lock:
+            if self.end_reason is None and vcpu.stop_reason is not StopReason.STOPPED:
+                self.end_reason = vcpu.stop_reason
+                self.error = vcpu.error
+            others = [v for v in self.vcpus if v is not vcpu]
+        for other in others:
+            other.stop()
+        if not any(v.running and v is not vcpu for v in self.vcpus):
+            self._done.set()
+
+    def request_stop(self, reason: StopReason = StopReason.REQUESTED) -> None:
+        """End the VM from a device (reset line, exit register) or the host."""
+        with self._lock:
+            if self.end_reason is None:
+                self.end_reason = reason
+        for vcpu in self.vcpus:
+            vcpu.stop()
+
+    def stop(self) -> None:
+        self.request_stop(StopReason.STOPPED)
+
+    def wait(self, timeout: float | None = None) -> StopReason | None:
+        """Wait for every vCPU to end; None on timeout. Raises the guest's crash."""
+        if not self.vcpus or not any(v._thread for v in self.vcpus):
+            return self.end_reason
+        for vcpu in self.vcpus:
+            if not vcpu.join(timeout):
+                return None
+        self._done.set()
+        if self.error is not None:
+            raise self.error
+        return self.end_reason
+
+    def close(self) -> None:
+        """Stop the vCPUs, join their threads, close every fd, unmap memory."""
+        if self._closed:
+            return
+        self._closed = True
+        for vcpu in self.vcpus:
+            vcpu.stop()
+        for vcpu in self.vcpus:
+            if not vcpu.join(5.0):
+                raise MicroVMError(f"vcpu{vcpu.index} did not stop within 5 s")
+        for vcpu in self.vcpus:
+            vcpu.close()
+        if getattr(self, "fd", None) is not None:
+            self.fd.close()
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+        self.kvm.close()
+
+    def __enter__(self) -> Vm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
