@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-from microvm.arch.x86_64 import paging, regs
+from microvm.arch.x86_64 import flat
 from microvm.vm import Vm
 from tests.kvm.asm import assemble
 
-CODE = 0x1000
-GDT = 0x500
-TSS = 0x3000
-# A 64-bit TSS with a full I/O permission bitmap (SDM 19.5.2): every port
-# open to CPL3, whatever the IOPL.
-IOMAP_OFFSET = 0x68
-TSS_LIMIT = IOMAP_OFFSET + 0x2000
-STACK = 0x8000
-PML4 = 0x10000
+CODE = flat.CODE
+STACK = flat.STACK
 MEM_SIZE = 2 << 20
 
 
@@ -63,21 +56,10 @@ def real_mode_vm(source: str, vcpus: int = 1, mem_size: int = MEM_SIZE) -> Vm:
 
 def long_mode_vm(source: str, user: bool = False, vcpus: int = 1, mem_size: int = MEM_SIZE,
                  map_gib: int = 1) -> Vm:
-    """64-bit guest; user=True runs it at CPL3 with IOPL 3 (so it may use in/out)."""
+    """64-bit guest at CPL0 or (user=True) CPL3; rdi holds the vCPU index."""
     vm = Vm([(0, mem_size)], vcpus=vcpus, irqchip=False)
-    mem = vm.mem
-    mem.write(CODE, assemble(source, 64))
-    limit = regs.write_gdt(mem, GDT, TSS, TSS_LIMIT)
-    mem.write_int(TSS + 0x66, 2, IOMAP_OFFSET)
-    mem.fill(TSS + IOMAP_OFFSET + 0x2000, 1, 0xFF)
-    paging.identity_map(mem, PML4, gib=map_gib, user=user)
+    vm.mem.write(CODE, assemble(source, 64))
+    limit = flat.prepare(vm.mem, map_gib=map_gib, user=user)
     for vcpu in vm.vcpus:
-        sregs = regs.long_mode_sregs(vcpu.fd.get_sregs(), GDT, limit, PML4, user=user,
-                                     tss_addr=TSS, tss_limit=TSS_LIMIT)
-        vcpu.fd.set_sregs(sregs)
-        r = vcpu.fd.get_regs()
-        # IOPL (rflags bits 12-13) = 3 lets CPL3 code execute in/out.
-        r.update(rip=CODE, rflags=0x3002 if user else 2, rsp=STACK - 0x100 * vcpu.index,
-                 rdi=vcpu.index)
-        vcpu.fd.set_regs(r)
+        flat.enter(vcpu.fd, limit, user=user, rsp=STACK - 0x100 * vcpu.index, rdi=vcpu.index)
     return vm

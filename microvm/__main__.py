@@ -1,0 +1,3 @@
+from microvm.cli import main
+
+main()
