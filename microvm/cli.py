@@ -49,6 +49,45 @@ def doctor(as_json: bool) -> None:
         sys.exit(2)
 
 
+@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--kernel", type=click.Path(dir_okay=False), help="vmlinux (ELF, PVH) or bzImage.")
+@click.option("--initrd", type=click.Path(dir_okay=False), help="An initramfs instead of ours.")
+@click.option("--mem", "mem_mib", type=int, default=128, show_default=True, help="Guest RAM in MiB.")
+@click.option("--vcpus", type=int, default=1, show_default=True)
+@click.option("--append", default="", help="Extra kernel command line arguments.")
+@click.option("--cmdline", default=None, help="Replace the whole kernel command line.")
+@click.option("--timeout", type=float, default=None, help="Kill the guest after S seconds.")
+@click.option("--force", is_flag=True, help="Run even where the host cannot run Linux guests (PVM).")
+@click.option("--console", "show_console", is_flag=True, help="Show the whole console, kernel included.")
+@click.option("--timeline", "show_timeline", is_flag=True, help="Print the boot timeline to stderr.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@_one_line_errors
+def run(kernel: str | None, initrd: str | None, mem_mib: int, vcpus: int, append: str,
+        cmdline: str | None, timeout: float | None, force: bool, show_console: bool,
+        show_timeline: bool, command: tuple[str, ...]) -> None:
+    """Boot a micro-VM and run COMMAND in it (no COMMAND: an interactive shell).
+
+    Prints the command's output and exits with its exit status.
+    """
+    from microvm.console import interactive
+    from microvm.machine import MicroVM
+
+    out = sys.stdout.buffer
+    vm = MicroVM(kernel, initrd=initrd, mem_mib=mem_mib, vcpus=vcpus, append=append,
+                 cmdline=cmdline, force=force,
+                 console=out if show_console or not command else None,
+                 stdout=None if show_console or not command else out)
+    if command:
+        result = vm.run(list(command), timeout=timeout)
+    else:
+        result = interactive(vm, timeout)
+    out.flush()
+    if show_timeline:
+        for phase, t in result.timeline.items():
+            click.echo(f"{phase:<18} {t * 1000:9.1f} ms", err=True)
+    sys.exit(result.exit_code if result.exit_code is not None else 0)
+
+
 @main.group()
 def kernel() -> None:
     """The guest kernel microvm builds and caches."""

@@ -10,6 +10,7 @@ CPL0 and at CPL3 in a throw-away VM. The presence of kvm_pvm is only a hint.
 from __future__ import annotations
 
 import enum
+import functools
 import os
 import platform
 import statistics
@@ -161,3 +162,9 @@ def render(report: Report) -> str:
         lines.append(f"problem:         {report.error}")
     lines.append(f"verdict:         {report.verdict}")
     return "\n".join(lines)
+
+
+@functools.cache
+def host_verdict() -> Verdict:
+    """This host's verdict, measured once per process."""
+    return Verdict(diagnose().verdict)

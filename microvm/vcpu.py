@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import signal
 import threading
+import time
 from collections.abc import Callable
 
 from microvm import _kvm
@@ -133,6 +134,7 @@ class Vcpu:
         from_bytes = int.from_bytes
         if self._stop:
             return StopReason.STOPPED
+        self.first_entry_ns = time.monotonic_ns()
         while True:
             ex = run()
             self.exits += 1

@@ -6,7 +6,9 @@ builder (microvm.machine) puts a kernel and devices on top of it.
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from collections.abc import Iterable
 
 from microvm import _kvm
@@ -21,6 +23,28 @@ from microvm.vcpu import StopReason, Vcpu
 # 4 GiB boundary where no RAM or device of ours lives.
 TSS_ADDR = 0xFFFB_D000
 IDENTITY_MAP_ADDR = 0xFFFB_C000
+
+
+class IrqLine:
+    """A guest interrupt line driven through an irqfd: a write to the eventfd
+    makes KVM pulse the GSI in its in-kernel irqchip, without a vCPU exit."""
+
+    def __init__(self, vm_fd: _kvm.VmFd, gsi: int):
+        self.gsi = gsi
+        self.efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            vm_fd.irqfd(self.efd, gsi)
+        except BaseException:
+            os.close(self.efd)
+            raise
+
+    def trigger(self) -> None:
+        os.eventfd_write(self.efd, 1)
+
+    def close(self) -> None:
+        if self.efd >= 0:
+            os.close(self.efd)
+            self.efd = -1
 
 
 class Vm:
@@ -41,9 +65,12 @@ class Vm:
         self._lock = threading.Lock()
         self.end_reason: StopReason | None = None
         self.error: BaseException | None = None
+        self.irq_lines: list[IrqLine] = []
+        self.timestamps: dict[str, int] = {}
         self._closed = False
         try:
             self.fd = self.kvm.create_vm()
+            self.timestamps["vm created"] = time.monotonic_ns()
             if irqchip:
                 self.fd.set_identity_map_addr(IDENTITY_MAP_ADDR)
                 self.fd.set_tss_addr(TSS_ADDR)
@@ -53,6 +80,7 @@ class Vm:
             for slot, region in enumerate(self.memory.regions):
                 self.fd.set_user_memory_region(slot, region.guest_addr, region.size,
                                                region.host_address())
+            self.timestamps["memory mapped"] = time.monotonic_ns()
             max_vcpus = self.kvm.check_extension(_kvm.CAPS["KVM_CAP_MAX_VCPUS"])
             if vcpus > max_vcpus:
                 raise ConfigError(f"vcpus={vcpus} exceeds this host's KVM limit of {max_vcpus}")
@@ -71,6 +99,12 @@ class Vm:
         if self.memory is None:
             raise MicroVMError("VM is closed")
         return self.memory
+
+    def irq_line(self, gsi: int) -> IrqLine:
+        """An irqfd-backed interrupt line for a device (needs the irqchip)."""
+        line = IrqLine(self.fd, gsi)
+        self.irq_lines.append(line)
+        return line
 
     # --- lifecycle -----------------------------------------------------------
 
@@ -126,6 +160,8 @@ class Vm:
                 raise MicroVMError(f"vcpu{vcpu.index} did not stop within 5 s")
         for vcpu in self.vcpus:
             vcpu.close()
+        for line in self.irq_lines:
+            line.close()
         if getattr(self, "fd", None) is not None:
             self.fd.close()
         if self.memory is not None:

@@ -16,19 +16,20 @@ EFER_SCE = 1 << 0
 EFER_LME = 1 << 8
 EFER_LMA = 1 << 10
 
-# Selectors of the GDT written by write_gdt (index << 3 | RPL).
-SEL_CODE64 = 0x08
-SEL_DATA = 0x10
-SEL_CODE32 = 0x18
+# Selectors of the GDT written by write_gdt (index << 3 | RPL). The 64-bit
+# boot protocol wants __BOOT_CS = 0x10 and __BOOT_DS = 0x18 (boot.rst).
+SEL_CODE32 = 0x08
+SEL_CODE64 = 0x10
+SEL_DATA = 0x18
 SEL_USER_DATA = 0x23  # index 4, RPL 3
 SEL_USER_CODE64 = 0x2B  # index 5, RPL 3
 SEL_TSS = 0x30
 
 _GDT = [
     0,
+    gdt.CODE32_KERNEL,
     gdt.CODE64_KERNEL,
     gdt.DATA_KERNEL,
-    gdt.CODE32_KERNEL,
     gdt.DATA_USER,
     gdt.CODE64_USER,
 ]

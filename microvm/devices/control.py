@@ -1,0 +1,58 @@
+"""The microvm control device: how our init tells the host what happened.
+
+A page of MMIO the guest's init writes with busybox `devmem` (via /dev/mem):
+
+  offset 0x0  MARK    write n: record "event n happened now" (boot timeline)
+  offset 0x4  EXIT    write the command's exit status: the run is over
+  offset 0x8  POWER   write 1 (poweroff), 2 (reboot) or 3 (halt): init was
+                      asked to end the machine (busybox poweroff/reboot/halt)
+
+Firecracker's boot timer plays the MARK role; EXIT replaces parsing the
+console for an exit code.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+CONTROL_BASE = 0xD000_0000
+CONTROL_SIZE = 0x1000
+
+REG_MARK = 0x0
+REG_EXIT = 0x4
+REG_POWER = 0x8
+
+POWER_NAMES = {1: "poweroff", 2: "reboot", 3: "halt"}
+
+MARK_INIT = 1  # /init started
+MARK_COMMAND = 2  # the command is about to run
+MARK_NAMES = {MARK_INIT: "init reached", MARK_COMMAND: "command started"}
+
+
+class ControlDevice:
+    def __init__(self, on_exit: Callable[[int], None], on_power: Callable[[str], None],
+                 on_mark: Callable[[int], None] | None = None):
+        self.on_exit = on_exit
+        self.on_power = on_power
+        self.on_mark = on_mark
+        self.marks: list[tuple[int, int]] = []  # (mark, time.monotonic_ns())
+        self.exit_status: int | None = None
+
+    def read(self, offset: int, size: int) -> int:
+        if offset == REG_EXIT and self.exit_status is not None:
+            return self.exit_status
+        return 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        now = time.monotonic_ns()
+        if offset == REG_MARK:
+            self.marks.append((value, now))
+            if self.on_mark is not None:
+                self.on_mark(value)
+        elif offset == REG_EXIT and self.exit_status is None:
+            self.exit_status = value & 0xFF
+            self.marks.append((-1, now))
+            self.on_exit(self.exit_status)
+        elif offset == REG_POWER:
+            self.on_power(POWER_NAMES.get(value, "poweroff"))

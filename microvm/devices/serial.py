@@ -1,0 +1,194 @@
+"""A 16550A UART (the PC's COM1 at 0x3f8, IRQ 4).
+
+Register set and bits from the National Semiconductor PC16550D data sheet
+(as used by Linux's drivers/tty/serial/8250, include/uapi/linux/serial_reg.h).
+Transmission is instantaneous: every byte written to THR goes straight to
+the output sink, so THR and the transmitter are always empty again.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+
+from microvm.devices import Irq
+
+COM1_BASE = 0x3F8
+COM1_IRQ = 4
+COM1_SIZE = 8
+
+# Register offsets (DLAB=0 unless noted).
+UART_RX = 0  # read: receive buffer
+UART_TX = 0  # write: transmit holding
+UART_DLL = 0  # DLAB=1: divisor latch low
+UART_IER = 1
+UART_DLM = 1  # DLAB=1: divisor latch high
+UART_IIR = 2  # read
+UART_FCR = 2  # write
+UART_LCR = 3
+UART_MCR = 4
+UART_LSR = 5
+UART_MSR = 6
+UART_SCR = 7
+
+UART_IER_RDI = 0x01  # receive data interrupt
+UART_IER_THRI = 0x02  # transmitter holding register empty interrupt
+
+UART_IIR_NO_INT = 0x01
+UART_IIR_THRI = 0x02
+UART_IIR_RDI = 0x04
+UART_IIR_FIFO_ENABLED = 0xC0  # both bits: a 16550A with working FIFOs
+
+UART_FCR_ENABLE_FIFO = 0x01
+UART_FCR_CLEAR_RCVR = 0x02
+
+UART_LCR_DLAB = 0x80
+
+UART_MCR_DTR = 0x01
+UART_MCR_RTS = 0x02
+UART_MCR_OUT1 = 0x04
+UART_MCR_OUT2 = 0x08
+UART_MCR_LOOP = 0x10
+
+UART_LSR_DR = 0x01  # data ready
+UART_LSR_THRE = 0x20  # transmit holding register empty
+UART_LSR_TEMT = 0x40  # transmitter empty
+
+UART_MSR_CTS = 0x10
+UART_MSR_DSR = 0x20
+UART_MSR_RI = 0x40
+UART_MSR_DCD = 0x80
+
+RX_FIFO_LIMIT = 64 * 1024  # host input waiting for the guest, beyond which we drop
+
+
+class Serial:
+    """16550A UART. `output` receives each transmitted chunk of bytes."""
+
+    def __init__(self, irq: Irq, output: Callable[[bytes], None] | None = None):
+        self.irq = irq
+        self.output = output
+        self._lock = threading.Lock()  # host input arrives from another thread
+        self.ier = 0
+        self.lcr = 0x03  # 8N1
+        self.mcr = UART_MCR_OUT2
+        self.scr = 0
+        self.dll = 0x0C  # 9600 baud: irrelevant to us, but read back faithfully
+        self.dlm = 0
+        self.fifo_enabled = False
+        self.thri_pending = False
+        self.rx: deque[int] = deque()
+        self.dropped_input = 0
+
+    # --- host side ------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        """Queue host input (e.g. stdin) for the guest to read."""
+        with self._lock:
+            room = RX_FIFO_LIMIT - len(self.rx)
+            self.rx.extend(data[:room])
+            self.dropped_input += max(0, len(data) - room)
+            raise_irq = bool(self.rx) and self.ier & UART_IER_RDI
+        if raise_irq:
+            self.irq.trigger()
+
+    # --- guest side (BusDevice) -------------------------------------------------
+
+    def read(self, offset: int, size: int) -> int:
+        with self._lock:
+            return self._read(offset)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        with self._lock:
+            fire = self._write(offset, value & 0xFF)
+        if fire:
+            self.irq.trigger()
+
+    def _read(self, offset: int) -> int:
+        dlab = self.lcr & UART_LCR_DLAB
+        if offset == UART_RX:
+            if dlab:
+                return self.dll
+            return self.rx.popleft() if self.rx else 0
+        if offset == UART_IER:
+            return self.dlm if dlab else self.ier
+        if offset == UART_IIR:
+            iir = self._iir()
+            if iir & 0x0F == UART_IIR_THRI:
+                self.thri_pending = False  # reading IIR clears a THRE interrupt
+            return iir | (UART_IIR_FIFO_ENABLED if self.fifo_enabled else 0)
+        if offset == UART_LCR:
+            return self.lcr
+        if offset == UART_MCR:
+            return self.mcr
+        if offset == UART_LSR:
+            return UART_LSR_THRE | UART_LSR_TEMT | (UART_LSR_DR if self.rx else 0)
+        if offset == UART_MSR:
+            return self._msr()
+        return self.scr
+
+    def _write(self, offset: int, value: int) -> bool:
+        """Apply a register write; True if the interrupt line must fire."""
+        dlab = self.lcr & UART_LCR_DLAB
+        if offset == UART_TX:
+            if dlab:
+                self.dll = value
+                return False
+            if self.mcr & UART_MCR_LOOP:
+                self.rx.append(value)  # loopback: what we send we receive
+            elif self.output is not None:
+                self.output(bytes((value,)))
+            # The byte left at once, so THR is empty again.
+            self.thri_pending = True
+            return self._irq_asserted()
+        if offset == UART_IER:
+            if dlab:
+                self.dlm = value
+                return False
+            was = self.ier
+            self.ier = value & 0x0F
+            # Enabling THRI while THR is empty raises the interrupt at once.
+            if self.ier & UART_IER_THRI and not was & UART_IER_THRI:
+                self.thri_pending = True
+            return self._irq_asserted()
+        if offset == UART_FCR:
+            self.fifo_enabled = bool(value & UART_FCR_ENABLE_FIFO)
+            if value & UART_FCR_CLEAR_RCVR:
+                self.rx.clear()
+            return False
+        if offset == UART_LCR:
+            self.lcr = value
+        elif offset == UART_MCR:
+            self.mcr = value & 0x1F
+        elif offset == UART_SCR:
+            self.scr = value
+        return False
+
+    def _iir(self) -> int:
+        # Priority (data sheet table 4): receive data before THR empty.
+        if self.ier & UART_IER_RDI and self.rx:
+            return UART_IIR_RDI
+        if self.ier & UART_IER_THRI and self.thri_pending:
+            return UART_IIR_THRI
+        return UART_IIR_NO_INT
+
+    def _irq_asserted(self) -> bool:
+        return self._iir() != UART_IIR_NO_INT
+
+    def _msr(self) -> int:
+        if self.mcr & UART_MCR_LOOP:
+            # Loopback wires the modem outputs to the inputs; Linux's 8250
+            # autoconfig checks exactly this (MCR 0x1a must read MSR 0x90).
+            msr = 0
+            if self.mcr & UART_MCR_RTS:
+                msr |= UART_MSR_CTS
+            if self.mcr & UART_MCR_DTR:
+                msr |= UART_MSR_DSR
+            if self.mcr & UART_MCR_OUT1:
+                msr |= UART_MSR_RI
+            if self.mcr & UART_MCR_OUT2:
+                msr |= UART_MSR_DCD
+            return msr
+        # A terminal is always there: carrier, data set ready, clear to send.
+        return UART_MSR_DCD | UART_MSR_DSR | UART_MSR_CTS

@@ -1,0 +1,115 @@
+"""The guest's userspace: busybox and our /init, as an initramfs.
+
+The base archive (busybox + /init) is built once and cached on disk. Each
+run appends a second, tiny cpio archive with the command to run (Linux
+unpacks concatenated archives in order, buffer-format.rst), so starting a VM
+never rebuilds or recompresses the base.
+
+/init reports to the host through the control device (devices/control.py)
+with busybox `devmem`: a mark when it starts, and the command's exit status
+when it is done.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shlex
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from microvm.devices.control import CONTROL_BASE, MARK_COMMAND, MARK_INIT, REG_EXIT, REG_MARK, REG_POWER
+from microvm.initramfs import Cpio, add_busybox, busybox_path
+
+INIT_SCRIPT = f"""#!/bin/sh
+# microvm guest init (PID 1): mount, tell the host we are here, run the
+# command, drain the console, report the exit status.
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export HOME=/root TERM=linux
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mkdir -p /dev/pts /dev/shm /tmp /run
+mount -t tmpfs -o mode=1777 tmpfs /tmp
+mount -t tmpfs tmpfs /run
+devmem {CONTROL_BASE + REG_MARK:#x} 32 {MARK_INIT}
+hostname microvm
+
+power() {{
+    # busybox halt/poweroff/reboot signal PID 1: tell the host, which ends the VM.
+    stty -F /dev/console -echo 2>/dev/null
+    sync
+    devmem {CONTROL_BASE + REG_POWER:#x} 32 $1
+    while :; do sleep 1; done
+}}
+trap 'power 1' USR2
+trap 'power 2' TERM
+trap 'power 3' USR1
+
+[ -f /microvm/env ] && . /microvm/env
+cd /root 2>/dev/null || cd /
+if [ -f /microvm/cmd ]; then
+    # Exact bytes: no CR added before LF. stty sets it with TCSADRAIN,
+    # which also waits for the console to have sent everything queued.
+    stty -F /dev/console -opost -echo
+    devmem {CONTROL_BASE + REG_MARK:#x} 32 {MARK_COMMAND}
+    /bin/sh /microvm/cmd </dev/null >/dev/console 2>&1
+    status=$?
+else
+    devmem {CONTROL_BASE + REG_MARK:#x} 32 {MARK_COMMAND}
+    setsid cttyhack /bin/sh -l
+    status=$?
+fi
+sync
+stty -F /dev/console -echo
+devmem {CONTROL_BASE + REG_EXIT:#x} 32 $status
+while :; do sleep 1; done
+"""
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("MICROVM_CACHE") or Path.home() / ".cache" / "microvm") / "initramfs"
+
+
+@functools.cache
+def base_initramfs() -> bytes:
+    """busybox + /init, uncompressed (the kernel unpacks it faster than gzip)."""
+    busybox = busybox_path()
+    key = hashlib.sha256(busybox.read_bytes() + INIT_SCRIPT.encode()).hexdigest()[:16]
+    path = _cache_dir() / f"base-{key}.cpio"
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        pass
+    cpio = Cpio()
+    for d in ("dev", "proc", "sys", "tmp", "run", "root", "etc", "microvm", "mnt"):
+        cpio.add_dir(d)
+    cpio.add_char_device("dev/console", 5, 1)
+    cpio.add_char_device("dev/null", 1, 3, 0o666)
+    cpio.add_file("init", INIT_SCRIPT.encode(), 0o755)
+    cpio.add_file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
+    cpio.add_file("etc/group", b"root:x:0:\n")
+    add_busybox(cpio, busybox=busybox)
+    data = cpio.to_bytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+    return data
+
+
+def command_archive(argv: Sequence[str] | None, env: Mapping[str, str] | None = None) -> bytes:
+    """The per-run archive: /microvm/cmd (the command as a shell line) and env."""
+    cpio = Cpio()
+    cpio.add_dir("microvm")
+    if argv:
+        cpio.add_file("microvm/cmd", (shlex.join(argv) + "\n").encode())
+    if env:
+        lines = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items() if k.isidentifier())
+        cpio.add_file("microvm/env", lines.encode())
+    return cpio.to_bytes()
+
+
+def initramfs_for(argv: Sequence[str] | None, env: Mapping[str, str] | None = None) -> bytes:
+    return base_initramfs() + command_archive(argv, env)
