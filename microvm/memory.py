@@ -125,7 +125,7 @@ class GuestMemory:
         """Copy a ctypes structure out of guest memory."""
         return ctype.from_buffer_copy(self.view(addr, ctypes.sizeof(ctype)))
 
-    def write_obj(self, addr: int, obj: ctypes.Structure | ctypes.Array) -> None:  # type: ignore[type-arg]
+    def write_obj(self, addr: int, obj: ctypes.Structure | ctypes.Array) -> None:
         self.write(addr, memoryview(obj).cast("B"))
 
     def close(self) -> None:

@@ -1,0 +1,150 @@
+"""Load a Linux kernel, its command line and initrd into guest memory.
+
+Two formats, told apart by content:
+
+- an ELF vmlinux with a Xen PVH note: booted through PVH (32-bit protected
+  mode entry, %ebx = hvm_start_info); see elf.py;
+- a bzImage: booted through the 64-bit boot protocol (64-bit entry at load
+  address + 0x200, %rsi = boot_params); see bzimage.py.
+
+The loader writes only through GuestMemory and knows nothing of KVM; the
+caller turns the returned BootInfo into vCPU registers, page tables and a GDT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from microvm.errors import GuestMemoryError, LoaderError
+from microvm.loader import bzimage, elf
+from microvm.loader.layout import (
+    CMDLINE,
+    CMDLINE_MAX,
+    E820_TYPE_RAM,
+    E820_TYPE_RESERVED,
+    FOUR_GIB,
+    HIMEM_START,
+    START_INFO,
+    ZERO_PAGE,
+    encode_cmdline,
+    memory_map,
+    place_initrd,
+    read_input,
+)
+from microvm.memory import GuestMemory
+
+__all__ = [
+    "CMDLINE",
+    "CMDLINE_MAX",
+    "E820_TYPE_RAM",
+    "E820_TYPE_RESERVED",
+    "HIMEM_START",
+    "START_INFO",
+    "ZERO_PAGE",
+    "BootInfo",
+    "load_linux",
+]
+
+ELF_MAGIC = b"\x7fELF"
+
+
+@dataclass
+class BootInfo:
+    """What the vCPU setup needs to start the loaded kernel."""
+
+    protocol: Literal["pvh", "linux64"]
+    entry: int  # PVH: XEN_ELFNOTE_PHYS32_ENTRY; linux64: load address + 0x200
+    params_addr: int  # PVH: hvm_start_info (%ebx); linux64: boot_params (%rsi)
+    kernel_start: int
+    kernel_end: int
+    initrd: tuple[int, int] | None  # (addr, size)
+    cmdline_addr: int
+
+
+def load_linux(
+    mem: GuestMemory,
+    kernel: Path | str | bytes,
+    *,
+    cmdline: str,
+    initrd: Path | str | bytes | None = None,
+    ram: Sequence[tuple[int, int]],
+    reserved: Sequence[tuple[int, int]] = (),
+) -> BootInfo:
+    """Load `kernel` (vmlinux or bzImage), `cmdline` and `initrd` into `mem`.
+
+    `ram` lists the usable RAM ranges (start, size) the caller mapped and
+    `reserved` extra ranges to mark reserved; together they become the e820 map
+    (bzImage) or the PVH memory map. Every failure is a LoaderError.
+    """
+    data = read_input(kernel, "kernel")
+    initrd_data = None
+    if initrd is not None:
+        initrd_data = read_input(initrd, "initrd")
+        if not initrd_data:
+            raise LoaderError(f"initrd {_describe(initrd)} is empty")
+    if data[:4] == ELF_MAGIC:
+        load = _load_pvh
+    elif bzimage.is_bzimage(data):
+        load = _load_bzimage
+    else:
+        raise LoaderError("not a kernel: neither an ELF vmlinux nor a bzImage")
+    e820 = memory_map(ram, reserved)
+    try:
+        return load(mem, data, cmdline, initrd_data, ram, e820)
+    except GuestMemoryError as e:
+        # The fixed boot structures live in low memory; a guest without it
+        # cannot be booted this way.
+        raise LoaderError(f"guest memory cannot hold the boot structures: {e}") from e
+
+
+def _describe(source: Path | str | bytes) -> str:
+    return "(given as bytes)" if isinstance(source, bytes) else str(source)
+
+
+def _load_pvh(
+    mem: GuestMemory,
+    data: bytes,
+    cmdline: str,
+    initrd_data: bytes | None,
+    ram: Sequence[tuple[int, int]],
+    e820: list[tuple[int, int, int]],
+) -> BootInfo:
+    image = elf.parse(data)
+    # The kernel's own limit (COMMAND_LINE_SIZE) is not published in a vmlinux;
+    # longer lines are truncated by the kernel, so only our buffer bounds it.
+    raw_cmdline = encode_cmdline(cmdline, CMDLINE_MAX - 1)
+    loaded = elf.load(mem, image)
+    mem.write(CMDLINE, raw_cmdline)
+    initrd = _place_initrd(mem, initrd_data, ram, loaded.end, FOUR_GIB)
+    params = elf.write_start_info(mem, cmdline_addr=CMDLINE, initrd=initrd, memmap=e820)
+    return BootInfo("pvh", loaded.entry, params, loaded.start, loaded.end, initrd, CMDLINE)
+
+
+def _load_bzimage(
+    mem: GuestMemory,
+    data: bytes,
+    cmdline: str,
+    initrd_data: bytes | None,
+    ram: Sequence[tuple[int, int]],
+    e820: list[tuple[int, int, int]],
+) -> BootInfo:
+    image = bzimage.parse(data)
+    raw_cmdline = encode_cmdline(cmdline, image.cmdline_size)
+    loaded = bzimage.load(mem, image)
+    mem.write(CMDLINE, raw_cmdline)
+    initrd = _place_initrd(mem, initrd_data, ram, loaded.end, image.initrd_limit)
+    params = bzimage.write_boot_params(mem, image, loaded, cmdline_addr=CMDLINE, initrd=initrd, e820=e820)
+    return BootInfo("linux64", loaded.entry, params, loaded.start, loaded.end, initrd, CMDLINE)
+
+
+def _place_initrd(
+    mem: GuestMemory, data: bytes | None, ram: Sequence[tuple[int, int]], above: int, limit: int
+) -> tuple[int, int] | None:
+    if data is None:
+        return None
+    addr = place_initrd(mem, len(data), ram, above=above, limit=limit)
+    mem.write(addr, data)
+    return addr, len(data)

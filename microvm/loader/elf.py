@@ -1,0 +1,267 @@
+"""ELF vmlinux booted through its PVH entry point, and the hvm_start_info it is handed.
+
+PVH boot (include/xen/interface/hvm/start_info.h, arch/x86/platform/pvh/head.S):
+every PT_LOAD segment goes to its physical address, and the vCPU starts in 32-bit
+protected mode, paging off, at the address in the kernel's Xen ELF note
+XEN_ELFNOTE_PHYS32_ENTRY, with %ebx holding the address of struct hvm_start_info.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+
+from microvm.errors import LoaderError
+from microvm.loader.layout import HIMEM_START, START_INFO, LoadedKernel, align_up, mib
+from microvm.memory import GuestMemory
+
+# include/xen/interface/elfnote.h
+XEN_ELFNOTE_PHYS32_ENTRY = 18
+# include/xen/interface/hvm/start_info.h: "xEn3" with the 0x80 bit of the "E" set
+XEN_HVM_START_MAGIC_VALUE = 0x336EC578
+HVM_START_INFO_VERSION = 1  # version 1 added memmap_paddr/memmap_entries
+
+# The start-info page: hvm_start_info, then one module, then the memory map.
+MODLIST = START_INFO + 0x40
+MEMMAP = START_INFO + 0x80
+# arch/x86/platform/pvh/enlighten.c copies memmap_entries into the kernel's own
+# boot_params.e820_table[E820_MAX_ENTRIES_ZEROPAGE] without a bounds check, then
+# appends the ISA hole: more than 127 entries would overrun that table.
+MEMMAP_MAX = 127
+
+
+class HvmStartInfo(ctypes.LittleEndianStructure):
+    """include/xen/interface/hvm/start_info.h::
+
+    struct hvm_start_info {
+        uint32_t magic;             /* Contains the magic value 0x336ec578 */
+        uint32_t version;           /* Version of this structure. */
+        uint32_t flags;             /* SIF_xxx flags. */
+        uint32_t nr_modules;        /* Number of modules passed to the kernel. */
+        uint64_t modlist_paddr;     /* Physical address of an array of hvm_modlist_entry. */
+        uint64_t cmdline_paddr;     /* Physical address of the command line. */
+        uint64_t rsdp_paddr;        /* Physical address of the RSDP ACPI data structure. */
+        /* All following fields only present in version 1 and newer */
+        uint64_t memmap_paddr;      /* Physical address of an array of hvm_memmap_table_entry. */
+        uint32_t memmap_entries;    /* Number of entries in the memmap table. */
+        uint32_t reserved;          /* Must be zero. */
+    };
+    """
+
+    _fields_ = [
+        ("magic", ctypes.c_uint32),
+        ("version", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("nr_modules", ctypes.c_uint32),
+        ("modlist_paddr", ctypes.c_uint64),
+        ("cmdline_paddr", ctypes.c_uint64),
+        ("rsdp_paddr", ctypes.c_uint64),
+        ("memmap_paddr", ctypes.c_uint64),
+        ("memmap_entries", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint32),
+    ]
+
+
+class HvmModlistEntry(ctypes.LittleEndianStructure):
+    """include/xen/interface/hvm/start_info.h::
+
+    struct hvm_modlist_entry {
+        uint64_t paddr;             /* Physical address of the module. */
+        uint64_t size;              /* Size of the module in bytes. */
+        uint64_t cmdline_paddr;     /* Physical address of the command line. */
+        uint64_t reserved;
+    };
+    """
+
+    _fields_ = [
+        ("paddr", ctypes.c_uint64),
+        ("size", ctypes.c_uint64),
+        ("cmdline_paddr", ctypes.c_uint64),
+        ("reserved", ctypes.c_uint64),
+    ]
+
+
+class HvmMemmapTableEntry(ctypes.LittleEndianStructure):
+    """include/xen/interface/hvm/start_info.h::
+
+    struct hvm_memmap_table_entry {
+        uint64_t addr;              /* Base address of the memory region */
+        uint64_t size;              /* Size of the memory region in bytes */
+        uint32_t type;              /* Mapping type */
+        uint32_t reserved;          /* Must be zero for Version 1. */
+    };
+    """
+
+    _fields_ = [
+        ("addr", ctypes.c_uint64),
+        ("size", ctypes.c_uint64),
+        ("type", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint32),
+    ]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One PT_LOAD program header, checked against the file."""
+
+    index: int
+    paddr: int
+    offset: int
+    filesz: int
+    memsz: int
+
+
+@dataclass(frozen=True)
+class ElfImage:
+    """A parsed, checked vmlinux: nothing written to guest memory yet."""
+
+    data: bytes
+    entry: int
+    segments: list[Segment]
+
+
+def parse(data: bytes) -> ElfImage:
+    """Check a vmlinux and find its segments and PVH entry point."""
+    try:
+        return _parse(data)
+    except (ELFError, struct.error, ValueError, KeyError, IndexError, OverflowError) as e:
+        # pyelftools reports a cut or mangled header as whichever of these its
+        # parser trips over first.
+        raise LoaderError(f"vmlinux is truncated or corrupt: {e}") from e
+
+
+def _parse(data: bytes) -> ElfImage:
+    elf = ELFFile(io.BytesIO(data))
+    if elf.elfclass != 64:
+        raise LoaderError(f"kernel is ELFCLASS{elf.elfclass}, need an ELFCLASS64 x86_64 vmlinux")
+    if not elf.little_endian:
+        raise LoaderError("kernel is big-endian, need a little-endian x86_64 vmlinux")
+    if elf["e_machine"] != "EM_X86_64":
+        raise LoaderError(f"kernel is for e_machine {elf['e_machine']}, need EM_X86_64")
+    if elf["e_type"] != "ET_EXEC":
+        raise LoaderError(f"kernel is {elf['e_type']}, need ET_EXEC (a vmlinux)")
+    ph_end = elf["e_phoff"] + elf["e_phnum"] * elf["e_phentsize"]
+    if ph_end > len(data):
+        raise LoaderError(f"vmlinux is truncated: program headers end at {ph_end:#x}, file is {len(data)} bytes")
+
+    segments: list[Segment] = []
+    notes: list[tuple[int, int, int]] = []  # (offset, size, alignment)
+    for index, seg in enumerate(elf.iter_segments()):
+        h = seg.header
+        if h["p_type"] == "PT_LOAD" and h["p_memsz"]:
+            segments.append(_load_segment(index, h, len(data)))
+        elif h["p_type"] == "PT_NOTE":
+            notes.append((h["p_offset"], h["p_filesz"], h["p_align"]))
+    if not segments:
+        raise LoaderError("vmlinux has no loadable (PT_LOAD) segments")
+
+    entry = _pvh_entry(data, notes)
+    if entry is None:  # no PT_NOTE carried it: look in the SHT_NOTE sections
+        sh_end = elf["e_shoff"] + elf["e_shnum"] * elf["e_shentsize"]
+        if sh_end > len(data):
+            raise LoaderError(f"vmlinux is truncated: section headers end at {sh_end:#x}, "
+                              f"file is {len(data)} bytes")
+        sections = [(s["sh_offset"], s["sh_size"], s["sh_addralign"]) for s in elf.iter_sections()
+                    if s["sh_type"] == "SHT_NOTE"]
+        entry = _pvh_entry(data, sections)
+    if entry is None:
+        raise LoaderError("kernel has no PVH entry point (CONFIG_PVH=y needed)")
+    if not any(s.paddr <= entry < s.paddr + s.memsz for s in segments):
+        raise LoaderError(f"PVH entry point {entry:#x} is outside the kernel's loaded segments")
+    return ElfImage(data, entry, segments)
+
+
+def _load_segment(index: int, h: Any, file_size: int) -> Segment:
+    seg = Segment(index, h["p_paddr"], h["p_offset"], h["p_filesz"], h["p_memsz"])
+    if seg.filesz > seg.memsz:
+        raise LoaderError(f"segment {index}: p_filesz {seg.filesz:#x} exceeds p_memsz {seg.memsz:#x}")
+    if seg.offset + seg.filesz > file_size:
+        raise LoaderError(
+            f"vmlinux is truncated: segment {index} needs file bytes up to "
+            f"{seg.offset + seg.filesz:#x}, file is {file_size} bytes"
+        )
+    if seg.paddr < HIMEM_START:
+        # Low memory holds the loader's and the caller's boot structures.
+        raise LoaderError(f"segment {index} at {seg.paddr:#x} is below {HIMEM_START:#x}")
+    return seg
+
+
+def _pvh_entry(data: bytes, areas: list[tuple[int, int, int]]) -> int | None:
+    """The XEN_ELFNOTE_PHYS32_ENTRY address in these note areas, if there.
+
+    Each note is an Elf64_Nhdr (namesz, descsz, type), then the name and the
+    descriptor, each padded to 4 bytes (8 where the area asks for 8, as GNU
+    property notes do). head.S emits the address with _ASM_PTR: 8 bytes on
+    x86_64, 4 on older 32-bit-style notes.
+    """
+    for offset, size, alignment in areas:
+        pad = 8 if alignment == 8 else 4
+        end = offset + size
+        if end > len(data):
+            raise LoaderError(f"vmlinux is truncated: a note area ends at {end:#x}, file is {len(data)} bytes")
+        pos = offset
+        while pos + 12 <= end:
+            namesz, descsz, ntype = struct.unpack_from("<III", data, pos)
+            name_at = pos + 12
+            desc_at = name_at + align_up(namesz, pad)
+            pos = desc_at + align_up(descsz, pad)
+            if desc_at + descsz > end:
+                break  # a malformed note: the rest of this area cannot be trusted
+            if data[name_at : name_at + namesz].rstrip(b"\0") == b"Xen" and ntype == XEN_ELFNOTE_PHYS32_ENTRY:
+                if descsz not in (4, 8):
+                    raise LoaderError(f"PVH entry note has a {descsz}-byte address, expected 4 or 8")
+                return int.from_bytes(data[desc_at : desc_at + descsz], "little")
+    return None
+
+
+def load(mem: GuestMemory, image: ElfImage) -> LoadedKernel:
+    """Copy every PT_LOAD segment to its p_paddr and zero the rest up to p_memsz."""
+    for s in image.segments:
+        if not mem.contains(s.paddr, s.memsz):
+            raise LoaderError(
+                f"segment {s.index} ({s.paddr:#x}+{s.memsz:#x}) does not fit in guest memory "
+                f"({mib(mem.size)} MiB)"
+            )
+    view = memoryview(image.data)
+    for s in image.segments:
+        mem.write(s.paddr, view[s.offset : s.offset + s.filesz])
+        mem.fill(s.paddr + s.filesz, s.memsz - s.filesz)
+    start = min(s.paddr for s in image.segments)
+    end = max(s.paddr + s.memsz for s in image.segments)
+    return LoadedKernel(image.entry, start, end)
+
+
+def write_start_info(
+    mem: GuestMemory,
+    *,
+    cmdline_addr: int,
+    initrd: tuple[int, int] | None,
+    memmap: list[tuple[int, int, int]],
+) -> int:
+    """Write hvm_start_info, its module list and memory map; return its address."""
+    if len(memmap) > MEMMAP_MAX:
+        raise LoaderError(f"memory map has {len(memmap)} entries, PVH boot takes at most {MEMMAP_MAX}")
+    table = (HvmMemmapTableEntry * len(memmap))(*(HvmMemmapTableEntry(a, s, t, 0) for a, s, t in memmap))
+    info = HvmStartInfo(
+        magic=XEN_HVM_START_MAGIC_VALUE,
+        version=HVM_START_INFO_VERSION,
+        flags=0,
+        cmdline_paddr=cmdline_addr,
+        rsdp_paddr=0,  # no ACPI tables: 0 means "not present" (start_info.h)
+        memmap_paddr=MEMMAP,
+        memmap_entries=len(memmap),
+    )
+    if initrd is not None:
+        # enlighten.c: "The first module is always ramdisk."
+        mem.write_obj(MODLIST, HvmModlistEntry(paddr=initrd[0], size=initrd[1]))
+        info.nr_modules = 1
+        info.modlist_paddr = MODLIST
+    mem.write_obj(MEMMAP, table)
+    mem.write_obj(START_INFO, info)
+    return START_INFO

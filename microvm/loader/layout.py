@@ -1,0 +1,122 @@
+"""Where the loader puts things in guest memory, and the pieces both boot protocols share.
+
+Low memory, as the loader and the caller split it::
+
+    0x0500-0x05ff   GDT (the caller's)
+    0x6000-0x6fff   START_INFO: hvm_start_info, hvm_modlist_entry, memmap table (PVH)
+    0x7000-0x7fff   ZERO_PAGE: struct boot_params (64-bit boot protocol)
+    0x9000-0xefff   page tables (the caller's)
+    0x20000-0x2ffff CMDLINE: the NUL-terminated kernel command line
+    0x100000-       HIMEM_START: the kernel, then the initrd near the top of RAM
+
+Everything here goes through GuestMemory; nothing knows about KVM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from itertools import pairwise
+from pathlib import Path
+
+from microvm.errors import LoaderError
+from microvm.memory import PAGE_SIZE, GuestMemory
+
+START_INFO = 0x6000
+ZERO_PAGE = 0x7000
+CMDLINE = 0x20000
+CMDLINE_MAX = 64 * 1024  # the buffer at CMDLINE, terminating NUL included
+HIMEM_START = 0x100000
+
+# e820 / XEN_HVM_MEMMAP_TYPE_* values (arch/x86/include/asm/e820/types.h and
+# include/xen/interface/hvm/start_info.h agree: both are the ACPI address range types).
+E820_TYPE_RAM = 1
+E820_TYPE_RESERVED = 2
+
+FOUR_GIB = 1 << 32
+
+
+@dataclass(frozen=True)
+class LoadedKernel:
+    """Where a kernel image landed: entry point and the guest range it may use."""
+
+    entry: int
+    start: int
+    end: int
+
+
+def mib(n: int) -> str:
+    """n bytes as MiB for a message: whole numbers stay whole, others get one decimal."""
+    return str(n >> 20) if n % (1 << 20) == 0 else f"{n / (1 << 20):.1f}"
+
+
+def align_up(value: int, align: int) -> int:
+    return -(-value // align) * align
+
+
+def align_down(value: int, align: int) -> int:
+    return value // align * align
+
+
+def read_input(source: Path | str | bytes | bytearray | memoryview, what: str) -> bytes:
+    """The bytes of a kernel or initrd given as contents or as a path (a str is a path)."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        return bytes(source)
+    path = Path(source)
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise LoaderError(f"cannot read {what} {path}: {e.strerror or e}") from e
+
+
+def encode_cmdline(cmdline: str, limit: int) -> bytes:
+    """The command line as bytes, NUL-terminated, checked against `limit` characters.
+
+    boot.rst, "The Kernel Command Line": a NUL-terminated string of at most
+    cmdline_size characters, the terminating zero not counted.
+    """
+    raw = cmdline.encode()
+    if b"\0" in raw:
+        raise LoaderError("command line contains a NUL byte")
+    limit = min(limit, CMDLINE_MAX - 1)
+    if len(raw) > limit:
+        raise LoaderError(f"command line is {len(raw)} bytes, the kernel accepts at most {limit}")
+    return raw + b"\0"
+
+
+def memory_map(
+    ram: Iterable[tuple[int, int]], reserved: Iterable[tuple[int, int]]
+) -> list[tuple[int, int, int]]:
+    """(addr, size, type) entries sorted by address, for e820 and the PVH memmap."""
+    entries = [(a, s, E820_TYPE_RAM) for a, s in ram] + [(a, s, E820_TYPE_RESERVED) for a, s in reserved]
+    entries = sorted(e for e in entries if e[1] > 0)
+    for (a, s, _), (b, _, _) in pairwise(entries):
+        if a + s > b:
+            raise LoaderError(f"memory map ranges overlap: {a:#x}+{s:#x} runs into {b:#x}")
+    if any(a < 0 for a, _, _ in entries) or not any(t == E820_TYPE_RAM for _, _, t in entries):
+        raise LoaderError("memory map needs at least one RAM range and no negative addresses")
+    return entries
+
+
+def place_initrd(
+    mem: GuestMemory,
+    size: int,
+    ram: Iterable[tuple[int, int]],
+    *,
+    above: int,
+    limit: int,
+) -> int:
+    """The highest page-aligned address for `size` bytes in one RAM range.
+
+    The initrd sits above the kernel's footprint (`above`) and ends at or below
+    `limit` (initrd_addr_max + 1 for a bzImage, boot.rst; 4 GiB always, since
+    ramdisk_image and the e820 ranges we describe stay 32-bit friendly).
+    """
+    limit = min(limit, FOUR_GIB)
+    floor = align_up(above, PAGE_SIZE)
+    for start, length in sorted(ram, key=lambda r: r[0] + r[1], reverse=True):
+        top = min(start + length, limit)
+        addr = align_down(top - size, PAGE_SIZE)
+        if addr >= max(start, floor) and mem.contains(addr, size):
+            return addr
+    raise LoaderError(f"initrd of {mib(size)} MiB does not fit in guest memory ({mib(mem.size)} MiB)")
