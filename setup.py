@@ -12,6 +12,10 @@ extensions = [
 ]
 
 setup(
+    # The guest kernel config (kernels/) ships inside the package, so an
+    # installed microvm can still build its kernel.
+    package_dir={"microvm._kernels": "kernels"},
+    package_data={"microvm._kernels": ["*.config"]},
     ext_modules=cythonize(
         extensions,
         include_path=["ext"],

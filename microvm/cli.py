@@ -21,7 +21,9 @@ def _one_line_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except MicroVMError as e:
-            click.echo(f"microvm: error: {e}", err=True)
+            # One line: the first line of the message names the problem.
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            click.echo(f"microvm: error: {first}", err=True)
             sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
