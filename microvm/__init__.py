@@ -1,0 +1,26 @@
+"""microvm: hardware-isolated micro-VMs as Python objects, over /dev/kvm."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+__all__ = ["MicroVM", "MicroVMError", "RunResult"]
+
+if TYPE_CHECKING:
+    from microvm.errors import MicroVMError
+    from microvm.machine import MicroVM, RunResult
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so that pure-Python parts (loader, initramfs) import without the
+    # compiled extension, and `import microvm` stays cheap.
+    if name in ("MicroVM", "RunResult"):
+        from microvm import machine
+
+        return getattr(machine, name)
+    if name == "MicroVMError":
+        from microvm.errors import MicroVMError
+
+        return MicroVMError
+    raise AttributeError(f"module 'microvm' has no attribute {name!r}")

@@ -155,7 +155,7 @@ class MicroVM:
         """Boot the guest and run argv in it (None: an interactive shell)."""
         if self.vm is not None:
             raise MicroVMError("this MicroVM was already started")
-        check_host(self.force)
+        check_host(self.force)  # measured once per process, not part of the boot
         self._t0 = time.monotonic_ns()
         kernel = self.kernel or _default_kernel()
         initrd = self._initrd(argv)

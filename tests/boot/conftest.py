@@ -1,0 +1,99 @@
+"""Linux-guest tests: run directly where KVM is hardware virtualization,
+through the QEMU hardware-virtualization lane where it is PVM.
+
+On a PVM host the first boot test starts the lane once and runs this whole
+directory inside it (`pytest tests/boot`, with a JUnit report written back
+through the lane's output share); each test here then reports the result
+its twin got inside. Nobody has to choose: `pytest` does the right thing.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require_kvm
+
+ROOT = Path(__file__).resolve().parents[2]
+IN_LANE = os.environ.get("MICROVM_IN_LANE") == "1"
+
+
+@functools.cache
+def _mode() -> str:
+    """"direct" (hardware KVM, or inside the lane) or "lane" (PVM host)."""
+    if IN_LANE:
+        return "direct"
+    from microvm.doctor import Verdict, host_verdict
+
+    return "lane" if host_verdict() is Verdict.PVM else "direct"
+
+
+@functools.cache
+def _lane_results(selection: tuple[str, ...]) -> dict[str, tuple[str, str]]:
+    """Run the selected boot tests inside the lane once; nodeid -> (outcome, text)."""
+    from microvm.lane import lane_available, run_in_lane
+
+    reason = lane_available()
+    if reason is not None:
+        pytest.fail(f"this host is PVM and the hardware-virtualization lane is unavailable: {reason}")
+    out_dir = Path(os.environ.get("MICROVM_LANE_OUT") or ROOT / "build" / "lane-out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = out_dir / "boot-junit.xml"
+    report.unlink(missing_ok=True)
+    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
+            "-o", "junit_family=xunit1", *selection]
+    env = {"MICROVM_IN_LANE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    for key in ("MICROVM_CACHE", "HOME", "PATH", "MICROVM_REQUIRE_KVM"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    result = run_in_lane(argv, cwd=str(ROOT), env=env, out_dir=out_dir, timeout=3000)
+    if not report.exists():
+        pytest.fail(f"the lane produced no test report (exit {result.returncode}):\n{result.output[-4000:]}")
+    outcomes: dict[str, tuple[str, str]] = {}
+    for case in ET.parse(report).getroot().iter("testcase"):
+        file = case.get("file") or case.get("classname", "").replace(".", "/") + ".py"
+        nodeid = f"{file}::{case.get('name')}"
+        outcome, text = "passed", ""
+        for child in case:
+            if child.tag in ("failure", "error"):
+                outcome, text = "failed", (child.get("message") or "") + "\n" + (child.text or "")
+            elif child.tag == "skipped":
+                outcome, text = "skipped", child.get("message") or ""
+        outcomes[nodeid] = (outcome, text)
+    return outcomes
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "/tests/boot/" in str(item.fspath):
+            item.add_marker(pytest.mark.boot)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    if pyfuncitem.get_closest_marker("boot") is None or _mode() == "direct":
+        return None
+    session_boot = tuple(sorted({i.nodeid.split("::")[0] for i in pyfuncitem.session.items
+                                 if i.get_closest_marker("boot")}))
+    results = _lane_results(session_boot)
+    nodeid = pyfuncitem.nodeid.split("[")[0] if pyfuncitem.nodeid not in results else pyfuncitem.nodeid
+    key = pyfuncitem.nodeid if pyfuncitem.nodeid in results else nodeid
+    outcome, text = results.get(key, ("missing", ""))
+    if outcome == "failed":
+        pytest.fail(f"failed inside the hardware-virtualization lane:\n{text}", pytrace=False)
+    if outcome == "skipped":
+        pytest.skip(f"skipped inside the lane: {text}")
+    if outcome == "missing":
+        pytest.fail(f"{pyfuncitem.nodeid} did not run inside the lane", pytrace=False)
+    return True
+
+
+@pytest.fixture(autouse=True)
+def _boot_needs_kvm(request: pytest.FixtureRequest) -> None:
+    if _mode() == "direct":
+        require_kvm()
