@@ -32,6 +32,7 @@ EXIT_SYSTEM_EVENT = k.KVM_EXIT_SYSTEM_EVENT
 
 MEM_LOG_DIRTY_PAGES = k.KVM_MEM_LOG_DIRTY_PAGES
 MEM_READONLY = k.KVM_MEM_READONLY
+PIT_SPEAKER_DUMMY = k.KVM_PIT_SPEAKER_DUMMY
 
 #: KVM_CHECK_EXTENSION arguments by their header names.
 CAPS = {
@@ -77,7 +78,7 @@ cdef int _check(int ret, str name) except -1:
 
 cdef class _Fd:
     """An owned file descriptor, closed exactly once."""
-    cdef public int fd
+    cdef readonly int fd
 
     def __cinit__(self):
         self.fd = -1
@@ -192,7 +193,7 @@ cdef dict _get_msrs(int fd, indices):
 
 cdef class VmFd(_Fd):
     """A VM fd (KVM_CREATE_VM)."""
-    cdef public int mmap_size
+    cdef readonly int mmap_size
 
     def set_user_memory_region(self, uint32_t slot, uint64_t guest_phys_addr,
                                uint64_t memory_size, uint64_t userspace_addr,
@@ -294,6 +295,22 @@ cdef class VmFd(_Fd):
         return v
 
 
+cdef int _segment(k.kvm_segment *seg, dict d) except -1:
+    seg.base = d["base"]
+    seg.limit = d["limit"]
+    seg.selector = d["selector"]
+    seg.type = d["type"]
+    seg.present = d["present"]
+    seg.dpl = d["dpl"]
+    seg.db = d["db"]
+    seg.s = d["s"]
+    seg.l = d["l"]
+    seg.g = d["g"]
+    seg.avl = d["avl"]
+    seg.unusable = d["unusable"]
+    return 0
+
+
 cdef int _copy_in(void *dst, size_t size, const uint8_t[:] src, str name) except -1:
     """Copy a state blob from Python into a fixed-size ioctl struct."""
     if <size_t>src.shape[0] != size:
@@ -336,8 +353,11 @@ cdef class IoIn(VmExit):
         cdef size_t n = self.size * self.count
         if <size_t>d.shape[0] != n:
             raise ValueError(f"port {self.port:#x} read wants {n} bytes, got {d.shape[0]}")
+        if self._vcpu is None:
+            raise ValueError("this exit did not come from VcpuFd.run()")
         self._vcpu._check_run()
-        memcpy(<char *>self._vcpu.run_page + self._offset, &d[0], n)
+        if n:
+            memcpy(<char *>self._vcpu.run_page + self._offset, &d[0], n)
 
     def __repr__(self):
         return f"IoIn(port={self.port:#x}, size={self.size}, count={self.count})"
@@ -363,8 +383,11 @@ cdef class MmioRead(VmExit):
         cdef const uint8_t[:] d = data
         if d.shape[0] != self.length:
             raise ValueError(f"MMIO read at {self.addr:#x} wants {self.length} bytes, got {d.shape[0]}")
+        if self._vcpu is None:
+            raise ValueError("this exit did not come from VcpuFd.run()")
         self._vcpu._check_run()
-        memcpy(self._vcpu.run_page.mmio.data, &d[0], self.length)
+        if self.length:
+            memcpy(self._vcpu.run_page.mmio.data, &d[0], self.length)
 
     def __repr__(self):
         return f"MmioRead(addr={self.addr:#x}, length={self.length})"
@@ -424,6 +447,7 @@ cdef class VcpuFd(_Fd):
     cdef k.kvm_run *run_page
     cdef size_t run_size
     cdef readonly unsigned long vcpu_id
+    cdef readonly bint in_run
 
     cdef _map_run(self, size_t size):
         cdef void *p = s.mmap(NULL, size, s.PROT_READ | s.PROT_WRITE, s.MAP_SHARED, self.fd, 0)
@@ -438,6 +462,9 @@ cdef class VcpuFd(_Fd):
         return 0
 
     def close(self):
+        if self.in_run:
+            # KVM_RUN is using the fd and the run page right now (GIL released).
+            raise RuntimeError(f"vCPU {self.vcpu_id} is inside KVM_RUN: stop its thread before closing")
         if self.run_page != NULL:
             s.munmap(self.run_page, self.run_size)
             self.run_page = NULL
@@ -463,10 +490,14 @@ cdef class VcpuFd(_Fd):
         """KVM_RUN with the GIL released; returns the exit as a VmExit."""
         cdef int ret, err, fd = self.fd
         self._check_run()
+        if self.in_run:
+            raise RuntimeError(f"vCPU {self.vcpu_id} is already running in another thread")
+        self.in_run = True
         with nogil:
-            # The run page and fd stay valid: close() needs the GIL, which
-            # this thread holds again before anyone could take them away.
+            # The run page and fd stay valid: close() refuses while in_run,
+            # and in_run is only read and written with the GIL held.
             ret = s.ioctl(fd, k.KVM_RUN, 0)
+        self.in_run = False
         if ret < 0:
             err = errno
             if err == EINTR or err == EAGAIN:
@@ -482,6 +513,11 @@ cdef class VcpuFd(_Fd):
         cdef MmioWrite mw
         cdef MmioRead mr
         if reason == k.KVM_EXIT_IO:
+            # The data KVM points us at must lie inside the run mapping.
+            if (r.io.data_offset > self.run_size
+                    or <size_t>r.io.size * r.io.count > self.run_size - r.io.data_offset):
+                raise OSError(0, f"KVM_RUN: I/O data {r.io.data_offset:#x}+{r.io.size * r.io.count} "
+                                 f"outside the {self.run_size}-byte run page")
             if r.io.direction == k.KVM_EXIT_IO_OUT:
                 out = IoOut.__new__(IoOut)
                 out.port = r.io.port
@@ -553,9 +589,32 @@ cdef class VcpuFd(_Fd):
         return r
 
     def set_sregs(self, sregs):
+        # Field by field into a zeroed struct: Cython's dict->struct
+        # conversion would leave the padding bytes uninitialised.
         cdef k.kvm_sregs r
         memset(&r, 0, sizeof(r))
-        r = sregs
+        _segment(&r.cs, sregs["cs"])
+        _segment(&r.ds, sregs["ds"])
+        _segment(&r.es, sregs["es"])
+        _segment(&r.fs, sregs["fs"])
+        _segment(&r.gs, sregs["gs"])
+        _segment(&r.ss, sregs["ss"])
+        _segment(&r.tr, sregs["tr"])
+        _segment(&r.ldt, sregs["ldt"])
+        r.gdt.base = sregs["gdt"]["base"]
+        r.gdt.limit = sregs["gdt"]["limit"]
+        r.idt.base = sregs["idt"]["base"]
+        r.idt.limit = sregs["idt"]["limit"]
+        r.cr0 = sregs["cr0"]
+        r.cr2 = sregs["cr2"]
+        r.cr3 = sregs["cr3"]
+        r.cr4 = sregs["cr4"]
+        r.cr8 = sregs["cr8"]
+        r.efer = sregs["efer"]
+        r.apic_base = sregs["apic_base"]
+        bitmap = sregs.get("interrupt_bitmap") or (0, 0, 0, 0)
+        for i in range(4):
+            r.interrupt_bitmap[i] = bitmap[i]
         _check(s.ioctl(self.fd, k.KVM_SET_SREGS, &r), "KVM_SET_SREGS")
 
     def get_fpu(self):
@@ -581,7 +640,14 @@ cdef class VcpuFd(_Fd):
         try:
             c.nent = n
             for i in range(n):
-                c.entries[i] = ents[i]
+                e = ents[i]
+                c.entries[i].function = e["function"]
+                c.entries[i].index = e.get("index", 0)
+                c.entries[i].flags = e.get("flags", 0)
+                c.entries[i].eax = e["eax"]
+                c.entries[i].ebx = e["ebx"]
+                c.entries[i].ecx = e["ecx"]
+                c.entries[i].edx = e["edx"]
             _check(s.ioctl(self.fd, k.KVM_SET_CPUID2, c), "KVM_SET_CPUID2")
         finally:
             free(c)
@@ -703,7 +769,16 @@ cdef class Mapping:
         cdef int flags = s.MAP_SHARED if shared else s.MAP_PRIVATE
         if size == 0:
             raise ValueError("mapping size must be positive")
-        if fd < 0:
+        if fd >= 0:
+            # Touching a file mapping beyond the end of the file is SIGBUS.
+            file_size = _os.fstat(fd).st_size
+            if offset < 0 or offset + size > file_size:
+                raise ValueError(f"mapping {offset}+{size} runs past the end of the file ({file_size} bytes)")
+        elif hugepages:
+            # Reserve the huge pages now: without a reservation a fault on an
+            # empty pool is SIGBUS instead of an mmap error.
+            flags |= s.MAP_ANONYMOUS
+        else:
             flags |= s.MAP_ANONYMOUS | s.MAP_NORESERVE
         if hugepages:
             flags |= s.MAP_HUGETLB

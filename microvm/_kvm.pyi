@@ -18,6 +18,7 @@ EXIT_INTERNAL_ERROR: int
 EXIT_SYSTEM_EVENT: int
 MEM_LOG_DIRTY_PAGES: int
 MEM_READONLY: int
+PIT_SPEAKER_DUMMY: int
 CAPS: dict[str, int]
 
 # Register state crosses as dicts keyed by the <asm/kvm.h> field names:

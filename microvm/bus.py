@@ -18,6 +18,8 @@ from microvm.errors import BusError
 
 log = logging.getLogger(__name__)
 
+UNHANDLED_TRACKED = 256
+
 
 class BusDevice(Protocol):
     """What a device on a bus implements. Offsets are relative to its base."""
@@ -83,6 +85,10 @@ class Bus:
         hit[1].write(addr - hit[0], size, value)
 
     def _unhandled(self, addr: int, what: str) -> None:
+        # Counted per address, but a guest sweeping the address space only
+        # ever costs UNHANDLED_TRACKED entries; the rest share key -1.
+        if addr not in self.unhandled and len(self.unhandled) >= UNHANDLED_TRACKED:
+            addr = -1
         if not self.unhandled[addr]:
             log.debug("%s: unhandled %s at %#x", self.name, what, addr)
         self.unhandled[addr] += 1

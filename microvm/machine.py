@@ -23,9 +23,9 @@ from typing import Any, BinaryIO
 from microvm import loader
 from microvm.arch.x86_64 import cpuid, lapic, mptable, msr, paging, regs
 from microvm.devices.control import CONTROL_BASE, CONTROL_SIZE, MARK_COMMAND, MARK_INIT, ControlDevice
-from microvm.devices.i8042 import I8042, I8042_BASE, I8042_SIZE
+from microvm.devices.i8042 import I8042, I8042_COMMAND_PORT, I8042_DATA_PORT
 from microvm.devices.serial import COM1_BASE, COM1_IRQ, COM1_SIZE, Serial
-from microvm.errors import ConfigError, GuestCrashError, LoaderError, MicroVMError
+from microvm.errors import ConfigError, GuestCrashError, LoaderError, MicroVMError, VcpuError
 from microvm.vcpu import StopReason
 from microvm.vm import Vm
 
@@ -181,10 +181,18 @@ class MicroVM:
         except GuestCrashError as e:
             self.close()
             raise GuestCrashError(f"{e}\n--- console tail ---\n{self.console_tail()}") from e
+        except MicroVMError:
+            self.close()
+            raise
+        except Exception as e:  # a device callback failed in a vCPU thread
+            self.close()
+            raise VcpuError(f"the VMM failed while running the guest: {e!r}") from e
         if reason is None:
-            self.kill()
-            raise GuestTimeoutError(
-                f"guest did not finish within {timeout} s; killed\n--- console tail ---\n{self.console_tail()}")
+            try:
+                self.kill()
+            finally:
+                raise GuestTimeoutError(f"guest did not finish within {timeout} s; killed\n"
+                                        f"--- console tail ---\n{self.console_tail()}")
         self._times["vm ended"] = time.monotonic_ns()
         self.close()
         if self.panicked:
@@ -223,10 +231,12 @@ class MicroVM:
             self.serial.feed(data)
 
     def close(self) -> None:
-        vm, self.vm = self.vm, None
+        vm = self.vm
         if vm is not None:
+            self.serial = None  # no more host input into a closing VM
+            vm.close()  # may raise if a vCPU is stuck; then self.vm stays for a retry
             self._vm_closed = vm
-            vm.close()
+            self.vm = None
 
     def __enter__(self) -> MicroVM:
         return self
@@ -281,7 +291,9 @@ class MicroVM:
     def _wire_devices(self, vm: Vm) -> None:
         self.serial = Serial(vm.irq_line(COM1_IRQ), self._on_console)
         vm.pio.register(COM1_BASE, COM1_SIZE, self.serial)
-        vm.pio.register(I8042_BASE, I8042_SIZE, I8042(lambda: self._end("reboot")))
+        i8042 = I8042(lambda: self._end("reboot"))
+        vm.pio.register(I8042_DATA_PORT, 1, i8042.data_port)
+        vm.pio.register(I8042_COMMAND_PORT, 1, i8042.command_port)
         self.control = ControlDevice(self._on_exit, self._end, self._on_mark)
         vm.mmio.register(CONTROL_BASE, CONTROL_SIZE, self.control)
 

@@ -27,8 +27,12 @@ class MemoryRegion:
 
     guest_addr: int
     size: int
-    view: memoryview
     backing: object  # the object that owns the host memory (Mapping, bytearray)
+
+    def view(self, offset: int, length: int) -> memoryview:
+        # A fresh export per view: the backing's export count is then the
+        # number of live views, which close() checks before unmapping.
+        return memoryview(self.backing)[offset : offset + length]  # type: ignore[arg-type]
 
     @property
     def end(self) -> int:
@@ -48,10 +52,11 @@ class GuestMemory:
         """regions: (guest_addr, backing) pairs; backing is a writable buffer."""
         self._regions: list[MemoryRegion] = []
         for guest_addr, backing in sorted(regions, key=lambda r: r[0]):
-            view = memoryview(backing).cast("B")  # type: ignore[arg-type]
-            if view.readonly:
-                raise GuestMemoryError("guest memory backing must be writable")
-            region = MemoryRegion(guest_addr, len(view), view, backing)
+            with memoryview(backing) as probe:  # type: ignore[arg-type]
+                if probe.readonly or probe.itemsize != 1:
+                    raise GuestMemoryError("guest memory backing must be a writable byte buffer")
+                size = probe.nbytes
+            region = MemoryRegion(guest_addr, size, backing)
             if self._regions and self._regions[-1].end > guest_addr:
                 raise GuestMemoryError(f"memory region at {guest_addr:#x} overlaps the one before it")
             self._regions.append(region)
@@ -102,7 +107,7 @@ class GuestMemory:
     def view(self, addr: int, length: int) -> memoryview:
         """A zero-copy, writable view of guest memory [addr, addr+length)."""
         region, offset = self._locate(addr, length)
-        return region.view[offset : offset + length]
+        return region.view(offset, length)
 
     def read(self, addr: int, length: int) -> bytes:
         return bytes(self.view(addr, length))
@@ -129,9 +134,11 @@ class GuestMemory:
         self.write(addr, memoryview(obj).cast("B"))
 
     def close(self) -> None:
-        """Release our views and unmap every region we own."""
+        """Unmap every region; refused (and nothing changed) while views are alive."""
+        in_use = sum(getattr(r.backing, "exports", 0) for r in self._regions)
+        if in_use:
+            raise GuestMemoryError(f"{in_use} view(s) of guest memory are still in use")
         for region in self._regions:
-            region.view.release()
             close = getattr(region.backing, "close", None)
             if close is not None:
                 close()

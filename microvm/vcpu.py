@@ -63,6 +63,7 @@ class Vcpu:
         self._resume = threading.Event()
         self._thread: threading.Thread | None = None
         self._ident: int | None = None
+        self._ident_lock = threading.Lock()  # _ident is cleared when the thread ends
         self.first_entry_ns: int | None = None
 
     # --- control, from any thread ------------------------------------------------
@@ -104,24 +105,25 @@ class Vcpu:
         if self.fd.closed:
             return
         self.fd.immediate_exit = True
-        ident = self._ident
-        if ident is not None and self.running:
-            try:
-                signal.pthread_kill(ident, KICK_SIGNAL)
-            except ProcessLookupError:
-                pass  # the thread ended between the check and the kill
+        # Under the lock the thread cannot finish and free its pthread_t
+        # between our check and the signal.
+        with self._ident_lock:
+            if self._ident is not None:
+                signal.pthread_kill(self._ident, KICK_SIGNAL)
 
     # --- the loop, in the vCPU thread ------------------------------------------
 
     def _thread_main(self) -> None:
-        self._ident = threading.get_ident()
+        with self._ident_lock:
+            self._ident = threading.get_ident()
         try:
             self.stop_reason = self.run_loop()
         except BaseException as e:  # reported through .error, never lost
             self.error = e
             self.stop_reason = StopReason.ERROR
-            self.fd.immediate_exit = False
         finally:
+            with self._ident_lock:
+                self._ident = None
             if self.on_stop is not None:
                 self.on_stop(self)
 
@@ -159,19 +161,21 @@ class Vcpu:
             elif t is MmioRead:
                 ex.respond(mmio_read(ex.addr, ex.length).to_bytes(ex.length, "little"))
             elif t is Intr:
-                if self._stop:
-                    return StopReason.STOPPED
-                if self._pause:
-                    self._paused.set()
-                    self._resume.wait()
-                    if self._stop:
-                        return StopReason.STOPPED
+                # Clear first, then look at the flags: a kick that lands in
+                # between sets immediate_exit again and is not lost.
                 self.fd.immediate_exit = False
             else:
                 self.last_exit = ex
                 return self._final_exit(ex)
-            if self._stop:
+            if (self._stop or self._pause) and self._control():
                 return StopReason.STOPPED
+
+    def _control(self) -> bool:
+        """Honour stop/pause requests; True if the loop must end."""
+        if self._pause and not self._stop:
+            self._paused.set()
+            self._resume.wait()
+        return self._stop
 
     def _final_exit(self, ex: _kvm.VmExit) -> StopReason:
         if isinstance(ex, _kvm.Hlt):

@@ -31,6 +31,7 @@ class IrqLine:
 
     def __init__(self, vm_fd: _kvm.VmFd, gsi: int):
         self.gsi = gsi
+        self._lock = threading.Lock()  # a trigger from another thread never hits a closed fd
         self.efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         try:
             vm_fd.irqfd(self.efd, gsi)
@@ -39,12 +40,15 @@ class IrqLine:
             raise
 
     def trigger(self) -> None:
-        os.eventfd_write(self.efd, 1)
+        with self._lock:
+            if self.efd >= 0:
+                os.eventfd_write(self.efd, 1)
 
     def close(self) -> None:
-        if self.efd >= 0:
-            os.close(self.efd)
-            self.efd = -1
+        with self._lock:
+            if self.efd >= 0:
+                os.close(self.efd)
+                self.efd = -1
 
 
 class Vm:
@@ -75,7 +79,9 @@ class Vm:
                 self.fd.set_identity_map_addr(IDENTITY_MAP_ADDR)
                 self.fd.set_tss_addr(TSS_ADDR)
                 self.fd.create_irqchip()
-                self.fd.create_pit2(0)
+                # Port 0x61 (speaker, PIT channel 2 gate) handled in the
+                # kernel too, as api.rst recommends: no exits for it.
+                self.fd.create_pit2(_kvm.PIT_SPEAKER_DUMMY)
             self.memory = GuestMemory.anonymous(layout)
             for slot, region in enumerate(self.memory.regions):
                 self.fd.set_user_memory_region(slot, region.guest_addr, region.size,
@@ -152,22 +158,28 @@ class Vm:
         """Stop the vCPUs, join their threads, close every fd, unmap memory."""
         if self._closed:
             return
-        self._closed = True
         for vcpu in self.vcpus:
             vcpu.stop()
-        for vcpu in self.vcpus:
-            if not vcpu.join(5.0):
-                raise MicroVMError(f"vcpu{vcpu.index} did not stop within 5 s")
-        for vcpu in self.vcpus:
-            vcpu.close()
-        for line in self.irq_lines:
-            line.close()
-        if getattr(self, "fd", None) is not None:
-            self.fd.close()
-        if self.memory is not None:
-            self.memory.close()
-            self.memory = None
-        self.kvm.close()
+        stuck = [v.index for v in self.vcpus if not v.join(5.0)]
+        if stuck:
+            # Guest memory must stay mapped while a vCPU may still use it;
+            # close() can be called again once the thread is out.
+            raise MicroVMError(f"vcpu(s) {stuck} did not stop within 5 s; VM left open")
+        try:
+            for vcpu in self.vcpus:
+                vcpu.close()
+            for line in self.irq_lines:
+                line.close()
+            if getattr(self, "fd", None) is not None:
+                self.fd.close()  # the VM and its memslots go with the last fd
+        finally:
+            try:
+                if self.memory is not None:
+                    self.memory.close()
+                    self.memory = None
+            finally:
+                self.kvm.close()
+                self._closed = True
 
     def __enter__(self) -> Vm:
         return self

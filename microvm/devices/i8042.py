@@ -10,27 +10,35 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-I8042_BASE = 0x60
-I8042_SIZE = 5  # 0x60 data .. 0x64 status/command
-I8042_DATA = 0  # offsets within the range
-I8042_STATUS = 4
-I8042_COMMAND = 4
+I8042_DATA_PORT = 0x60
+I8042_COMMAND_PORT = 0x64  # reads: status, writes: command
 
 CMD_RESET_CPU = 0xFE
 STATUS_SYSTEM_FLAG = 0x04  # POST passed; input and output buffers stay empty
 
 
+class _Port:
+    def __init__(self, read: Callable[[], int], write: Callable[[int], None]):
+        self._read = read
+        self._write = write
+
+    def read(self, offset: int, size: int) -> int:
+        return self._read()
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self._write(value & 0xFF)
+
+
 class I8042:
+    """The controller; its two ports (0x60, 0x64) go on the bus separately."""
+
     def __init__(self, on_reset: Callable[[], None]):
         self.on_reset = on_reset
         self.resets = 0
+        self.data_port = _Port(lambda: 0, lambda value: None)
+        self.command_port = _Port(lambda: STATUS_SYSTEM_FLAG, self._command)
 
-    def read(self, offset: int, size: int) -> int:
-        if offset == I8042_STATUS:
-            return STATUS_SYSTEM_FLAG
-        return 0
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        if offset == I8042_COMMAND and value & 0xFF == CMD_RESET_CPU:
+    def _command(self, value: int) -> None:
+        if value == CMD_RESET_CPU:
             self.resets += 1
             self.on_reset()

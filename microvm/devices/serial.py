@@ -136,7 +136,11 @@ class Serial:
                 self.dll = value
                 return False
             if self.mcr & UART_MCR_LOOP:
-                self.rx.append(value)  # loopback: what we send we receive
+                # Loopback: what we send we receive (dropped once the FIFO is full).
+                if len(self.rx) < RX_FIFO_LIMIT:
+                    self.rx.append(value)
+                else:
+                    self.dropped_input += 1
             elif self.output is not None:
                 self.output(bytes((value,)))
             # The byte left at once, so THR is empty again.

@@ -142,3 +142,49 @@ def test_teardown_closes_fds_and_joins_threads() -> None:
     assert threading.active_count() == threads_before
     maps = open(f"/proc/{os.getpid()}/maps").read()
     assert "kvm-vcpu" not in maps
+
+
+def test_pause_resume_many_times() -> None:
+    # A kick landing while the loop handles an earlier one must not be lost.
+    src = """
+    loop:
+        out 0x80, al
+        jmp loop
+    """
+    with long_mode_vm(src) as vm:
+        vm.pio.register(0x80, 1, Recorder())
+        vm.start()
+        vcpu = vm.vcpus[0]
+        for _ in range(30):
+            assert vcpu.pause(1.0), "pause request lost"
+            vcpu.resume()
+        vm.stop()
+        assert vm.wait(1.0) is StopReason.STOPPED
+
+
+def test_closing_a_running_vcpu_is_refused() -> None:
+    with long_mode_vm("spin: jmp spin") as vm:
+        vm.start()
+        deadline = time.monotonic() + 5
+        while not vm.vcpus[0].fd.in_run and time.monotonic() < deadline:
+            time.sleep(0.001)
+        with pytest.raises(RuntimeError, match="inside KVM_RUN"):
+            vm.vcpus[0].fd.close()
+        vm.stop()
+        assert vm.wait(1.0) is StopReason.STOPPED
+
+
+def test_device_error_in_vcpu_thread_is_reported() -> None:
+    class Broken:
+        def read(self, offset: int, size: int) -> int:
+            return 0
+
+        def write(self, offset: int, size: int, value: int) -> None:
+            raise RuntimeError("device exploded")
+
+    with long_mode_vm("out 0x80, al\nhlt") as vm:
+        vm.pio.register(0x80, 1, Broken())
+        vm.start()
+        with pytest.raises(RuntimeError, match="device exploded"):
+            vm.wait(5)
+        assert vm.end_reason is StopReason.ERROR

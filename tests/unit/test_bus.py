@@ -77,3 +77,13 @@ def test_unregister(bus_type: type) -> None:
     bus.register(0x60, 4, Dev())  # the range is free again
     with pytest.raises(BusError):
         bus.unregister(0x70)
+
+
+def test_unhandled_tracking_is_bounded() -> None:
+    from microvm.bus import UNHANDLED_TRACKED
+
+    bus = MmioBus()
+    for addr in range(0, 10_000 * 8, 8):
+        bus.read(addr, 8)
+    assert len(bus.unhandled) == UNHANDLED_TRACKED + 1
+    assert sum(bus.unhandled.values()) == 10_000

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from microvm.devices import control, serial
-from microvm.devices.i8042 import I8042, I8042_COMMAND, I8042_DATA, I8042_STATUS
+from microvm.devices.i8042 import I8042
 from microvm.devices.serial import (
     UART_FCR,
     UART_IER,
@@ -107,11 +107,11 @@ def test_input_overflow_is_counted_not_fatal() -> None:
 def test_i8042_reset_line() -> None:
     resets: list[int] = []
     dev = I8042(lambda: resets.append(1))
-    assert dev.read(I8042_STATUS, 1) & 0x02 == 0  # input buffer empty: Linux's kb_wait ends
-    dev.write(I8042_DATA, 1, 0xFE)  # data port: not a command
-    dev.write(I8042_COMMAND, 1, 0xAA)  # other commands ignored
+    assert dev.command_port.read(0, 1) & 0x02 == 0  # input buffer empty: Linux's kb_wait ends
+    dev.data_port.write(0, 1, 0xFE)  # data port: not a command
+    dev.command_port.write(0, 1, 0xAA)  # other commands ignored
     assert resets == []
-    dev.write(I8042_COMMAND, 1, 0xFE)
+    dev.command_port.write(0, 1, 0xFE)
     assert resets == [1]
 
 
