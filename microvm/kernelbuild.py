@@ -16,6 +16,7 @@ a complete one, so its presence means the build finished.
 
 from __future__ import annotations
 
+import functools
 import argparse
 import contextlib
 import hashlib
@@ -123,6 +124,7 @@ def _is_complete(art: KernelArtifacts) -> bool:
 
 # --- Inputs of the key ------------------------------------------------------------
 
+@functools.cache
 def source_version() -> str:
     """The dpkg version of the installed linux-source-6.1 package."""
     try:
@@ -136,6 +138,7 @@ def source_version() -> str:
     return out
 
 
+@functools.cache
 def compiler_version() -> str:
     """First line of `gcc --version` (names the Debian revision too); "" if no gcc."""
     try:

@@ -143,7 +143,12 @@ class Serial:
                     self.dropped_input += 1
             elif self.output is not None:
                 self.output(bytes((value,)))
-            # The byte left at once, so THR is empty again.
+            # The byte left at once, so THR is empty again. The line is edge
+            # triggered (ISA IRQ 4 on the I/O APIC): while an earlier THRE
+            # interrupt is still unacknowledged, another edge adds nothing
+            # but an exit per byte.
+            if self.thri_pending:
+                return False
             self.thri_pending = True
             return self._irq_asserted()
         if offset == UART_IER:
