@@ -50,12 +50,23 @@ trap 'power 3' USR1
 [ -f /microvm/env ] && . /microvm/env
 cd /root 2>/dev/null || cd /
 if [ -f /microvm/cmd ]; then
-    # Exact bytes: no CR added before LF. stty sets it with TCSADRAIN,
-    # which also waits for the console to have sent everything queued.
-    stty -F /dev/console -opost -echo
+    # The command's output goes to virtio-console (hvc0) when there is one:
+    # whole buffers, and hvc returns from write() only once the host took
+    # them, so nothing is in flight when we report the status.
+    out=/dev/console
+    [ -c /dev/hvc0 ] && out=/dev/hvc0
+    # fd 3 holds the tty open, so the settings below last for the whole run
+    # (a tty forgets them when its last fd closes). -opost: exact bytes, no
+    # CR before LF. stty applies them with TCSADRAIN, which also waits for
+    # output already queued to go out.
+    exec 3>$out
+    stty -F $out -opost -echo 2>/dev/null
     devmem {CONTROL_BASE + REG_MARK:#x} 32 {MARK_COMMAND}
-    /bin/sh /microvm/cmd </dev/null >/dev/console 2>&1
-    status=$?
+    # Like subprocess.run(capture_output=True): stdout and stderr are a pipe,
+    # not a terminal, so programs write in large blocks.
+    {{ /bin/sh /microvm/cmd </dev/null 2>&1; echo $? >/run/status; }} | cat >&3
+    status=$(cat /run/status)
+    exec 3>&-
 else
     devmem {CONTROL_BASE + REG_MARK:#x} 32 {MARK_COMMAND}
     setsid cttyhack /bin/sh -l
@@ -76,7 +87,10 @@ def _cache_dir() -> Path:
 def base_initramfs() -> bytes:
     """busybox + /init, uncompressed (the kernel unpacks it faster than gzip)."""
     busybox = busybox_path()
-    key = hashlib.sha256(busybox.read_bytes() + INIT_SCRIPT.encode()).hexdigest()[:16]
+    # Keyed by the busybox file's identity (not its 2 MB of contents) and our init.
+    st = busybox.stat()
+    ident = f"{busybox.resolve()}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}\n{INIT_SCRIPT}"
+    key = hashlib.sha256(ident.encode()).hexdigest()[:16]
     path = _cache_dir() / f"base-{key}.cpio"
     try:
         return path.read_bytes()

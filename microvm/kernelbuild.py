@@ -16,9 +16,9 @@ a complete one, so its presence means the build finished.
 
 from __future__ import annotations
 
-import functools
 import argparse
 import contextlib
+import functools
 import hashlib
 import os
 import re
@@ -31,12 +31,12 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
-
-from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
+from typing import TYPE_CHECKING, TextIO
 
 from microvm.errors import MicroVMError
+
+if TYPE_CHECKING:  # rich is imported only when a build actually runs
+    from rich.progress import Progress, TaskID
 
 # Bump whenever this module changes how the kernel is built, so old cache entries
 # are no longer picked up.
@@ -285,6 +285,9 @@ def _progress_display(enabled: bool) -> Iterator[Progress | None]:
     if not enabled:
         yield None
         return
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
     columns = (SpinnerColumn(), TextColumn("[bold]{task.description}"),
                TextColumn("{task.fields[objects]} objects compiled"), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True)) as progress:

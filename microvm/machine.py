@@ -12,6 +12,7 @@ error naming what went wrong (panic, triple fault, timeout).
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -25,6 +26,8 @@ from microvm.arch.x86_64 import cpuid, lapic, mptable, msr, paging, regs
 from microvm.devices.control import CONTROL_BASE, CONTROL_SIZE, MARK_COMMAND, MARK_INIT, ControlDevice
 from microvm.devices.i8042 import I8042, I8042_COMMAND_PORT, I8042_DATA_PORT
 from microvm.devices.serial import COM1_BASE, COM1_IRQ, COM1_SIZE, Serial
+from microvm.devices.virtio.console import VirtioConsole
+from microvm.devices.virtio.mmio import MMIO_SIZE, VIRTIO_MMIO_QUEUE_NOTIFY, MmioTransport
 from microvm.errors import ConfigError, GuestCrashError, LoaderError, MicroVMError, VcpuError
 from microvm.vcpu import StopReason
 from microvm.vm import Vm
@@ -40,6 +43,8 @@ BIOS_START = 0xF0000  # the MP table lives here
 HIMEM_START = 0x100000
 GDT_ADDR = 0x500
 PML4_ADDR = 0x9000
+VIRTIO_MMIO_BASE = CONTROL_BASE + CONTROL_SIZE  # one 4 KiB window per device from here
+VIRTIO_IRQ_BASE = 5  # GSIs 5.. (I/O APIC pins, edge, as the MP table says)
 
 DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet 8250.nr_uarts=1"
 CONSOLE_TAIL = 4000
@@ -139,6 +144,8 @@ class MicroVM:
         self.vm: Vm | None = None
         self.serial: Serial | None = None
         self.control: ControlDevice | None = None
+        self.hvc: VirtioConsole | None = None
+        self.transports: list[MmioTransport] = []
         self.console = bytearray()
         self.stdout = bytearray()
         self._line = bytearray()
@@ -163,9 +170,9 @@ class MicroVM:
         self.vm = vm = Vm(layout, vcpus=self.vcpus, irqchip=True)
         try:
             self._times.update(vm.timestamps)
+            self._wire_devices(vm)  # before loading: virtio devices go on the command line
             self._load(vm, kernel, initrd, layout)
             self._times["kernel loaded"] = time.monotonic_ns()
-            self._wire_devices(vm)
             self._setup_vcpus(vm)
             vm.start()
         except BaseException:
@@ -284,8 +291,12 @@ class MicroVM:
         low_end = layout[0][1]
         ram = [(0, EBDA_START), (HIMEM_START, low_end - HIMEM_START), *layout[1:]]
         reserved = [(EBDA_START, 0xA0000 - EBDA_START), (BIOS_START, HIMEM_START - BIOS_START)]
-        self.boot = loader.load_linux(vm.mem, kernel, cmdline=self.cmdline, initrd=initrd,
-                                      ram=ram, reserved=reserved)
+        # Devices are announced the way virtio_mmio's cmdline_devices expects
+        # (drivers/virtio/virtio_mmio.c): size@base:irq.
+        devices = " ".join(f"virtio_mmio.device={MMIO_SIZE >> 10}K@{VIRTIO_MMIO_BASE + i * MMIO_SIZE:#x}:"
+                           f"{VIRTIO_IRQ_BASE + i}" for i in range(len(self.transports)))
+        self.boot = loader.load_linux(vm.mem, kernel, cmdline=f"{self.cmdline} {devices}".strip(),
+                                      initrd=initrd, ram=ram, reserved=reserved)
         mptable.write(vm.mem, self.vcpus, BIOS_START)
 
     def _wire_devices(self, vm: Vm) -> None:
@@ -296,6 +307,20 @@ class MicroVM:
         vm.pio.register(I8042_COMMAND_PORT, 1, i8042.command_port)
         self.control = ControlDevice(self._on_exit, self._end, self._on_mark)
         vm.mmio.register(CONTROL_BASE, CONTROL_SIZE, self.control)
+        # The command's stdout and stderr travel over virtio-console (hvc0):
+        # whole buffers per notification instead of an exit per byte.
+        self.hvc = VirtioConsole(self._on_command_output)
+        self._add_virtio(vm, self.hvc)
+
+    def _add_virtio(self, vm: Vm, device: Any) -> MmioTransport:
+        index = len(self.transports)
+        base = VIRTIO_MMIO_BASE + index * MMIO_SIZE
+        transport = MmioTransport(device, vm.mem, vm.irq_line(VIRTIO_IRQ_BASE + index))
+        vm.mmio.register(base, MMIO_SIZE, transport)
+        for q in range(len(device.queue_sizes)):
+            vm.ioeventfd(base + VIRTIO_MMIO_QUEUE_NOTIFY, 4, q, functools.partial(transport.notify, q))
+        self.transports.append(transport)
+        return transport
 
     def _setup_vcpus(self, vm: Vm) -> None:
         supported = vm.kvm.get_supported_cpuid()
@@ -325,14 +350,18 @@ class MicroVM:
 
     # --- device callbacks (vCPU threads) ---------------------------------------------
 
+    def _on_command_output(self, data: bytes) -> None:
+        self.stdout += data
+        if self._stdout_sink is not None:
+            self._stdout_sink(data)
+
     def _on_console(self, data: bytes) -> None:
         self.console += data
         if self._console_sink is not None:
             self._console_sink(data)
-        if self._in_command:
-            self.stdout += data
-            if self._stdout_sink is not None:
-                self._stdout_sink(data)
+        if self._in_command and not (self.transports and self.transports[0].active):
+            # A kernel without virtio-console: the command writes to ttyS0.
+            self._on_command_output(data)
         self._line += data
         if data == b"\n" or len(self._line) > 512:
             line, self._line = bytes(self._line), bytearray()

@@ -9,11 +9,12 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from microvm import _kvm
 from microvm.bus import MmioBus, PioBus
 from microvm.errors import ConfigError, KvmError, MicroVMError
+from microvm.iothread import IoThread
 from microvm.kvm import open_kvm
 from microvm.memory import GuestMemory
 from microvm.vcpu import StopReason, Vcpu
@@ -70,6 +71,8 @@ class Vm:
         self.end_reason: StopReason | None = None
         self.error: BaseException | None = None
         self.irq_lines: list[IrqLine] = []
+        self.ioeventfds: list[int] = []
+        self.io = IoThread()
         self.timestamps: dict[str, int] = {}
         self._closed = False
         try:
@@ -112,9 +115,18 @@ class Vm:
         self.irq_lines.append(line)
         return line
 
+    def ioeventfd(self, addr: int, length: int, datamatch: int | None, handler: Callable[[], None]) -> None:
+        """Have KVM signal an eventfd for guest writes to an MMIO address (no
+        vCPU exit to userspace); the I/O thread then calls handler()."""
+        efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.ioeventfds.append(efd)
+        self.fd.ioeventfd(efd, addr, length, datamatch=datamatch)
+        self.io.add(efd, handler)
+
     # --- lifecycle -----------------------------------------------------------
 
     def start(self) -> None:
+        self.io.start()
         for vcpu in self.vcpus:
             vcpu.start()
 
@@ -166,10 +178,14 @@ class Vm:
             # close() can be called again once the thread is out.
             raise MicroVMError(f"vcpu(s) {stuck} did not stop within 5 s; VM left open")
         try:
+            self.io.close()  # no device may touch guest memory after this
             for vcpu in self.vcpus:
                 vcpu.close()
             for line in self.irq_lines:
                 line.close()
+            for efd in self.ioeventfds:
+                os.close(efd)
+            self.ioeventfds = []
             if getattr(self, "fd", None) is not None:
                 self.fd.close()  # the VM and its memslots go with the last fd
         finally:

@@ -14,6 +14,7 @@ Everything here goes through GuestMemory; nothing knows about KVM.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import pairwise
@@ -60,13 +61,23 @@ def align_down(value: int, align: int) -> int:
 
 def read_input(source: Path | str | bytes | bytearray | memoryview, what: str) -> bytes:
     """The bytes of a kernel or initrd given as contents or as a path (a str is a path)."""
-    if isinstance(source, bytes | bytearray | memoryview):
+    if isinstance(source, bytes):
+        return source
+    if isinstance(source, bytearray | memoryview):
         return bytes(source)
     path = Path(source)
     try:
-        return path.read_bytes()
+        st = path.stat()
+        return _read_cached(str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     except OSError as e:
         raise LoaderError(f"cannot read {what} {path}: {e.strerror or e}") from e
+
+
+@functools.lru_cache(maxsize=4)
+def _read_cached(path: str, dev: int, ino: int, size: int, mtime_ns: int) -> bytes:
+    # Keyed by identity and mtime: booting the same kernel many times in one
+    # process reads it once; a rebuilt file is read again.
+    return Path(path).read_bytes()
 
 
 def encode_cmdline(cmdline: str, limit: int) -> bytes:

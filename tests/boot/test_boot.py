@@ -51,9 +51,9 @@ def test_arguments_arrive_intact(kernel: str) -> None:
 
 
 def test_one_mib_of_output_arrives_in_order(kernel: str) -> None:
-    r = MicroVM(kernel).run(["seq", "1", "140000"], timeout=900)
-    expected = "".join(f"{i}\n" for i in range(1, 140001)).encode()
-    assert len(expected) > 900_000
+    r = MicroVM(kernel).run(["seq", "1", "170000"], timeout=900)
+    expected = "".join(f"{i}\n" for i in range(1, 170001)).encode()
+    assert len(expected) > 1 << 20
     assert r.exit_code == 0
     assert r.stdout == expected
 

@@ -1,0 +1,60 @@
+"""virtio devices over the MMIO transport (virtio 1.2, sections 2-5).
+
+A device implements VirtioDevice: its type, its feature bits, its queue
+sizes, its configuration space, and what to do when a queue is notified.
+It never sees a transport register; the transport (mmio.py) owns those and
+the device status state machine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from microvm.devices.virtio.queue import Queue
+from microvm.memory import GuestMemory
+
+# Device status bits (2.1).
+STATUS_ACKNOWLEDGE = 1
+STATUS_DRIVER = 2
+STATUS_DRIVER_OK = 4
+STATUS_FEATURES_OK = 8
+STATUS_DEVICE_NEEDS_RESET = 64
+STATUS_FAILED = 128
+
+# Reserved feature bits the transport and queues implement (6).
+VIRTIO_F_INDIRECT_DESC = 28
+VIRTIO_F_EVENT_IDX = 29
+VIRTIO_F_VERSION_1 = 32
+
+VIRTIO_ID_NET = 1
+VIRTIO_ID_BLOCK = 2
+VIRTIO_ID_CONSOLE = 3
+VIRTIO_ID_RNG = 4
+VIRTIO_ID_VSOCK = 19
+
+
+class VirtioDevice(Protocol):
+    device_type: int
+    features: int  # device-specific feature bits offered (bits below 24)
+    queue_sizes: tuple[int, ...]
+
+    def read_config(self, offset: int, size: int) -> int: ...
+
+    def write_config(self, offset: int, size: int, value: int) -> None: ...
+
+    def activate(self, mem: GuestMemory, queues: list[Queue], features: int,
+                 signal: Callable[[int], None]) -> None:
+        """DRIVER_OK: start using the queues; signal(i) reports used buffers on queue i."""
+
+    def process(self, queue_index: int) -> None:
+        """The driver notified queue_index (from the I/O thread). May raise QueueError."""
+
+    def reset(self) -> None: ...
+
+
+def config_read(data: bytes, offset: int, size: int) -> int:
+    """Little-endian read from a device's config bytes; outside reads as 0."""
+    if offset < 0 or offset + size > len(data):
+        return 0
+    return int.from_bytes(data[offset:offset + size], "little")

@@ -1,0 +1,213 @@
+"""The split virtqueue, device side (virtio 1.2, section 2.7).
+
+Everything the driver gives us (ring addresses, indices, descriptor
+addresses, lengths, flags) is untrusted. Every access goes through
+GuestMemory, chains are bounded (a loop is detected by counting: no chain
+can be longer than the queue, plus one indirect table), and any violation
+raises QueueError, which the transport turns into DEVICE_NEEDS_RESET.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from microvm.errors import GuestMemoryError, MicroVMError
+from microvm.memory import GuestMemory
+
+VRING_DESC_F_NEXT = 1
+VRING_DESC_F_WRITE = 2
+VRING_DESC_F_INDIRECT = 4
+VRING_USED_F_NO_NOTIFY = 1
+VRING_AVAIL_F_NO_INTERRUPT = 1
+
+VIRTQ_DESC_SIZE = 16  # struct virtq_desc { le64 addr; le32 len; le16 flags; le16 next; }
+VIRTQ_USED_ELEM_SIZE = 8  # struct virtq_used_elem { le32 id; le32 len; }
+MAX_QUEUE_SIZE = 32768  # 2.7: Queue Size is a power of 2, at most 32768
+MAX_CHAIN_BYTES = 1 << 32  # total length a chain may describe
+
+
+class QueueError(MicroVMError):
+    """The driver broke the virtqueue rules; the device needs a reset."""
+
+
+@dataclass(frozen=True, slots=True)
+class Descriptor:
+    addr: int
+    len: int
+    write: bool  # device-writable (VRING_DESC_F_WRITE)
+
+
+@dataclass(slots=True)
+class DescriptorChain:
+    """One available buffer: its head index and its descriptors, in order,
+    with indirect tables already expanded."""
+
+    head: int
+    descriptors: list[Descriptor]
+
+    @property
+    def readable(self) -> list[Descriptor]:
+        return [d for d in self.descriptors if not d.write]
+
+    @property
+    def writable(self) -> list[Descriptor]:
+        return [d for d in self.descriptors if d.write]
+
+    def readable_len(self) -> int:
+        return sum(d.len for d in self.descriptors if not d.write)
+
+    def writable_len(self) -> int:
+        return sum(d.len for d in self.descriptors if d.write)
+
+
+class Queue:
+    """One split virtqueue as the transport configures it."""
+
+    def __init__(self, max_size: int):
+        if not 1 <= max_size <= MAX_QUEUE_SIZE or max_size & (max_size - 1):
+            raise ValueError(f"queue size must be a power of 2 up to {MAX_QUEUE_SIZE}")
+        self.max_size = max_size
+        self.reset()
+
+    def reset(self) -> None:
+        self.size = self.max_size
+        self.ready = False
+        self.desc_table = 0
+        self.avail_ring = 0
+        self.used_ring = 0
+        self.event_idx = False
+        self.mem: GuestMemory | None = None
+        self.next_avail = 0  # our position in the available ring (free running, mod 2^16)
+        self.next_used = 0  # the used ring's idx we publish next
+        self.signalled_used: int | None = None  # used idx at our last interrupt
+
+    # --- setup -----------------------------------------------------------------
+
+    def check_config(self, mem: GuestMemory) -> None:
+        """Validate what the driver configured before it may set QueueReady."""
+        n = self.size
+        if not 1 <= n <= self.max_size or n & (n - 1):
+            raise QueueError(f"queue size {n} is not a power of 2 up to {self.max_size}")
+        # 2.7: alignment 16 for the table, 2 for the available ring, 4 for the used ring.
+        for name, addr, align, length in (
+            ("descriptor table", self.desc_table, 16, VIRTQ_DESC_SIZE * n),
+            ("available ring", self.avail_ring, 2, 6 + 2 * n),
+            ("used ring", self.used_ring, 4, 6 + VIRTQ_USED_ELEM_SIZE * n),
+        ):
+            if addr % align:
+                raise QueueError(f"{name} at {addr:#x} is not {align}-byte aligned")
+            if not mem.contains(addr, length):
+                raise QueueError(f"{name} at {addr:#x}+{length:#x} is outside guest memory")
+
+    def activate(self, mem: GuestMemory, event_idx: bool) -> None:
+        self.check_config(mem)
+        self.mem = mem
+        self.event_idx = event_idx
+
+    # --- ring access -------------------------------------------------------------
+
+    def _mem(self) -> GuestMemory:
+        if self.mem is None or not self.ready:
+            raise QueueError("queue is not ready")
+        return self.mem
+
+    def avail_idx(self) -> int:
+        return self._mem().read_int(self.avail_ring + 2, 2)
+
+    def has_available(self) -> bool:
+        return self.avail_idx() != self.next_avail
+
+    def pop(self) -> DescriptorChain | None:
+        """The next available chain, or None if the driver has offered none."""
+        mem = self._mem()
+        avail = self.avail_idx()
+        pending = (avail - self.next_avail) & 0xFFFF
+        if pending == 0:
+            return None
+        if pending > self.size:
+            raise QueueError(f"available index jumped by {pending}, more than the queue size {self.size}")
+        slot = self.next_avail % self.size
+        head = mem.read_int(self.avail_ring + 4 + 2 * slot, 2)
+        chain = DescriptorChain(head, list(self._walk(mem, head)))
+        self.next_avail = (self.next_avail + 1) & 0xFFFF
+        if self.event_idx:
+            # avail_event, after the used ring's elements: "notify me once
+            # you make this entry available" (2.7.10).
+            mem.write_int(self.used_ring + 4 + VIRTQ_USED_ELEM_SIZE * self.size, 2, self.next_avail)
+        return chain
+
+    def _walk(self, mem: GuestMemory, head: int) -> Iterator[Descriptor]:
+        """Follow a chain from head, expanding at most one indirect table."""
+        if head >= self.size:
+            raise QueueError(f"descriptor index {head} out of range (queue size {self.size})")
+        table, table_size = self.desc_table, self.size
+        index = head
+        seen = 0
+        total = 0
+        indirect = False
+        while True:
+            seen += 1
+            if seen > table_size:
+                raise QueueError("descriptor chain loops or is longer than its table")
+            try:
+                raw = mem.read(table + VIRTQ_DESC_SIZE * index, VIRTQ_DESC_SIZE)
+            except GuestMemoryError as e:
+                raise QueueError(f"descriptor {index} is outside guest memory") from e
+            addr = int.from_bytes(raw[0:8], "little")
+            length = int.from_bytes(raw[8:12], "little")
+            flags = int.from_bytes(raw[12:14], "little")
+            nxt = int.from_bytes(raw[14:16], "little")
+            if flags & VRING_DESC_F_INDIRECT:
+                # 2.7.5.3.1: not in an indirect table, not with NEXT, a whole
+                # number of descriptors, at least one.
+                if indirect:
+                    raise QueueError("indirect descriptor inside an indirect table")
+                if flags & VRING_DESC_F_NEXT:
+                    raise QueueError("indirect descriptor with the NEXT flag")
+                if length == 0 or length % VIRTQ_DESC_SIZE or length // VIRTQ_DESC_SIZE > MAX_QUEUE_SIZE:
+                    raise QueueError(f"indirect table length {length} is invalid")
+                if not mem.contains(addr, length):
+                    raise QueueError(f"indirect table at {addr:#x}+{length:#x} is outside guest memory")
+                indirect = True
+                table, table_size = addr, length // VIRTQ_DESC_SIZE
+                index, seen = 0, 0
+                continue
+            if length and not mem.contains(addr, length):
+                raise QueueError(f"buffer {addr:#x}+{length:#x} is outside guest memory")
+            total += length
+            if total > MAX_CHAIN_BYTES:
+                raise QueueError("descriptor chain describes more than 4 GiB")
+            yield Descriptor(addr, length, bool(flags & VRING_DESC_F_WRITE))
+            if not flags & VRING_DESC_F_NEXT:
+                return
+            if nxt >= table_size:
+                raise QueueError(f"next descriptor {nxt} out of range ({table_size})")
+            index = nxt
+
+    def add_used(self, head: int, length: int) -> None:
+        """Return a chain to the driver with `length` bytes written into it."""
+        mem = self._mem()
+        slot = self.next_used % self.size
+        elem = self.used_ring + 4 + VIRTQ_USED_ELEM_SIZE * slot
+        mem.write(elem, head.to_bytes(4, "little") + length.to_bytes(4, "little"))
+        self.next_used = (self.next_used + 1) & 0xFFFF
+        # The element must be visible before the index that publishes it
+        # (2.7.8.2); in Python the stores happen in program order, and the
+        # x86 memory model keeps store order for the guest.
+        mem.write_int(self.used_ring + 2, 2, self.next_used)
+
+    def needs_notification(self) -> bool:
+        """Whether to interrupt the driver for what we just used (2.7.7.2, 2.7.10)."""
+        mem = self._mem()
+        if not self.event_idx:
+            flags = mem.read_int(self.avail_ring, 2)
+            return not flags & VRING_AVAIL_F_NO_INTERRUPT
+        used_event = mem.read_int(self.avail_ring + 4 + 2 * self.size, 2)
+        old = self.signalled_used
+        new = self.next_used
+        self.signalled_used = new
+        if old is None:
+            return True
+        # vring_need_event(): did we cross used_event since the last signal?
+        return (new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF
