@@ -165,7 +165,8 @@ class Queue:
                     raise QueueError("indirect descriptor inside an indirect table")
                 if flags & VRING_DESC_F_NEXT:
                     raise QueueError("indirect descriptor with the NEXT flag")
-                if length == 0 or length % VIRTQ_DESC_SIZE or length // VIRTQ_DESC_SIZE > MAX_QUEUE_SIZE:
+                # 2.7.5.3.1: a chain is no longer than the queue, indirect or not.
+                if length == 0 or length % VIRTQ_DESC_SIZE or length // VIRTQ_DESC_SIZE > self.size:
                     raise QueueError(f"indirect table length {length} is invalid")
                 if not mem.contains(addr, length):
                     raise QueueError(f"indirect table at {addr:#x}+{length:#x} is outside guest memory")
