@@ -9,6 +9,7 @@ its twin got inside. Nobody has to choose: `pytest` does the right thing.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -34,13 +35,14 @@ def _mode() -> str:
 
 
 @functools.cache
-def _lane_results(selection: tuple[str, ...]) -> dict[str, tuple[str, str]]:
+def _lane_results(config: pytest.Config, selection: tuple[str, ...]) -> dict[str, tuple[str, str]]:
     """Run the selected boot tests inside the lane once; nodeid -> (outcome, text)."""
-    from microvm.lane import lane_available, run_in_lane
+    from microvm.lane import LaneError, lane_available, run_in_lane
 
     reason = lane_available()
     if reason is not None:
-        pytest.fail(f"this host is PVM and the hardware-virtualization lane is unavailable: {reason}")
+        return {"__error__": ("failed", f"this host is PVM and the hardware-virtualization lane is "
+                                        f"unavailable: {reason}")}
     out_dir = Path(os.environ.get("MICROVM_LANE_OUT") or ROOT / "build" / "lane-out")
     out_dir.mkdir(parents=True, exist_ok=True)
     report = out_dir / "boot-junit.xml"
@@ -51,9 +53,20 @@ def _lane_results(selection: tuple[str, ...]) -> dict[str, tuple[str, str]]:
     for key in ("MICROVM_CACHE", "HOME", "PATH", "MICROVM_REQUIRE_KVM"):
         if key in os.environ:
             env[key] = os.environ[key]
-    result = run_in_lane(argv, cwd=str(ROOT), env=env, out_dir=out_dir, timeout=3000)
+    # Show the inner run's progress live (CI logs), not in pytest's capture.
+    capture = config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        print(f"\n[tests/boot] PVM host: running {' '.join(selection)} inside the hardware-virtualization lane",
+              flush=True)
+        try:
+            result = run_in_lane([*argv[:3], "-v", *argv[3:]], cwd=str(ROOT), env=env, out_dir=out_dir,
+                                 timeout=3000)
+        except LaneError as e:
+            return {"__error__": ("failed", f"the hardware-virtualization lane failed: {e}")}
     if not report.exists():
-        pytest.fail(f"the lane produced no test report (exit {result.returncode}):\n{result.output[-4000:]}")
+        # Cached like a result, so one broken lane run is not repeated per test.
+        return {"__error__": ("failed", f"the lane produced no test report (exit {result.returncode}):\n"
+                                        f"{result.output[-4000:]}")}
     outcomes: dict[str, tuple[str, str]] = {}
     for case in ET.parse(report).getroot().iter("testcase"):
         file = case.get("file") or case.get("classname", "").replace(".", "/") + ".py"
@@ -80,10 +93,8 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
         return None
     session_boot = tuple(sorted({i.nodeid.split("::")[0] for i in pyfuncitem.session.items
                                  if i.get_closest_marker("boot")}))
-    results = _lane_results(session_boot)
-    nodeid = pyfuncitem.nodeid.split("[")[0] if pyfuncitem.nodeid not in results else pyfuncitem.nodeid
-    key = pyfuncitem.nodeid if pyfuncitem.nodeid in results else nodeid
-    outcome, text = results.get(key, ("missing", ""))
+    results = _lane_results(pyfuncitem.config, session_boot)
+    outcome, text = results.get(pyfuncitem.nodeid, results.get("__error__", ("missing", "")))
     if outcome == "failed":
         pytest.fail(f"failed inside the hardware-virtualization lane:\n{text}", pytrace=False)
     if outcome == "skipped":

@@ -1,0 +1,513 @@
+"""virtio-blk over one raw image file or block device (virtio 1.2, section 5.2).
+
+One request queue. A request (5.2.6) is a 16-byte header the device reads,
+data, and one status byte the device writes last. Per 2.7.4 the device makes
+no assumption about how the driver splits these over descriptors: the
+device-readable bytes form one stream (header, then OUT data or discard
+segments) and the device-writable bytes another (IN data, then the status
+byte at its very end). Data moves between the image and guest memory with
+preadv/pwritev on views of guest RAM, without copies.
+
+A driver's mistake is answered with VIRTIO_BLK_S_IOERR; only a chain with no
+device-writable byte for the status is a QueueError (the device needs a
+reset). A host failure (EIO, ENOSPC) is an IOERR too: the guest sees a disk
+error, the VMM keeps running.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import hashlib
+import logging
+import mmap
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from microvm.devices.virtio import VIRTIO_ID_BLOCK, config_read
+from microvm.devices.virtio.queue import Descriptor, DescriptorChain, Queue, QueueError
+from microvm.errors import ConfigError, GuestMemoryError
+from microvm.memory import GuestMemory
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Feature bits (5.2.3), names from include/uapi/linux/virtio_blk.h.
+VIRTIO_BLK_F_SEG_MAX = 2
+VIRTIO_BLK_F_RO = 5
+VIRTIO_BLK_F_BLK_SIZE = 6
+VIRTIO_BLK_F_FLUSH = 9
+VIRTIO_BLK_F_DISCARD = 13
+VIRTIO_BLK_F_WRITE_ZEROES = 14
+
+# Request types (5.2.6).
+VIRTIO_BLK_T_IN = 0
+VIRTIO_BLK_T_OUT = 1
+VIRTIO_BLK_T_FLUSH = 4
+VIRTIO_BLK_T_GET_ID = 8
+VIRTIO_BLK_T_DISCARD = 11
+VIRTIO_BLK_T_WRITE_ZEROES = 13
+
+VIRTIO_BLK_S_OK = 0
+VIRTIO_BLK_S_IOERR = 1
+VIRTIO_BLK_S_UNSUPP = 2
+
+VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1
+VIRTIO_BLK_ID_BYTES = 20
+
+# include/uapi/linux/falloc.h
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+SECTOR_SIZE = 512  # the protocol's unit, whatever blk_size says (5.2.5)
+REQUEST_QUEUE = 0
+QUEUE_SIZE = 256
+SEG_MAX = QUEUE_SIZE - 2  # data segments; the header and status take two more descriptors
+MAX_DISCARD_SECTORS = 1 << 22  # 2 GiB per segment
+MAX_WRITE_ZEROES_SECTORS = 1 << 22
+DISCARD_SECTOR_ALIGNMENT = 8  # 4 KiB: the host file system's block, so a punched hole frees space
+ZERO_CHUNK = 1 << 20
+
+
+class VirtioBlkConfig(ctypes.LittleEndianStructure):
+    """struct virtio_blk_config (5.2.4, include/uapi/linux/virtio_blk.h)::
+
+        le64 capacity;                 /* in 512-byte sectors */
+        le32 size_max;  le32 seg_max;
+        struct { le16 cylinders; u8 heads; u8 sectors; } geometry;
+        le32 blk_size;
+        struct { u8 physical_block_exp; u8 alignment_offset; le16 min_io_size; le32 opt_io_size; } topology;
+        u8 writeback;  u8 unused0;  le16 num_queues;
+        le32 max_discard_sectors;  le32 max_discard_seg;  le32 discard_sector_alignment;
+        le32 max_write_zeroes_sectors;  le32 max_write_zeroes_seg;
+        u8 write_zeroes_may_unmap;  u8 unused1[3];
+        le32 max_secure_erase_sectors;  le32 max_secure_erase_seg;  le32 secure_erase_sector_alignment;
+    """
+
+    _pack_ = 1
+    _fields_ = [
+        ("capacity", ctypes.c_uint64),
+        ("size_max", ctypes.c_uint32),
+        ("seg_max", ctypes.c_uint32),
+        ("cylinders", ctypes.c_uint16),
+        ("heads", ctypes.c_uint8),
+        ("sectors", ctypes.c_uint8),
+        ("blk_size", ctypes.c_uint32),
+        ("physical_block_exp", ctypes.c_uint8),
+        ("alignment_offset", ctypes.c_uint8),
+        ("min_io_size", ctypes.c_uint16),
+        ("opt_io_size", ctypes.c_uint32),
+        ("writeback", ctypes.c_uint8),
+        ("unused0", ctypes.c_uint8),
+        ("num_queues", ctypes.c_uint16),
+        ("max_discard_sectors", ctypes.c_uint32),
+        ("max_discard_seg", ctypes.c_uint32),
+        ("discard_sector_alignment", ctypes.c_uint32),
+        ("max_write_zeroes_sectors", ctypes.c_uint32),
+        ("max_write_zeroes_seg", ctypes.c_uint32),
+        ("write_zeroes_may_unmap", ctypes.c_uint8),
+        ("unused1", ctypes.c_uint8 * 3),
+        ("max_secure_erase_sectors", ctypes.c_uint32),
+        ("max_secure_erase_seg", ctypes.c_uint32),
+        ("secure_erase_sector_alignment", ctypes.c_uint32),
+    ]
+
+
+class VirtioBlkOuthdr(ctypes.LittleEndianStructure):
+    """struct virtio_blk_outhdr { le32 type; le32 reserved (ioprio in Linux); le64 sector; } (5.2.6)"""
+
+    _pack_ = 1
+    _fields_ = [("type", ctypes.c_uint32), ("reserved", ctypes.c_uint32), ("sector", ctypes.c_uint64)]
+
+
+class VirtioBlkDiscardWriteZeroes(ctypes.LittleEndianStructure):
+    """struct virtio_blk_discard_write_zeroes { le64 sector; le32 num_sectors; le32 flags; } (5.2.6)"""
+
+    _pack_ = 1
+    _fields_ = [("sector", ctypes.c_uint64), ("num_sectors", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+
+
+HEADER_SIZE = ctypes.sizeof(VirtioBlkOuthdr)
+SEGMENT_SIZE = ctypes.sizeof(VirtioBlkDiscardWriteZeroes)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+_libc.fallocate.restype = ctypes.c_int
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with a mode (Python's os has only posix_fallocate). ctypes drops the GIL."""
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+@dataclass
+class BlockCounters:
+    reads: int = 0
+    writes: int = 0
+    flushes: int = 0
+    discards: int = 0
+    write_zeroes: int = 0
+    get_ids: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    errors: int = 0  # requests answered VIRTIO_BLK_S_IOERR (driver mistakes and host failures)
+    host_errors: int = 0  # of which an OSError from the image
+    unsupported: int = 0  # requests answered VIRTIO_BLK_S_UNSUPP
+
+
+class _Reply(Exception):
+    """Ends a request early with a status other than OK."""
+
+    def __init__(self, status: int, why: str):
+        super().__init__(why)
+        self.status = status
+
+
+def _views(mem: GuestMemory, descs: list[Descriptor], start: int, end: int) -> list[memoryview]:
+    """Views of bytes [start, end) of the stream the descriptors form, one per descriptor touched."""
+    out: list[memoryview] = []
+    pos = 0
+    for d in descs:
+        lo, hi = max(start, pos), min(end, pos + d.len)
+        if lo < hi:
+            out.append(mem.view(d.addr + lo - pos, hi - lo))
+        pos += d.len
+    return out
+
+
+def _transfer(io: Callable[[int, list[memoryview], int], int], fd: int, views: list[memoryview],
+              offset: int) -> int:
+    """preadv/pwritev all of `views` at `offset`, resuming after short transfers."""
+    views = list(views)
+    done = 0
+    while views:
+        n = io(fd, views, offset + done)
+        if n <= 0:
+            raise OSError(errno.EIO, "unexpected end of the image")
+        done += n
+        while views and n >= len(views[0]):
+            n -= len(views.pop(0))
+        if n:
+            views[0] = views[0][n:]
+    return done
+
+
+class VirtioBlock:
+    """A virtio-blk device over one raw image (a regular file or a block device)."""
+
+    device_type = VIRTIO_ID_BLOCK
+    queue_sizes = (QUEUE_SIZE,)
+
+    def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False, direct: bool = False,
+                 serial: str | None = None):
+        self.path = os.fspath(path)
+        self.read_only = read_only
+        self.direct = direct
+        self.serial = self._id_bytes(serial)
+        self.fd = self._open()
+        try:
+            self.size = self._check()
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.capacity = self.size // SECTOR_SIZE
+        self.counters = BlockCounters()
+        self.last_error: str | None = None
+        self.features = (1 << VIRTIO_BLK_F_SEG_MAX) | (1 << VIRTIO_BLK_F_BLK_SIZE) | (1 << VIRTIO_BLK_F_FLUSH)
+        config = VirtioBlkConfig(capacity=self.capacity, seg_max=SEG_MAX, blk_size=SECTOR_SIZE)
+        if read_only:
+            self.features |= 1 << VIRTIO_BLK_F_RO
+        else:
+            self.features |= (1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES)
+            config.max_discard_sectors = MAX_DISCARD_SECTORS
+            config.max_discard_seg = 1
+            config.discard_sector_alignment = DISCARD_SECTOR_ALIGNMENT
+            config.max_write_zeroes_sectors = MAX_WRITE_ZEROES_SECTORS
+            config.max_write_zeroes_seg = 1
+            config.write_zeroes_may_unmap = 1
+        self._config = bytes(config)
+        self._zeros: mmap.mmap | None = None  # page aligned, so O_DIRECT accepts it
+        self.mem: GuestMemory | None = None
+        self.queues: list[Queue] = []
+        self.signal: Callable[[int], None] | None = None
+
+    # --- setup --------------------------------------------------------------------------
+
+    def _fail(self, problem: str) -> ConfigError:
+        return ConfigError(f"disk image {self.path}: {problem}")
+
+    def _id_bytes(self, serial: str | None) -> bytes:
+        """The GET_ID string: NUL-padded ASCII, at most 20 bytes (5.2.6)."""
+        if serial is None:
+            # Stable per image, so /dev/disk/by-id/virtio-<serial> is too.
+            return hashlib.sha256(os.fsencode(os.path.abspath(self.path))).hexdigest()[:VIRTIO_BLK_ID_BYTES].encode()
+        if not (serial.isascii() and serial.isprintable() and len(serial) <= VIRTIO_BLK_ID_BYTES):
+            raise self._fail(f"serial {serial!r} is not printable ASCII of at most {VIRTIO_BLK_ID_BYTES} characters")
+        return serial.encode()
+
+    def _open(self) -> int:
+        flags = (os.O_RDONLY if self.read_only else os.O_RDWR) | os.O_CLOEXEC | os.O_NONBLOCK
+        if self.direct:
+            flags |= os.O_DIRECT
+        try:
+            # O_NONBLOCK only so that a FIFO cannot hang the open; cleared below.
+            return os.open(self.path, flags)
+        except FileNotFoundError:
+            raise self._fail("no such file") from None
+        except PermissionError:
+            raise self._fail("permission denied (cannot open it " + ("read-only)" if self.read_only
+                                                                     else "read-write)")) from None
+        except IsADirectoryError:
+            raise self._fail("not a regular file or block device (a directory)") from None
+        except OSError as e:
+            if self.direct and e.errno == errno.EINVAL:
+                raise self._fail("its file system does not support direct I/O (O_DIRECT)") from None
+            raise self._fail(f"cannot open: {e.strerror}") from e
+
+    def _check(self) -> int:
+        """Type, lock and size of the open image; returns its size in bytes."""
+        fd = self.fd
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise self._fail("not a regular file or block device")
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        # flock(2) locks belong to the open file description, so a second
+        # attachment conflicts even inside this process. Writers take it
+        # exclusive, readers shared: many readers, or one writer.
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise self._fail("locked by another user (attached " + ("read-write elsewhere)" if self.read_only
+                                                                   else "elsewhere)")) from None
+        except OSError as e:
+            raise self._fail(f"cannot lock: {e.strerror}") from e
+        size = os.lseek(fd, 0, os.SEEK_END)  # st_size is 0 for a block device
+        if size % SECTOR_SIZE:
+            raise self._fail(f"size {size} is not a multiple of {SECTOR_SIZE} bytes")
+        return size
+
+    def close(self) -> None:
+        """Release the lock (closing the only descriptor drops it) and the file."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self._zeros is not None:
+            self._zeros.close()
+            self._zeros = None
+
+    def __enter__(self) -> VirtioBlock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- VirtioDevice -------------------------------------------------------------------
+
+    def read_config(self, offset: int, size: int) -> int:
+        return config_read(self._config, offset, size)
+
+    def write_config(self, offset: int, size: int, value: int) -> None:
+        pass  # only `writeback` is writable, with VIRTIO_BLK_F_CONFIG_WCE, which we do not offer
+
+    def activate(self, mem: GuestMemory, queues: list[Queue], features: int,
+                 signal: Callable[[int], None]) -> None:
+        self.mem, self.queues, self.signal = mem, queues, signal
+
+    def reset(self) -> None:
+        self.mem, self.queues, self.signal = None, [], None
+
+    def process(self, queue_index: int) -> None:
+        if queue_index != REQUEST_QUEUE:
+            return
+        mem, signal = self.mem, self.signal
+        assert mem is not None and signal is not None
+        q = self.queues[REQUEST_QUEUE]
+        used = False
+        try:
+            while (chain := q.pop()) is not None:
+                q.add_used(chain.head, self._request(mem, chain))
+                used = True
+        finally:
+            # What was used before a QueueError still reaches the driver.
+            if used:
+                signal(REQUEST_QUEUE)
+
+    # --- requests -----------------------------------------------------------------------
+
+    def _request(self, mem: GuestMemory, chain: DescriptorChain) -> int:
+        """Serve one request; returns the used length.
+
+        That is the whole device-writable part, data and status, whatever the
+        status: the status byte is its last byte and a driver may not look
+        beyond `len` (2.7.8.2). After an error the data part is undefined."""
+        descs = [d for d in chain.descriptors if d.len]  # empty buffers carry nothing (and may point anywhere)
+        readable = [d for d in descs if not d.write]
+        writable = [d for d in descs if d.write]
+        if not writable:
+            raise QueueError("virtio-blk request has no device-writable byte for its status")
+        last = writable[-1]
+        status_addr = last.addr + last.len - 1
+        in_len = sum(d.len for d in writable) - 1
+        try:
+            # 2.7.4.2: device-readable descriptors come before device-writable ones.
+            first_writable = next(i for i, d in enumerate(descs) if d.write)
+            if any(not d.write for d in descs[first_writable:]):
+                raise _Reply(VIRTIO_BLK_S_IOERR, "device-readable buffer after a device-writable one")
+            out_len = sum(d.len for d in readable) - HEADER_SIZE
+            if out_len < 0:
+                raise _Reply(VIRTIO_BLK_S_IOERR, "request header shorter than 16 bytes")
+            header = VirtioBlkOuthdr.from_buffer_copy(b"".join(_views(mem, readable, 0, HEADER_SIZE)))
+            self._dispatch(mem, header, readable, out_len, writable, in_len)
+            status = VIRTIO_BLK_S_OK
+        except _Reply as r:
+            status = r.status
+            self._count(r)
+        except GuestMemoryError as e:  # the queue checked every buffer; this would be our bug
+            raise QueueError(f"virtio-blk: {e}") from e
+        mem.write_int(status_addr, 1, status)
+        return in_len + 1
+
+    def _count(self, reply: _Reply) -> None:
+        if reply.status == VIRTIO_BLK_S_UNSUPP:
+            self.counters.unsupported += 1
+        else:
+            self.counters.errors += 1
+        self.last_error = str(reply)
+
+    def _dispatch(self, mem: GuestMemory, header: VirtioBlkOuthdr, readable: list[Descriptor], out_len: int,
+                  writable: list[Descriptor], in_len: int) -> None:
+        """Run one request whose header was read; _Reply ends it with an error."""
+        kind, sector = header.type, header.sector
+        if kind == VIRTIO_BLK_T_IN:
+            if out_len:
+                raise _Reply(VIRTIO_BLK_S_IOERR, "read request with device-readable data")
+            views = self._data(mem, writable, 0, in_len, sector)
+            n = self._io(os.preadv, views, sector)
+            self.counters.reads += 1
+            self.counters.bytes_read += n
+            return
+        if kind == VIRTIO_BLK_T_OUT:
+            if self.read_only:  # 5.2.6.2: IOERR and no data written
+                raise _Reply(VIRTIO_BLK_S_IOERR, "write to a read-only disk")
+            if in_len:
+                raise _Reply(VIRTIO_BLK_S_IOERR, "write request with device-writable data")
+            views = self._data(mem, readable, HEADER_SIZE, HEADER_SIZE + out_len, sector)
+            n = self._io(os.pwritev, views, sector)
+            self.counters.writes += 1
+            self.counters.bytes_written += n
+            return
+        if kind == VIRTIO_BLK_T_FLUSH:
+            # 5.2.6.2: a write is stable once a flush after it completes.
+            if not self.read_only:
+                self._host(os.fdatasync, self.fd)
+            self.counters.flushes += 1
+            return
+        if kind == VIRTIO_BLK_T_GET_ID:
+            if out_len or in_len < VIRTIO_BLK_ID_BYTES:
+                raise _Reply(VIRTIO_BLK_S_IOERR, f"GET_ID needs a {VIRTIO_BLK_ID_BYTES}-byte writable buffer")
+            ident = self.serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0")
+            pos = 0
+            for view in _views(mem, writable, 0, VIRTIO_BLK_ID_BYTES):
+                view[:] = ident[pos:pos + len(view)]
+                pos += len(view)
+            self.counters.get_ids += 1
+            return
+        if kind in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
+            self._discard_or_zero(mem, kind, readable, out_len, in_len)
+            return
+        raise _Reply(VIRTIO_BLK_S_UNSUPP, f"request type {kind} is not supported")
+
+    def _data(self, mem: GuestMemory, descs: list[Descriptor], start: int, end: int,
+              sector: int) -> list[memoryview]:
+        length = end - start
+        if length % SECTOR_SIZE:
+            raise _Reply(VIRTIO_BLK_S_IOERR, f"data length {length} is not a multiple of {SECTOR_SIZE}")
+        self._check_range(sector, length // SECTOR_SIZE)
+        views = _views(mem, descs, start, end)
+        if len(views) > SEG_MAX:
+            for view in views:
+                view.release()
+            raise _Reply(VIRTIO_BLK_S_IOERR, f"{len(views)} data segments, more than seg_max {SEG_MAX}")
+        return views
+
+    def _check_range(self, sector: int, count: int) -> None:
+        if sector + count > self.capacity:  # 5.2.6.1; Python ints cannot wrap around
+            raise _Reply(VIRTIO_BLK_S_IOERR, f"sectors {sector}+{count} beyond capacity {self.capacity}")
+
+    def _io(self, io: Callable[[int, list[memoryview], int], int], views: list[memoryview], sector: int) -> int:
+        try:
+            return self._host(_transfer, io, self.fd, views, sector * SECTOR_SIZE)
+        finally:
+            for view in views:  # GuestMemory.close() refuses while views are alive
+                view.release()
+
+    def _host(self, call: Callable[..., T], *args: object) -> T:
+        """A call on the image; an OSError becomes IOERR for the guest."""
+        try:
+            return call(*args)
+        except OSError as e:
+            self.counters.host_errors += 1
+            if self.counters.host_errors & (self.counters.host_errors - 1) == 0:  # 1, 2, 4, ...: no flood
+                log.warning("disk image %s: %s (%d host errors so far)", self.path, e, self.counters.host_errors)
+            raise _Reply(VIRTIO_BLK_S_IOERR, f"host I/O error: {e}") from None
+
+    def _discard_or_zero(self, mem: GuestMemory, kind: int, readable: list[Descriptor], out_len: int,
+                         in_len: int) -> None:
+        discard = kind == VIRTIO_BLK_T_DISCARD
+        if self.read_only:
+            raise _Reply(VIRTIO_BLK_S_IOERR, "discard or write zeroes on a read-only disk")
+        # 5.2.6.1: whole segments, at most max_discard_seg / max_write_zeroes_seg (both 1) of them.
+        if in_len or out_len != SEGMENT_SIZE:
+            raise _Reply(VIRTIO_BLK_S_IOERR, f"expected one {SEGMENT_SIZE}-byte segment, got {out_len} bytes")
+        seg = VirtioBlkDiscardWriteZeroes.from_buffer_copy(
+            b"".join(_views(mem, readable, HEADER_SIZE, HEADER_SIZE + SEGMENT_SIZE)))
+        unmap = bool(seg.flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)
+        # 5.2.6.2: unknown flags, or unmap on a discard, are UNSUPP.
+        if seg.flags & ~VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP or (discard and unmap):
+            raise _Reply(VIRTIO_BLK_S_UNSUPP, f"segment flags {seg.flags:#x} not supported")
+        if seg.num_sectors > (MAX_DISCARD_SECTORS if discard else MAX_WRITE_ZEROES_SECTORS):
+            raise _Reply(VIRTIO_BLK_S_IOERR, f"segment of {seg.num_sectors} sectors is too long")
+        self._check_range(seg.sector, seg.num_sectors)
+        offset, length = seg.sector * SECTOR_SIZE, seg.num_sectors * SECTOR_SIZE
+        if discard:
+            # A discard may deallocate (5.2.6.2); where holes are unsupported it is a no-op.
+            self._host(self._fallocate, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+            self.counters.discards += 1
+            return
+        # Reads must return zeroes afterwards (5.2.6.2); unmap lets us punch (write_zeroes_may_unmap = 1).
+        modes = [FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE] if unmap else []
+        modes.append(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE)
+        if not any(self._host(self._fallocate, mode, offset, length) for mode in modes):
+            self._host(self._write_zeros, offset, length)
+        self.counters.write_zeroes += 1
+
+    def _fallocate(self, mode: int, offset: int, length: int) -> bool:
+        """fallocate; False where the file system or device does not do `mode`."""
+        if length == 0:
+            return True
+        try:
+            fallocate(self.fd, mode, offset, length)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
+                return False
+            raise
+        return True
+
+    def _write_zeros(self, offset: int, length: int) -> None:
+        if self._zeros is None:
+            self._zeros = mmap.mmap(-1, ZERO_CHUNK)
+        zeros = memoryview(self._zeros)
+        try:
+            while length:
+                n = min(length, ZERO_CHUNK)
+                _transfer(os.pwritev, self.fd, [zeros[:n]], offset)
+                offset, length = offset + n, length - n
+        finally:
+            zeros.release()
