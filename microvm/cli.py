@@ -57,6 +57,8 @@ def doctor(as_json: bool) -> None:
 @click.option("--mem", "mem_mib", type=int, default=128, show_default=True, help="Guest RAM in MiB.")
 @click.option("--vcpus", type=int, default=1, show_default=True)
 @click.option("--append", default="", help="Extra kernel command line arguments.")
+@click.option("--drive", "drives", multiple=True, metavar="PATH[,ro]",
+              help="A raw disk image: /dev/vda, /dev/vdb, ... in order.")
 @click.option("--cmdline", default=None, help="Replace the whole kernel command line.")
 @click.option("--timeout", type=float, default=None, help="Kill the guest after S seconds.")
 @click.option("--force", is_flag=True, help="Run even where the host cannot run Linux guests (PVM).")
@@ -65,18 +67,18 @@ def doctor(as_json: bool) -> None:
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @_one_line_errors
 def run(kernel: str | None, initrd: str | None, mem_mib: int, vcpus: int, append: str,
-        cmdline: str | None, timeout: float | None, force: bool, show_console: bool,
+        drives: tuple[str, ...], cmdline: str | None, timeout: float | None, force: bool, show_console: bool,
         show_timeline: bool, command: tuple[str, ...]) -> None:
     """Boot a micro-VM and run COMMAND in it (no COMMAND: an interactive shell).
 
     Prints the command's output and exits with its exit status.
     """
     from microvm.console import interactive
-    from microvm.machine import MicroVM
+    from microvm.machine import Drive, MicroVM
 
     out = sys.stdout.buffer
     vm = MicroVM(kernel, initrd=initrd, mem_mib=mem_mib, vcpus=vcpus, append=append,
-                 cmdline=cmdline, force=force,
+                 cmdline=cmdline, force=force, drives=[Drive.parse(d) for d in drives],
                  console=out if show_console or not command else None,
                  stdout=None if show_console or not command else out)
     if command:
@@ -88,6 +90,23 @@ def run(kernel: str | None, initrd: str | None, mem_mib: int, vcpus: int, append
         for phase, t in result.timeline.items():
             click.echo(f"{phase:<18} {t * 1000:9.1f} ms", err=True)
     sys.exit(result.exit_code if result.exit_code is not None else 0)
+
+
+@main.group()
+def image() -> None:
+    """Disk images for --drive."""
+
+
+@image.command("build")
+@click.argument("source", type=click.Path(file_okay=False))
+@click.argument("dest", type=click.Path(dir_okay=False))
+@click.option("--size", "size_mib", type=int, default=None, help="Image size in MiB (default: fits SOURCE).")
+@_one_line_errors
+def image_build(source: str, dest: str, size_mib: int | None) -> None:
+    """Make an ext4 image DEST from the directory SOURCE."""
+    from microvm.images import build_ext4
+
+    click.echo(str(build_ext4(source, dest, size_mib)))
 
 
 @main.group()

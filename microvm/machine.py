@@ -26,6 +26,7 @@ from microvm.arch.x86_64 import cpuid, lapic, mptable, msr, paging, regs
 from microvm.devices.control import CONTROL_BASE, CONTROL_SIZE, MARK_COMMAND, MARK_INIT, ControlDevice
 from microvm.devices.i8042 import I8042, I8042_COMMAND_PORT, I8042_DATA_PORT
 from microvm.devices.serial import COM1_BASE, COM1_IRQ, COM1_SIZE, Serial
+from microvm.devices.virtio.block import VirtioBlock
 from microvm.devices.virtio.console import VirtioConsole
 from microvm.devices.virtio.mmio import MMIO_SIZE, VIRTIO_MMIO_QUEUE_NOTIFY, MmioTransport
 from microvm.errors import ConfigError, GuestCrashError, LoaderError, MicroVMError, VcpuError
@@ -50,6 +51,24 @@ DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet 8250.nr_uarts=1"
 CONSOLE_TAIL = 4000
 PANIC_MARKER = b"Kernel panic - not syncing"
 POWER_DOWN_MARKERS = (b"reboot: Power down", b"reboot: System halted")
+
+
+@dataclass(frozen=True)
+class Drive:
+    """A disk for the guest: a raw image file, /dev/vda, /dev/vdb, ... in order."""
+
+    path: str | Path
+    read_only: bool = False
+    direct: bool = False  # O_DIRECT: bypass the host page cache
+
+    @classmethod
+    def parse(cls, spec: str) -> Drive:
+        """The CLI form: PATH[,ro][,direct]."""
+        path, *opts = spec.split(",")
+        unknown = [o for o in opts if o not in ("ro", "rw", "direct")]
+        if not path or unknown:
+            raise ConfigError(f"--drive {spec!r}: expected PATH[,ro][,direct]")
+        return cls(path, read_only="ro" in opts, direct="direct" in opts)
 
 
 class GuestPanicError(GuestCrashError):
@@ -124,6 +143,7 @@ class MicroVM:
         cmdline: str | None = None,
         append: str = "",
         env: Mapping[str, str] | None = None,
+        drives: Sequence[Drive | str | Path] = (),
         console: BinaryIO | Callable[[bytes], Any] | None = None,
         stdout: BinaryIO | Callable[[bytes], Any] | None = None,
         force: bool = False,
@@ -138,6 +158,7 @@ class MicroVM:
         self.vcpus = vcpus
         self.cmdline = (cmdline if cmdline is not None else DEFAULT_CMDLINE) + (f" {append}" if append else "")
         self.env = dict(env or {})
+        self.drives = [d if isinstance(d, Drive) else Drive(d) for d in drives]
         self.force = force
         self._console_sink = _sink(console)
         self._stdout_sink = _sink(stdout)
@@ -145,6 +166,7 @@ class MicroVM:
         self.serial: Serial | None = None
         self.control: ControlDevice | None = None
         self.hvc: VirtioConsole | None = None
+        self.disks: list[VirtioBlock] = []
         self.transports: list[MmioTransport] = []
         self.console = bytearray()
         self.stdout = bytearray()
@@ -166,6 +188,7 @@ class MicroVM:
         self._t0 = time.monotonic_ns()
         kernel = self.kernel or _default_kernel()
         initrd = self._initrd(argv)
+        self._open_disks()  # a bad image is an error before any VM exists
         layout = _memory_layout(self.mem_mib * MIB)
         self.vm = vm = Vm(layout, vcpus=self.vcpus, irqchip=True)
         try:
@@ -244,6 +267,7 @@ class MicroVM:
             vm.close()  # may raise if a vCPU is stuck; then self.vm stays for a retry
             self._vm_closed = vm
             self.vm = None
+        self._close_disks()  # after the I/O thread is gone
 
     def __enter__(self) -> MicroVM:
         return self
@@ -311,6 +335,21 @@ class MicroVM:
         # whole buffers per notification instead of an exit per byte.
         self.hvc = VirtioConsole(self._on_command_output)
         self._add_virtio(vm, self.hvc)
+        for disk in self.disks:
+            self._add_virtio(vm, disk)
+
+    def _open_disks(self) -> None:
+        try:
+            for d in self.drives:
+                self.disks.append(VirtioBlock(d.path, read_only=d.read_only, direct=d.direct))
+        except BaseException:
+            self._close_disks()
+            raise
+
+    def _close_disks(self) -> None:
+        for disk in self.disks:
+            disk.close()
+        self.disks = []
 
     def _add_virtio(self, vm: Vm, device: Any) -> MmioTransport:
         index = len(self.transports)
