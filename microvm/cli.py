@@ -59,6 +59,8 @@ def doctor(as_json: bool) -> None:
 @click.option("--append", default="", help="Extra kernel command line arguments.")
 @click.option("--drive", "drives", multiple=True, metavar="PATH[,ro]",
               help="A raw disk image: /dev/vda, /dev/vdb, ... in order.")
+@click.option("--rootfs", type=click.Path(dir_okay=False), default=None,
+              help="An ext4 root image (/dev/vda); the command runs inside it.")
 @click.option("--cmdline", default=None, help="Replace the whole kernel command line.")
 @click.option("--timeout", type=float, default=None, help="Kill the guest after S seconds.")
 @click.option("--force", is_flag=True, help="Run even where the host cannot run Linux guests (PVM).")
@@ -67,7 +69,8 @@ def doctor(as_json: bool) -> None:
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @_one_line_errors
 def run(kernel: str | None, initrd: str | None, mem_mib: int, vcpus: int, append: str,
-        drives: tuple[str, ...], cmdline: str | None, timeout: float | None, force: bool, show_console: bool,
+        drives: tuple[str, ...], rootfs: str | None, cmdline: str | None, timeout: float | None, force: bool,
+        show_console: bool,
         show_timeline: bool, command: tuple[str, ...]) -> None:
     """Boot a micro-VM and run COMMAND in it (no COMMAND: an interactive shell).
 
@@ -79,6 +82,7 @@ def run(kernel: str | None, initrd: str | None, mem_mib: int, vcpus: int, append
     out = sys.stdout.buffer
     vm = MicroVM(kernel, initrd=initrd, mem_mib=mem_mib, vcpus=vcpus, append=append,
                  cmdline=cmdline, force=force, drives=[Drive.parse(d) for d in drives],
+                 rootfs=Drive.parse(rootfs) if rootfs else None,
                  console=out if show_console or not command else None,
                  stdout=None if show_console or not command else out)
     if command:
@@ -107,6 +111,18 @@ def image_build(source: str, dest: str, size_mib: int | None) -> None:
     from microvm.images import build_ext4
 
     click.echo(str(build_ext4(source, dest, size_mib)))
+
+
+@image.command("debian")
+@click.option("--package", "packages", multiple=True, help="Extra Debian packages (python3 is always in).")
+@click.option("--force", is_flag=True, help="Rebuild even if cached.")
+@_one_line_errors
+def image_debian(packages: tuple[str, ...], force: bool) -> None:
+    """Build (once, cached) a Debian root image with python3; prints its path."""
+    from microvm.images import DEBIAN_PACKAGES, build_debian_image
+
+    wanted = tuple(dict.fromkeys((*DEBIAN_PACKAGES, *packages)))
+    click.echo(str(build_debian_image(wanted, force=force)))
 
 
 @main.group()

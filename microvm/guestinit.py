@@ -49,6 +49,33 @@ trap 'power 3' USR1
 
 [ -f /microvm/env ] && . /microvm/env
 cd /root 2>/dev/null || cd /
+
+# root=/dev/vdX on the kernel command line: the command runs chrooted into
+# that filesystem (our init stays in charge of reporting to the host).
+run=/bin/sh
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        root=/dev/*) root=${{arg#root=}} ;;
+        root=LABEL=*|root=UUID=*) root=$(findfs "${{arg#root=}}") ;;
+        rootfstype=*) rootfstype=${{arg#rootfstype=}} ;;
+    esac
+done
+if [ -n "$root" ]; then
+    mkdir -p /newroot
+    if mount -t ${{rootfstype:-ext4}} "$root" /newroot; then
+        for fs in proc sys dev run tmp; do mkdir -p /newroot/$fs; done
+        mount -t proc proc /newroot/proc
+        mount -t sysfs sysfs /newroot/sys
+        mount -t devtmpfs devtmpfs /newroot/dev
+        mount -t tmpfs tmpfs /newroot/run
+        mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp
+        cp /microvm/cmd /newroot/run/microvm-cmd 2>/dev/null
+        run="chroot /newroot /bin/sh"
+    else
+        echo "microvm: cannot mount root $root" >/dev/console
+    fi
+fi
+
 if [ -f /microvm/cmd ]; then
     # The command's output goes to virtio-console (hvc0) when there is one:
     # whole buffers, and hvc returns from write() only once the host took
@@ -64,15 +91,18 @@ if [ -f /microvm/cmd ]; then
     devmem {CONTROL_BASE + REG_MARK:#x} 32 {MARK_COMMAND}
     # Like subprocess.run(capture_output=True): stdout and stderr are a pipe,
     # not a terminal, so programs write in large blocks.
-    {{ /bin/sh /microvm/cmd </dev/null 2>&1; echo $? >/run/status; }} | cat >&3
+    cmdfile=/microvm/cmd
+    [ "$run" != /bin/sh ] && cmdfile=/run/microvm-cmd
+    {{ $run $cmdfile </dev/null 2>&1; echo $? >/run/status; }} | cat >&3
     status=$(cat /run/status)
     exec 3>&-
 else
     devmem {CONTROL_BASE + REG_MARK:#x} 32 {MARK_COMMAND}
-    setsid cttyhack /bin/sh -l
+    if [ "$run" != /bin/sh ]; then setsid cttyhack chroot /newroot /bin/sh -l; else setsid cttyhack /bin/sh -l; fi
     status=$?
 fi
 sync
+[ -n "$root" ] && mount -o remount,ro /newroot 2>/dev/null
 stty -F /dev/console -echo
 devmem {CONTROL_BASE + REG_EXIT:#x} 32 $status
 while :; do sleep 1; done

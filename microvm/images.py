@@ -54,3 +54,67 @@ def build_ext4(source: str | Path, dest: str | Path, size_mib: int | None = None
     finally:
         tmp.unlink(missing_ok=True)
     return out
+
+
+DEBIAN_SUITE = "bookworm"
+DEBIAN_PACKAGES = ("python3",)
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+IMAGE_SCRIPT_VERSION = 1
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("MICROVM_CACHE") or Path.home() / ".cache" / "microvm") / "images"
+
+
+def apt_mirror() -> str:
+    """The Debian mirror this host's apt uses (deb822 or one-line sources)."""
+    for path in [*sorted(Path("/etc/apt/sources.list.d").glob("*.sources")), Path("/etc/apt/sources.list")]:
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            words = line.split()
+            if line.startswith("URIs:") and len(words) > 1 and words[1].rstrip("/").endswith("/debian"):
+                return words[1]
+            if words[:1] == ["deb"] and len(words) > 2 and words[1].rstrip("/").endswith("/debian"):
+                return words[1]
+    return DEFAULT_MIRROR
+
+
+def debian_image_path(packages: tuple[str, ...] = DEBIAN_PACKAGES, suite: str = DEBIAN_SUITE) -> Path:
+    import hashlib
+
+    key = hashlib.sha256(f"{IMAGE_SCRIPT_VERSION}:{suite}:{','.join(sorted(packages))}".encode()).hexdigest()[:12]
+    return _cache_dir() / f"debian-{suite}-{key}.ext4"
+
+
+def build_debian_image(packages: tuple[str, ...] = DEBIAN_PACKAGES, suite: str = DEBIAN_SUITE,
+                       mirror: str | None = None, force: bool = False) -> Path:
+    """A Debian root filesystem (debootstrap minbase + packages) as a cached ext4 image."""
+    import tempfile
+
+    dest = debian_image_path(packages, suite)
+    if dest.exists() and not force:
+        return dest
+    debootstrap = shutil.which("debootstrap")
+    if debootstrap is None:
+        raise ImageError("debootstrap not found: apt-get install debootstrap")
+    if os.geteuid() != 0:
+        raise ImageError("building a Debian root image needs root (debootstrap)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        root = Path(tmp, "root")
+        argv = [debootstrap, "--variant=minbase", f"--include={','.join(packages)}", suite, str(root),
+                mirror or apt_mirror()]
+        log = Path(tmp, "debootstrap.log")
+        with open(log, "w") as out:
+            proc = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT)
+        if proc.returncode != 0:
+            tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+            raise ImageError(f"debootstrap failed ({proc.returncode}): {' | '.join(tail)}")
+        # Leave apt's downloads out of the image.
+        shutil.rmtree(root / "var/cache/apt/archives", ignore_errors=True)
+        (root / "var/cache/apt/archives/partial").mkdir(parents=True, exist_ok=True)
+        build_ext4(root, dest)
+    return dest

@@ -144,6 +144,7 @@ class MicroVM:
         append: str = "",
         env: Mapping[str, str] | None = None,
         drives: Sequence[Drive | str | Path] = (),
+        rootfs: Drive | str | Path | None = None,
         console: BinaryIO | Callable[[bytes], Any] | None = None,
         stdout: BinaryIO | Callable[[bytes], Any] | None = None,
         force: bool = False,
@@ -159,6 +160,10 @@ class MicroVM:
         self.cmdline = (cmdline if cmdline is not None else DEFAULT_CMDLINE) + (f" {append}" if append else "")
         self.env = dict(env or {})
         self.drives = [d if isinstance(d, Drive) else Drive(d) for d in drives]
+        if rootfs is not None:
+            # The root image is /dev/vda; the command runs chrooted into it.
+            self.drives.insert(0, rootfs if isinstance(rootfs, Drive) else Drive(rootfs))
+            self.cmdline += " root=/dev/vda"
         self.force = force
         self._console_sink = _sink(console)
         self._stdout_sink = _sink(stdout)

@@ -72,3 +72,15 @@ def test_bad_images_fail_before_the_vm_starts(tmp_path: Path, problem: str) -> N
     with pytest.raises(ConfigError, match="disk image"):
         vm.run(["true"], timeout=60)
     assert vm.vm is None
+
+
+def test_debian_root_image_runs_python() -> None:
+    from microvm.images import debian_image_path
+
+    image = debian_image_path()
+    if not image.exists():
+        pytest.fail(f"no Debian root image at {image}: run `microvm image debian` (scripts/setup does)")
+    r = MicroVM(rootfs=Drive(image, read_only=True), mem_mib=256).run(
+        ["python3", "-c", "print(1+1)"], timeout=300)
+    assert r.exit_code == 0, r.console[-2000:]
+    assert r.stdout == b"2\n"
