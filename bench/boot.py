@@ -48,12 +48,12 @@ def ours_in_process(kernel: Path) -> tuple[float, float]:
     seen: list[float] = []
     buf = bytearray()
 
-    def on_console(data: bytes) -> None:
+    def on_output(data: bytes) -> None:
         buf.extend(data)
         if not seen and MARK.encode() in buf:
             seen.append(time.monotonic())
 
-    vm = MicroVM(kernel, mem_mib=128, console=on_console)
+    vm = MicroVM(kernel, mem_mib=128, stdout=on_output)
     t0 = time.monotonic()
     vm.start(["echo", MARK])
     r = vm.wait(120)

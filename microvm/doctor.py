@@ -16,6 +16,7 @@ import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from microvm import _kvm
@@ -165,7 +166,31 @@ def render(report: Report) -> str:
     return "\n".join(lines)
 
 
+def _verdict_cache() -> Path | None:
+    """Where the verdict for this host boot is kept: it cannot change until reboot."""
+    try:
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+    base = Path(os.environ.get("MICROVM_CACHE") or Path.home() / ".cache" / "microvm")
+    return base / "doctor" / f"verdict-{boot_id}-{platform.release()}"
+
+
 @functools.cache
 def host_verdict() -> Verdict:
-    """This host's verdict, measured once per process."""
-    return Verdict(diagnose().verdict)
+    """This host's verdict: measured once per host boot (cached by boot id)."""
+    cache = _verdict_cache()
+    if cache is not None:
+        try:
+            return Verdict(cache.read_text())
+        except (OSError, ValueError):
+            pass
+    report = diagnose()
+    verdict = Verdict(report.verdict)
+    if cache is not None and report.error is None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(verdict.value)
+        except OSError:
+            pass  # a read-only home only costs a measurement per process
+    return verdict
