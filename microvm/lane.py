@@ -109,7 +109,7 @@ mount -t devtmpfs devtmpfs /newroot/dev
 mkdir -p /newroot/dev/pts /newroot/dev/shm
 mount -t devpts -o newinstance,ptmxmode=0666 devpts /newroot/dev/pts
 mount -t tmpfs -o mode=1777 shm /newroot/dev/shm
-mount -t tmpfs -o mode=1777 tmp /newroot/tmp
+# /tmp stays the overlay's: a checkout under the host's /tmp must be visible.
 mkdir -p "/newroot$LANE_OUT_PATH"
 mount -t 9p -o @NINEP@ out "/newroot$LANE_OUT_PATH" || fail "cannot mount the out share"
 ifconfig lo 127.0.0.1 up
