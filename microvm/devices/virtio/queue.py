@@ -9,6 +9,7 @@ raises QueueError, which the transport turns into DEVICE_NEEDS_RESET.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -25,6 +26,23 @@ VIRTQ_DESC_SIZE = 16  # struct virtq_desc { le64 addr; le32 len; le16 flags; le1
 VIRTQ_USED_ELEM_SIZE = 8  # struct virtq_used_elem { le32 id; le32 len; }
 MAX_QUEUE_SIZE = 32768  # 2.7: Queue Size is a power of 2, at most 32768
 MAX_CHAIN_BYTES = 1 << 32  # total length a chain may describe
+
+
+_FENCE = threading.Lock()
+
+
+def full_barrier() -> None:
+    """A full memory barrier between our stores and later loads.
+
+    The driver runs on another CPU; x86 may let a load pass an earlier store
+    (store-buffer forwarding), which is exactly the order virtio's
+    notification suppression must not see reordered (2.7.7.2, 2.7.10: write
+    used idx / avail_event, then read used_event / avail idx). Taking an
+    uncontended lock executes a LOCK-prefixed atomic, which is a full fence
+    on x86, and Python has no bare fence.
+    """
+    _FENCE.acquire()
+    _FENCE.release()
 
 
 class QueueError(MicroVMError):
@@ -113,6 +131,8 @@ class Queue:
         return self.mem
 
     def avail_idx(self) -> int:
+        # Our avail_event store (in pop) must be visible before this load.
+        full_barrier()
         return self._mem().read_int(self.avail_ring + 2, 2)
 
     def has_available(self) -> bool:
@@ -201,6 +221,7 @@ class Queue:
     def needs_notification(self) -> bool:
         """Whether to interrupt the driver for what we just used (2.7.7.2, 2.7.10)."""
         mem = self._mem()
+        full_barrier()  # the used idx we published before the flags/used_event we read
         if not self.event_idx:
             flags = mem.read_int(self.avail_ring, 2)
             return not flags & VRING_AVAIL_F_NO_INTERRUPT
