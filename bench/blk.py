@@ -72,7 +72,8 @@ def qemu(kernel: Path, image: Path, disk: Path, script: str) -> dict[str, float]
         initrd = Path(tmp, "initrd")
         # QEMU has neither our control device nor virtio-console: the output
         # goes to ttyS0 and the command ends the machine itself.
-        initrd.write_bytes(initramfs_for(["sh", "-c", script + "\nreboot -f"]))
+        # A subshell, so that even a failed script reaches the reboot.
+        initrd.write_bytes(initramfs_for(["sh", "-c", f"( {script}\n); reboot -f"]))
         argv = ["qemu-system-x86_64", "-M", "microvm,acpi=off", "-enable-kvm", "-cpu", "host", "-m", "512",
                 "-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-serial", "stdio",
                 "-kernel", str(kernel), "-initrd", str(initrd),
@@ -81,7 +82,13 @@ def qemu(kernel: Path, image: Path, disk: Path, script: str) -> dict[str, float]
                 "-device", "virtio-blk-device,drive=root",
                 "-drive", f"id=scratch,file={disk},format=raw,if=none",
                 "-device", "virtio-blk-device,drive=scratch"]
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL).stdout
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=300,
+                                 stdin=subprocess.DEVNULL).stdout
+        except subprocess.TimeoutExpired as e:
+            tail = (e.stdout or b"")[-3000:]
+            text = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
+            raise RuntimeError(f"QEMU did not finish within 300 s; console tail:\n{text}") from e
     return parse(out.replace("\r\n", "\n"))
 
 
