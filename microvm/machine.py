@@ -339,7 +339,10 @@ class MicroVM:
         # The command's stdout and stderr travel over virtio-console (hvc0):
         # whole buffers per notification instead of an exit per byte.
         self.hvc = VirtioConsole(self._on_command_output)
-        self._add_virtio(vm, self.hvc)
+        # No ioeventfd for the console: Linux's hvc busy-waits in the kernel
+        # until the host has taken each buffer, so the notify is served right
+        # in the vCPU's exit, never waiting for the I/O thread to be scheduled.
+        self._add_virtio(vm, self.hvc, ioeventfd=False)
         for disk in self.disks:
             self._add_virtio(vm, disk)
 
@@ -356,12 +359,12 @@ class MicroVM:
             disk.close()
         self.disks = []
 
-    def _add_virtio(self, vm: Vm, device: Any) -> MmioTransport:
+    def _add_virtio(self, vm: Vm, device: Any, ioeventfd: bool = True) -> MmioTransport:
         index = len(self.transports)
         base = VIRTIO_MMIO_BASE + index * MMIO_SIZE
         transport = MmioTransport(device, vm.mem, vm.irq_line(VIRTIO_IRQ_BASE + index))
         vm.mmio.register(base, MMIO_SIZE, transport)
-        for q in range(len(device.queue_sizes)):
+        for q in range(len(device.queue_sizes) if ioeventfd else 0):
             vm.ioeventfd(base + VIRTIO_MMIO_QUEUE_NOTIFY, 4, q, functools.partial(transport.notify, q))
         self.transports.append(transport)
         return transport
