@@ -23,7 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from _lane import rerun_in_lane_if_pvm
+
 JOBS = {
     "seq_read_MBps": ("read", "1M"),
     "seq_write_MBps": ("write", "1M"),
@@ -99,16 +100,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    if os.environ.get("MICROVM_IN_LANE") != "1":
-        from microvm.doctor import Verdict, host_verdict
-
-        if host_verdict() is Verdict.PVM:
-            from microvm.lane import run_in_lane
-
-            print("PVM host: running this benchmark inside the hardware-virtualization lane", flush=True)
-            res = run_in_lane([sys.executable, *sys.argv], cwd=str(ROOT), env={"MICROVM_IN_LANE": "1"},
-                              timeout=3600)
-            sys.exit(res.returncode)
+    rerun_in_lane_if_pvm()
 
     from microvm.images import DEBIAN_PACKAGES, debian_image_path
     from microvm.kernelbuild import find_default_kernel

@@ -26,7 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from _lane import rerun_in_lane_if_pvm
+
 MARK = "microvm-bench-mark"
 
 
@@ -107,16 +108,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
-    if os.environ.get("MICROVM_IN_LANE") != "1":
-        from microvm.doctor import Verdict, host_verdict
-
-        if host_verdict() is Verdict.PVM:
-            from microvm.lane import run_in_lane
-
-            print("PVM host: running this benchmark inside the hardware-virtualization lane", flush=True)
-            lane_res = run_in_lane([sys.executable, *sys.argv], cwd=str(ROOT), env={"MICROVM_IN_LANE": "1"},
-                              timeout=3600)
-            sys.exit(lane_res.returncode)
+    rerun_in_lane_if_pvm()
 
     from microvm.guestinit import initramfs_for
 
