@@ -58,3 +58,20 @@ def config_read(data: bytes, offset: int, size: int) -> int:
     if offset < 0 or offset + size > len(data):
         return 0
     return int.from_bytes(data[offset:offset + size], "little")
+
+
+class QueueState:
+    """What every device keeps between DRIVER_OK and reset: the guest memory,
+    its queues and the signal callback. Devices inherit activate/reset."""
+
+    def __init__(self) -> None:
+        self.mem: GuestMemory | None = None
+        self.queues: list[Queue] = []
+        self.signal: Callable[[int], None] | None = None
+
+    def activate(self, mem: GuestMemory, queues: list[Queue], features: int,
+                 signal: Callable[[int], None]) -> None:
+        self.mem, self.queues, self.signal = mem, queues, signal
+
+    def reset(self) -> None:
+        self.mem, self.queues, self.signal = None, [], None

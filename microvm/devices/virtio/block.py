@@ -28,8 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from microvm.devices.virtio import VIRTIO_ID_BLOCK, config_read
-from microvm.devices.virtio.queue import Descriptor, DescriptorChain, Queue, QueueError
+from microvm.devices.virtio import VIRTIO_ID_BLOCK, QueueState, config_read
+from microvm.devices.virtio.queue import Descriptor, DescriptorChain, QueueError
 from microvm.errors import ConfigError, GuestMemoryError
 from microvm.memory import GuestMemory
 
@@ -199,7 +199,7 @@ def _transfer(io: Callable[[int, list[memoryview], int], int], fd: int, views: l
     return done
 
 
-class VirtioBlock:
+class VirtioBlock(QueueState):
     """A virtio-blk device over one raw image (a regular file or a block device)."""
 
     device_type = VIRTIO_ID_BLOCK
@@ -234,9 +234,7 @@ class VirtioBlock:
             config.write_zeroes_may_unmap = 1
         self._config = bytes(config)
         self._zeros: mmap.mmap | None = None  # page aligned, so O_DIRECT accepts it
-        self.mem: GuestMemory | None = None
-        self.queues: list[Queue] = []
-        self.signal: Callable[[int], None] | None = None
+        super().__init__()
 
     # --- setup --------------------------------------------------------------------------
 
@@ -315,13 +313,6 @@ class VirtioBlock:
 
     def write_config(self, offset: int, size: int, value: int) -> None:
         pass  # only `writeback` is writable, with VIRTIO_BLK_F_CONFIG_WCE, which we do not offer
-
-    def activate(self, mem: GuestMemory, queues: list[Queue], features: int,
-                 signal: Callable[[int], None]) -> None:
-        self.mem, self.queues, self.signal = mem, queues, signal
-
-    def reset(self) -> None:
-        self.mem, self.queues, self.signal = None, [], None
 
     def process(self, queue_index: int) -> None:
         if queue_index != REQUEST_QUEUE:

@@ -11,8 +11,8 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
-from microvm.devices.virtio import VIRTIO_ID_CONSOLE, config_read
-from microvm.devices.virtio.queue import Descriptor, Queue
+from microvm.devices.virtio import VIRTIO_ID_CONSOLE, QueueState, config_read
+from microvm.devices.virtio.queue import Descriptor
 from microvm.memory import GuestMemory
 
 RX_QUEUE = 0
@@ -24,16 +24,14 @@ MAX_PENDING_INPUT = 1 << 20
 _CONFIG = bytes(12)
 
 
-class VirtioConsole:
+class VirtioConsole(QueueState):
     device_type = VIRTIO_ID_CONSOLE
     features = 0
     queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)
 
     def __init__(self, output: Callable[[bytes], None]):
         self.output = output
-        self.mem: GuestMemory | None = None
-        self.queues: list[Queue] = []
-        self.signal: Callable[[int], None] | None = None
+        super().__init__()
         self._input: deque[bytes] = deque()
         self._input_len = 0
         self._lock = threading.Lock()
@@ -45,13 +43,6 @@ class VirtioConsole:
 
     def write_config(self, offset: int, size: int, value: int) -> None:
         pass  # emerg_wr needs VIRTIO_CONSOLE_F_EMERG_WRITE, which we do not offer
-
-    def activate(self, mem: GuestMemory, queues: list[Queue], features: int,
-                 signal: Callable[[int], None]) -> None:
-        self.mem, self.queues, self.signal = mem, queues, signal
-
-    def reset(self) -> None:
-        self.mem, self.queues, self.signal = None, [], None
 
     def process(self, queue_index: int) -> None:
         if queue_index == TX_QUEUE:
