@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,12 @@ JOBS = {
     "seq_write_MBps": ("write", "1M"),
     "rand_read_4k_iops": ("randread", "4k"),
 }
+MEM_MIB = 512
+# How the command ends QEMU's guest. It runs chrooted into the Debian root,
+# which has no reboot(8); /proc/1/root is our init's initramfs, whose busybox
+# has one. Before that, stty (tcsetattr with TCSADRAIN) waits until the
+# serial port has sent everything: a reboot does not flush the console.
+QEMU_END = "stty -F /dev/console -opost; /proc/1/root/bin/busybox reboot -f"
 
 
 def fio_script(runtime: int) -> str:
@@ -55,42 +62,54 @@ def parse(output: str) -> dict[str, float]:
     return results
 
 
-def ours(kernel: Path, image: Path, disk: Path, script: str) -> dict[str, float]:
+def ours(kernel: Path, image: Path, disk: Path, script: str, timeout: float) -> dict[str, float]:
     from microvm.machine import Drive, MicroVM
 
-    vm = MicroVM(kernel, rootfs=Drive(image, read_only=True), drives=[Drive(disk)], mem_mib=512,
+    vm = MicroVM(kernel, rootfs=Drive(image, read_only=True), drives=[Drive(disk)], mem_mib=MEM_MIB,
                  append="rootfstype=ext4")
-    r = vm.run(["sh", "-c", script], timeout=600)
+    r = vm.run(["sh", "-c", script], timeout=timeout)
     if r.exit_code != 0:
         raise RuntimeError(f"fio failed in microvm ({r.exit_code}):\n{r.output[-2000:]}")
     return parse(r.output)
 
 
-def qemu(kernel: Path, image: Path, disk: Path, script: str) -> dict[str, float]:
+def qemu(kernel: Path, image: Path, disk: Path, script: str, timeout: float) -> dict[str, float]:
     from microvm.guestinit import initramfs_for
 
     with tempfile.TemporaryDirectory() as tmp:
         initrd = Path(tmp, "initrd")
         # QEMU has neither our control device nor virtio-console: the output
-        # goes to ttyS0 and the command ends the machine itself.
-        # A subshell, so that even a failed script reaches the reboot.
-        initrd.write_bytes(initramfs_for(["sh", "-c", f"( {script}\n); reboot -f"]))
-        argv = ["qemu-system-x86_64", "-M", "microvm,acpi=off", "-enable-kvm", "-cpu", "host", "-m", "512",
-                "-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-serial", "stdio",
-                "-kernel", str(kernel), "-initrd", str(initrd),
+        # goes straight to ttyS0 and the command must end the machine itself
+        # (our init would report to the control device, then wait forever).
+        # A subshell, so that even a failed script gets there; reboot=t and
+        # -no-reboot: the guest's restart ends QEMU.
+        initrd.write_bytes(initramfs_for(["sh", "-c", f"( {script}\n) >/dev/console 2>&1; {QEMU_END}"]))
+        argv = ["qemu-system-x86_64", "-M", "microvm,acpi=off", "-enable-kvm", "-cpu", "host",
+                "-smp", "1", "-m", str(MEM_MIB), "-nodefaults", "-no-user-config", "-display", "none",
+                "-no-reboot", "-serial", "stdio", "-kernel", str(kernel), "-initrd", str(initrd),
                 "-append", "console=ttyS0 reboot=t panic=-1 quiet 8250.nr_uarts=1 root=LABEL=microvm",
                 "-drive", f"id=root,file={image},format=raw,if=none,readonly=on",
                 "-device", "virtio-blk-device,drive=root",
                 "-drive", f"id=scratch,file={disk},format=raw,if=none",
                 "-device", "virtio-blk-device,drive=scratch"]
         try:
-            out = subprocess.run(argv, capture_output=True, text=True, timeout=300,
+            out = subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=timeout,
                                  stdin=subprocess.DEVNULL).stdout
         except subprocess.TimeoutExpired as e:
             tail = (e.stdout or b"")[-3000:]
             text = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
-            raise RuntimeError(f"QEMU did not finish within 300 s; console tail:\n{text}") from e
+            raise RuntimeError(f"QEMU did not finish within {timeout:.0f} s; console tail:\n{text}") from e
     return parse(out.replace("\r\n", "\n"))
+
+
+def summarize(samples: dict[str, dict[str, list[float]]]) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for k in JOBS:
+        row: dict = {who: {"median": statistics.median(v[k]), "min": min(v[k]), "max": max(v[k])}
+                     for who, v in samples.items()}
+        row["ratio"] = row["microvm"]["median"] / row["qemu"]["median"] if row.get("qemu") else None
+        out[k] = row
+    return out
 
 
 def main() -> None:
@@ -109,32 +128,35 @@ def main() -> None:
     art = find_default_kernel()
     if not image.exists() or art is None:
         sys.exit("bench/blk.py: needs `microvm kernel build` and `microvm image debian --package fio`")
-    have_qemu = shutil.which("qemu-system-x86_64") is not None
+    sides = {"microvm": ours}
+    if shutil.which("qemu-system-x86_64"):
+        sides["qemu"] = qemu
     script = fio_script(args.runtime)
-    samples: dict[str, dict[str, list[float]]] = {"microvm": {}, "qemu": {}}
+    # Boot and fio's own start-up, slow in a busy lane, plus the three jobs.
+    timeout = 300 + 3 * len(JOBS) * args.runtime
+    samples: dict[str, dict[str, list[float]]] = {who: {k: [] for k in JOBS} for who in sides}
     shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
     with tempfile.TemporaryDirectory(dir=shm) as tmp:
         disk = Path(tmp, "scratch.img")
         with open(disk, "wb") as f:
             f.write(os.urandom(1 << 20) * args.size_mib)  # allocated, not sparse
-        for i in range(args.runs):
-            for who, fn in (("microvm", ours), ("qemu", qemu)):
-                if who == "qemu" and not have_qemu:
-                    continue
-                for k, val in fn(art.vmlinux, image, disk, script).items():
-                    samples[who].setdefault(k, []).append(val)
-            print(f"run {i + 1}/{args.runs} done", flush=True)
-    import statistics
-
-    print(f"\n{'metric':<20} {'microvm':>12} {'qemu':>12} {'ratio':>7}")
-    summary = {}
-    for k in JOBS:
-        a = statistics.median(samples["microvm"][k])
-        b = statistics.median(samples["qemu"][k]) if samples["qemu"].get(k) else float("nan")
-        summary[k] = {"microvm": a, "qemu": b, "ratio": a / b if b == b and b else None}
-        print(f"{k:<20} {a:12.1f} {b:12.1f} {a / b if b == b and b else float('nan'):7.2f}")
+        for i in range(args.runs):  # alternating, so drifts in the host's load hit both
+            for who, fn in sides.items():
+                got = fn(art.vmlinux, image, disk, script, timeout)
+                for k, val in got.items():
+                    samples[who][k].append(val)
+                print(f"run {i + 1}/{args.runs} {who}: " + ", ".join(f"{k} {v:.1f}" for k, v in got.items()),
+                      flush=True)
+    summary = summarize(samples)
+    print(f"\nmedian of {args.runs} runs (min-max); ratio = microvm / qemu")
+    print(f"{'metric':<18}" + "".join(f"{who:>22}" for who in sides) + f"{'ratio':>7}")
+    for k, row in summary.items():
+        cells = "".join(f"{s['median']:9.1f} ({s['min']:.1f}-{s['max']:.1f})".rjust(22)
+                        for s in (row[who] for who in sides))
+        ratio = f"{row['ratio']:7.2f}" if row["ratio"] is not None else ""
+        print(f"{k:<18}{cells}{ratio}")
     if args.json:
-        args.json.write_text(json.dumps({"samples": samples, "summary": summary}, indent=2))
+        args.json.write_text(json.dumps({"runs": args.runs, "samples": samples, "summary": summary}, indent=2))
 
 
 if __name__ == "__main__":
