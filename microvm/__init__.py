@@ -5,17 +5,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Drive", "MicroVM", "MicroVMError", "RunResult"]
+__all__ = ["Drive", "MicroVM", "MicroVMError", "Nic", "RunResult"]
 
 if TYPE_CHECKING:
     from microvm.errors import MicroVMError
-    from microvm.machine import Drive, MicroVM, RunResult
+    from microvm.machine import Drive, MicroVM, Nic, RunResult
 
 
 def __getattr__(name: str) -> Any:
     # Lazy, so that pure-Python parts (loader, initramfs) import without the
     # compiled extension, and `import microvm` stays cheap.
-    if name in ("Drive", "MicroVM", "RunResult"):
+    if name in ("Drive", "MicroVM", "Nic", "RunResult"):
         from microvm import machine
 
         return getattr(machine, name)

@@ -61,6 +61,9 @@ def doctor(as_json: bool) -> None:
               help="A raw disk image: /dev/vda, /dev/vdb, ... in order.")
 @click.option("--rootfs", type=click.Path(dir_okay=False), default=None,
               help="An ext4 root image (/dev/vda); the command runs inside it.")
+@click.option("--net", "nets", multiple=True, metavar="tap=NAME[,mac=..][,ip=..][,host_ip=..]",
+              help="A network card on a tap (created unless it exists): eth0, eth1, ... in order. "
+                   "ip/host_ip are ADDR/PREFIX; also netns=NS, bridge=BR.")
 @click.option("--cmdline", default=None, help="Replace the whole kernel command line.")
 @click.option("--timeout", type=float, default=None, help="Kill the guest after S seconds.")
 @click.option("--force", is_flag=True, help="Run even where the host cannot run Linux guests (PVM).")
@@ -69,20 +72,19 @@ def doctor(as_json: bool) -> None:
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @_one_line_errors
 def run(kernel: str | None, initrd: str | None, mem_mib: int, vcpus: int, append: str,
-        drives: tuple[str, ...], rootfs: str | None, cmdline: str | None, timeout: float | None, force: bool,
-        show_console: bool,
-        show_timeline: bool, command: tuple[str, ...]) -> None:
+        drives: tuple[str, ...], rootfs: str | None, nets: tuple[str, ...], cmdline: str | None,
+        timeout: float | None, force: bool, show_console: bool, show_timeline: bool, command: tuple[str, ...]) -> None:
     """Boot a micro-VM and run COMMAND in it (no COMMAND: an interactive shell).
 
     Prints the command's output and exits with its exit status.
     """
     from microvm.console import interactive
-    from microvm.machine import Drive, MicroVM
+    from microvm.machine import Drive, MicroVM, Nic
 
     out = sys.stdout.buffer
     vm = MicroVM(kernel, initrd=initrd, mem_mib=mem_mib, vcpus=vcpus, append=append,
                  cmdline=cmdline, force=force, drives=[Drive.parse(d) for d in drives],
-                 rootfs=Drive.parse(rootfs) if rootfs else None,
+                 rootfs=Drive.parse(rootfs) if rootfs else None, nics=[Nic.parse(n) for n in nets],
                  console=out if show_console or not command else None,
                  stdout=None if show_console or not command else out)
     if command:

@@ -58,6 +58,8 @@ for arg in $(cat /proc/cmdline); do
         root=/dev/*) root=${{arg#root=}} ;;
         root=LABEL=*|root=UUID=*) root=$(findfs "${{arg#root=}}") ;;
         rootfstype=*) rootfstype=${{arg#rootfstype=}} ;;
+        # A second and further NIC's address (the kernel's ip= serves only one).
+        microvm.ip=*) v=${{arg#microvm.ip=}}; ip link set "${{v%%,*}}" up; ip addr add "${{v#*,}}" dev "${{v%%,*}}" ;;
     esac
 done
 if [ -n "$root" ]; then

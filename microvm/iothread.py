@@ -21,16 +21,26 @@ class IoThread:
     def __init__(self, name: str = "virtio-io"):
         self._epoll = select.epoll()
         self._handlers: dict[int, Callable[[], None]] = {}
+        self._raw: set[int] = set()  # fds that are not eventfds
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._epoll.register(self._wake, select.EPOLLIN)
         self._stop = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.errors: list[BaseException] = []
 
-    def add(self, fd: int, handler: Callable[[], None]) -> None:
-        """Call handler() whenever eventfd `fd` is signalled (the fd stays ours to close)."""
+    def add(self, fd: int, handler: Callable[[], None], eventfd: bool = True) -> None:
+        """Call handler() whenever eventfd `fd` is signalled (the fd stays the caller's to close).
+
+        With eventfd=False, `fd` is any pollable fd (a tap): edge-triggered,
+        the handler is called when new data arrives and must read until
+        EAGAIN or until it chooses to stop; nothing is read for it here.
+        """
         self._handlers[fd] = handler
-        self._epoll.register(fd, select.EPOLLIN)
+        if eventfd:
+            self._epoll.register(fd, select.EPOLLIN)
+        else:
+            self._raw.add(fd)
+            self._epoll.register(fd, select.EPOLLIN | select.EPOLLET)
 
     def start(self) -> None:
         self._thread.start()
@@ -40,10 +50,11 @@ class IoThread:
             for fd, _ in self._epoll.poll():
                 if fd == self._wake:
                     continue
-                try:
-                    os.eventfd_read(fd)
-                except BlockingIOError:
-                    continue
+                if fd not in self._raw:
+                    try:
+                        os.eventfd_read(fd)
+                    except BlockingIOError:
+                        continue
                 try:
                     self._handlers[fd]()
                 except Exception as e:  # a device must not take the VMM down

@@ -23,15 +23,18 @@ from typing import Any, BinaryIO
 
 from microvm import loader
 from microvm.arch.x86_64 import cpuid, lapic, mptable, msr, paging, regs
+from microvm.backends import Backends
 from microvm.devices.control import CONTROL_BASE, CONTROL_SIZE, MARK_COMMAND, MARK_INIT, ControlDevice
 from microvm.devices.i8042 import I8042, I8042_COMMAND_PORT, I8042_DATA_PORT
 from microvm.devices.serial import COM1_BASE, COM1_IRQ, COM1_SIZE, Serial
-from microvm.devices.virtio.block import VirtioBlock
 from microvm.devices.virtio.console import VirtioConsole
 from microvm.devices.virtio.mmio import MMIO_SIZE, VIRTIO_MMIO_QUEUE_NOTIFY, MmioTransport
 from microvm.errors import ConfigError, GuestCrashError, LoaderError, MicroVMError, VcpuError
+from microvm.specs import Drive, Nic
 from microvm.vcpu import StopReason
 from microvm.vm import Vm
+
+__all__ = ["Drive", "GuestPanicError", "GuestTimeoutError", "MicroVM", "Nic", "RunResult"]
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -53,24 +56,6 @@ PANIC_MARKER = b"Kernel panic - not syncing"
 POWER_DOWN_MARKERS = (b"reboot: Power down", b"reboot: System halted")
 
 
-@dataclass(frozen=True)
-class Drive:
-    """A disk for the guest: a raw image file, /dev/vda, /dev/vdb, ... in order."""
-
-    path: str | Path
-    read_only: bool = False
-    direct: bool = False  # O_DIRECT: bypass the host page cache
-
-    @classmethod
-    def parse(cls, spec: str) -> Drive:
-        """The CLI form: PATH[,ro][,direct]."""
-        path, *opts = spec.split(",")
-        unknown = [o for o in opts if o not in ("ro", "rw", "direct")]
-        if not path or unknown:
-            raise ConfigError(f"--drive {spec!r}: expected PATH[,ro][,direct]")
-        return cls(path, read_only="ro" in opts, direct="direct" in opts)
-
-
 class GuestPanicError(GuestCrashError):
     """The guest kernel panicked."""
 
@@ -90,6 +75,7 @@ class RunResult:
     console: bytes  # everything on the serial console, kernel messages included
     reason: str  # "exit", "poweroff", "reboot", "halt"
     timeline: dict[str, float] = field(default_factory=dict)  # phase -> seconds since start
+    stats: dict[str, dict[str, int]] = field(default_factory=dict)  # device -> counters (frames, drops, ...)
 
     @property
     def output(self) -> str:
@@ -145,6 +131,7 @@ class MicroVM:
         env: Mapping[str, str] | None = None,
         drives: Sequence[Drive | str | Path] = (),
         rootfs: Drive | str | Path | None = None,
+        nics: Sequence[Nic] = (),
         console: BinaryIO | Callable[[bytes], Any] | None = None,
         stdout: BinaryIO | Callable[[bytes], Any] | None = None,
         force: bool = False,
@@ -164,6 +151,13 @@ class MicroVM:
             # The root image is /dev/vda; the command runs chrooted into it.
             self.drives.insert(0, rootfs if isinstance(rootfs, Drive) else Drive(rootfs))
             self.cmdline += " root=/dev/vda"
+        self.nics = list(nics)
+        if not all(isinstance(n, Nic) for n in self.nics):
+            raise ConfigError("nics must be Nic(...) values")
+        taps = [n.tap for n in self.nics]
+        if len(set(taps)) != len(taps):
+            raise ConfigError(f"the same tap is given twice: {taps}")
+        self.backends = Backends(self.drives, self.nics)
         self.force = force
         self._console_sink = _sink(console)
         self._stdout_sink = _sink(stdout)
@@ -171,7 +165,6 @@ class MicroVM:
         self.serial: Serial | None = None
         self.control: ControlDevice | None = None
         self.hvc: VirtioConsole | None = None
-        self.disks: list[VirtioBlock] = []
         self.transports: list[MmioTransport] = []
         self.console = bytearray()
         self.stdout = bytearray()
@@ -193,7 +186,7 @@ class MicroVM:
         self._t0 = time.monotonic_ns()
         kernel = self.kernel or _default_kernel()
         initrd = self._initrd(argv)
-        self._open_disks()  # a bad image is an error before any VM exists
+        self.backends.open()  # a bad image or tap is an error before any VM exists
         layout = _memory_layout(self.mem_mib * MIB)
         self.vm = vm = Vm(layout, vcpus=self.vcpus, irqchip=True)
         try:
@@ -241,6 +234,7 @@ class MicroVM:
             console=bytes(self.console),
             reason=self.reason,
             timeline=self.timeline(),
+            stats=self.backends.stats(),
         )
 
     def run(self, argv: Sequence[str], timeout: float | None = 60.0) -> RunResult:
@@ -272,7 +266,7 @@ class MicroVM:
             vm.close()  # may raise if a vCPU is stuck; then self.vm stays for a retry
             self._vm_closed = vm
             self.vm = None
-        self._close_disks()  # after the I/O thread is gone
+        self.backends.close()  # after the I/O thread is gone
 
     def __enter__(self) -> MicroVM:
         return self
@@ -324,7 +318,8 @@ class MicroVM:
         # (drivers/virtio/virtio_mmio.c): size@base:irq.
         devices = " ".join(f"virtio_mmio.device={MMIO_SIZE >> 10}K@{VIRTIO_MMIO_BASE + i * MMIO_SIZE:#x}:"
                            f"{VIRTIO_IRQ_BASE + i}" for i in range(len(self.transports)))
-        self.boot = loader.load_linux(vm.mem, kernel, cmdline=f"{self.cmdline} {devices}".strip(),
+        cmdline = " ".join(filter(None, (self.cmdline, self.backends.cmdline(), devices)))
+        self.boot = loader.load_linux(vm.mem, kernel, cmdline=cmdline,
                                       initrd=initrd, ram=ram, reserved=reserved)
         mptable.write(vm.mem, self.vcpus, BIOS_START)
 
@@ -343,21 +338,7 @@ class MicroVM:
         # until the host has taken each buffer, so the notify is served right
         # in the vCPU's exit, never waiting for the I/O thread to be scheduled.
         self._add_virtio(vm, self.hvc, ioeventfd=False)
-        for disk in self.disks:
-            self._add_virtio(vm, disk)
-
-    def _open_disks(self) -> None:
-        try:
-            for d in self.drives:
-                self.disks.append(VirtioBlock(d.path, read_only=d.read_only, direct=d.direct))
-        except BaseException:
-            self._close_disks()
-            raise
-
-    def _close_disks(self) -> None:
-        for disk in self.disks:
-            disk.close()
-        self.disks = []
+        self.backends.wire(vm, self._add_virtio)
 
     def _add_virtio(self, vm: Vm, device: Any, ioeventfd: bool = True) -> MmioTransport:
         index = len(self.transports)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from microvm.devices.virtio.queue import Queue
+from microvm.devices.virtio.queue import DescriptorChain, Queue
 from microvm.memory import GuestMemory
 
 # Device status bits (2.1).
@@ -75,3 +75,15 @@ class QueueState:
 
     def reset(self) -> None:
         self.mem, self.queues, self.signal = None, [], None
+
+    def drain(self, index: int, handle: Callable[[GuestMemory, DescriptorChain], int]) -> None:
+        """Serve every available chain of queue `index`: handle() returns the
+        bytes it wrote into the chain; one interrupt check for the batch."""
+        q, mem = self.queues[index], self.mem
+        assert mem is not None and self.signal is not None
+        used = False
+        while (chain := q.pop()) is not None:
+            q.add_used(chain.head, handle(mem, chain))
+            used = True
+        if used:
+            self.signal(index)

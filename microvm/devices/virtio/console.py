@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Callable
 
 from microvm.devices.virtio import VIRTIO_ID_CONSOLE, QueueState, config_read
-from microvm.devices.virtio.queue import Descriptor
+from microvm.devices.virtio.queue import Descriptor, DescriptorChain
 from microvm.memory import GuestMemory
 
 RX_QUEUE = 0
@@ -51,18 +51,14 @@ class VirtioConsole(QueueState):
             self._receive()
 
     def _transmit(self) -> None:
-        q, mem = self.queues[TX_QUEUE], self.mem
-        assert mem is not None and self.signal is not None
-        used = False
-        while (chain := q.pop()) is not None:
-            for d in chain.readable:
-                data = mem.read(d.addr, d.len)
-                self.bytes_out += len(data)
-                self.output(data)
-            q.add_used(chain.head, 0)
-            used = True
-        if used:
-            self.signal(TX_QUEUE)
+        self.drain(TX_QUEUE, self._write_out)
+
+    def _write_out(self, mem: GuestMemory, chain: DescriptorChain) -> int:
+        for d in chain.readable:
+            data = mem.read(d.addr, d.len)
+            self.bytes_out += len(data)
+            self.output(data)
+        return 0
 
     def feed(self, data: bytes) -> None:
         """Host input for the guest's hvc0."""

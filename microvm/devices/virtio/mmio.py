@@ -66,6 +66,8 @@ class MmioTransport:
         self._lock = threading.RLock()  # vCPU threads (registers) vs. the I/O thread (queues)
         self.errors: list[str] = []
         self._reset_state()
+        if hasattr(device, "config_changed"):
+            device.config_changed = self.config_changed  # e.g. virtio-net's link status
 
     def _reset_state(self) -> None:
         self.status = 0
@@ -237,6 +239,14 @@ class MmioTransport:
                 return
             if wanted:
                 self.interrupt_status |= VIRTIO_MMIO_INT_VRING
+                self.irq.trigger()
+
+    def config_changed(self) -> None:
+        """The device changed its config space: a configuration change notification (4.2.3.3)."""
+        with self._lock:
+            self.config_generation = (self.config_generation + 1) & 0xFFFFFFFF
+            if self.status & v.STATUS_DRIVER_OK:
+                self.interrupt_status |= VIRTIO_MMIO_INT_CONFIG
                 self.irq.trigger()
 
     def _fail(self, why: str) -> None:

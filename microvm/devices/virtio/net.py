@@ -1,0 +1,354 @@
+"""virtio-net over a TAP interface (virtio 1.2, section 5.1).
+
+Queue 0 receives (host to guest), queue 1 transmits. Every frame carries a
+struct virtio_net_hdr_v1 (12 bytes) in front; the tap was opened with
+IFF_VNET_HDR and the same header size, so the header passes between the
+guest and the host kernel as is, and checksum and segmentation offloads
+(CSUM, TSO4/6, ECN) need no work here: a 64 KiB TCP segment is one frame.
+
+Transmit gathers a chain's readable buffers into one writev() on the tap,
+straight from guest memory. Receive reads one frame into a host buffer and
+spreads it over as many receive buffers as it needs (mergeable receive
+buffers, 5.1.6.3.2) or into one big buffer; if the guest has not posted
+enough, the frame waits and the tap is not read again until the guest adds
+buffers (its notification resumes us).
+
+A guest's mistake never takes the VMM down: a frame that is too short or
+too long, a transmit chain with writable buffers, a frame the host kernel
+rejects, are dropped and counted in `stats`; a tap that disappears takes
+the link down (the guest sees a config change) and is counted.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+from collections import Counter, deque
+from collections.abc import Callable
+from typing import Protocol
+
+from microvm.devices.virtio import VIRTIO_ID_NET, QueueState, config_read
+from microvm.devices.virtio.queue import DescriptorChain, Queue, QueueError
+from microvm.errors import ConfigError
+from microvm.memory import GuestMemory
+
+log = logging.getLogger(__name__)
+
+# Feature bits (5.1.3), names from include/uapi/linux/virtio_net.h.
+VIRTIO_NET_F_CSUM = 0
+VIRTIO_NET_F_GUEST_CSUM = 1
+VIRTIO_NET_F_MTU = 3
+VIRTIO_NET_F_MAC = 5
+VIRTIO_NET_F_GUEST_TSO4 = 7
+VIRTIO_NET_F_GUEST_TSO6 = 8
+VIRTIO_NET_F_GUEST_ECN = 9
+VIRTIO_NET_F_HOST_TSO4 = 11
+VIRTIO_NET_F_HOST_TSO6 = 12
+VIRTIO_NET_F_HOST_ECN = 13
+VIRTIO_NET_F_MRG_RXBUF = 15
+VIRTIO_NET_F_STATUS = 16
+
+VIRTIO_NET_S_LINK_UP = 1
+VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
+VIRTIO_NET_HDR_F_DATA_VALID = 2
+
+# include/uapi/linux/if_tun.h: what the guest accepts, told to the tap.
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+TUN_F_TSO_ECN = 0x08
+
+RX_QUEUE = 0
+TX_QUEUE = 1
+QUEUE_SIZE = 256
+HDR_SIZE = 12  # struct virtio_net_hdr_v1: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers
+NUM_BUFFERS_OFFSET = 10
+ETH_HLEN = 14
+MTU = 1500
+# The largest frame either way: a 64 KiB GSO segment, its Ethernet header and ours.
+MAX_FRAME = HDR_SIZE + ETH_HLEN + 65535
+MAX_RX_CHAINS = QUEUE_SIZE  # receive buffers one frame may take (mergeable)
+
+FEATURES = (
+    (1 << VIRTIO_NET_F_CSUM) | (1 << VIRTIO_NET_F_GUEST_CSUM) | (1 << VIRTIO_NET_F_MTU)
+    | (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_NET_F_GUEST_TSO4) | (1 << VIRTIO_NET_F_GUEST_TSO6)
+    | (1 << VIRTIO_NET_F_GUEST_ECN) | (1 << VIRTIO_NET_F_HOST_TSO4) | (1 << VIRTIO_NET_F_HOST_TSO6)
+    | (1 << VIRTIO_NET_F_HOST_ECN) | (1 << VIRTIO_NET_F_MRG_RXBUF) | (1 << VIRTIO_NET_F_STATUS)
+)
+
+# Errors from the tap that mean it is gone (deleted, or its netns went away).
+TAP_GONE = (errno.EBADFD, errno.EIO, errno.ENXIO, errno.ENODEV)
+
+
+class NetBackend(Protocol):
+    """The host end: a non-blocking, frame-at-a-time fd with virtio-net headers."""
+
+    fd: int
+
+    def set_offload(self, flags: int) -> None: ...
+
+
+def parse_mac(mac: str) -> bytes:
+    parts = mac.split(":")
+    try:
+        raw = bytes(int(p, 16) for p in parts)
+    except ValueError:
+        raw = b""
+    if len(parts) != 6 or len(raw) != 6 or any(len(p) != 2 for p in parts):
+        raise ConfigError(f"invalid MAC address {mac!r}: expected six hex pairs like 02:00:00:00:00:01")
+    if raw[0] & 1:
+        raise ConfigError(f"MAC address {mac} is a multicast address")
+    return raw
+
+
+def random_mac() -> str:
+    """A locally administered unicast address (02:xx:xx:xx:xx:xx)."""
+    return ":".join(f"{b:02x}" for b in bytes([0x02]) + os.urandom(5))
+
+
+def offload_flags(features: int) -> int:
+    """TUN_F_* for the receive offloads the guest negotiated (5.1.6.4)."""
+    def has(bit: int) -> bool:
+        return bool(features >> bit & 1)
+
+    if not has(VIRTIO_NET_F_GUEST_CSUM):
+        return 0  # no partial checksums, so no segments either: the tap finishes every frame
+    flags = TUN_F_CSUM
+    if has(VIRTIO_NET_F_GUEST_TSO4):
+        flags |= TUN_F_TSO4
+    if has(VIRTIO_NET_F_GUEST_TSO6):
+        flags |= TUN_F_TSO6
+    if flags & (TUN_F_TSO4 | TUN_F_TSO6) and has(VIRTIO_NET_F_GUEST_ECN):
+        flags |= TUN_F_TSO_ECN
+    return flags
+
+
+class VirtioNet(QueueState):
+    device_type = VIRTIO_ID_NET
+    features = FEATURES
+    queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)
+
+    def __init__(self, backend: NetBackend, mac: str | None = None, mtu: int = MTU):
+        super().__init__()
+        self.backend = backend
+        self.mac = parse_mac(mac) if mac is not None else parse_mac(random_mac())
+        self.mtu = mtu
+        self.link_up = True
+        self.stats: Counter[str] = Counter()
+        self.config_changed: Callable[[], None] | None = None  # set by the transport
+        self.mergeable = False
+        self.guest_csum = False
+        self._rx_buf = bytearray(MAX_FRAME + 1)  # one spare byte shows truncation
+        self._rx_view = memoryview(self._rx_buf)
+        self._pending = 0  # length of a frame read from the tap, waiting for buffers
+        self._stash: deque[tuple[DescriptorChain, int]] = deque()  # popped receive chains, unused yet
+        self._lock = threading.Lock()
+
+    # --- config space (5.1.4) ---------------------------------------------------------
+
+    def _config(self) -> bytes:
+        status = VIRTIO_NET_S_LINK_UP if self.link_up else 0
+        # mac[6], le16 status, le16 max_virtqueue_pairs, le16 mtu
+        return self.mac + status.to_bytes(2, "little") + (1).to_bytes(2, "little") + self.mtu.to_bytes(2, "little")
+
+    def read_config(self, offset: int, size: int) -> int:
+        return config_read(self._config(), offset, size)
+
+    def write_config(self, offset: int, size: int, value: int) -> None:
+        pass  # the MAC is writable only with VIRTIO_NET_F_CTRL_MAC_ADDR... legacy; ignored (5.1.4.2)
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def activate(self, mem: GuestMemory, queues: list[Queue], features: int, signal: Callable[[int], None]) -> None:
+        super().activate(mem, queues, features, signal)
+        self.mergeable = bool(features >> VIRTIO_NET_F_MRG_RXBUF & 1)
+        self.guest_csum = bool(features >> VIRTIO_NET_F_GUEST_CSUM & 1)
+        self._set_offload(offload_flags(features))
+
+    def reset(self) -> None:
+        super().reset()
+        self._pending = 0
+        self._stash.clear()
+        self._set_offload(0)
+
+    def _set_offload(self, flags: int) -> None:
+        if not self.link_up:
+            return
+        try:
+            self.backend.set_offload(flags)
+        except OSError as e:
+            self._backend_failed("set offloads", e)
+
+    def process(self, queue_index: int) -> None:
+        """A queue notification, or (RX) the tap became readable."""
+        if self.mem is None or not self.queues:
+            return
+        if queue_index == TX_QUEUE:
+            self._transmit()
+        elif queue_index == RX_QUEUE:
+            self._receive()
+
+    # --- transmit (5.1.6.2) -------------------------------------------------------------
+
+    def _transmit(self) -> None:
+        self.drain(TX_QUEUE, self._send)
+
+    def _send(self, mem: GuestMemory, chain: DescriptorChain) -> int:
+        """One frame to the tap; the device writes nothing into a transmit buffer (0)."""
+        readable = [d for d in chain.descriptors if not d.write]
+        length = sum(d.len for d in readable)
+        if len(readable) != len(chain.descriptors):
+            self._drop("tx_malformed", "transmit chain has device-writable buffers")
+            return 0
+        if length < HDR_SIZE + ETH_HLEN:
+            self._drop("tx_malformed", f"transmit frame of {length} bytes is shorter than its headers")
+            return 0
+        if length > MAX_FRAME:
+            self._drop("tx_oversized", f"transmit frame of {length} bytes is longer than {MAX_FRAME}")
+            return 0
+        if not self.link_up:
+            self.stats["tx_dropped_link_down"] += 1
+            return 0
+        views = [mem.view(d.addr, d.len) for d in readable if d.len]
+        try:
+            n = os.writev(self.backend.fd, views)
+        except BlockingIOError:
+            self.stats["tx_dropped_busy"] += 1
+            return 0
+        except OSError as e:
+            if e.errno in TAP_GONE:
+                self._backend_failed("write", e)
+            else:  # EINVAL: the host kernel refused the header (bad GSO fields, ...)
+                self._drop("tx_rejected", f"the tap refused a frame: {e.strerror}")
+            return 0
+        finally:
+            for v in views:
+                v.release()
+        if n != length:
+            self._drop("tx_short", f"short write to the tap ({n} of {length})")
+            return 0
+        self.stats["tx_frames"] += 1
+        self.stats["tx_bytes"] += length - HDR_SIZE
+        return 0
+
+    # --- receive (5.1.6.3, 5.1.6.4) --------------------------------------------------------
+
+    def _receive(self) -> None:
+        """Move frames from the tap into receive buffers until either runs out."""
+        mem = self.mem
+        assert mem is not None and self.signal is not None
+        used = 0
+        try:
+            while self.link_up:
+                if not self._pending:
+                    self._pending = self._read_frame()
+                    if not self._pending:
+                        break
+                frame = self._rx_view[:self._pending]
+                taken = self._deliver(mem, frame)
+                if taken is None:
+                    break  # wait for the guest to post buffers; its notify brings us back
+                self._pending = 0
+                used += taken
+        finally:
+            if used:
+                self.signal(RX_QUEUE)
+
+    def _read_frame(self) -> int:
+        while True:
+            try:
+                n = os.readv(self.backend.fd, [self._rx_view])
+            except BlockingIOError:
+                return 0
+            except OSError as e:
+                self._backend_failed("read", e)
+                return 0
+            if n == 0:
+                self._backend_failed("read", OSError(errno.EIO, "end of file"))
+                return 0
+            if n > MAX_FRAME:
+                self._drop("rx_oversized", "a frame from the tap is longer than the largest we accept")
+            elif n < HDR_SIZE + ETH_HLEN:
+                self._drop("rx_malformed", f"a {n}-byte frame from the tap")
+            else:
+                return n
+
+    def _deliver(self, mem: GuestMemory, frame: memoryview) -> int | None:
+        """Write one frame into receive buffers; the number used, or None if too few."""
+        q = self.queues[RX_QUEUE]
+        need = len(frame)
+        # Gather chains (kept across calls) until they hold the frame.
+        chosen = 0
+        room = 0
+        while True:
+            if chosen == len(self._stash):
+                chain = q.pop()
+                if chain is None:
+                    if len(self._stash) >= q.size:  # we hold every buffer: it will never fit
+                        self._drop("rx_no_room", f"a {need}-byte frame is larger than the whole receive ring")
+                        return 0
+                    return None
+                self._stash.append((chain, self._rx_capacity(chain)))
+            room += self._stash[chosen][1]
+            chosen += 1
+            if room >= need:
+                break
+            if not self.mergeable:
+                # One buffer per frame: this one is too small. The frame is
+                # dropped; the buffer stays for the next frame.
+                self._drop("rx_no_room", f"a {need}-byte frame does not fit a {room}-byte receive buffer")
+                return 0
+            if chosen >= MAX_RX_CHAINS:
+                self._drop("rx_no_room", f"a {need}-byte frame needs more than {MAX_RX_CHAINS} buffers")
+                return 0
+        if not self.guest_csum:
+            frame[0] = 0  # 5.1.6.4: no checksum flags for a driver that did not negotiate them
+        frame[NUM_BUFFERS_OFFSET:NUM_BUFFERS_OFFSET + 2] = chosen.to_bytes(2, "little")
+        pos = 0
+        for _ in range(chosen):
+            chain, capacity = self._stash.popleft()
+            take = min(capacity, need - pos)
+            self._scatter(mem, chain, frame[pos:pos + take])
+            q.add_used(chain.head, take)
+            pos += take
+        self.stats["rx_frames"] += 1
+        self.stats["rx_bytes"] += need - HDR_SIZE
+        return chosen
+
+    def _rx_capacity(self, chain: DescriptorChain) -> int:
+        if any(not d.write for d in chain.descriptors):
+            raise QueueError("receive buffer has device-readable descriptors")
+        capacity = sum(d.len for d in chain.descriptors)
+        # 5.1.6.3.1: every receive buffer holds at least the header.
+        if capacity < HDR_SIZE:
+            raise QueueError(f"receive buffer of {capacity} bytes is smaller than the {HDR_SIZE}-byte header")
+        return capacity
+
+    @staticmethod
+    def _scatter(mem: GuestMemory, chain: DescriptorChain, data: memoryview) -> None:
+        pos = 0
+        for d in chain.descriptors:
+            if pos >= len(data):
+                break
+            take = min(d.len, len(data) - pos)
+            mem.write(d.addr, data[pos:pos + take])
+            pos += take
+
+    # --- failures -----------------------------------------------------------------------------
+
+    def _drop(self, counter: str, why: str) -> None:
+        self.stats[counter] += 1
+        if self.stats[counter] <= 10:  # a flood must not flood the log
+            log.warning("virtio-net: %s; dropped", why)
+
+    def _backend_failed(self, what: str, e: OSError) -> None:
+        """The tap is gone: take the link down and tell the guest (5.1.4: status)."""
+        self.stats["backend_errors"] += 1
+        if not self.link_up:
+            return
+        log.warning("virtio-net: tap %s failed (%s); link down", what, e.strerror)
+        self.link_up = False
+        if self.config_changed is not None:
+            self.config_changed()

@@ -1,0 +1,112 @@
+"""What a user asks for, as plain values: disks (Drive) and network cards (Nic).
+
+Each validates itself when made and has a parse() for its CLI form, so a bad
+value is a ConfigError naming the option before any VM or tap exists.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from microvm.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Drive:
+    """A disk for the guest: a raw image file, /dev/vda, /dev/vdb, ... in order."""
+
+    path: str | Path
+    read_only: bool = False
+    direct: bool = False  # O_DIRECT: bypass the host page cache
+
+    @classmethod
+    def parse(cls, spec: str) -> Drive:
+        """The CLI form: PATH[,ro][,direct]."""
+        path, *opts = spec.split(",")
+        unknown = [o for o in opts if o not in ("ro", "rw", "direct")]
+        if not path or unknown:
+            raise ConfigError(f"--drive {spec!r}: expected PATH[,ro][,direct]")
+        return cls(path, read_only="ro" in opts, direct="direct" in opts)
+
+
+@dataclass(frozen=True)
+class Nic:
+    """A network card for the guest (virtio-net) on a host TAP interface: eth0, eth1, ... in order.
+
+    tap: the tap's name; created (and removed at teardown) unless it exists.
+    mac: the guest's MAC (default: a random locally administered one).
+    ip: the guest's address with its prefix, e.g. "172.16.0.2/24".
+    host_ip: the host end's address on a tap we create, e.g. "172.16.0.1/24";
+        the guest's default gateway.
+    netns: move the tap we create into this named network namespace.
+    bridge: enslave the tap we create to this existing bridge.
+    """
+
+    tap: str
+    mac: str | None = None
+    ip: str | None = None
+    host_ip: str | None = None
+    netns: str | None = None
+    bridge: str | None = None
+
+    def __post_init__(self) -> None:
+        from microvm.devices.virtio.net import parse_mac
+        from microvm.tap import check_ifname
+
+        check_ifname(self.tap)
+        if self.mac is not None:
+            parse_mac(self.mac)
+        guest, host = self.guest_interface, self.host_interface
+        if guest is not None and host is not None and guest.network != host.network:
+            raise ConfigError(f"ip {guest} and host_ip {host} are not on the same network")
+        if guest is not None and host is not None and guest.ip == host.ip:
+            raise ConfigError(f"ip and host_ip are both {guest.ip}")
+        if self.bridge is not None:
+            check_ifname(self.bridge)
+
+    @property
+    def guest_interface(self) -> ipaddress.IPv4Interface | None:
+        return _interface("ip", self.ip)
+
+    @property
+    def host_interface(self) -> ipaddress.IPv4Interface | None:
+        return _interface("host_ip", self.host_ip)
+
+    def kernel_ip_arg(self, device: str) -> str:
+        """The kernel's static configuration (Documentation/admin-guide/nfs/nfsroot.rst):
+        ip=<client>:<server>:<gateway>:<netmask>:<hostname>:<device>:<autoconf>."""
+        guest = self.guest_interface
+        if guest is None:
+            return ""
+        gw = self.host_interface.ip if self.host_interface is not None else ""
+        return f"ip={guest.ip}::{gw}:{guest.netmask}::{device}:off"
+
+    @classmethod
+    def parse(cls, spec: str) -> Nic:
+        """The CLI form: tap=NAME[,mac=MAC][,ip=ADDR/PREFIX][,host_ip=ADDR/PREFIX][,netns=NS][,bridge=BR]."""
+        fields: dict[str, str] = {}
+        for part in spec.split(","):
+            key, sep, value = part.partition("=")
+            if not sep or key not in ("tap", "mac", "ip", "host_ip", "netns", "bridge") or key in fields:
+                raise ConfigError(f"--net {spec!r}: expected tap=NAME[,mac=..][,ip=..][,host_ip=..]"
+                                  f"[,netns=..][,bridge=..]")
+            fields[key] = value
+        if "tap" not in fields:
+            raise ConfigError(f"--net {spec!r}: tap=NAME is required")
+        return cls(**fields)
+
+
+def _interface(what: str, value: str | None) -> ipaddress.IPv4Interface | None:
+    if value is None:
+        return None
+    if "/" not in value:
+        raise ConfigError(f"{what} {value!r} needs a prefix length, e.g. {value}/24")
+    try:
+        iface = ipaddress.IPv4Interface(value)
+    except ValueError as e:
+        raise ConfigError(f"{what} {value!r} is not an IPv4 address with prefix: {e}") from e
+    if iface.network.prefixlen > 30:
+        raise ConfigError(f"{what} {value}: a /{iface.network.prefixlen} leaves no room for two hosts")
+    return iface
