@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,7 +26,9 @@ from pathlib import Path
 
 from _lane import rerun_in_lane_if_pvm
 
-MARK = "microvm-bench-mark"
+from microvm.benchmarks import qemu
+from microvm.benchmarks.qemu import MARK
+from microvm.benchmarks.report import summarize
 
 
 def _kernel(choice: str) -> Path:
@@ -69,37 +69,6 @@ def ours_cli(kernel: Path) -> float:
     return time.monotonic() - t0
 
 
-def qemu(kernel: Path, initrd: Path) -> tuple[float, float]:
-    """(process start -> marker on the console, process start -> exit), seconds."""
-    argv = [
-        "qemu-system-x86_64", "-M", "microvm,acpi=off", "-enable-kvm", "-cpu", "host", "-m", "128",
-        "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-        "-serial", "stdio", "-kernel", str(kernel), "-initrd", str(initrd),
-        "-append", "console=ttyS0 reboot=t panic=-1 quiet 8250.nr_uarts=1",
-    ]
-    t0 = time.monotonic()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-    assert proc.stdout is not None
-    marker = None
-    buf = b""
-    while True:
-        chunk = proc.stdout.read1(65536)  # type: ignore[attr-defined]
-        if not chunk:
-            break
-        buf += chunk
-        if marker is None and MARK.encode() in buf:
-            marker = time.monotonic() - t0
-    proc.wait(60)
-    total = time.monotonic() - t0
-    if marker is None:
-        raise RuntimeError(f"QEMU never printed the marker:\n{buf[-2000:].decode(errors='replace')}")
-    return marker, total
-
-
-def summarize(samples: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": len(samples)}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=20)
@@ -110,14 +79,10 @@ def main() -> None:
 
     rerun_in_lane_if_pvm()
 
-    from microvm.guestinit import initramfs_for
-
     kernel = _kernel(args.kernel)
     with tempfile.TemporaryDirectory() as tmp:
-        initrd = Path(tmp, "initrd.cpio")
-        # QEMU has no control device: the command ends the machine itself.
-        initrd.write_bytes(initramfs_for(["sh", "-c", f"echo {MARK}; reboot -f"]))
-        have_qemu = not args.no_qemu and shutil.which("qemu-system-x86_64") is not None
+        initrd = qemu.initramfs(Path(tmp, "initrd.cpio"))
+        have_qemu = not args.no_qemu and qemu.available()
         res: dict[str, list[float]] = {"a_init": [], "a_marker": [], "b_cli": [], "c_qemu_marker": [],
                                        "c_qemu_exit": []}
         ours_in_process(kernel)  # warm-up: caches, imports
@@ -127,12 +92,12 @@ def main() -> None:
             res["a_marker"].append(marker)
             res["b_cli"].append(ours_cli(kernel))
             if have_qemu:
-                q_marker, q_exit = qemu(kernel, initrd)
-                res["c_qemu_marker"].append(q_marker)
-                res["c_qemu_exit"].append(q_exit)
+                q = qemu.boot(kernel, initrd)
+                res["c_qemu_marker"].append(q.marker_s)
+                res["c_qemu_exit"].append(q.exit_s)
             print(f"run {i + 1}/{args.runs}: init {init * 1000:.0f} ms, cli {res['b_cli'][-1] * 1000:.0f} ms"
                   + (f", qemu {res['c_qemu_marker'][-1] * 1000:.0f} ms" if have_qemu else ""), flush=True)
-    summary = {k: summarize(v) for k, v in res.items() if v}
+    summary = {k: summarize(v).to_dict() for k, v in res.items() if v}
     print(f"\nkernel {kernel} ({'lane' if os.environ.get('MICROVM_IN_LANE') == '1' else 'host'})")
     print(f"{'measure':<34} {'median ms':>10} {'min':>8} {'max':>8}")
     labels = {"a_init": "(a) start() -> init reached", "a_marker": "(a) start() -> command output",

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import click
 
+from microvm.benchmarks.cli import bench
 from microvm.errors import MicroVMError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -33,6 +34,9 @@ def _one_line_errors(fn: F) -> F:
 @click.version_option(package_name="microvm")
 def main() -> None:
     """Hardware-isolated micro-VMs, straight over /dev/kvm."""
+
+
+main.add_command(bench)
 
 
 @main.command()
