@@ -1,16 +1,17 @@
 """Host memory the VMM costs beyond the guest's own pages.
 
-Method. psutil reads /proc/PID/smaps (Process.memory_maps(grouped=False)):
-one entry per mapping with its address range, RSS (pages resident) and PSS
-(each resident page divided by the number of processes sharing it, so shared
-libraries are not counted in full by every process). Guest RAM is a set of
-anonymous mappings whose host addresses the VM knows
-(MicroVM.vm.mem.regions); the mappings that lie inside them are guest pages
-(what the guest touched, plus the kernel and initramfs the loader wrote),
-everything else is the VMM: the interpreter, its heap, thread stacks, the
-vCPUs' kvm_run pages. So VMM = whole process - guest mappings, for RSS and
-PSS alike. Kernel memory KVM allocates (its page tables, vCPU state) is no
-part of any process's RSS and not counted here.
+Method. psutil gives the process's RSS and PSS (Process.memory_full_info(),
+read from /proc/PID/smaps_rollup); PSS divides each resident page by the
+number of processes sharing it, so shared libraries are not counted in full
+by every process. Guest RAM is a set of anonymous mappings whose host
+addresses the VM knows (MicroVM.vm.mem.regions); mincore(2) says which of
+their pages are resident: what the guest touched, plus the kernel and
+initramfs the loader wrote. Those pages are private to the process, so they
+weigh the same in RSS and PSS, and VMM = whole process - resident guest pages,
+for RSS and PSS alike. (Per-mapping smaps entries would not do: the kernel
+merges a guest mapping with a neighbouring anonymous mapping of the same
+flags, such as the next guest's.) Kernel memory KVM allocates (its page
+tables, vCPU state) is no part of any process's RSS and not counted here.
 
 Measured with every guest booted and idle in a `sleep` (its init done):
   - one process: no VM (the baseline), 1 VM, then `count` VMs; the cost of one
@@ -21,7 +22,10 @@ Measured with every guest booted and idle in a `sleep` (its init done):
 
 from __future__ import annotations
 
+import ctypes
 import gc
+import mmap
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -35,62 +39,45 @@ from microvm.errors import MicroVMError
 
 IDLE_COMMAND = ["sleep", "100000"]
 MIB = 1 << 20
+PAGE_SIZE = mmap.PAGESIZE
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte))
 
 
 @dataclass(frozen=True)
 class Usage:
-    """Bytes resident in one process, split into guest RAM and the rest."""
+    """Bytes resident in one process, and how many of them are guest RAM."""
 
     rss: int
     pss: int
-    guest_rss: int
-    guest_pss: int
-    straddling: int = 0  # mappings only partly inside guest RAM (counted as VMM)
+    guest: int
 
     @property
     def vmm_rss(self) -> int:
-        return self.rss - self.guest_rss
+        return self.rss - self.guest
 
     @property
     def vmm_pss(self) -> int:
-        return self.pss - self.guest_pss
+        return self.pss - self.guest
 
     def to_dict(self) -> dict[str, int]:
         return {**asdict(self), "vmm_rss": self.vmm_rss, "vmm_pss": self.vmm_pss}
 
 
-def merge_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Sorted, with touching or overlapping [start, end) ranges joined (the
-    kernel may merge neighbouring guest mappings into one)."""
-    merged: list[tuple[int, int]] = []
-    for start, end in sorted(ranges):
-        if merged and start <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
-        else:
-            merged.append((start, end))
-    return merged
-
-
-def split_usage(maps: Iterable[Any], guest: Iterable[tuple[int, int]]) -> Usage:
-    """Sum smaps entries (objects with .addr 'start-end', .rss, .pss) into a
-    Usage: an entry wholly inside a guest range is guest memory."""
-    ranges = merge_ranges(guest)
-    rss = pss = grss = gpss = straddling = 0
-    for m in maps:
-        start, end = (int(x, 16) for x in m.addr.split("-"))
-        rss += m.rss
-        pss += m.pss
-        inside = any(lo <= start and end <= hi for lo, hi in ranges)
-        if inside:
-            grss += m.rss
-            gpss += m.pss
-        elif any(start < hi and lo < end for lo, hi in ranges):
-            straddling += 1
-    return Usage(rss, pss, grss, gpss, straddling)
+def resident_bytes(address: int, length: int) -> int:
+    """Bytes of [address, address + length) resident in RAM (mincore(2);
+    address page-aligned, as every mmap is)."""
+    pages = -(-length // PAGE_SIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    if _libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(length), vec) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mincore({address:#x}, {length}): {os.strerror(err)}")
+    return (pages - bytes(vec).count(0)) * PAGE_SIZE  # the kernel sets only bit 0
 
 
 def measure(guest: Iterable[tuple[int, int]] = ()) -> Usage:
-    return split_usage(psutil.Process().memory_maps(grouped=False), guest)
+    info = psutil.Process().memory_full_info()
+    return Usage(info.rss, info.pss, sum(resident_bytes(start, end - start) for start, end in guest))
 
 
 def guest_ranges(vms: Iterable[Any]) -> list[tuple[int, int]]:
@@ -174,7 +161,7 @@ def table_rows(result: dict[str, Any]) -> list[Sequence[Any]]:
         return x / MIB
 
     def usage_row(name: str, vms: int, u: dict[str, int]) -> list[Any]:
-        return [name, vms, mib(u["rss"]), mib(u["pss"]), mib(u["guest_rss"]), mib(u["vmm_rss"]), mib(u["vmm_pss"])]
+        return [name, vms, mib(u["rss"]), mib(u["pss"]), mib(u["guest"]), mib(u["vmm_rss"]), mib(u["vmm_pss"])]
 
     rows: list[Sequence[Any]] = [usage_row("one process, no VM (baseline)", 0, own["baseline"]),
             usage_row("one process, 1 VM", 1, own["one"]),
@@ -191,4 +178,4 @@ def table_rows(result: dict[str, Any]) -> list[Sequence[Any]]:
     return rows
 
 
-COLUMNS = ("case", "VMs", "RSS MiB", "PSS MiB", "guest RSS MiB", "VMM RSS MiB", "VMM PSS MiB")
+COLUMNS = ("case", "VMs", "RSS MiB", "PSS MiB", "guest MiB", "VMM RSS MiB", "VMM PSS MiB")

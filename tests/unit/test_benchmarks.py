@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import csv
+import ctypes
 import json
-from types import SimpleNamespace
+import mmap
 
 import pytest
 from rich.console import Console
@@ -123,23 +124,24 @@ def test_boot_figure_is_a_png(tmp_path) -> None:
     assert pixels.shape[0] > 100 and pixels.shape[1] > 500
 
 
-def test_split_usage_separates_guest_mappings() -> None:
-    def m(start: int, end: int, rss: int, pss: int) -> SimpleNamespace:
-        return SimpleNamespace(addr=f"{start:x}-{end:x}", rss=rss, pss=pss)
-
-    maps = [m(0x1000, 0x5000, 100, 50),  # the interpreter
-            m(0x10000, 0x20000, 4000, 4000),  # guest A
-            m(0x20000, 0x30000, 3000, 3000),  # guest B, merged with A into one range
-            m(0x40000, 0x48000, 7, 7)]  # straddles the end of guest C
-    usage = footprint.split_usage(maps, [(0x10000, 0x20000), (0x20000, 0x30000), (0x40000, 0x44000)])
-    assert (usage.rss, usage.pss, usage.guest_rss, usage.guest_pss) == (7107, 7057, 7000, 7000)
-    assert (usage.vmm_rss, usage.vmm_pss, usage.straddling) == (107, 57, 1)
-    assert footprint.merge_ranges([(5, 9), (0, 5), (20, 30), (25, 26)]) == [(0, 9), (20, 30)]
+def test_resident_bytes_counts_touched_pages() -> None:
+    page = footprint.PAGE_SIZE
+    with mmap.mmap(-1, 16 * page) as m:
+        address = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        assert footprint.resident_bytes(address, 16 * page) == 0
+        for i in (0, 5, 15):
+            m[i * page] = 1
+        assert footprint.resident_bytes(address, 16 * page) == 3 * page
+        assert footprint.resident_bytes(address + page, 4 * page) == 0
+        usage = footprint.measure([(address, address + 16 * page)])
+        assert usage.guest == 3 * page and usage.vmm_rss == usage.rss - 3 * page
+    with pytest.raises(OSError):
+        footprint.resident_bytes(page + 1, page)  # not page-aligned: EINVAL
 
 
 def test_footprint_rows_report_the_deltas() -> None:
     def u(rss: int, guest: int) -> dict[str, int]:
-        return footprint.Usage(rss << 20, rss << 20, guest << 20, guest << 20).to_dict()
+        return footprint.Usage(rss << 20, rss << 20, guest << 20).to_dict()
 
     result = {"count": 20, "processes": 1, "per_process": [u(60, 10)], "per_process_mean_vmm_rss": 50 << 20,
               "per_process_mean_vmm_pss": 50 << 20,
