@@ -29,10 +29,14 @@ class MemoryRegion:
     size: int
     backing: object  # the object that owns the host memory (Mapping, bytearray)
 
+    def __post_init__(self) -> None:
+        # One export of the backing, sliced per access (cheap). A slice keeps
+        # the export alive after this view is released, so once close()
+        # has released it, a non-zero export count means live slices.
+        self.mv = memoryview(self.backing)  # type: ignore[arg-type]
+
     def view(self, offset: int, length: int) -> memoryview:
-        # A fresh export per view: the backing's export count is then the
-        # number of live views, which close() checks before unmapping.
-        return memoryview(self.backing)[offset : offset + length]  # type: ignore[arg-type]
+        return self.mv[offset : offset + length]
 
     @property
     def end(self) -> int:
@@ -61,6 +65,7 @@ class GuestMemory:
                 raise GuestMemoryError(f"memory region at {guest_addr:#x} overlaps the one before it")
             self._regions.append(region)
         self._starts = [r.guest_addr for r in self._regions]
+        self._first = self._regions[0] if self._regions else MemoryRegion(0, 0, bytearray())
 
     @classmethod
     def anonymous(cls, layout: Iterable[tuple[int, int]], hugepages: bool = False) -> GuestMemory:
@@ -106,8 +111,12 @@ class GuestMemory:
 
     def view(self, addr: int, length: int) -> memoryview:
         """A zero-copy, writable view of guest memory [addr, addr+length)."""
+        first = self._first
+        offset = addr - first.guest_addr
+        if offset >= 0 and length >= 0 and offset + length <= first.size:  # the common case: low RAM
+            return first.mv[offset:offset + length]
         region, offset = self._locate(addr, length)
-        return region.view(offset, length)
+        return region.mv[offset:offset + length]
 
     def read(self, addr: int, length: int) -> bytes:
         return bytes(self.view(addr, length))
@@ -135,8 +144,12 @@ class GuestMemory:
 
     def close(self) -> None:
         """Unmap every region; refused (and nothing changed) while views are alive."""
+        for r in self._regions:
+            r.mv.release()
         in_use = sum(getattr(r.backing, "exports", 0) for r in self._regions)
         if in_use:
+            for r in self._regions:
+                r.mv = memoryview(r.backing)  # type: ignore[arg-type]
             raise GuestMemoryError(f"{in_use} view(s) of guest memory are still in use")
         for region in self._regions:
             close = getattr(region.backing, "close", None)
@@ -144,6 +157,7 @@ class GuestMemory:
                 close()
         self._regions = []
         self._starts = []
+        self._first = MemoryRegion(0, 0, bytearray())
 
     def __enter__(self) -> GuestMemory:
         return self

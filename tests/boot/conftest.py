@@ -22,7 +22,7 @@ from tests.conftest import require_kvm
 
 ROOT = Path(__file__).resolve().parents[2]
 IN_LANE = os.environ.get("MICROVM_IN_LANE") == "1"
-LANE_TIMEOUT = float(os.environ.get("MICROVM_LANE_TIMEOUT", "1500"))
+LANE_TIMEOUT = float(os.environ.get("MICROVM_LANE_TIMEOUT", "2700"))
 
 
 @functools.cache
@@ -59,7 +59,7 @@ def _lane_results(config: pytest.Config, selection: tuple[str, ...]) -> dict[str
     with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
         print(f"\n[tests/boot] PVM host: running {' '.join(selection)} inside the hardware-virtualization lane",
               flush=True)
-        # The whole directory normally takes ~7 minutes in the lane. The lane
+        # The whole directory normally takes ~15 minutes in the lane. The lane
         # (nested SVM under TCG) has been seen to freeze outright now and then,
         # so a run that overstays is killed and tried once more.
         for attempt in (1, 2):

@@ -9,6 +9,7 @@ raises QueueError, which the transport turns into DEVICE_NEEDS_RESET.
 
 from __future__ import annotations
 
+import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ VIRTQ_DESC_SIZE = 16  # struct virtq_desc { le64 addr; le32 len; le16 flags; le1
 VIRTQ_USED_ELEM_SIZE = 8  # struct virtq_used_elem { le32 id; le32 len; }
 MAX_QUEUE_SIZE = 32768  # 2.7: Queue Size is a power of 2, at most 32768
 MAX_CHAIN_BYTES = 1 << 32  # total length a chain may describe
+_DESC = struct.Struct("<QIHH")  # addr, len, flags, next
+_USED_ELEM = struct.Struct("<II")  # id, len
 
 
 _FENCE = threading.Lock()
@@ -123,6 +126,15 @@ class Queue:
         self.mem = mem
         self.event_idx = event_idx
 
+    @property
+    def next_avail(self) -> int:
+        return self._next_avail
+
+    @next_avail.setter
+    def next_avail(self, value: int) -> None:
+        self._next_avail = value
+        self._avail_seen = value  # nothing known to be pending: the next pop reads avail idx
+
     # --- ring access -------------------------------------------------------------
 
     def _mem(self) -> GuestMemory:
@@ -139,22 +151,29 @@ class Queue:
         return self.avail_idx() != self.next_avail
 
     def pop(self) -> DescriptorChain | None:
-        """The next available chain, or None if the driver has offered none."""
+        """The next available chain, or None if the driver has offered none.
+
+        The available index is read once per batch: only when every entry we
+        knew of is consumed do we publish avail_event ("notify me once you
+        make this entry available", 2.7.10) and look again, so a driver that
+        adds buffers meanwhile is either seen now or notifies us.
+        """
         mem = self._mem()
-        avail = self.avail_idx()
-        pending = (avail - self.next_avail) & 0xFFFF
-        if pending == 0:
-            return None
-        if pending > self.size:
-            raise QueueError(f"available index jumped by {pending}, more than the queue size {self.size}")
-        slot = self.next_avail % self.size
-        head = mem.read_int(self.avail_ring + 4 + 2 * slot, 2)
+        nxt = self._next_avail
+        if nxt == self._avail_seen:
+            if self.event_idx:
+                # avail_event sits after the used ring's elements.
+                mem.write_int(self.used_ring + 4 + VIRTQ_USED_ELEM_SIZE * self.size, 2, nxt)
+            avail = self.avail_idx()  # after a full barrier: our avail_event store comes first
+            pending = (avail - nxt) & 0xFFFF
+            if pending == 0:
+                return None
+            if pending > self.size:
+                raise QueueError(f"available index jumped by {pending}, more than the queue size {self.size}")
+            self._avail_seen = avail
+        head = mem.read_int(self.avail_ring + 4 + 2 * (nxt % self.size), 2)
         chain = DescriptorChain(head, list(self._walk(mem, head)))
-        self.next_avail = (self.next_avail + 1) & 0xFFFF
-        if self.event_idx:
-            # avail_event, after the used ring's elements: "notify me once
-            # you make this entry available" (2.7.10).
-            mem.write_int(self.used_ring + 4 + VIRTQ_USED_ELEM_SIZE * self.size, 2, self.next_avail)
+        self._next_avail = (nxt + 1) & 0xFFFF
         return chain
 
     def _walk(self, mem: GuestMemory, head: int) -> Iterator[Descriptor]:
@@ -171,13 +190,9 @@ class Queue:
             if seen > table_size:
                 raise QueueError("descriptor chain loops or is longer than its table")
             try:
-                raw = mem.read(table + VIRTQ_DESC_SIZE * index, VIRTQ_DESC_SIZE)
+                addr, length, flags, nxt = _DESC.unpack(mem.view(table + VIRTQ_DESC_SIZE * index, VIRTQ_DESC_SIZE))
             except GuestMemoryError as e:
                 raise QueueError(f"descriptor {index} is outside guest memory") from e
-            addr = int.from_bytes(raw[0:8], "little")
-            length = int.from_bytes(raw[8:12], "little")
-            flags = int.from_bytes(raw[12:14], "little")
-            nxt = int.from_bytes(raw[14:16], "little")
             if flags & VRING_DESC_F_INDIRECT:
                 # 2.7.5.3.1: not in an indirect table, not with NEXT, a whole
                 # number of descriptors, at least one.
@@ -211,7 +226,7 @@ class Queue:
         mem = self._mem()
         slot = self.next_used % self.size
         elem = self.used_ring + 4 + VIRTQ_USED_ELEM_SIZE * slot
-        mem.write(elem, head.to_bytes(4, "little") + length.to_bytes(4, "little"))
+        _USED_ELEM.pack_into(mem.view(elem, VIRTQ_USED_ELEM_SIZE), 0, head, length)
         self.next_used = (self.next_used + 1) & 0xFFFF
         # The element must be visible before the index that publishes it
         # (2.7.8.2); in Python the stores happen in program order, and the
