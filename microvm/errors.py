@@ -58,3 +58,11 @@ class LoaderError(MicroVMError):
 
 class DeviceError(MicroVMError):
     """A device could not be set up."""
+
+
+class LaneError(MicroVMError):
+    """The lane could not run the command (not: the command failed)."""
+
+
+class LaneTimeout(LaneError):
+    """The command did not finish in time; QEMU was killed."""

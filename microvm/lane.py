@@ -22,14 +22,11 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import hashlib
-import lzma
 import os
 import re
 import select
 import shlex
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
@@ -40,38 +37,36 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from microvm import initramfs
-from microvm.errors import MicroVMError
+from microvm.errors import LaneError, LaneTimeout
+from microvm.laneinit import END_MARK, INIT_SCRIPT, MODULES, START_MARK, initrd_path, modinfo, module_order
+from microvm.lanekernel import (
+    LaneKernel,
+    _cached_kernel,
+    _wanted_packages,
+    boot_image,
+    cache_dir,
+    extract_vmlinux,
+    find_kernel,
+)
 
-
-class LaneError(MicroVMError):
-    """The lane could not run the command (not: the command failed)."""
-
-
-class LaneTimeout(LaneError):
-    """The command did not finish in time; QEMU was killed."""
+__all__ = [
+    "INIT_SCRIPT",
+    "MODULES",
+    "LaneError",
+    "LaneKernel",
+    "LaneTimeout",
+    "_wanted_packages",
+    "boot_image",
+    "cache_dir",
+    "extract_vmlinux",
+    "find_kernel",
+    "modinfo",
+    "module_order",
+    "run_in_lane",
+]
 
 
 QEMU = "qemu-system-x86_64"
-KERNEL_META = "linux-image-amd64"
-KERNEL_RE = re.compile(r"linux-image-(6\.1\.0-(\d+)-amd64)(?:-unsigned)?$")
-
-# Load order matters: insmod does not resolve dependencies. kvm-amd needs ccp
-# (SEV), 9p needs netfs + fscache; tun/bridge/veth/overlay serve network tests
-# and the writable root. module_order() also pulls in anything modinfo lists.
-MODULES = (
-    "irqbypass", "ccp", "kvm", "kvm-amd",
-    "virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci",
-    "netfs", "fscache", "9pnet", "9pnet_virtio", "9p",
-    "overlay", "tun", "llc", "stp", "bridge", "veth",
-)
-
-# The largest message 6.1's 9pnet_virtio accepts (PAGE_SIZE * (VIRTQUEUE_NUM - 3));
-# bigger messages mean fewer round trips through TCG.
-MSIZE = 512000
-NINEP_OPTS = f"trans=virtio,version=9p2000.L,msize={MSIZE}"
-
-START_MARK = "==microvm-lane:start=="
-END_MARK = "==microvm-lane:end=="
 TAIL_LINES = 60  # console lines quoted in a LaneError
 
 # Host variables worth carrying into the chroot so tools behave the same there.
@@ -82,260 +77,11 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # then; a 1-vCPU lane still runs 2-vCPU guests (their threads time-share).
 DEFAULT_SMP = int(os.environ.get("MICROVM_LANE_SMP", "1"))
 
-# PID 1 of the lane (busybox sh). Fixed text: everything per-run comes from /ctl.
-INIT_SCRIPT = r"""#!/bin/sh
-export PATH=/bin:/sbin:/usr/bin:/usr/sbin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-grep -q lane.debug /proc/cmdline && set -x
-# Nothing has written the status file if we stop here, so the host reports the
-# console tail (which holds this message).
-fail() { echo "lane-init: $*"; poweroff -f; }
-for m in @MODULES@; do
-    insmod "/lib/modules/$m.ko" || echo "lane-init: insmod $m failed"
-done
-mkdir -p /host /ctl /rw /newroot
-mount -t 9p -o @NINEP@,ro,cache=loose host /host || fail "cannot mount the host root"
-mount -t 9p -o @NINEP@ ctl /ctl || fail "cannot mount the ctl share"
-. /ctl/config
-mount -t tmpfs -o mode=0755 rw /rw
-mkdir /rw/upper /rw/work
-mount -t overlay -o lowerdir=/host,upperdir=/rw/upper,workdir=/rw/work overlay /newroot \
-    || fail "cannot mount the overlay root"
-mount -t proc proc /newroot/proc
-mount -t sysfs sysfs /newroot/sys
-mount -t devtmpfs devtmpfs /newroot/dev
-mkdir -p /newroot/dev/pts /newroot/dev/shm
-mount -t devpts -o newinstance,ptmxmode=0666 devpts /newroot/dev/pts
-mount -t tmpfs -o mode=1777 shm /newroot/dev/shm
-# /tmp stays the overlay's: a checkout under the host's /tmp must be visible.
-mkdir -p "/newroot$LANE_OUT_PATH"
-mount -t 9p -o @NINEP@ out "/newroot$LANE_OUT_PATH" || fail "cannot mount the out share"
-ifconfig lo 127.0.0.1 up
-echo "@START@"
-env -i chroot /newroot /bin/sh -c "$(cat /ctl/run.sh)" </dev/null
-status=$?
-printf '\n%s\n' "@END@"
-echo "$status" >/ctl/status
-umount /ctl
-reboot -f
-"""
-
-
 @dataclass(frozen=True)
 class LaneResult:
     returncode: int
     output: str  # the command's console output, "\r\n" folded to "\n"
     wall_s: float
-
-
-@dataclass(frozen=True)
-class LaneKernel:
-    release: str  # e.g. "6.1.0-50-amd64"
-    root: Path  # the package extracted by dpkg-deb -x
-
-    @property
-    def vmlinuz(self) -> Path:
-        return self.root / "boot" / f"vmlinuz-{self.release}"
-
-    @property
-    def modules_dir(self) -> Path:
-        return self.root / "lib" / "modules" / self.release
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("MICROVM_CACHE") or Path.home() / ".cache" / "microvm"
-    return Path(base) / "lane"
-
-
-# --- kernel --------------------------------------------------------------------
-
-def _run(argv: Sequence[str], cwd: str | None = None) -> str:
-    try:
-        return subprocess.run(argv, check=True, capture_output=True, text=True, cwd=cwd).stdout
-    except FileNotFoundError as e:
-        raise LaneError(f"{argv[0]} not found") from e
-    except subprocess.CalledProcessError as e:
-        raise LaneError(f"{shlex.join(argv)} failed: {e.stderr.strip()}") from e
-
-
-def _release_key(release: str) -> int:
-    m = KERNEL_RE.match(f"linux-image-{release}")
-    return int(m.group(2)) if m else -1
-
-
-def _cached_kernel(root: Path) -> LaneKernel | None:
-    """The newest kernel already extracted: reruns never consult apt."""
-    found = [LaneKernel(d.name, d) for d in root.glob("6.1.0-*-amd64") if _release_key(d.name) >= 0]
-    found = [k for k in found if k.vmlinuz.is_file()]
-    return max(found, key=lambda k: _release_key(k.release), default=None)
-
-
-def _wanted_packages() -> list[str]:
-    """Package names to try, best first: what linux-image-amd64 depends on, else the newest ABI."""
-    names = [n for n in re.findall(r"Depends: (\S+)", _run(["apt-cache", "depends", KERNEL_META]))
-             if KERNEL_RE.match(n)]
-    if not names:
-        found = _run(["apt-cache", "search", "--names-only", r"^linux-image-6\.1\.0-[0-9]+-amd64$"])
-        names = sorted((line.split()[0] for line in found.splitlines()),
-                       key=lambda n: _release_key(KERNEL_RE.match(n).group(1)),  # type: ignore[union-attr]
-                       reverse=True)[:1]
-    if not names:
-        raise LaneError("no linux-image-6.1.0-*-amd64 package known to apt (apt-get update?)")
-    # The signed and unsigned images carry the same modules; either boots under QEMU.
-    return [n for name in names for n in (name, name + "-unsigned")]
-
-
-def find_kernel() -> LaneKernel:
-    """Debian's 6.1 kernel, downloaded and extracted into the cache (never into /boot)."""
-    root = cache_dir()
-    cached = _cached_kernel(root)
-    if cached:
-        return cached
-    root.mkdir(parents=True, exist_ok=True)
-    errors = []
-    for pkg in _wanted_packages():
-        release = KERNEL_RE.match(pkg).group(1)  # type: ignore[union-attr]
-        with tempfile.TemporaryDirectory(dir=root, prefix=".fetch-") as tmp:
-            try:
-                # The sandbox user _apt cannot write into root's cache dir.
-                _run(["apt-get", "download", "-o", "APT::Sandbox::User=root", pkg], cwd=tmp)
-                deb = next(Path(tmp).glob("*.deb"))
-                _run(["dpkg-deb", "-x", str(deb), str(Path(tmp) / "x")])
-            except LaneError as e:
-                errors.append(str(e))
-                continue
-            try:  # atomic publish; a concurrent run may have won the race
-                os.rename(Path(tmp) / "x", root / release)
-            except OSError:
-                if not (root / release).is_dir():
-                    raise
-        kernel = LaneKernel(release, root / release)
-        if kernel.vmlinuz.is_file():
-            return kernel
-    raise LaneError("cannot fetch the lane kernel:\n" + "\n".join(errors))
-
-
-def extract_vmlinux(bzimage: Path, dest: Path) -> bool:
-    """Unpack the ELF vmlinux inside an XZ bzImage; False if it is not one.
-
-    Under TCG the bzImage's own XZ decompressor takes ~3 s, which is most of
-    the lane's boot. The vmlinux carries a PVH entry note (CONFIG_PVH=y), so
-    QEMU's -kernel loads it directly. Layout: Documentation/x86/boot.rst
-    (setup_sects at 0x1f1, payload_offset/payload_length at 0x248).
-    """
-    data = bzimage.read_bytes()
-    if data[0x202:0x206] != b"HdrS":
-        return False
-    setup_sects = data[0x1F1] or 4
-    offset, length = struct.unpack_from("<II", data, 0x248)
-    start = (setup_sects + 1) * 512 + offset
-    payload = data[start:start + length]
-    if not payload.startswith(b"\xfd7zXZ\0"):
-        return False
-    # The build appends the decompressed size after the stream; the
-    # decompressor stops at the end of the stream and leaves it unused.
-    elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(payload)
-    if not elf.startswith(b"\x7fELF"):
-        return False
-    tmp = dest.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_bytes(elf)
-    os.replace(tmp, dest)
-    return True
-
-
-def boot_image(kernel: LaneKernel) -> Path:
-    """The file to give QEMU's -kernel: the cached vmlinux when possible."""
-    vmlinux = kernel.root / "boot" / f"vmlinux-{kernel.release}"
-    if vmlinux.is_file() or extract_vmlinux(kernel.vmlinuz, vmlinux):
-        return vmlinux
-    return kernel.vmlinuz
-
-
-# --- modules and initramfs -------------------------------------------------------
-
-def _modname(ko: Path) -> str:
-    """Module name from a file name: kvm-amd.ko.xz -> kvm_amd (as modinfo depends= spells it)."""
-    return ko.name.split(".ko")[0].replace("-", "_")
-
-
-def read_module(ko: Path) -> bytes:
-    """A module's ELF bytes; Debian 12 ships plain .ko, other kernels .ko.xz."""
-    data = ko.read_bytes()
-    if ko.name.endswith(".xz"):
-        data = lzma.decompress(data)
-    if data[:4] != b"\x7fELF":
-        raise LaneError(f"{ko} is not an ELF module (only .ko and .ko.xz are supported)")
-    return data
-
-
-def modinfo(ko: Path) -> dict[str, str]:
-    """The key=value strings of a module's .modinfo ELF section (no kmod needed)."""
-    data = read_module(ko)
-    shoff, = struct.unpack_from("<Q", data, 0x28)
-    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
-    sections = [struct.unpack_from("<IIQQQQ", data, shoff + i * shentsize) for i in range(shnum)]
-    strtab = sections[shstrndx][4]
-    for sh_name, _type, _flags, _addr, offset, size in sections:
-        if data[strtab + sh_name: data.index(b"\0", strtab + sh_name)] == b".modinfo":
-            items = (s.decode(errors="replace") for s in data[offset:offset + size].split(b"\0") if s)
-            return dict(item.partition("=")[::2] for item in items)
-    return {}
-
-
-def module_order(modules_dir: Path, wanted: Sequence[str] = MODULES) -> list[Path]:
-    """The .ko files for `wanted` plus their dependencies, each after what it depends on."""
-    index = {_modname(p): p for p in modules_dir.rglob("*.ko*")}
-    builtin_file = modules_dir / "modules.builtin"
-    builtin = {_modname(Path(line)) for line in builtin_file.read_text().split()} \
-        if builtin_file.exists() else set()
-    order: list[Path] = []
-    seen: set[str] = set()
-
-    def visit(name: str) -> None:
-        name = name.replace("-", "_")
-        if name in seen or name in builtin:
-            return
-        seen.add(name)
-        if name not in index:
-            raise LaneError(f"module {name} not found under {modules_dir}")
-        for dep in filter(None, modinfo(index[name]).get("depends", "").split(",")):
-            visit(dep)
-        order.append(index[name])
-
-    for name in wanted:
-        visit(name)
-    return order
-
-
-def build_initramfs(kernel: LaneKernel) -> initramfs.Cpio:
-    cpio = initramfs.Cpio()
-    for d in ("dev", "proc", "sys", "tmp"):
-        cpio.add_dir(d)
-    cpio.add_char_device("/dev/console", 5, 1)  # the kernel opens it before devtmpfs exists
-    initramfs.add_busybox(cpio)
-    names = []
-    for ko in module_order(kernel.modules_dir):
-        # Stored plain: busybox insmod would need its own decompressor otherwise.
-        name = _modname(ko)
-        cpio.add_file(f"/lib/modules/{name}.ko", read_module(ko))
-        names.append(name)
-    init = (INIT_SCRIPT.replace("@MODULES@", " ".join(names)).replace("@NINEP@", NINEP_OPTS)
-            .replace("@START@", START_MARK).replace("@END@", END_MARK))
-    cpio.add_file("/init", init.encode(), 0o755)
-    return cpio
-
-
-def initrd_path(kernel: LaneKernel) -> Path:
-    """The lane initramfs, written once per distinct content (name = its hash)."""
-    blob = build_initramfs(kernel).to_bytes()  # uncompressed: TCG decompresses slowly
-    dest = kernel.root / f"initrd-{hashlib.sha256(blob).hexdigest()[:16]}.cpio"
-    if not dest.exists():
-        tmp = dest.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_bytes(blob)
-        os.replace(tmp, dest)
-    return dest
 
 
 # --- one run -----------------------------------------------------------------------

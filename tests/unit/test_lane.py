@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from microvm import lane
+from microvm import lane, lanekernel
 from microvm.errors import MicroVMError
 
 AWKWARD_ARGS = ["a b", "it's", '"q"', "$HOME", "\\back", "", "ünï", "x\ny", "*", "--", "-c"]
@@ -166,7 +166,7 @@ def test_extract_vmlinux_from_an_xz_bzimage(tmp_path: Path) -> None:
 
 def test_kernel_package_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     answers = {"depends": "linux-image-amd64\n  Depends: linux-image-6.1.0-50-amd64\n"}
-    monkeypatch.setattr(lane, "_run", lambda argv, cwd=None: answers.get(argv[1], ""))
+    monkeypatch.setattr(lanekernel, "_run", lambda argv, cwd=None: answers.get(argv[1], ""))
     assert lane._wanted_packages() == ["linux-image-6.1.0-50-amd64", "linux-image-6.1.0-50-amd64-unsigned"]
     answers = {"depends": "", "search": ("linux-image-6.1.0-9-amd64 - Linux 6.1\n"
                                          "linux-image-6.1.0-47-amd64 - Linux 6.1\n")}
@@ -186,7 +186,7 @@ def test_cached_kernel_is_used_without_apt(monkeypatch: pytest.MonkeyPatch, tmp_
     def no_apt(argv: list[str], cwd: str | None = None) -> str:
         raise AssertionError("apt consulted")
 
-    monkeypatch.setattr(lane, "_run", no_apt)
+    monkeypatch.setattr(lanekernel, "_run", no_apt)
     assert lane.find_kernel().release == "6.1.0-47-amd64"
 
 
