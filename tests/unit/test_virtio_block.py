@@ -23,7 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from microvm.devices import virtio as v
-from microvm.devices.virtio import block as b
+from microvm.devices.virtio import blk_abi as b
+from microvm.devices.virtio import block as blk
 from microvm.devices.virtio import mmio as m
 from microvm.devices.virtio.block import VirtioBlock
 from microvm.devices.virtio.queue import QueueError
@@ -280,8 +281,8 @@ def test_write_zeroes_without_fallocate(disk: Disk, image: tuple[Path, bytes],
         modes.append(mode)
         raise OSError(errno.EOPNOTSUPP, "not supported")
 
-    monkeypatch.setattr(b, "fallocate", unsupported)
-    monkeypatch.setattr(b, "ZERO_CHUNK", 4096)  # several chunks
+    monkeypatch.setattr(blk, "fallocate", unsupported)
+    monkeypatch.setattr(blk, "ZERO_CHUNK", 4096)  # several chunks
     path, content = image
     assert disk.request([(hdr(T_WRITE_ZEROES), False), (seg(1, 20, F_UNMAP), False), (1, True)])[0] == S_OK
     assert modes == [b.FALLOC_FL_PUNCH_HOLE | b.FALLOC_FL_KEEP_SIZE, b.FALLOC_FL_ZERO_RANGE | b.FALLOC_FL_KEEP_SIZE]
@@ -350,7 +351,7 @@ def test_read_only(image: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch) -
 
     for name in ("pwritev", "fdatasync"):
         monkeypatch.setattr(os, name, forbidden)
-    monkeypatch.setattr(b, "fallocate", forbidden)
+    monkeypatch.setattr(blk, "fallocate", forbidden)
     try:
         for parts in ([(hdr(T_OUT, 1), False), (bytes(512), False), (1, True)],
                       [(hdr(T_DISCARD), False), (seg(0, 8), False), (1, True)],
@@ -420,7 +421,7 @@ def test_fallocate_failure_is_ioerr(disk: Disk, image: tuple[Path, bytes], monke
     def eio(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(errno.EIO, "I/O error")
 
-    monkeypatch.setattr(b, "fallocate", eio)
+    monkeypatch.setattr(blk, "fallocate", eio)
     for kind in (T_DISCARD, T_WRITE_ZEROES):
         assert disk.request([(hdr(kind), False), (seg(0, 8), False), (1, True)])[:2] == (S_IOERR, 1)
     c = disk.dev.counters
