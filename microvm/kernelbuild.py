@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import functools
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -324,14 +325,56 @@ def _install(src: Path, work: Path, log_path: Path, dest: Path, key: str) -> Ker
     return _artifacts_in(dest, key)
 
 
+DPKG_STATUS = Path("/var/lib/dpkg/status")
+
+
+def _key_fingerprint(fragment_text: str) -> str:
+    """Cheap stand-in for the key's inputs: the fragment, and the identity of
+    the dpkg database and gcc (any package change, the source's included,
+    rewrites the database)."""
+    parts = [BUILD_SCRIPT_VERSION, fragment_text]
+    for path in (DPKG_STATUS, Path(shutil.which("gcc") or "/nonexistent")):
+        try:
+            st = path.resolve().stat()
+            parts.append(f"{path}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}")
+        except OSError:
+            parts.append(f"{path}:-")
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
 def find_default_kernel() -> KernelArtifacts | None:
-    """The cached kernel for the current fragment and source package, if complete."""
+    """The cached kernel for the current fragment and source package, if complete.
+
+    Computing the key asks dpkg and gcc (two processes); the answer is kept
+    next to the kernels under a fingerprint of their inputs, so starting a VM
+    does not pay for that each time.
+    """
+    memo = kernels_dir() / "default-key.json"
     try:
-        key = build_key(FRAGMENT.read_text(), source_version())
+        fragment_text = FRAGMENT.read_text()
+        fingerprint = _key_fingerprint(fragment_text)
+        try:
+            saved = json.loads(memo.read_text())
+        except (OSError, ValueError):
+            saved = {}
+        key = saved.get("key") if saved.get("fingerprint") == fingerprint else None
+        if not isinstance(key, str):
+            key = build_key(fragment_text, source_version())
+            _write_memo(memo, {"fingerprint": fingerprint, "key": key})
     except (OSError, KernelBuildError):
         return None
     art = _artifacts_in(kernels_dir() / key, key)
     return art if _is_complete(art) else None
+
+
+def _write_memo(path: Path, data: dict[str, str]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(data))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only cache only costs the slow path next time
 
 
 def build_kernel(*, force: bool = False, jobs: int | None = None, progress: bool = True,

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from microvm import loader
+from microvm import _kvm, loader
 from microvm.arch.x86_64 import cpuid, lapic, mptable, msr, paging, regs
 from microvm.backends import Backends
 from microvm.devices.control import CONTROL_BASE, CONTROL_SIZE, MARK_COMMAND, MARK_INIT, ControlDevice
@@ -352,9 +352,10 @@ class MicroVM:
 
     def _setup_vcpus(self, vm: Vm) -> None:
         supported = vm.kvm.get_supported_cpuid()
+        tsc_deadline = bool(vm.kvm.check_extension(_kvm.CAPS["KVM_CAP_TSC_DEADLINE_TIMER"]))
         for vcpu in vm.vcpus:
             fd = vcpu.fd
-            fd.set_cpuid2(cpuid.vcpu_cpuid(supported, vcpu.index, self.vcpus))
+            fd.set_cpuid2(cpuid.vcpu_cpuid(supported, vcpu.index, self.vcpus, tsc_deadline))
             fd.set_msrs(msr.boot_msrs())
             fd.set_lapic(lapic.wire_lints(fd.get_lapic()))
         # Only the boot CPU gets registers; the others wait for INIT/SIPI

@@ -194,3 +194,31 @@ def test_error_is_part_of_the_hierarchy() -> None:
     from microvm.errors import MicroVMError
 
     assert issubclass(KernelBuildError, MicroVMError)
+
+
+def test_default_kernel_key_is_remembered_until_an_input_changes(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
+    fragment = tmp_path / "fragment.config"
+    fragment.write_text("CONFIG_X=y\n")
+    monkeypatch.setenv("MICROVM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(kernelbuild, "FRAGMENT", fragment)
+    calls: list[str] = []
+
+    def counting_key(text: str, version: str, **kw: str) -> str:
+        calls.append(text)
+        return "k" + str(len(calls))
+
+    monkeypatch.setattr(kernelbuild, "build_key", counting_key)
+    monkeypatch.setattr(kernelbuild, "source_version", lambda: "6.1.test")
+    for _ in range(3):
+        assert kernelbuild.find_default_kernel() is None  # nothing built under that key
+    assert len(calls) == 1  # asked dpkg/gcc once, then remembered
+    fragment.write_text("CONFIG_X=n\n")
+    kernelbuild.find_default_kernel()
+    assert len(calls) == 2
+    done = kernelbuild.kernels_dir() / "k2"
+    done.mkdir(parents=True)
+    for name in ("vmlinux", "bzImage", "config"):
+        (done / name).write_bytes(b"x")
+    art = kernelbuild.find_default_kernel()
+    assert art is not None and art.key == "k2" and len(calls) == 2

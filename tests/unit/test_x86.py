@@ -44,6 +44,8 @@ def test_cpuid_per_vcpu() -> None:
     sig = b"".join(e[2][r].to_bytes(4, "little") for r in ("ebx", "ecx", "edx"))
     assert sig == b"KVMKVMKVM\0\0\0"
     assert supported[0]["ebx"] == 0x800  # input left alone
+    assert not e[0]["ecx"] & cpuid.CPUID_1_ECX_TSC_DEADLINE  # only where KVM says it emulates it
+    assert cpuid.vcpu_cpuid(supported, 0, 1, tsc_deadline=True)[0]["ecx"] & cpuid.CPUID_1_ECX_TSC_DEADLINE
 
 
 def test_gdt_descriptor_encoding() -> None:
