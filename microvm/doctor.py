@@ -176,6 +176,19 @@ def _verdict_cache() -> Path | None:
     return base / "doctor" / f"verdict-{boot_id}-{platform.release()}"
 
 
+def plainly_hardware(pvm_module: str = "/sys/module/kvm_pvm", cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """No PVM module and the CPU advertises VMX or SVM: hardware virtualization,
+    with no need to measure (the measurement is for the doubtful cases)."""
+    if os.path.exists(pvm_module):
+        return False
+    try:
+        flags = next((line for line in Path(cpuinfo).read_text().splitlines()
+                      if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "vmx" in flags or "svm" in flags
+
+
 @functools.cache
 def host_verdict() -> Verdict:
     """This host's verdict: measured once per host boot (cached by boot id)."""

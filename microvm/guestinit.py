@@ -121,7 +121,7 @@ def base_initramfs() -> bytes:
     busybox = busybox_path()
     # Keyed by the busybox file's identity (not its 2 MB of contents) and our init.
     st = busybox.stat()
-    ident = f"{busybox.resolve()}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}\n{INIT_SCRIPT}"
+    ident = f"{busybox.resolve()}:{st.st_size}:{st.st_mtime_ns}\n{INIT_SCRIPT}"
     key = hashlib.sha256(ident.encode()).hexdigest()[:16]
     path = _cache_dir() / f"base-{key}.cpio"
     try:

@@ -336,7 +336,7 @@ def _key_fingerprint(fragment_text: str) -> str:
     for path in (DPKG_STATUS, Path(shutil.which("gcc") or "/nonexistent")):
         try:
             st = path.resolve().stat()
-            parts.append(f"{path}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}")
+            parts.append(f"{path}:{st.st_size}:{st.st_mtime_ns}")
         except OSError:
             parts.append(f"{path}:-")
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]

@@ -105,9 +105,9 @@ def check_host(force: bool = False) -> None:
     """Refuse at once where an ordinary Linux guest cannot run (PVM)."""
     if force or os.environ.get("MICROVM_FORCE") == "1":
         return
-    from microvm.doctor import Verdict, host_verdict
+    from microvm.doctor import Verdict, host_verdict, plainly_hardware
 
-    if host_verdict() is Verdict.PVM:
+    if not plainly_hardware() and host_verdict() is Verdict.PVM:
         raise UnsupportedHostError(
             "this host's /dev/kvm is PVM, not hardware virtualization: guest kernel mode is "
             "emulated and an unmodified Linux kernel cannot run here (it needs minutes, then fails). "

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from microvm.doctor import Report, Verdict, render, verdict
+from microvm.doctor import Report, Verdict, plainly_hardware, render, verdict
 
 
 @pytest.mark.parametrize(
@@ -32,3 +34,18 @@ def test_report_renders_and_serialises() -> None:
                cpl3_ns_per_iter=0.4, pvm_module=True)
     assert "PVM" in render(r) and "1200.00" in render(r)
     assert r.to_dict()["kind"] == "pvm"
+
+
+@pytest.mark.parametrize("pvm_module,flags,want", [
+    (False, "fpu vme svm lm", True),
+    (False, "fpu vmx lm", True),
+    (True, "fpu svm lm", False),  # PVM loaded: measure, do not guess
+    (False, "fpu lm hypervisor", False),  # no VMX/SVM: a nested or PVM host; measure
+])
+def test_plainly_hardware(tmp_path: Path, pvm_module: bool, flags: str, want: bool) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    module = tmp_path / "kvm_pvm"
+    if pvm_module:
+        module.mkdir()
+    assert plainly_hardware(str(module), str(cpuinfo)) is want
