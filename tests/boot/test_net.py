@@ -66,6 +66,17 @@ def test_guest_pings_host_and_tap_is_removed() -> None:
     assert "mvtap0" not in link_names()  # the tap we created went with the VM
 
 
+def test_taps_are_removed_after_a_panic_and_a_timeout() -> None:
+    from microvm.machine import GuestPanicError, GuestTimeoutError
+
+    with pytest.raises(GuestPanicError):
+        MicroVM(nics=[nic("mvtapp")], append="rdinit=/no/such/init init=/no/such/init").run(["true"], timeout=120)
+    assert "mvtapp" not in link_names()
+    with pytest.raises(GuestTimeoutError):
+        MicroVM(nics=[nic("mvtapt")]).run(["sleep", "600"], timeout=20)
+    assert "mvtapt" not in link_names()
+
+
 def test_mac_and_cli_form() -> None:
     spec = Nic.parse(f"tap=mvtap1,mac=02:aa:bb:cc:dd:ee,ip={GUEST}/24,host_ip={HOST}/24")
     r = MicroVM(nics=[spec]).run(["cat", "/sys/class/net/eth0/address"], timeout=120)
