@@ -117,8 +117,7 @@ def _load_pvh(
     # longer lines are truncated by the kernel, so only our buffer bounds it.
     raw_cmdline = encode_cmdline(cmdline, CMDLINE_MAX - 1)
     loaded = elf.load(mem, image)
-    mem.write(CMDLINE, raw_cmdline)
-    initrd = _place_initrd(mem, initrd_data, ram, loaded.end, FOUR_GIB)
+    initrd = _place_cmdline_and_initrd(mem, raw_cmdline, initrd_data, ram, loaded.end, FOUR_GIB)
     params = elf.write_start_info(mem, cmdline_addr=CMDLINE, initrd=initrd, memmap=e820)
     return BootInfo("pvh", loaded.entry, params, loaded.start, loaded.end, initrd, CMDLINE)
 
@@ -134,15 +133,17 @@ def _load_bzimage(
     image = bzimage.parse(data)
     raw_cmdline = encode_cmdline(cmdline, image.cmdline_size)
     loaded = bzimage.load(mem, image)
-    mem.write(CMDLINE, raw_cmdline)
-    initrd = _place_initrd(mem, initrd_data, ram, loaded.end, image.initrd_limit)
+    initrd = _place_cmdline_and_initrd(mem, raw_cmdline, initrd_data, ram, loaded.end, image.initrd_limit)
     params = bzimage.write_boot_params(mem, image, loaded, cmdline_addr=CMDLINE, initrd=initrd, e820=e820)
     return BootInfo("linux64", loaded.entry, params, loaded.start, loaded.end, initrd, CMDLINE)
 
 
-def _place_initrd(
-    mem: GuestMemory, data: bytes | None, ram: Sequence[tuple[int, int]], above: int, limit: int
+def _place_cmdline_and_initrd(
+    mem: GuestMemory, raw_cmdline: bytes, data: bytes | None, ram: Sequence[tuple[int, int]], above: int,
+    limit: int,
 ) -> tuple[int, int] | None:
+    """The command line at its fixed address; the initrd, if any, in RAM above the kernel, below limit."""
+    mem.write(CMDLINE, raw_cmdline)
     if data is None:
         return None
     addr = place_initrd(mem, len(data), ram, above=above, limit=limit)

@@ -15,12 +15,12 @@ import hashlib
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from microvm.machine import Drive, MicroVM, Nic
+from microvm.machine import Drive, MicroVM, Nic, RunResult
 
 CLONE_NEWNET = 0x40000000
 MIB = 1 << 20
@@ -83,29 +83,34 @@ def test_mac_and_cli_form() -> None:
     assert r.stdout == b"02:aa:bb:cc:dd:ee\n"
 
 
+def guest_connects(vm: MicroVM, command: str, port: int, serve: Callable[[socket.socket], None]) -> RunResult:
+    """Start vm running `command` (which connects to HOST:port), serve the one
+    connection, wait for the guest. The host address exists once the tap
+    does, so the VM starts first and the guest waits a moment."""
+    with contextlib.ExitStack() as stack:
+        stack.callback(vm.close)
+        vm.start(["sh", "-c", f"sleep 1; {command}"])
+        srv = socket.create_server((HOST, port))
+        stack.callback(srv.close)
+        srv.settimeout(240)
+        conn, _ = srv.accept()
+        with conn:
+            conn.settimeout(240)
+            serve(conn)
+        return vm.wait(300)
+
+
 def test_tcp_256mib_host_to_guest() -> None:
     sent = hashlib.sha256()
 
-    def send(conn: socket.socket) -> int:
+    def send(conn: socket.socket) -> None:
         block = os.urandom(MIB)
         for i in range(BIG // MIB):
             chunk = hashlib.sha256(block + i.to_bytes(4, "little")).digest() * (MIB // 32)
             sent.update(chunk)
             conn.sendall(chunk)
-        return BIG
 
-    # The host address exists once the tap does: start the VM, then listen.
-    vm = MicroVM(mem_mib=256, nics=[nic()])
-    with contextlib.ExitStack() as stack:
-        stack.callback(vm.close)
-        vm.start(["sh", "-c", f"sleep 1; nc {HOST} 5001 </dev/null | sha256sum"])
-        srv = socket.create_server((HOST, 5001))
-        stack.callback(srv.close)
-        srv.settimeout(240)
-        conn, _ = srv.accept()
-        with conn:
-            send(conn)
-        r = vm.wait(300)
+    r = guest_connects(MicroVM(mem_mib=256, nics=[nic()]), f"nc {HOST} 5001 </dev/null | sha256sum", 5001, send)
     assert r.exit_code == 0, r.console[-3000:]
     assert r.stdout.split()[0].decode() == sent.hexdigest()
     assert r.stats["eth0"]["rx_bytes"] > BIG
@@ -117,22 +122,17 @@ def test_tcp_256mib_guest_to_host(tmp_path: Path) -> None:
         for _ in range(BIG // MIB):
             f.write(os.urandom(MIB))
     want = hashlib.sha256(blob.read_bytes()).hexdigest()
-    vm = MicroVM(mem_mib=256, nics=[nic()], drives=[Drive(blob, read_only=True)])
     got = hashlib.sha256()
     total = 0
-    with contextlib.ExitStack() as stack:
-        stack.callback(vm.close)
-        vm.start(["sh", "-c", f"sleep 1; nc {HOST} 5002 </dev/vda"])
-        srv = socket.create_server((HOST, 5002))
-        stack.callback(srv.close)
-        srv.settimeout(240)
-        conn, _ = srv.accept()
-        with conn:
-            conn.settimeout(240)
-            while data := conn.recv(1 << 20):
-                got.update(data)
-                total += len(data)
-        r = vm.wait(300)
+
+    def receive(conn: socket.socket) -> None:
+        nonlocal total
+        while data := conn.recv(1 << 20):
+            got.update(data)
+            total += len(data)
+
+    vm = MicroVM(mem_mib=256, nics=[nic()], drives=[Drive(blob, read_only=True)])
+    r = guest_connects(vm, f"nc {HOST} 5002 </dev/vda", 5002, receive)
     assert r.exit_code == 0, r.console[-3000:]
     assert total == BIG
     assert got.hexdigest() == want
