@@ -17,14 +17,15 @@ import argparse
 import json
 import os
 import re
-import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from _lane import rerun_in_lane_if_pvm
+
+from microvm.benchmarks import qemu as qemu_bench
+from microvm.benchmarks.report import summarize
 
 JOBS = {
     "seq_read_MBps": ("read", "1M"),
@@ -84,10 +85,10 @@ def qemu(kernel: Path, image: Path, disk: Path, script: str, timeout: float) -> 
         # A subshell, so that even a failed script gets there; reboot=t and
         # -no-reboot: the guest's restart ends QEMU.
         initrd.write_bytes(initramfs_for(["sh", "-c", f"( {script}\n) >/dev/console 2>&1; {QEMU_END}"]))
-        argv = ["qemu-system-x86_64", "-M", "microvm,acpi=off", "-enable-kvm", "-cpu", "host",
+        argv = [qemu_bench.QEMU, "-M", "microvm,acpi=off", "-enable-kvm", "-cpu", "host",
                 "-smp", "1", "-m", str(MEM_MIB), "-nodefaults", "-no-user-config", "-display", "none",
                 "-no-reboot", "-serial", "stdio", "-kernel", str(kernel), "-initrd", str(initrd),
-                "-append", "console=ttyS0 reboot=t panic=-1 quiet 8250.nr_uarts=1 root=LABEL=microvm",
+                "-append", f"{qemu_bench.CMDLINE} root=LABEL=microvm",
                 "-drive", f"id=root,file={image},format=raw,if=none,readonly=on",
                 "-device", "virtio-blk-device,drive=root",
                 "-drive", f"id=scratch,file={disk},format=raw,if=none",
@@ -102,16 +103,6 @@ def qemu(kernel: Path, image: Path, disk: Path, script: str, timeout: float) -> 
     return parse(out.replace("\r\n", "\n"))
 
 
-def summarize(samples: dict[str, dict[str, list[float]]]) -> dict[str, dict]:
-    out: dict[str, dict] = {}
-    for k in JOBS:
-        row: dict = {who: {"median": statistics.median(v[k]), "min": min(v[k]), "max": max(v[k])}
-                     for who, v in samples.items()}
-        row["ratio"] = row["microvm"]["median"] / row["qemu"]["median"] if row.get("qemu") else None
-        out[k] = row
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runtime", type=int, default=5)
@@ -119,7 +110,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    rerun_in_lane_if_pvm()
+    # In the lane, only a shared directory reaches the host: the JSON's.
+    rerun_in_lane_if_pvm(out_dir=args.json.resolve().parent if args.json else None)
 
     from microvm.images import DEBIAN_PACKAGES, debian_image_path
     from microvm.kernelbuild import find_default_kernel
@@ -129,7 +121,7 @@ def main() -> None:
     if not image.exists() or art is None:
         sys.exit("bench/blk.py: needs `microvm kernel build` and `microvm image debian --package fio`")
     sides = {"microvm": ours}
-    if shutil.which("qemu-system-x86_64"):
+    if qemu_bench.available():
         sides["qemu"] = qemu
     script = fio_script(args.runtime)
     # Boot and fio's own start-up, slow in a busy lane, plus the three jobs.
@@ -147,16 +139,18 @@ def main() -> None:
                     samples[who][k].append(val)
                 print(f"run {i + 1}/{args.runs} {who}: " + ", ".join(f"{k} {v:.1f}" for k, v in got.items()),
                       flush=True)
-    summary = summarize(samples)
+    stats = {who: {k: summarize(v) for k, v in per.items()} for who, per in samples.items()}
+    ratio = {k: stats["microvm"][k].median / stats["qemu"][k].median if "qemu" in stats else None for k in JOBS}
     print(f"\nmedian of {args.runs} runs (min-max); ratio = microvm / qemu")
     print(f"{'metric':<18}" + "".join(f"{who:>22}" for who in sides) + f"{'ratio':>7}")
-    for k, row in summary.items():
-        cells = "".join(f"{s['median']:9.1f} ({s['min']:.1f}-{s['max']:.1f})".rjust(22)
-                        for s in (row[who] for who in sides))
-        ratio = f"{row['ratio']:7.2f}" if row["ratio"] is not None else ""
-        print(f"{k:<18}{cells}{ratio}")
+    for k in JOBS:
+        cells = "".join(f"{st.median:9.1f} ({st.min:.1f}-{st.max:.1f})".rjust(22)
+                        for st in (stats[who][k] for who in sides))
+        print(f"{k:<18}{cells}" + (f"{ratio[k]:7.2f}" if ratio[k] is not None else ""))
     if args.json:
-        args.json.write_text(json.dumps({"runs": args.runs, "samples": samples, "summary": summary}, indent=2))
+        summary = {who: {k: st.to_dict() for k, st in per.items()} for who, per in stats.items()}
+        args.json.write_text(json.dumps({"runs": args.runs, "runtime_s": args.runtime, "samples": samples,
+                                         "summary": summary, "ratio": ratio}, indent=2))
 
 
 if __name__ == "__main__":
