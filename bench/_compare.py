@@ -67,18 +67,23 @@ def qemu_console(kernel: Path, script: str, *, append: str, devices: Sequence[st
 
 def alternate(sides: Mapping[str, Callable[[], Metrics]], runs: int) -> dict[str, list[Metrics]]:
     """runs of each side, taking turns (so drifts in the host's load hit all
-    of them), a line of progress per run; side -> one record per run."""
+    of them), a line of progress per run; side -> one record per run that
+    succeeded (a failed run, RuntimeError, is reported and left out)."""
     import time
 
     records: dict[str, list[Metrics]] = {who: [] for who in sides}
     for i in range(runs):
         for who, run in sides.items():
             t0 = time.monotonic()
-            got = run()
+            try:
+                got = run()
+            except RuntimeError as e:
+                print(f"run {i + 1}/{runs} {who} FAILED after {time.monotonic() - t0:.0f} s: {e}", flush=True)
+                continue
             records[who].append(got)
             print(f"run {i + 1}/{runs} {who} ({time.monotonic() - t0:.0f} s): "
                   + ", ".join(f"{k} {v:.4g}" for k, v in got.items()), flush=True)
-    return records
+    return {who: recs for who, recs in records.items() if recs}
 
 
 def report(title: str, metrics: Mapping[str, tuple[str, str]], records: Mapping[str, list[Metrics]],
@@ -86,17 +91,20 @@ def report(title: str, metrics: Mapping[str, tuple[str, str]], records: Mapping[
     """The table: per metric (name -> (label, unit)) each side's median
     (min-max) and the ratio of medians microvm / qemu; then the JSON with the
     raw samples, the summaries, the ratios and facts."""
+    if not records:
+        sys.exit("no run succeeded")
     samples = {who: {k: [rec[k] for rec in recs] for k in metrics} for who, recs in records.items()}
     stats = {who: {k: summarize(v) for k, v in per.items()} for who, per in samples.items()}
-    ratio = {k: stats["microvm"][k].median / stats["qemu"][k].median if "qemu" in stats else None for k in metrics}
+    both = {"microvm", "qemu"} <= stats.keys()
+    ratio = {k: stats["microvm"][k].median / stats["qemu"][k].median if both else None for k in metrics}
     rows = []
     for k, (label, unit) in metrics.items():
         cells = [f"{st.median:.4g} ({st.min:.4g}-{st.max:.4g})" for st in (stats[who][k] for who in records)]
         rows.append([label, unit, *cells, ratio[k]])
     where = "lane" if os.environ.get("MICROVM_IN_LANE") == "1" else "host"
-    runs = max(len(recs) for recs in records.values())
-    console().print(rows_table(f"{title}: median of {runs} runs (min-max), {where}",
-                               ["metric", "unit", *records, "microvm / qemu"], rows))
+    runs = {who: len(recs) for who, recs in records.items()}
+    console().print(rows_table(f"{title}: median (min-max) of " + ", ".join(f"{n} {who}" for who, n in runs.items())
+                               + f" runs, {where}", ["metric", "unit", *records, "microvm / qemu"], rows))
     if json_path:
         summary = {who: {k: st.to_dict() for k, st in per.items()} for who, per in stats.items()}
         json_path.write_text(json.dumps({"runs": runs, **facts, "samples": samples, "summary": summary,
