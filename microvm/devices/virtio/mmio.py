@@ -63,7 +63,13 @@ class MmioTransport:
         self.irq = irq
         self.queues = [Queue(n) for n in device.queue_sizes]
         self.device_features = device.features | TRANSPORT_FEATURES
-        self._lock = threading.RLock()  # vCPU threads (registers) vs. the I/O thread (queues)
+        # vCPU threads (registers, status changes) vs. the I/O thread (queue
+        # processing): a reset never runs in the middle of a batch.
+        self._lock = threading.RLock()
+        # interrupt_status alone: the guest's interrupt handler reads and
+        # acknowledges it while the I/O thread may be deep in a batch, and
+        # must not wait for that batch (nor for the GIL hand-offs it takes).
+        self._irq_lock = threading.Lock()
         self.errors: list[str] = []
         self._reset_state()
         if hasattr(device, "config_changed"):
@@ -75,7 +81,8 @@ class MmioTransport:
         self.driver_features_sel = 0
         self.driver_features = 0
         self.queue_sel = 0
-        self.interrupt_status = 0
+        with self._irq_lock:
+            self.interrupt_status = 0
         self.config_generation = 0
         for q in self.queues:
             q.reset()
@@ -90,6 +97,8 @@ class MmioTransport:
     # --- registers (vCPU threads) ---------------------------------------------------
 
     def read(self, offset: int, size: int) -> int:
+        if offset == VIRTIO_MMIO_INTERRUPT_STATUS:
+            return self.interrupt_status if size == 4 else 0  # one load of an int: no lock needed
         with self._lock:
             if offset >= VIRTIO_MMIO_CONFIG:
                 return self.device.read_config(offset - VIRTIO_MMIO_CONFIG, size)
@@ -110,8 +119,6 @@ class MmioTransport:
                 return q.max_size if q else 0
             if offset == VIRTIO_MMIO_QUEUE_READY:
                 return int(q.ready) if q else 0
-            if offset == VIRTIO_MMIO_INTERRUPT_STATUS:
-                return self.interrupt_status
             if offset == VIRTIO_MMIO_STATUS:
                 return self.status
             if offset == VIRTIO_MMIO_CONFIG_GENERATION:
@@ -119,6 +126,10 @@ class MmioTransport:
             return 0
 
     def write(self, offset: int, size: int, value: int) -> None:
+        if offset == VIRTIO_MMIO_INTERRUPT_ACK:
+            if size == 4:
+                self._raise_interrupt(0, clear=value)
+            return
         with self._lock:
             if offset >= VIRTIO_MMIO_CONFIG:
                 self.device.write_config(offset - VIRTIO_MMIO_CONFIG, size, value)
@@ -130,8 +141,6 @@ class MmioTransport:
                 self.notify(value & 0xFFFF)
             elif offset == VIRTIO_MMIO_STATUS:
                 self._set_status(value & 0xFF)
-            elif offset == VIRTIO_MMIO_INTERRUPT_ACK:
-                self.interrupt_status &= ~value
             elif offset == VIRTIO_MMIO_DEVICE_FEATURES_SEL:
                 self.features_sel = value
             elif offset == VIRTIO_MMIO_DRIVER_FEATURES_SEL:
@@ -238,16 +247,14 @@ class MmioTransport:
                 self._fail(f"queue {index}: {e}")
                 return
             if wanted:
-                self.interrupt_status |= VIRTIO_MMIO_INT_VRING
-                self.irq.trigger()
+                self._raise_interrupt(VIRTIO_MMIO_INT_VRING)
 
     def config_changed(self) -> None:
         """The device changed its config space: a configuration change notification (4.2.3.3)."""
         with self._lock:
             self.config_generation = (self.config_generation + 1) & 0xFFFFFFFF
             if self.status & v.STATUS_DRIVER_OK:
-                self.interrupt_status |= VIRTIO_MMIO_INT_CONFIG
-                self.irq.trigger()
+                self._raise_interrupt(VIRTIO_MMIO_INT_CONFIG)
 
     def _fail(self, why: str) -> None:
         """A broken driver: DEVICE_NEEDS_RESET and a config interrupt (2.1.2)."""
@@ -256,5 +263,11 @@ class MmioTransport:
         if len(self.errors) < 100:
             self.errors.append(msg)
         self.status |= v.STATUS_DEVICE_NEEDS_RESET
-        self.interrupt_status |= VIRTIO_MMIO_INT_CONFIG
-        self.irq.trigger()
+        self._raise_interrupt(VIRTIO_MMIO_INT_CONFIG)
+
+    def _raise_interrupt(self, bits: int, clear: int = 0) -> None:
+        """Set (and trigger) or acknowledge interrupt status bits."""
+        with self._irq_lock:
+            self.interrupt_status = (self.interrupt_status & ~clear) | bits
+        if bits:
+            self.irq.trigger()
