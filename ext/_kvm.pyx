@@ -752,21 +752,31 @@ cdef class VcpuFd(_Fd):
 
 # --- guest memory mappings --------------------------------------------------
 
+cdef enum:
+    HUGE_PAGE = 2097152  # 2 MiB, the x86 huge page
+
+
 cdef class Mapping:
     """An mmap for guest RAM, exposed through the buffer protocol.
 
     Anonymous (MAP_NORESERVE: pages are only committed when touched) or
-    backed by a file descriptor; optionally hugetlb. close() unmaps, and
-    refuses while any memoryview of it is still alive, so no Python object
-    can reach unmapped memory.
+    backed by a file descriptor; optionally hugetlb. An anonymous mapping
+    starts on a 2 MiB boundary and asks for transparent huge pages
+    (MADV_HUGEPAGE), as QEMU does for guest RAM: the host then backs the
+    guest with 2 MiB pages where it can, and KVM maps them 2 MiB at a time
+    (one fault per 2 MiB instead of 512). close() unmaps, and refuses while
+    any memoryview of it is still alive, so no Python object can reach
+    unmapped memory.
     """
     cdef char *base
     cdef readonly size_t size
     cdef readonly int exports
 
     def __cinit__(self, size_t size, int fd=-1, long offset=0, bint shared=False,
-                  bint hugepages=False, bint populate=False):
+                  bint hugepages=False, bint populate=False, bint thp=True):
         cdef int flags = s.MAP_SHARED if shared else s.MAP_PRIVATE
+        cdef size_t slack = 0
+        cdef uintptr_t start, aligned
         if size == 0:
             raise ValueError("mapping size must be positive")
         if fd >= 0:
@@ -784,9 +794,22 @@ cdef class Mapping:
             flags |= s.MAP_HUGETLB
         if populate:
             flags |= s.MAP_POPULATE
-        cdef void *p = s.mmap(NULL, size, s.PROT_READ | s.PROT_WRITE, flags, fd, offset)
+        thp = thp and fd < 0 and not hugepages and not populate
+        if thp:
+            slack = HUGE_PAGE  # room to slide the start onto a 2 MiB boundary
+        cdef void *p = s.mmap(NULL, size + slack, s.PROT_READ | s.PROT_WRITE, flags, fd, offset)
         if p == s.MAP_FAILED:
             _check(-1, f"mmap({size} bytes)")
+        if thp:
+            start = <uintptr_t>p
+            aligned = (start + HUGE_PAGE - 1) & ~(<uintptr_t>HUGE_PAGE - 1)
+            if aligned > start:
+                s.munmap(p, aligned - start)
+            if start + slack > aligned:
+                s.munmap(<void *>(aligned + size), start + slack - aligned)
+            p = <void *>aligned
+            # Only advice: without THP (disabled, or an old kernel) it fails and nothing changes.
+            s.madvise(p, size, s.MADV_HUGEPAGE)
         self.base = <char *>p
         self.size = size
 

@@ -18,6 +18,7 @@ cdef extern from "<sys/mman.h>" nogil:
     int MAP_HUGETLB
     int MAP_POPULATE
     int MADV_DONTNEED
+    int MADV_HUGEPAGE
 
 cdef extern from "<sys/eventfd.h>" nogil:
     int eventfd(unsigned int initval, int flags)

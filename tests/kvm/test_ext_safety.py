@@ -51,3 +51,26 @@ def test_hugepages_without_a_pool_is_an_error_not_sigbus() -> None:
         pytest.skip("this host has a huge page pool")
     with pytest.raises(GuestMemoryError, match="cannot map"):
         GuestMemory.anonymous([(0, 2 << 20)], hugepages=True)
+
+
+def test_anonymous_guest_ram_is_2mib_aligned_for_huge_pages() -> None:
+    m = _kvm.Mapping(6 << 20)
+    try:
+        assert m.address % (2 << 20) == 0
+        view = memoryview(m)
+        view[0] = 1
+        view[-1] = 2  # the whole range is usable, the alignment slack is gone
+        view.release()
+        smaps = open("/proc/self/smaps").read().split("\n")
+        start = next(i for i, line in enumerate(smaps) if line.startswith(f"{m.address:x}-"))
+        lo, hi = (int(x, 16) for x in smaps[start].split()[0].split("-"))
+        assert (lo, hi) == (m.address, m.address + (6 << 20))
+        thp = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+        if "[never]" not in thp:
+            eligible = next(line for line in smaps[start:] if line.startswith("THPeligible:"))
+            assert eligible.split()[1] == "1"
+    finally:
+        m.close()
+    small = _kvm.Mapping(4096, thp=False)
+    assert small.size == 4096
+    small.close()
