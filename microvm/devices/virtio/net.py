@@ -307,12 +307,14 @@ class VirtioNet(QueueState):
             frame[0] = 0  # 5.1.6.4: no checksum flags for a driver that did not negotiate them
         frame[NUM_BUFFERS_OFFSET:NUM_BUFFERS_OFFSET + 2] = chosen.to_bytes(2, "little")
         pos = 0
+        used = []
         for _ in range(chosen):
             chain, capacity = self._stash.popleft()
             take = min(capacity, need - pos)
             self._scatter(mem, chain, frame[pos:pos + take])
-            q.add_used(chain.head, take)
+            used.append((chain.head, take))
             pos += take
+        q.add_used_many(used)
         self.stats["rx_frames"] += 1
         self.stats["rx_bytes"] += need - HDR_SIZE
         return chosen

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from microvm.errors import GuestMemoryError, MicroVMError
 from microvm.memory import GuestMemory
@@ -52,8 +53,7 @@ class QueueError(MicroVMError):
     """The driver broke the virtqueue rules; the device needs a reset."""
 
 
-@dataclass(frozen=True, slots=True)
-class Descriptor:
+class Descriptor(NamedTuple):
     addr: int
     len: int
     write: bool  # device-writable (VRING_DESC_F_WRITE)
@@ -172,11 +172,11 @@ class Queue:
                 raise QueueError(f"available index jumped by {pending}, more than the queue size {self.size}")
             self._avail_seen = avail
         head = mem.read_int(self.avail_ring + 4 + 2 * (nxt % self.size), 2)
-        chain = DescriptorChain(head, list(self._walk(mem, head)))
+        chain = DescriptorChain(head, self._walk(mem, head))
         self._next_avail = (nxt + 1) & 0xFFFF
         return chain
 
-    def _walk(self, mem: GuestMemory, head: int) -> Iterator[Descriptor]:
+    def _walk(self, mem: GuestMemory, head: int) -> list[Descriptor]:
         """Follow a chain from head, expanding at most one indirect table."""
         if head >= self.size:
             raise QueueError(f"descriptor index {head} out of range (queue size {self.size})")
@@ -185,6 +185,7 @@ class Queue:
         seen = 0
         total = 0
         indirect = False
+        out: list[Descriptor] = []
         while True:
             seen += 1
             if seen > table_size:
@@ -214,24 +215,30 @@ class Queue:
             total += length
             if total > MAX_CHAIN_BYTES:
                 raise QueueError("descriptor chain describes more than 4 GiB")
-            yield Descriptor(addr, length, bool(flags & VRING_DESC_F_WRITE))
+            out.append(Descriptor(addr, length, bool(flags & VRING_DESC_F_WRITE)))
             if not flags & VRING_DESC_F_NEXT:
-                return
+                return out
             if nxt >= table_size:
                 raise QueueError(f"next descriptor {nxt} out of range ({table_size})")
             index = nxt
 
     def add_used(self, head: int, length: int) -> None:
         """Return a chain to the driver with `length` bytes written into it."""
+        self.add_used_many(((head, length),))
+
+    def add_used_many(self, used: Iterable[tuple[int, int]]) -> None:
+        """Return several chains (head, bytes written) and publish them with one index update."""
         mem = self._mem()
-        slot = self.next_used % self.size
-        elem = self.used_ring + 4 + VIRTQ_USED_ELEM_SIZE * slot
-        _USED_ELEM.pack_into(mem.view(elem, VIRTQ_USED_ELEM_SIZE), 0, head, length)
-        self.next_used = (self.next_used + 1) & 0xFFFF
-        # The element must be visible before the index that publishes it
+        n = self.next_used
+        for head, length in used:
+            elem = self.used_ring + 4 + VIRTQ_USED_ELEM_SIZE * (n % self.size)
+            _USED_ELEM.pack_into(mem.view(elem, VIRTQ_USED_ELEM_SIZE), 0, head, length)
+            n = (n + 1) & 0xFFFF
+        self.next_used = n
+        # The elements must be visible before the index that publishes them
         # (2.7.8.2); in Python the stores happen in program order, and the
         # x86 memory model keeps store order for the guest.
-        mem.write_int(self.used_ring + 2, 2, self.next_used)
+        mem.write_int(self.used_ring + 2, 2, n)
 
     def needs_notification(self) -> bool:
         """Whether to interrupt the driver for what we just used (2.7.7.2, 2.7.10)."""
