@@ -24,6 +24,7 @@ import logging
 import mmap
 import os
 import stat
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -70,6 +71,7 @@ from microvm.memory import GuestMemory
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+_OUTHDR = struct.Struct("<IIQ")  # struct virtio_blk_outhdr: type, ioprio, sector
 ZERO_CHUNK = 1 << 20  # write-zeroes fallback: zeros written this many bytes at a time
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -257,14 +259,14 @@ class VirtioBlock(QueueState):
         mem, signal = self.mem, self.signal
         assert mem is not None and signal is not None
         q = self.queues[REQUEST_QUEUE]
-        used = False
+        used: list[tuple[int, int]] = []
         try:
             while (chain := q.pop()) is not None:
-                q.add_used(chain.head, self._request(mem, chain))
-                used = True
+                used.append((chain.head, self._request(mem, chain)))
         finally:
             # What was used before a QueueError still reaches the driver.
             if used:
+                q.add_used_many(used)
                 signal(REQUEST_QUEUE)
 
     # --- requests -----------------------------------------------------------------------
@@ -291,8 +293,13 @@ class VirtioBlock(QueueState):
             out_len = sum(d.len for d in readable) - HEADER_SIZE
             if out_len < 0:
                 raise _Reply(VIRTIO_BLK_S_IOERR, "request header shorter than 16 bytes")
-            header = VirtioBlkOuthdr.from_buffer_copy(b"".join(_views(mem, readable, 0, HEADER_SIZE)))
-            self._dispatch(mem, header, readable, out_len, writable, in_len)
+            first = readable[0]
+            if first.len >= HEADER_SIZE:  # the usual case: the header in one buffer
+                kind, _ioprio, sector = _OUTHDR.unpack(mem.view(first.addr, HEADER_SIZE))
+            else:
+                header = VirtioBlkOuthdr.from_buffer_copy(b"".join(_views(mem, readable, 0, HEADER_SIZE)))
+                kind, sector = header.type, header.sector
+            self._dispatch(mem, kind, sector, readable, out_len, writable, in_len)
             status = VIRTIO_BLK_S_OK
         except _Reply as r:
             status = r.status
@@ -309,10 +316,9 @@ class VirtioBlock(QueueState):
             self.counters.errors += 1
         self.last_error = str(reply)
 
-    def _dispatch(self, mem: GuestMemory, header: VirtioBlkOuthdr, readable: list[Descriptor], out_len: int,
+    def _dispatch(self, mem: GuestMemory, kind: int, sector: int, readable: list[Descriptor], out_len: int,
                   writable: list[Descriptor], in_len: int) -> None:
         """Run one request whose header was read; _Reply ends it with an error."""
-        kind, sector = header.type, header.sector
         if kind == VIRTIO_BLK_T_IN:
             if out_len:
                 raise _Reply(VIRTIO_BLK_S_IOERR, "read request with device-readable data")
