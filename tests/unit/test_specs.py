@@ -54,3 +54,28 @@ def test_cli_rejects_bad_devices_in_one_line(args: list[str], words: str) -> Non
     assert r.exit_code != 0
     lines = [line for line in r.output.splitlines() if line.strip()]
     assert len(lines) == 1 and words in lines[0], r.output
+
+
+def test_switch_interval_is_shortened_only_from_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from microvm import machine
+
+    before = sys.getswitchinterval()
+    try:
+        monkeypatch.delenv("MICROVM_SWITCH_INTERVAL", raising=False)
+        sys.setswitchinterval(machine.PYTHON_DEFAULT_SWITCH_INTERVAL)
+        machine._tune_switch_interval()
+        assert sys.getswitchinterval() == pytest.approx(machine.VMM_SWITCH_INTERVAL)
+        sys.setswitchinterval(0.002)  # the program's own choice stays
+        machine._tune_switch_interval()
+        assert sys.getswitchinterval() == pytest.approx(0.002)
+        sys.setswitchinterval(machine.PYTHON_DEFAULT_SWITCH_INTERVAL)
+        monkeypatch.setenv("MICROVM_SWITCH_INTERVAL", "keep")
+        machine._tune_switch_interval()
+        assert sys.getswitchinterval() == pytest.approx(machine.PYTHON_DEFAULT_SWITCH_INTERVAL)
+        monkeypatch.setenv("MICROVM_SWITCH_INTERVAL", "fast")
+        with pytest.raises(ConfigError, match="MICROVM_SWITCH_INTERVAL"):
+            machine._tune_switch_interval()
+    finally:
+        sys.setswitchinterval(before)
