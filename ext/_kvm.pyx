@@ -776,7 +776,7 @@ cdef class Mapping:
                   bint hugepages=False, bint populate=False, bint thp=True):
         cdef int flags = s.MAP_SHARED if shared else s.MAP_PRIVATE
         cdef size_t slack = 0
-        cdef uintptr_t start, aligned
+        cdef uintptr_t start, aligned, tail
         if size == 0:
             raise ValueError("mapping size must be positive")
         if fd >= 0:
@@ -796,6 +796,8 @@ cdef class Mapping:
             flags |= s.MAP_POPULATE
         thp = thp and fd < 0 and not hugepages and not populate
         if thp:
+            if size > (<size_t>-1) - 2 * HUGE_PAGE:
+                raise ValueError("mapping size too large")
             slack = HUGE_PAGE  # room to slide the start onto a 2 MiB boundary
         cdef void *p = s.mmap(NULL, size + slack, s.PROT_READ | s.PROT_WRITE, flags, fd, offset)
         if p == s.MAP_FAILED:
@@ -805,8 +807,10 @@ cdef class Mapping:
             aligned = (start + HUGE_PAGE - 1) & ~(<uintptr_t>HUGE_PAGE - 1)
             if aligned > start:
                 s.munmap(p, aligned - start)
-            if start + slack > aligned:
-                s.munmap(<void *>(aligned + size), start + slack - aligned)
+            # The kernel mapped whole pages: the tail starts at the page after our last byte.
+            tail = aligned + ((size + 4095) & ~(<size_t>4095))
+            if start + size + slack > tail:
+                s.munmap(<void *>tail, start + size + slack - tail)
             p = <void *>aligned
             # Only advice: without THP (disabled, or an old kernel) it fails and nothing changes.
             s.madvise(p, size, s.MADV_HUGEPAGE)

@@ -31,6 +31,7 @@ class Backends:
         self.nics: list[VirtioNet] = []
 
     def open(self) -> None:
+        self.close()  # a second start() after a failed one begins afresh
         try:
             for d in self.drives:
                 self.disks.append(VirtioBlock(d.path, read_only=d.read_only, direct=d.direct))

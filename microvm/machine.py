@@ -196,7 +196,11 @@ class MicroVM:
         initrd = self._initrd(argv)
         self.backends.open()  # a bad image or tap is an error before any VM exists
         layout = _memory_layout(self.mem_mib * MIB)
-        self.vm = vm = Vm(layout, vcpus=self.vcpus, irqchip=True)
+        try:
+            self.vm = vm = Vm(layout, vcpus=self.vcpus, irqchip=True)
+        except BaseException:
+            self.backends.close()
+            raise
         try:
             self._times.update(vm.timestamps)
             self._wire_devices(vm)  # before loading: virtio devices go on the command line

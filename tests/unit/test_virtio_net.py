@@ -263,10 +263,42 @@ def test_receive_without_mergeable_uses_one_buffer_per_frame() -> None:
 
 def test_receive_clears_checksum_flags_for_a_plain_driver() -> None:
     x = Nic(features=1 << n.VIRTIO_NET_F_MRG_RXBUF)
-    x.tap.peer.send(frame(64, flags=n.VIRTIO_NET_HDR_F_NEEDS_CSUM))
-    got = post_and_collect(x, [2048])
-    assert HDR.unpack(got[0][:12])[0] == 0
+    x.tap.peer.send(frame(64, flags=n.VIRTIO_NET_HDR_F_DATA_VALID))
+    x.tap.peer.send(frame(64, flags=n.VIRTIO_NET_HDR_F_NEEDS_CSUM))  # its checksum is not finished: dropped
+    got = post_and_collect(x, [2048, 2048])
+    assert len(got) == 1 and HDR.unpack(got[0][:12])[:6] == (0, 0, 0, 0, 0, 0)
+    assert stats(x)["rx_offload"] == 1
     x.close()
+
+
+def test_receive_drops_segments_the_guest_did_not_negotiate() -> None:
+    x = Nic(features=1 << n.VIRTIO_NET_F_MRG_RXBUF | 1 << n.VIRTIO_NET_F_GUEST_CSUM | 1 << n.VIRTIO_NET_F_GUEST_TSO4)
+    big = bytearray(frame(3000, flags=n.VIRTIO_NET_HDR_F_NEEDS_CSUM))
+    big[1] = n.VIRTIO_NET_HDR_GSO_TCPV6  # TSO6 not negotiated
+    x.tap.peer.send(bytes(big))
+    big[1] = n.VIRTIO_NET_HDR_GSO_TCPV4 | n.VIRTIO_NET_HDR_GSO_ECN  # ECN not negotiated
+    x.tap.peer.send(bytes(big))
+    big[1] = n.VIRTIO_NET_HDR_GSO_TCPV4
+    x.tap.peer.send(bytes(big))
+    got = post_and_collect(x, [4096] * 3)
+    assert len(got) == 1 and got[0][1] == n.VIRTIO_NET_HDR_GSO_TCPV4
+    assert stats(x)["rx_offload"] == 2
+    x.close()
+
+
+def test_empty_receive_descriptor_pointing_anywhere_is_harmless(nic: Nic) -> None:
+    nic.tap.peer.send(frame(1500))
+    head = nic.rx.add_chain([(1000, True), (1000, True)])
+    first, second = nic.rx.chains[head]
+    spare = nic.rx.free.pop(0)
+    write_next = 2 | 1  # VRING_DESC_F_WRITE | VRING_DESC_F_NEXT
+    # first -> an empty buffer far outside RAM -> second
+    nic.rx.write_desc(spare, 0xDEAD_0000_0000, 0, write_next, second)
+    nic.rx.write_desc(first, nic.rx.buffers[head][0][0], 1000, write_next, spare)
+    nic.t.notify(RXQ)
+    used = nic.rx.used()
+    assert [length for _, length in used] == [len(frame(1500))]
+    assert nic.t.active and not nic.t.errors
 
 
 def test_receive_keeps_checksum_flags_when_negotiated(nic: Nic) -> None:

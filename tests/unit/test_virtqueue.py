@@ -111,8 +111,16 @@ def test_zero_length_and_edge_buffers() -> None:
     driver.write_desc(1, HIGH[0], 0, VRING_DESC_F_NEXT, 2)
     driver.write_desc(2, HIGH_END - 1, 1, VRING_DESC_F_WRITE)
     driver.offer(0)
-    assert [(d.addr, d.len) for d in pop_chain(queue).descriptors] == [(LOW_END - 16, 16), (HIGH[0], 0),
-                                                                       (HIGH_END - 1, 1)]
+    # The empty buffer is followed, not handed out: a device never sees it.
+    assert [(d.addr, d.len) for d in pop_chain(queue).descriptors] == [(LOW_END - 16, 16), (HIGH_END - 1, 1)]
+
+
+def test_empty_buffer_may_point_anywhere() -> None:
+    _, driver, queue = setup(size=4)
+    driver.write_desc(0, 0xDEAD_0000_0000, 0, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, 1)
+    driver.write_desc(1, HIGH[0], 8, VRING_DESC_F_WRITE)
+    driver.offer(0)
+    assert [(d.addr, d.len) for d in pop_chain(queue).descriptors] == [(HIGH[0], 8)]
 
 
 def test_not_ready() -> None:

@@ -263,6 +263,10 @@ class VirtioBlock(QueueState):
         try:
             while (chain := q.pop()) is not None:
                 used.append((chain.head, self._request(mem, chain)))
+                if len(used) == q.size:  # a ring's worth: publish before any slot is reused
+                    q.add_used_many(used)
+                    signal(REQUEST_QUEUE)
+                    used = []
         finally:
             # What was used before a QueueError still reaches the driver.
             if used:

@@ -14,6 +14,7 @@ import threading
 from microvm.devices import Irq
 from microvm.devices import virtio as v
 from microvm.devices.virtio.queue import Queue, QueueError
+from microvm.errors import GuestMemoryError
 from microvm.memory import GuestMemory
 
 log = logging.getLogger(__name__)
@@ -234,7 +235,7 @@ class MmioTransport:
                 return
             try:
                 self.device.process(index)
-            except QueueError as e:
+            except (QueueError, GuestMemoryError) as e:  # the second would be a device bug; same answer
                 self._fail(f"queue {index}: {e}")
 
     def signal_used(self, index: int) -> None:
@@ -243,7 +244,7 @@ class MmioTransport:
             q = self.queues[index]
             try:
                 wanted = q.needs_notification()
-            except QueueError as e:
+            except (QueueError, GuestMemoryError) as e:
                 self._fail(f"queue {index}: {e}")
                 return
             if wanted:

@@ -53,6 +53,10 @@ VIRTIO_NET_F_STATUS = 16
 VIRTIO_NET_S_LINK_UP = 1
 VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
 VIRTIO_NET_HDR_F_DATA_VALID = 2
+VIRTIO_NET_HDR_GSO_NONE = 0
+VIRTIO_NET_HDR_GSO_TCPV4 = 1
+VIRTIO_NET_HDR_GSO_TCPV6 = 4
+VIRTIO_NET_HDR_GSO_ECN = 0x80
 
 # include/uapi/linux/if_tun.h: what the guest accepts, told to the tap.
 TUN_F_CSUM = 0x01
@@ -70,6 +74,7 @@ MTU = 1500
 # The largest frame either way: a 64 KiB GSO segment, its Ethernet header and ours.
 MAX_FRAME = HDR_SIZE + ETH_HLEN + 65535
 MAX_RX_CHAINS = QUEUE_SIZE  # receive buffers one frame may take (mergeable)
+MAX_READ_ERRORS = 64  # tap read errors in a row before we stop for this wake-up
 
 FEATURES = (
     (1 << VIRTIO_NET_F_CSUM) | (1 << VIRTIO_NET_F_GUEST_CSUM) | (1 << VIRTIO_NET_F_MTU)
@@ -139,7 +144,7 @@ class VirtioNet(QueueState):
         self.stats: Counter[str] = Counter()
         self.config_changed: Callable[[], None] | None = None  # set by the transport
         self.mergeable = False
-        self.guest_csum = False
+        self.guest_csum = self.guest_tso4 = self.guest_tso6 = self.guest_ecn = False
         self._rx_buf = bytearray(MAX_FRAME + 1)  # one spare byte shows truncation
         self._rx_view = memoryview(self._rx_buf)
         self._pending = 0  # length of a frame read from the tap, waiting for buffers
@@ -165,6 +170,9 @@ class VirtioNet(QueueState):
         super().activate(mem, queues, features, signal)
         self.mergeable = bool(features >> VIRTIO_NET_F_MRG_RXBUF & 1)
         self.guest_csum = bool(features >> VIRTIO_NET_F_GUEST_CSUM & 1)
+        self.guest_tso4 = bool(features >> VIRTIO_NET_F_GUEST_TSO4 & 1)
+        self.guest_tso6 = bool(features >> VIRTIO_NET_F_GUEST_TSO6 & 1)
+        self.guest_ecn = bool(features >> VIRTIO_NET_F_GUEST_ECN & 1)
         self._set_offload(offload_flags(features))
 
     def reset(self) -> None:
@@ -257,14 +265,19 @@ class VirtioNet(QueueState):
                 self.signal(RX_QUEUE)
 
     def _read_frame(self) -> int:
-        while True:
+        for _ in range(MAX_READ_ERRORS):
             try:
                 n = os.readv(self.backend.fd, [self._rx_view])
             except BlockingIOError:
                 return 0
             except OSError as e:
-                self._backend_failed("read", e)
-                return 0
+                if e.errno in TAP_GONE:
+                    self._backend_failed("read", e)
+                    return 0
+                # EINVAL: the tap could not express a frame in a virtio-net
+                # header (and dropped it); the next one may be fine.
+                self._drop("rx_error", f"reading the tap failed: {e.strerror}")
+                continue
             if n == 0:
                 self._backend_failed("read", OSError(errno.EIO, "end of file"))
                 return 0
@@ -274,6 +287,7 @@ class VirtioNet(QueueState):
                 self._drop("rx_malformed", f"a {n}-byte frame from the tap")
             else:
                 return n
+        return 0  # errors in a row: leave the rest for the next wake-up
 
     def _deliver(self, mem: GuestMemory, frame: memoryview) -> int | None:
         """Write one frame into receive buffers; the number used, or None if too few."""
@@ -300,11 +314,11 @@ class VirtioNet(QueueState):
                 # dropped; the buffer stays for the next frame.
                 self._drop("rx_no_room", f"a {need}-byte frame does not fit a {room}-byte receive buffer")
                 return 0
-            if chosen >= MAX_RX_CHAINS:
+            if chosen >= min(MAX_RX_CHAINS, q.size):
                 self._drop("rx_no_room", f"a {need}-byte frame needs more than {MAX_RX_CHAINS} buffers")
                 return 0
-        if not self.guest_csum:
-            frame[0] = 0  # 5.1.6.4: no checksum flags for a driver that did not negotiate them
+        if not self._offloads_ok(frame):
+            return 0
         frame[NUM_BUFFERS_OFFSET:NUM_BUFFERS_OFFSET + 2] = chosen.to_bytes(2, "little")
         pos = 0
         used = []
@@ -318,6 +332,26 @@ class VirtioNet(QueueState):
         self.stats["rx_frames"] += 1
         self.stats["rx_bytes"] += need - HDR_SIZE
         return chosen
+
+    def _offloads_ok(self, frame: memoryview) -> bool:
+        """5.1.6.4: the device uses only the receive offloads the driver negotiated.
+
+        TUNSETOFFLOAD keeps the tap from producing others, but frames queued
+        before a renegotiation, or a persistent tap set up by someone else,
+        may still carry them: such a frame is dropped, never passed on.
+        """
+        gso = frame[1] & ~VIRTIO_NET_HDR_GSO_ECN
+        if gso != VIRTIO_NET_HDR_GSO_NONE:
+            allowed = {VIRTIO_NET_HDR_GSO_TCPV4: self.guest_tso4, VIRTIO_NET_HDR_GSO_TCPV6: self.guest_tso6}
+            if not allowed.get(gso) or (frame[1] & VIRTIO_NET_HDR_GSO_ECN and not self.guest_ecn):
+                self._drop("rx_offload", f"a segment (gso_type {frame[1]:#x}) the guest did not negotiate")
+                return False
+        if not self.guest_csum:
+            if frame[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+                self._drop("rx_offload", "a frame with a partial checksum for a guest without GUEST_CSUM")
+                return False
+            frame[0:NUM_BUFFERS_OFFSET] = bytes(NUM_BUFFERS_OFFSET)  # no flags, no offload fields
+        return True
 
     def _rx_capacity(self, chain: DescriptorChain) -> int:
         if any(not d.write for d in chain.descriptors):

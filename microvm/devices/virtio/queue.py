@@ -210,12 +210,15 @@ class Queue:
                 table, table_size = addr, length // VIRTQ_DESC_SIZE
                 index, seen = 0, 0
                 continue
-            if length and not mem.contains(addr, length):
-                raise QueueError(f"buffer {addr:#x}+{length:#x} is outside guest memory")
-            total += length
-            if total > MAX_CHAIN_BYTES:
-                raise QueueError("descriptor chain describes more than 4 GiB")
-            out.append(Descriptor(addr, length, bool(flags & VRING_DESC_F_WRITE)))
+            if length:
+                # An empty buffer carries nothing (and may point anywhere): it
+                # is followed, never handed to a device.
+                if not mem.contains(addr, length):
+                    raise QueueError(f"buffer {addr:#x}+{length:#x} is outside guest memory")
+                total += length
+                if total > MAX_CHAIN_BYTES:
+                    raise QueueError("descriptor chain describes more than 4 GiB")
+                out.append(Descriptor(addr, length, bool(flags & VRING_DESC_F_WRITE)))
             if not flags & VRING_DESC_F_NEXT:
                 return out
             if nxt >= table_size:
