@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from microvm.errors import GuestMemoryError, LoaderError
 from microvm.loader import bzimage, elf
@@ -79,21 +79,27 @@ def load_linux(
     `reserved` extra ranges to mark reserved; together they become the e820 map
     (bzImage) or the PVH memory map. Every failure is a LoaderError.
     """
-    data = read_input(kernel, "kernel")
     initrd_data = None
     if initrd is not None:
         initrd_data = read_input(initrd, "initrd")
         if not initrd_data:
             raise LoaderError(f"initrd {_describe(initrd)} is empty")
-    if data[:4] == ELF_MAGIC:
-        load = _load_pvh
-    elif bzimage.is_bzimage(data):
-        load = _load_bzimage
+    source: elf.ElfImage | bytes
+    if not isinstance(kernel, bytes) and _file_magic(kernel) == ELF_MAGIC:
+        # A vmlinux on disk: only its headers are read here; its segments go
+        # from the file straight into guest memory.
+        source, load = elf.parse_file(kernel), _load_pvh
     else:
-        raise LoaderError("not a kernel: neither an ELF vmlinux nor a bzImage")
+        data = read_input(kernel, "kernel")
+        if data[:4] == ELF_MAGIC:
+            source, load = elf.parse(data), _load_pvh
+        elif bzimage.is_bzimage(data):
+            source, load = data, _load_bzimage
+        else:
+            raise LoaderError("not a kernel: neither an ELF vmlinux nor a bzImage")
     e820 = memory_map(ram, reserved)
     try:
-        return load(mem, data, cmdline, initrd_data, ram, e820)
+        return load(mem, source, cmdline, initrd_data, ram, e820)
     except GuestMemoryError as e:
         # The fixed boot structures live in low memory; a guest without it
         # cannot be booted this way.
@@ -104,17 +110,25 @@ def _describe(source: Path | str | bytes) -> str:
     return "(given as bytes)" if isinstance(source, bytes) else str(source)
 
 
+def _file_magic(path: Path | str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4)
+    except OSError as e:
+        raise LoaderError(f"cannot read kernel {path}: {e.strerror or e}") from e
+
+
 def _load_pvh(
     mem: GuestMemory,
-    data: bytes,
+    source: Any,
     cmdline: str,
     initrd_data: bytes | None,
     ram: Sequence[tuple[int, int]],
     e820: list[tuple[int, int, int]],
 ) -> BootInfo:
-    image = elf.parse(data)
     # The kernel's own limit (COMMAND_LINE_SIZE) is not published in a vmlinux;
     # longer lines are truncated by the kernel, so only our buffer bounds it.
+    image: elf.ElfImage = source
     raw_cmdline = encode_cmdline(cmdline, CMDLINE_MAX - 1)
     loaded = elf.load(mem, image)
     initrd = _place_cmdline_and_initrd(mem, raw_cmdline, initrd_data, ram, loaded.end, FOUR_GIB)
@@ -124,13 +138,13 @@ def _load_pvh(
 
 def _load_bzimage(
     mem: GuestMemory,
-    data: bytes,
+    source: Any,
     cmdline: str,
     initrd_data: bytes | None,
     ram: Sequence[tuple[int, int]],
     e820: list[tuple[int, int, int]],
 ) -> BootInfo:
-    image = bzimage.parse(data)
+    image = bzimage.parse(source)
     raw_cmdline = encode_cmdline(cmdline, image.cmdline_size)
     loaded = bzimage.load(mem, image)
     initrd = _place_cmdline_and_initrd(mem, raw_cmdline, initrd_data, ram, loaded.end, image.initrd_limit)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import ctypes
 import io
+import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
@@ -119,25 +121,48 @@ class Segment:
 
 @dataclass(frozen=True)
 class ElfImage:
-    """A parsed, checked vmlinux: nothing written to guest memory yet."""
+    """A parsed, checked vmlinux: nothing written to guest memory yet. The
+    segments' bytes come from `data` (a kernel given as bytes) or are read
+    from `path` straight into guest memory."""
 
-    data: bytes
+    data: bytes | None
     entry: int
     segments: list[Segment]
+    path: str | None = None
+
+
+Reader = Callable[[int, int], bytes]  # (offset, length) -> bytes of the file
 
 
 def parse(data: bytes) -> ElfImage:
-    """Check a vmlinux and find its segments and PVH entry point."""
+    """Check a vmlinux given as bytes and find its segments and PVH entry point."""
+    entry, segments = _checked(io.BytesIO(data), len(data), lambda offset, n: data[offset:offset + n])
+    return ElfImage(data, entry, segments)
+
+
+def parse_file(path: str | os.PathLike[str]) -> ElfImage:
+    """The same for a vmlinux on disk, reading only its headers and notes: the
+    segments are read into guest memory by load(), without a copy in between."""
     try:
-        return _parse(data)
+        with open(path, "rb") as f:
+            fd = f.fileno()
+            entry, segments = _checked(f, os.fstat(fd).st_size, lambda offset, n: os.pread(fd, n, offset))
+    except OSError as e:
+        raise LoaderError(f"cannot read kernel {path}: {e.strerror or e}") from e
+    return ElfImage(None, entry, segments, path=os.fspath(path))
+
+
+def _checked(stream: BinaryIO, size: int, read: Reader) -> tuple[int, list[Segment]]:
+    try:
+        return _parse(stream, size, read)
     except (ELFError, struct.error, ValueError, KeyError, IndexError, OverflowError) as e:
         # pyelftools reports a cut or mangled header as whichever of these its
         # parser trips over first.
         raise LoaderError(f"vmlinux is truncated or corrupt: {e}") from e
 
 
-def _parse(data: bytes) -> ElfImage:
-    elf = ELFFile(io.BytesIO(data))
+def _parse(stream: BinaryIO, size: int, read: Reader) -> tuple[int, list[Segment]]:
+    elf = ELFFile(stream)
     if elf.elfclass != 64:
         raise LoaderError(f"kernel is ELFCLASS{elf.elfclass}, need an ELFCLASS64 x86_64 vmlinux")
     if not elf.little_endian:
@@ -147,34 +172,34 @@ def _parse(data: bytes) -> ElfImage:
     if elf["e_type"] != "ET_EXEC":
         raise LoaderError(f"kernel is {elf['e_type']}, need ET_EXEC (a vmlinux)")
     ph_end = elf["e_phoff"] + elf["e_phnum"] * elf["e_phentsize"]
-    if ph_end > len(data):
-        raise LoaderError(f"vmlinux is truncated: program headers end at {ph_end:#x}, file is {len(data)} bytes")
+    if ph_end > size:
+        raise LoaderError(f"vmlinux is truncated: program headers end at {ph_end:#x}, file is {size} bytes")
 
     segments: list[Segment] = []
     notes: list[tuple[int, int, int]] = []  # (offset, size, alignment)
     for index, seg in enumerate(elf.iter_segments()):
         h = seg.header
         if h["p_type"] == "PT_LOAD" and h["p_memsz"]:
-            segments.append(_load_segment(index, h, len(data)))
+            segments.append(_load_segment(index, h, size))
         elif h["p_type"] == "PT_NOTE":
             notes.append((h["p_offset"], h["p_filesz"], h["p_align"]))
     if not segments:
         raise LoaderError("vmlinux has no loadable (PT_LOAD) segments")
 
-    entry = _pvh_entry(data, notes)
+    entry = _pvh_entry(read, size, notes)
     if entry is None:  # no PT_NOTE carried it: look in the SHT_NOTE sections
         sh_end = elf["e_shoff"] + elf["e_shnum"] * elf["e_shentsize"]
-        if sh_end > len(data):
+        if sh_end > size:
             raise LoaderError(f"vmlinux is truncated: section headers end at {sh_end:#x}, "
-                              f"file is {len(data)} bytes")
+                              f"file is {size} bytes")
         sections = [(s["sh_offset"], s["sh_size"], s["sh_addralign"]) for s in elf.iter_sections()
                     if s["sh_type"] == "SHT_NOTE"]
-        entry = _pvh_entry(data, sections)
+        entry = _pvh_entry(read, size, sections)
     if entry is None:
         raise LoaderError("kernel has no PVH entry point (CONFIG_PVH=y needed)")
     if not any(s.paddr <= entry < s.paddr + s.memsz for s in segments):
         raise LoaderError(f"PVH entry point {entry:#x} is outside the kernel's loaded segments")
-    return ElfImage(data, entry, segments)
+    return entry, segments
 
 
 def _load_segment(index: int, h: Any, file_size: int) -> Segment:
@@ -192,7 +217,7 @@ def _load_segment(index: int, h: Any, file_size: int) -> Segment:
     return seg
 
 
-def _pvh_entry(data: bytes, areas: list[tuple[int, int, int]]) -> int | None:
+def _pvh_entry(read: Reader, size: int, areas: list[tuple[int, int, int]]) -> int | None:
     """The XEN_ELFNOTE_PHYS32_ENTRY address in these note areas, if there.
 
     Each note is an Elf64_Nhdr (namesz, descsz, type), then the name and the
@@ -200,12 +225,13 @@ def _pvh_entry(data: bytes, areas: list[tuple[int, int, int]]) -> int | None:
     property notes do). head.S emits the address with _ASM_PTR: 8 bytes on
     x86_64, 4 on older 32-bit-style notes.
     """
-    for offset, size, alignment in areas:
+    for offset, area_size, alignment in areas:
         pad = 8 if alignment == 8 else 4
-        end = offset + size
-        if end > len(data):
-            raise LoaderError(f"vmlinux is truncated: a note area ends at {end:#x}, file is {len(data)} bytes")
-        pos = offset
+        if offset + area_size > size:
+            raise LoaderError(f"vmlinux is truncated: a note area ends at {offset + area_size:#x}, "
+                              f"file is {size} bytes")
+        data = read(offset, area_size)
+        pos, end = 0, len(data)
         while pos + 12 <= end:
             namesz, descsz, ntype = struct.unpack_from("<III", data, pos)
             name_at = pos + 12
@@ -228,13 +254,40 @@ def load(mem: GuestMemory, image: ElfImage) -> LoadedKernel:
                 f"segment {s.index} ({s.paddr:#x}+{s.memsz:#x}) does not fit in guest memory "
                 f"({mib(mem.size)} MiB)"
             )
-    view = memoryview(image.data)
+    if image.data is not None:
+        view = memoryview(image.data)
+        for s in image.segments:
+            mem.write(s.paddr, view[s.offset : s.offset + s.filesz])
+    else:
+        assert image.path is not None
+        _read_segments(mem, image.path, image.segments)
     for s in image.segments:
-        mem.write(s.paddr, view[s.offset : s.offset + s.filesz])
         mem.fill(s.paddr + s.filesz, s.memsz - s.filesz)
     start = min(s.paddr for s in image.segments)
     end = max(s.paddr + s.memsz for s in image.segments)
     return LoadedKernel(image.entry, start, end)
+
+
+def _read_segments(mem: GuestMemory, path: str, segments: list[Segment]) -> None:
+    """preadv each segment from the file straight into guest memory."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise LoaderError(f"cannot read kernel {path}: {e.strerror or e}") from e
+    try:
+        for s in segments:
+            view = mem.view(s.paddr, s.filesz)
+            done = 0
+            while done < s.filesz:
+                n = os.preadv(fd, [view[done:]], s.offset + done)
+                if n <= 0:
+                    raise LoaderError(f"kernel {path} shrank while it was being loaded")
+                done += n
+            view.release()
+    except OSError as e:
+        raise LoaderError(f"cannot read kernel {path}: {e.strerror or e}") from e
+    finally:
+        os.close(fd)
 
 
 def write_start_info(

@@ -60,6 +60,18 @@ def test_real_vmlinux_pvh() -> None:
     assert si.nr_modules == 1
 
 
+def test_vmlinux_from_a_path_loads_the_same_as_from_bytes() -> None:
+    """A path is read with preadv straight into guest memory; bytes are copied in."""
+    vmlinux = _built("vmlinux")
+    images = []
+    for source in (vmlinux, vmlinux.read_bytes()):
+        backing = bytearray(MEM_SIZE)
+        info = load_linux(GuestMemory([(0, backing)]), source, cmdline="console=ttyS0", ram=RAM, reserved=RESERVED)
+        images.append((info, bytes(backing)))
+    assert images[0][0] == images[1][0]
+    assert images[0][1] == images[1][1]
+
+
 def test_real_bzimage_64bit_protocol() -> None:
     bzimage = _built("bzImage")
     mem = GuestMemory([(0, bytearray(MEM_SIZE))])
