@@ -33,6 +33,7 @@ CMDLINE_VARIANTS = ("quiet", "verbose")
 VMM_PHASES = ("vm created", "memory mapped", "kernel loaded", "first vcpu entry", "init reached",
               "command started", "command done", "vm ended")
 PRINTK_METRICS = ("guest first printk", "guest printk before init")
+SHUTDOWN_LINE = b"reboot: "
 METRICS = (*VMM_PHASES, *PRINTK_METRICS)
 TOTAL = "command done"  # the boot is over when the first command has run
 
@@ -76,10 +77,14 @@ def configurations(kernel_formats: Sequence[str], mems: Sequence[int], vcpus: Se
 
 def printk_times(console: bytes) -> dict[str, float]:
     """Guest uptime of the first kernel line and of the last one up to `Run
-    /init` (all lines if it never shows); empty if no line has a timestamp."""
+    /init` (all boot lines if it never shows); empty if no line has a
+    timestamp. Lines from the shutdown (`reboot: ...`) are not boot lines: with
+    `quiet` they may be the only ones, and would pass for a boot time."""
     first = last = None
     for line in console.splitlines():
         m = PRINTK_LINE.match(line)
+        if m and SHUTDOWN_LINE in line:
+            break
         if m:
             t = float(m.group(1))
             first = t if first is None else first
