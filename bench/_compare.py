@@ -5,6 +5,7 @@ the ratio microvm / QEMU."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from microvm.benchmarks import qemu as qemu_bench
 from microvm.benchmarks.report import console, rows_table, summarize
@@ -109,3 +111,22 @@ def report(title: str, metrics: Mapping[str, tuple[str, str]], records: Mapping[
         summary = {who: {k: st.to_dict() for k, st in per.items()} for who, per in stats.items()}
         json_path.write_text(json.dumps({"runs": runs, **facts, "samples": samples, "summary": summary,
                                          "ratio": ratio}, indent=2))
+
+
+T = TypeVar("T")
+
+
+def ab_parser(description: str | None, runtime_help: str) -> argparse.ArgumentParser:
+    """The options every A/B benchmark takes: --runtime, --runs, --no-qemu, --json."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runtime", type=int, default=5, help=f"{runtime_help} (default 5)")
+    ap.add_argument("--runs", type=int, default=5, help="runs per VMM, taking turns (default 5)")
+    ap.add_argument("--no-qemu", action="store_true")
+    ap.add_argument("--json", type=Path)
+    return ap
+
+
+def sides(args: argparse.Namespace, ours: T, qemu: T) -> dict[str, T]:
+    """microvm, and QEMU unless --no-qemu or it is not installed."""
+    return {"microvm": ours} | ({"qemu": qemu} if not args.no_qemu and qemu_bench.available() else {})
+

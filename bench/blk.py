@@ -13,7 +13,6 @@ re-runs itself inside the hardware-virtualization lane.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -21,10 +20,8 @@ import tempfile
 from functools import partial
 from pathlib import Path
 
-from _compare import alternate, kernel_and_image, qemu_console, report
+from _compare import ab_parser, alternate, kernel_and_image, qemu_console, report, sides
 from _lane import rerun_in_lane_if_pvm
-
-from microvm.benchmarks import qemu as qemu_bench
 
 # metric -> fio's rw and block size, the table's label and unit.
 JOBS = {
@@ -80,12 +77,8 @@ def qemu(kernel: Path, image: Path, disk: Path, script: str, timeout: float) -> 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runtime", type=int, default=5, help="seconds per fio job (default 5)")
+    ap = ab_parser(__doc__, "seconds per fio job")
     ap.add_argument("--size-mib", type=int, default=256, help="scratch disk size (default 256)")
-    ap.add_argument("--runs", type=int, default=5, help="runs per VMM, taking turns (default 5)")
-    ap.add_argument("--no-qemu", action="store_true")
-    ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     # In the lane only a shared directory reaches the host: the JSON's.
     rerun_in_lane_if_pvm(out_dir=args.json.resolve().parent if args.json else None)
@@ -93,7 +86,7 @@ def main() -> None:
     script = fio_script(args.runtime)
     # Boot and fio's own start-up, slow in a busy lane, plus the three jobs.
     timeout = 300 + 3 * len(JOBS) * args.runtime
-    impls = {"microvm": ours} | ({"qemu": qemu} if not args.no_qemu and qemu_bench.available() else {})
+    impls = sides(args, ours, qemu)
     shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
     with tempfile.TemporaryDirectory(dir=shm) as tmp:
         disk = Path(tmp, "scratch.img")

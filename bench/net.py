@@ -18,7 +18,6 @@ PVM host this script re-runs itself inside the hardware-virtualization lane.
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import json
 import os
@@ -31,10 +30,8 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from _compare import alternate, kernel_and_image, qemu_console, report
+from _compare import ab_parser, alternate, kernel_and_image, qemu_console, report, sides
 from _lane import rerun_in_lane_if_pvm
-
-from microvm.benchmarks import qemu as qemu_bench
 
 # metric -> (label, unit); throughput from iperf3's receiver, rate from our client.
 METRICS = {
@@ -165,11 +162,7 @@ def qemu(kernel: Path, image: Path, script: str, timeout: float) -> dict[str, fl
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runtime", type=int, default=5, help="seconds per measurement (default 5)")
-    ap.add_argument("--runs", type=int, default=5, help="runs per VMM, taking turns (default 5)")
-    ap.add_argument("--no-qemu", action="store_true")
-    ap.add_argument("--json", type=Path)
+    ap = ab_parser(__doc__, "seconds per measurement")
     args = ap.parse_args()
     # In the lane only a shared directory reaches the host: the JSON's.
     rerun_in_lane_if_pvm(out_dir=args.json.resolve().parent if args.json else None)
@@ -177,7 +170,7 @@ def main() -> None:
     script = guest_script(args.runtime)
     # Boot (slow in a busy lane) and three measurements of about runtime + 1 s.
     timeout = 300 + 3 * len(METRICS) * (args.runtime + 1)
-    impls = {"microvm": ours} | ({"qemu": qemu} if not args.no_qemu and qemu_bench.available() else {})
+    impls = sides(args, ours, qemu)
 
     def one_run(fn: Callable[[Path, Path, str, float], dict[str, float]]) -> Callable[[], dict[str, float]]:
         def run() -> dict[str, float]:

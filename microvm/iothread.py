@@ -20,8 +20,7 @@ log = logging.getLogger(__name__)
 class IoThread:
     def __init__(self, name: str = "virtio-io"):
         self._epoll = select.epoll()
-        self._handlers: dict[int, Callable[[], None]] = {}
-        self._raw: set[int] = set()  # fds that are not eventfds
+        self._handlers: dict[int, tuple[Callable[[], None], bool]] = {}  # fd -> (handler, is an eventfd)
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._epoll.register(self._wake, select.EPOLLIN)
         self._stop = False
@@ -35,12 +34,8 @@ class IoThread:
         the handler is called when new data arrives and must read until
         EAGAIN or until it chooses to stop; nothing is read for it here.
         """
-        self._handlers[fd] = handler
-        if eventfd:
-            self._epoll.register(fd, select.EPOLLIN)
-        else:
-            self._raw.add(fd)
-            self._epoll.register(fd, select.EPOLLIN | select.EPOLLET)
+        self._handlers[fd] = (handler, eventfd)
+        self._epoll.register(fd, select.EPOLLIN if eventfd else select.EPOLLIN | select.EPOLLET)
 
     def start(self) -> None:
         self._thread.start()
@@ -50,13 +45,14 @@ class IoThread:
             for fd, _ in self._epoll.poll():
                 if fd == self._wake:
                     continue
-                if fd not in self._raw:
+                handler, eventfd = self._handlers[fd]
+                if eventfd:
                     try:
                         os.eventfd_read(fd)
                     except BlockingIOError:
                         continue
                 try:
-                    self._handlers[fd]()
+                    handler()
                 except Exception as e:  # a device must not take the VMM down
                     log.exception("device handler failed")
                     if len(self.errors) < 100:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import threading
 from collections import Counter, deque
 from collections.abc import Callable
 from typing import Protocol
@@ -145,11 +144,9 @@ class VirtioNet(QueueState):
         self.config_changed: Callable[[], None] | None = None  # set by the transport
         self.mergeable = False
         self.guest_csum = self.guest_tso4 = self.guest_tso6 = self.guest_ecn = False
-        self._rx_buf = bytearray(MAX_FRAME + 1)  # one spare byte shows truncation
-        self._rx_view = memoryview(self._rx_buf)
+        self._rx_view = memoryview(bytearray(MAX_FRAME + 1))  # one spare byte shows truncation
         self._pending = 0  # length of a frame read from the tap, waiting for buffers
         self._stash: deque[tuple[DescriptorChain, int]] = deque()  # popped receive chains, unused yet
-        self._lock = threading.Lock()
 
     # --- config space (5.1.4) ---------------------------------------------------------
 
