@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from microvm.benchmarks import qemu as qemu_bench
+from microvm.benchmarks.options import int_range, output_file
 from microvm.benchmarks.report import console, rows_table, summarize
 
 Metrics = dict[str, float]
@@ -117,12 +118,13 @@ T = TypeVar("T")
 
 
 def ab_parser(description: str | None, runtime_help: str) -> argparse.ArgumentParser:
-    """The options every A/B benchmark takes: --runtime, --runs, --no-qemu, --json."""
+    """The options every A/B benchmark takes: --runtime, --runs, --no-qemu, --json.
+    Their types check the values while parsing: on the host, before any lane."""
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runtime", type=int, default=5, help=f"{runtime_help} (default 5)")
-    ap.add_argument("--runs", type=int, default=5, help="runs per VMM, taking turns (default 5)")
+    ap.add_argument("--runtime", type=int_range(1), default=5, help=f"{runtime_help} (default 5)")
+    ap.add_argument("--runs", type=int_range(1), default=5, help="runs per VMM, taking turns (default 5)")
     ap.add_argument("--no-qemu", action="store_true")
-    ap.add_argument("--json", type=Path)
+    ap.add_argument("--json", type=output_file, help="write the samples and summary here too")
     return ap
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 from _compare import ab_parser, alternate, kernel_and_image, qemu_console, report, sides
 from _lane import rerun_in_lane_if_pvm
 
+from microvm.benchmarks.options import int_range
+
 # metric -> fio's rw and block size, the table's label and unit.
 JOBS = {
     "seq_read_MBps": ("read", "1M", "sequential read, 1 MiB", "MB/s"),
@@ -78,11 +80,11 @@ def qemu(kernel: Path, image: Path, disk: Path, script: str, timeout: float) -> 
 
 def main() -> None:
     ap = ab_parser(__doc__, "seconds per fio job")
-    ap.add_argument("--size-mib", type=int, default=256, help="scratch disk size (default 256)")
+    ap.add_argument("--size-mib", type=int_range(1), default=256, help="scratch disk size (default 256)")
     args = ap.parse_args()
+    kernel, image = kernel_and_image("fio", "bench/blk.py")  # on the host too: the lane sees its files
     # In the lane only a shared directory reaches the host: the JSON's.
     rerun_in_lane_if_pvm(out_dir=args.json.resolve().parent if args.json else None)
-    kernel, image = kernel_and_image("fio", "bench/blk.py")
     script = fio_script(args.runtime)
     # Boot and fio's own start-up, slow in a busy lane, plus the three jobs.
     timeout = 300 + 3 * len(JOBS) * args.runtime

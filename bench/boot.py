@@ -27,6 +27,7 @@ from pathlib import Path
 from _lane import rerun_in_lane_if_pvm
 
 from microvm.benchmarks import qemu
+from microvm.benchmarks.options import int_range, kernel_choice, output_file
 from microvm.benchmarks.qemu import MARK
 from microvm.benchmarks.report import summarize
 
@@ -71,15 +72,16 @@ def ours_cli(kernel: Path) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=20)
-    ap.add_argument("--kernel", default="vmlinux")
+    # Every value is checked here, on the host, before any lane starts.
+    ap.add_argument("--runs", type=int_range(1), default=20)
+    ap.add_argument("--kernel", type=kernel_choice, default="vmlinux", help="vmlinux, bzImage or a kernel file")
     ap.add_argument("--no-qemu", action="store_true")
-    ap.add_argument("--json", type=Path)
+    ap.add_argument("--json", type=output_file)
     args = ap.parse_args()
 
-    rerun_in_lane_if_pvm()
-
-    kernel = _kernel(args.kernel)
+    kernel = _kernel(args.kernel)  # on the host too: the lane sees its files
+    # In the lane only a shared directory reaches the host: the JSON's.
+    rerun_in_lane_if_pvm(out_dir=args.json.resolve().parent if args.json else None)
     with tempfile.TemporaryDirectory() as tmp:
         initrd = qemu.initramfs(Path(tmp, "initrd.cpio"))
         have_qemu = not args.no_qemu and qemu.available()

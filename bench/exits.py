@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from microvm import _kvm
+from microvm.benchmarks.options import int_range, output_file
 from microvm.vcpu import StopReason
 from microvm.vm import Vm
 
@@ -111,9 +112,9 @@ def raw_c(exe: Path, n: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--exits", type=int, default=20000)
-    ap.add_argument("--runs", type=int, default=7)
-    ap.add_argument("--json", type=Path)
+    ap.add_argument("--exits", type=int_range(1, 2**32 - 1), default=20000)  # the guest's ecx
+    ap.add_argument("--runs", type=int_range(1), default=7)
+    ap.add_argument("--json", type=output_file)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         exe = build_c(Path(tmp))

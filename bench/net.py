@@ -164,9 +164,9 @@ def qemu(kernel: Path, image: Path, script: str, timeout: float) -> dict[str, fl
 def main() -> None:
     ap = ab_parser(__doc__, "seconds per measurement")
     args = ap.parse_args()
+    kernel, image = kernel_and_image("iperf3", "bench/net.py")  # on the host too: the lane sees its files
     # In the lane only a shared directory reaches the host: the JSON's.
     rerun_in_lane_if_pvm(out_dir=args.json.resolve().parent if args.json else None)
-    kernel, image = kernel_and_image("iperf3", "bench/net.py")
     script = guest_script(args.runtime)
     # Boot (slow in a busy lane) and three measurements of about runtime + 1 s.
     timeout = 300 + 3 * len(METRICS) * (args.runtime + 1)

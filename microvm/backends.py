@@ -9,12 +9,14 @@ removes it (the kernel deletes a non-persistent tap with its last fd).
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from microvm.devices.virtio.block import VirtioBlock
 from microvm.devices.virtio.mmio import MmioTransport
 from microvm.devices.virtio.net import RX_QUEUE, VirtioNet
+from microvm.errors import ConfigError
 from microvm.specs import Drive, Nic
 from microvm.tap import HostConfig, Tap
 from microvm.vm import Vm
@@ -32,6 +34,7 @@ class Backends:
 
     def open(self) -> None:
         self.close()  # a second start() after a failed one begins afresh
+        self._check_distinct()
         try:
             for d in self.drives:
                 self.disks.append(VirtioBlock(d.path, read_only=d.read_only, direct=d.direct))
@@ -42,6 +45,23 @@ class Backends:
         except BaseException:
             self.close()
             raise
+
+    def _check_distinct(self) -> None:
+        """One image given twice is a mistake unless every use is read-only
+        (two writers would corrupt it; the lock would call it "in use elsewhere")."""
+        seen: dict[tuple[int, int], int] = {}
+        for i, d in enumerate(self.drives):
+            try:
+                st = os.stat(d.path)
+            except OSError:
+                continue  # VirtioBlock names the problem
+            key = (st.st_dev, st.st_ino)
+            if key in seen:
+                first = self.drives[seen[key]]
+                if not (d.read_only and first.read_only):
+                    raise ConfigError(f"disk image {d.path} is given twice (drives {seen[key]} and {i}); "
+                                      f"only read-only drives may share an image")
+            seen[key] = i
 
     def wire(self, vm: Vm, add_virtio: AddVirtio) -> None:
         """Put every device on the VM's MMIO bus (disks first: vda, vdb, ...; then eth0, ...)."""

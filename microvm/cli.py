@@ -1,4 +1,5 @@
-"""The `microvm` command line. Errors are one line on stderr and exit 1."""
+"""The `microvm` command line. Errors are one line on stderr and exit 1 (usage
+errors exit 2, an interrupt 130, as a shell reports SIGINT)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,10 @@ def _one_line_errors(fn: F) -> F:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             click.echo(f"microvm: error: {first}", err=True)
             sys.exit(1)
+        except KeyboardInterrupt:
+            # The VM is already gone (wait() frees it before re-raising).
+            click.echo("microvm: interrupted", err=True)
+            sys.exit(130)
 
     return wrapper  # type: ignore[return-value]
 
@@ -55,7 +60,19 @@ def doctor(as_json: bool) -> None:
         sys.exit(2)
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+def _timeout(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    from microvm.checks import timeout
+    from microvm.errors import ConfigError
+
+    try:
+        return timeout(value, "--timeout")
+    except ConfigError as e:
+        raise click.BadParameter(str(e).removeprefix("--timeout "), ctx, param) from None
+
+
+# Options end at the first argument (or `--`): the rest is the guest's command,
+# `-` options included, while a mistyped option of ours is a usage error.
+@main.command(context_settings={"allow_interspersed_args": False})
 @click.option("--kernel", type=click.Path(dir_okay=False), help="vmlinux (ELF, PVH) or bzImage.")
 @click.option("--initrd", type=click.Path(dir_okay=False), help="An initramfs instead of ours.")
 @click.option("--mem", "mem_mib", type=int, default=128, show_default=True, help="Guest RAM in MiB.")
@@ -69,9 +86,10 @@ def doctor(as_json: bool) -> None:
               help="A network card on a tap (created unless it exists): eth0, eth1, ... in order. "
                    "ip/host_ip are ADDR/PREFIX; also netns=NS, bridge=BR.")
 @click.option("--cmdline", default=None, help="Replace the whole kernel command line.")
-@click.option("--timeout", type=float, default=None, help="Kill the guest after S seconds.")
+@click.option("--timeout", type=float, default=None, callback=_timeout, help="Kill the guest after S seconds.")
 @click.option("--force", is_flag=True, help="Run even where the host cannot run Linux guests (PVM).")
-@click.option("--console", "show_console", is_flag=True, help="Show the whole console, kernel included.")
+@click.option("--console", "show_console", is_flag=True,
+              help="Show the kernel's and init's console messages too, interleaved with the command's output.")
 @click.option("--timeline", "show_timeline", is_flag=True, help="Print the boot timeline to stderr.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @_one_line_errors
@@ -86,11 +104,12 @@ def run(kernel: str | None, initrd: str | None, mem_mib: int, vcpus: int, append
     from microvm.machine import Drive, MicroVM, Nic
 
     out = sys.stdout.buffer
+    # The command's output always; the console (kernel, init) with --console
+    # and in a shell, where it is the session itself.
     vm = MicroVM(kernel, initrd=initrd, mem_mib=mem_mib, vcpus=vcpus, append=append,
                  cmdline=cmdline, force=force, drives=[Drive.parse(d) for d in drives],
                  rootfs=Drive.parse(rootfs) if rootfs else None, nics=[Nic.parse(n) for n in nets],
-                 console=out if show_console or not command else None,
-                 stdout=None if show_console or not command else out)
+                 console=out if show_console or not command else None, stdout=out)
     if command:
         result = vm.run(list(command), timeout=timeout)
     else:

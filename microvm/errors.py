@@ -52,8 +52,16 @@ class GuestCrashError(VcpuError):
     """The guest crashed: triple fault, failed entry, emulation failure."""
 
 
+class GuestError(MicroVMError):
+    """The guest could not run the command (e.g. its root filesystem would not mount)."""
+
+
 class LoaderError(MicroVMError):
     """A kernel or initrd could not be loaded into guest memory."""
+
+
+class GuestMemoryTooSmallError(ConfigError, LoaderError):
+    """The kernel (with its initrd) does not fit in the guest memory asked for."""
 
 
 class DeviceError(MicroVMError):

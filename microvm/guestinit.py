@@ -19,7 +19,17 @@ import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from microvm.devices.control import CONTROL_BASE, MARK_COMMAND, MARK_INIT, REG_EXIT, REG_MARK, REG_POWER
+from microvm.devices.control import (
+    CONTROL_BASE,
+    FAIL_ROOT_MOUNT,
+    MARK_COMMAND,
+    MARK_COMMAND_ON_CONSOLE,
+    MARK_INIT,
+    REG_EXIT,
+    REG_FAIL,
+    REG_MARK,
+    REG_POWER,
+)
 from microvm.initramfs import Cpio, add_busybox, busybox_path
 
 INIT_SCRIPT = f"""#!/bin/sh
@@ -64,7 +74,7 @@ for arg in $(cat /proc/cmdline); do
 done
 if [ -n "$root" ]; then
     mkdir -p /newroot
-    if mount -t ${{rootfstype:-ext4}} "$root" /newroot; then
+    if mount -t ${{rootfstype:-ext4}} "$root" /newroot 2>/run/mount-error; then
         for fs in proc sys dev run tmp; do mkdir -p /newroot/$fs; done
         mount -t proc proc /newroot/proc
         mount -t sysfs sysfs /newroot/sys
@@ -74,7 +84,10 @@ if [ -n "$root" ]; then
         cp /microvm/cmd /newroot/run/microvm-cmd 2>/dev/null
         run="chroot /newroot /bin/sh"
     else
-        echo "microvm: cannot mount root $root" >/dev/console
+        # Never fall back to the initramfs: the host reports this line.
+        echo "microvm: cannot mount root $root (${{rootfstype:-ext4}}): $(cat /run/mount-error)" >/dev/console
+        devmem {CONTROL_BASE + REG_FAIL:#x} 32 {FAIL_ROOT_MOUNT}
+        while :; do sleep 1; done
     fi
 fi
 
@@ -82,15 +95,15 @@ if [ -f /microvm/cmd ]; then
     # The command's output goes to virtio-console (hvc0) when there is one:
     # whole buffers, and hvc returns from write() only once the host took
     # them, so nothing is in flight when we report the status.
-    out=/dev/console
-    [ -c /dev/hvc0 ] && out=/dev/hvc0
+    out=/dev/console mark={MARK_COMMAND_ON_CONSOLE}
+    [ -c /dev/hvc0 ] && out=/dev/hvc0 mark={MARK_COMMAND}
     # fd 3 holds the tty open, so the settings below last for the whole run
     # (a tty forgets them when its last fd closes). -opost: exact bytes, no
     # CR before LF. stty applies them with TCSADRAIN, which also waits for
     # output already queued to go out.
     exec 3>$out
     stty -F $out -opost -echo 2>/dev/null
-    devmem {CONTROL_BASE + REG_MARK:#x} 32 {MARK_COMMAND}
+    devmem {CONTROL_BASE + REG_MARK:#x} 32 $mark
     # Like subprocess.run(capture_output=True): stdout and stderr are a pipe,
     # not a terminal, so programs write in large blocks.
     cmdfile=/microvm/cmd
@@ -99,7 +112,12 @@ if [ -f /microvm/cmd ]; then
     status=$(cat /run/status)
     exec 3>&-
 else
-    devmem {CONTROL_BASE + REG_MARK:#x} 32 {MARK_COMMAND}
+    # A shell on the console. Hardware flow control: when the tty's input
+    # buffer fills, the guest drops RTS and the host holds its input back
+    # (Serial.offer), so piped input of any size arrives whole. The host
+    # sends input only after this mark, once the port is set up.
+    stty -F /dev/console crtscts 2>/dev/null
+    devmem {CONTROL_BASE + REG_MARK:#x} 32 {MARK_COMMAND_ON_CONSOLE}
     if [ "$run" != /bin/sh ]; then setsid cttyhack chroot /newroot /bin/sh -l; else setsid cttyhack /bin/sh -l; fi
     status=$?
 fi

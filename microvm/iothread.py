@@ -14,6 +14,9 @@ import select
 import threading
 from collections.abc import Callable
 
+from microvm.doneflag import DoneFlag
+from microvm.errors import MicroVMError
+
 log = logging.getLogger(__name__)
 
 
@@ -25,6 +28,8 @@ class IoThread:
         self._epoll.register(self._wake, select.EPOLLIN)
         self._stop = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._exited = DoneFlag()  # not Thread.join: see doneflag.py
+        self._closed = False
         self.errors: list[BaseException] = []
 
     def add(self, fd: int, handler: Callable[[], None], eventfd: bool = True) -> None:
@@ -41,6 +46,12 @@ class IoThread:
         self._thread.start()
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self._exited.set()
+
+    def _loop(self) -> None:
         while not self._stop:
             for fd, _ in self._epoll.poll():
                 if fd == self._wake:
@@ -59,10 +70,16 @@ class IoThread:
                         self.errors.append(e)
 
     def close(self) -> None:
-        """Stop and join the thread, close our own fds."""
+        """Stop and join the thread, close our own fds; again after a failure, until done."""
+        if self._closed:
+            return
         self._stop = True
         os.eventfd_write(self._wake, 1)
-        if self._thread.is_alive():
-            self._thread.join(5.0)
+        if self._thread.ident is not None:  # started
+            if not self._exited.wait(5.0):
+                raise MicroVMError("the I/O thread did not stop within 5 s (a device handler is stuck)")
+            self._thread.join()
         self._epoll.close()
         os.close(self._wake)
+        self._exited.close()
+        self._closed = True

@@ -113,7 +113,9 @@ class GuestMemory:
         """A zero-copy, writable view of guest memory [addr, addr+length)."""
         first = self._first
         offset = addr - first.guest_addr
-        if offset >= 0 and length >= 0 and offset + length <= first.size:  # the common case: low RAM
+        # The common case, low RAM, with _locate's rule: the address itself
+        # must be inside (an empty range at the very end is not).
+        if 0 <= offset < first.size and length >= 0 and offset + length <= first.size:
             return first.mv[offset:offset + length]
         region, offset = self._locate(addr, length)
         return region.mv[offset:offset + length]

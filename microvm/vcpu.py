@@ -17,6 +17,7 @@ from typing import Any
 
 from microvm import _kvm
 from microvm.bus import Bus
+from microvm.doneflag import DoneFlag
 from microvm.errors import GuestCrashError, VcpuError
 
 #: Real-time signal used to kick vCPU threads out of KVM_RUN.
@@ -62,6 +63,9 @@ class Vcpu:
         self._paused = threading.Event()
         self._resume = threading.Event()
         self._thread: threading.Thread | None = None
+        # Set when the thread's last line has run; waited on instead of
+        # Thread.join, which an interrupt breaks (see doneflag.py).
+        self._exited = DoneFlag()
         self._ident: int | None = None
         self._ident_lock = threading.Lock()  # _ident is cleared when the thread ends
         self.first_entry_ns: int | None = None
@@ -92,14 +96,20 @@ class Vcpu:
         self._resume.set()
 
     def join(self, timeout: float | None = None) -> bool:
+        """Wait for the thread to end; True once it has. An interrupt (a
+        KeyboardInterrupt in the waiting thread) leaves the vCPU unaffected."""
         if self._thread is None:
             return True
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+        if not self._exited.wait(timeout):
+            return False
+        # The thread has passed its last line; the interpreter lets it go at
+        # once, so this join does not block.
+        self._thread.join()
+        return True
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._thread is not None and not self._exited.is_set()
 
     def _kick(self) -> None:
         if self.fd.closed:
@@ -124,8 +134,11 @@ class Vcpu:
         finally:
             with self._ident_lock:
                 self._ident = None
-            if self.on_stop is not None:
-                self.on_stop(self)
+            try:
+                if self.on_stop is not None:
+                    self.on_stop(self)
+            finally:
+                self._exited.set()
 
     def run_loop(self) -> StopReason:
         """Run until the guest stops this vCPU or stop() is called."""
@@ -199,4 +212,6 @@ class Vcpu:
             return "rip=?"
 
     def close(self) -> None:
+        """Only once the thread has ended (join() returned True) or never started."""
         self.fd.close()
+        self._exited.close()

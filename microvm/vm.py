@@ -75,6 +75,8 @@ class Vm:
         self.io = IoThread()
         self.timestamps: dict[str, int] = {}
         self._closed = False
+        self._close_lock = threading.RLock()
+        self.vcpus_open: list[Vcpu] = []  # vCPUs whose fd close() has yet to close
         try:
             self.fd = self.kvm.create_vm()
             self.timestamps["vm created"] = time.monotonic_ns()
@@ -94,8 +96,9 @@ class Vm:
             if vcpus > max_vcpus:
                 raise ConfigError(f"vcpus={vcpus} exceeds this host's KVM limit of {max_vcpus}")
             for i in range(vcpus):
-                self.vcpus.append(Vcpu(i, self.fd.create_vcpu(i), self.pio, self.mmio,
-                                       on_stop=self._vcpu_stopped))
+                vcpu = Vcpu(i, self.fd.create_vcpu(i), self.pio, self.mmio, on_stop=self._vcpu_stopped)
+                self.vcpus.append(vcpu)
+                self.vcpus_open.append(vcpu)
         except OSError as e:
             self.close()
             raise KvmError(f"creating the VM failed: {e}") from e
@@ -167,35 +170,38 @@ class Vm:
         return self.end_reason
 
     def close(self) -> None:
-        """Stop the vCPUs, join their threads, close every fd, unmap memory."""
-        if self._closed:
-            return
-        for vcpu in self.vcpus:
-            vcpu.stop()
-        stuck = [v.index for v in self.vcpus if not v.join(5.0)]
-        if stuck:
-            # Guest memory must stay mapped while a vCPU may still use it;
-            # close() can be called again once the thread is out.
-            raise MicroVMError(f"vcpu(s) {stuck} did not stop within 5 s; VM left open")
-        try:
-            self.io.close()  # no device may touch guest memory after this
+        """Stop the vCPUs, join their threads, close every fd, unmap memory.
+
+        Safe to call from several threads and again after a failure: each
+        resource is released once, and guest memory stays mapped for as long
+        as any vCPU thread might still be inside KVM_RUN.
+        """
+        with self._close_lock:
+            if self._closed:
+                return
             for vcpu in self.vcpus:
-                vcpu.close()
-            for line in self.irq_lines:
-                line.close()
-            for efd in self.ioeventfds:
-                os.close(efd)
-            self.ioeventfds = []
+                vcpu.stop()
+            stuck = [v.index for v in self.vcpus if not v.join(5.0)]
+            if stuck:
+                # close() can be called again once the thread is out.
+                raise MicroVMError(f"vcpu(s) {stuck} did not stop within 5 s; VM left open")
+            self.io.close()  # no device may touch guest memory after this
+            while self.vcpus_open:
+                self.vcpus_open[-1].close()
+                self.vcpus_open.pop()
+            while self.irq_lines:
+                self.irq_lines[-1].close()
+                self.irq_lines.pop()
+            while self.ioeventfds:
+                os.close(self.ioeventfds[-1])
+                self.ioeventfds.pop()
             if getattr(self, "fd", None) is not None:
-                self.fd.close()  # the VM and its memslots go with the last fd
-        finally:
-            try:
-                if self.memory is not None:
-                    self.memory.close()
-                    self.memory = None
-            finally:
-                self.kvm.close()
-                self._closed = True
+                self.fd.close()  # the VM, its memslots and the PIT thread go with the last fd
+            if self.memory is not None:
+                self.memory.close()
+                self.memory = None
+            self.kvm.close()
+            self._closed = True
 
     def __enter__(self) -> Vm:
         return self

@@ -9,6 +9,35 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# --- hypothesis profiles ---------------------------------------------------------------
+# "ci" (CI set, as .ci/run is run, or MICROVM_HYPOTHESIS_PROFILE=ci): the same examples
+# on every run, no example database, failures printed with a @reproduce_failure blob.
+# "dev" (default): hypothesis's defaults: random examples, failures kept in .hypothesis/.
+# "fuzz" (MICROVM_HYPOTHESIS_PROFILE=fuzz): a long exploring run, 20000 examples a
+# property where the test takes its budget from the profile (test_virtqueue.py does).
+# Each is built on hypothesis's "default" profile, not on whatever is loaded (hypothesis
+# itself loads its own "ci" when CI is set). Per-test @settings(...) inherit every field
+# they do not set from the profile loaded here, before the test modules are imported;
+# none of them sets derandomize or database.
+_BASE = settings.get_profile("default")
+settings.register_profile("dev", _BASE)
+settings.register_profile("ci", _BASE, derandomize=True, database=None, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("fuzz", _BASE, max_examples=20000, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+
+
+def hypothesis_profile() -> str:
+    name = os.environ.get("MICROVM_HYPOTHESIS_PROFILE")
+    if name:
+        return name
+    return "ci" if os.environ.get("CI", "").lower() not in ("", "0", "false", "no") else "dev"
+
+
+settings.load_profile(hypothesis_profile())
+# --- end of hypothesis profiles -----------------------------------------------------------
 
 
 def kvm_usable() -> str | None:

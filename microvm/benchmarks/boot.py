@@ -25,11 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from microvm.benchmarks import qemu
+from microvm.benchmarks.options import CMDLINE_VARIANTS, KERNEL_FORMATS
 from microvm.benchmarks.report import Stats, summarize_metrics
 from microvm.errors import ConfigError
 
-KERNEL_FORMATS = ("elf", "bzimage")
-CMDLINE_VARIANTS = ("quiet", "verbose")
 VMM_PHASES = ("vm created", "memory mapped", "kernel loaded", "first vcpu entry", "init reached",
               "command started", "command done", "vm ended")
 PRINTK_METRICS = ("guest first printk", "guest printk before init")

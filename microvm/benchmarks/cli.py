@@ -2,20 +2,25 @@
 
 Each command prints a table and writes its results under --out. On a PVM
 host it first re-runs itself inside the hardware-virtualization lane (lane.py),
-with --out shared so the files come back.
+with --out shared so the files come back. Every option is checked here, on
+the host, before that: a bad value is a usage error (exit 2) at once, and
+nothing is created under --out.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import wraps
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
+from microvm.benchmarks.options import CMDLINE_VARIANTS, KERNEL_FORMATS, MEM_MIB_RANGE, VCPUS_RANGE
+
 F = TypeVar("F", bound=Callable[..., Any])
+Callback = Callable[[click.Context, click.Parameter, str], list[Any]]
 DEFAULT_OUT = "build/bench"
 
 
@@ -30,15 +35,41 @@ def _errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _words(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
-    return [w.strip() for w in value.split(",") if w.strip()]
+def _words(value: str) -> list[str]:
+    words = [w.strip() for w in value.split(",") if w.strip()]
+    if not words:
+        raise click.BadParameter("no value given")
+    return words
 
 
-def _ints(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
-    try:
-        return [int(w) for w in _words(ctx, param, value)]
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: expected comma-separated integers") from None
+def _choices(allowed: Sequence[str]) -> Callback:
+    """A click callback: comma-separated words, each one of allowed (repeats dropped)."""
+
+    def check(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
+        words = _words(value)
+        bad = [w for w in words if w not in allowed]
+        if bad:
+            raise click.BadParameter(f"{', '.join(map(repr, bad))}: choose from {', '.join(allowed)}")
+        return list(dict.fromkeys(words))
+
+    return check
+
+
+def _ints(low: int, high: int) -> Callback:
+    """A click callback: comma-separated integers, each in low..high (repeats dropped)."""
+
+    def check(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
+        words = _words(value)
+        try:
+            numbers = [int(w) for w in words]
+        except ValueError:
+            raise click.BadParameter(f"{value!r}: expected comma-separated integers") from None
+        bad = [n for n in numbers if not low <= n <= high]
+        if bad:
+            raise click.BadParameter(f"{', '.join(map(str, bad))}: each must be between {low} and {high}")
+        return list(dict.fromkeys(numbers))
+
+    return check
 
 
 def _in_lane(command: str, out: Path, smp: int | None = None) -> None:
@@ -50,6 +81,8 @@ def _in_lane(command: str, out: Path, smp: int | None = None) -> None:
 
 
 def _kernel(kernel_format: str) -> Path:
+    """Our cached kernel in that format; a ConfigError (one line) if none is built.
+    Asked on the host too, before the lane: the lane sees the host's files."""
     from microvm.benchmarks.boot import kernel_path
 
     return kernel_path(kernel_format)
@@ -67,23 +100,32 @@ def bench() -> None:
 
 
 @bench.command("boot")
-@click.option("--kernel-format", "formats", default="elf", show_default=True, callback=_words,
-              help="Comma-separated: elf (vmlinux, PVH), bzimage.")
-@click.option("--mem", "mems", default="128", show_default=True, callback=_ints, help="Guest MiB, comma-separated.")
-@click.option("--vcpus", "vcpus", default="1", show_default=True, callback=_ints, help="vCPU counts, comma-separated.")
-@click.option("--cmdline-variant", "variants", default="quiet", show_default=True, callback=_words,
+@click.option("--kernel-format", "formats", default="elf", show_default=True, metavar="FORMAT[,FORMAT...]",
+              callback=_choices(KERNEL_FORMATS), help="Comma-separated: elf (vmlinux, PVH), bzimage.")
+@click.option("--mem", "mems", default="128", show_default=True, metavar="MIB[,MIB...]",
+              callback=_ints(*MEM_MIB_RANGE), help="Guest MiB, comma-separated.")
+@click.option("--vcpus", "vcpus", default="1", show_default=True, metavar="N[,N...]",
+              callback=_ints(*VCPUS_RANGE), help="vCPU counts, comma-separated.")
+@click.option("--cmdline-variant", "variants", default="quiet", show_default=True, metavar="VARIANT[,VARIANT...]",
+              callback=_choices(CMDLINE_VARIANTS),
               help="Comma-separated: quiet (our default command line), verbose (without `quiet`).")
-@click.option("-n", "--runs", type=int, default=10, show_default=True, help="Boots per configuration.")
+@click.option("-n", "--runs", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Boots per configuration.")
 @click.option("--qemu", "with_qemu", is_flag=True, help="Also boot QEMU's microvm machine, same kernel and initramfs.")
-@click.option("--timeout", type=float, default=300, show_default=True, help="Seconds allowed per boot.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=300, show_default=True,
+              help="Seconds allowed per boot.")
 @out_option
 @_errors
 def boot_cmd(formats: list[str], mems: list[int], vcpus: list[int], variants: list[str], runs: int,
              with_qemu: bool, timeout: float, out: Path) -> None:
     """Boot each configuration N times: phase timeline table, JSON, CSV, PNG."""
-    from microvm.benchmarks import boot, report
+    from microvm.benchmarks import boot, qemu, report
 
-    configs = boot.configurations(formats, mems, vcpus, variants, with_qemu)  # bad options fail here, not in the lane
+    configs = boot.configurations(formats, mems, vcpus, variants, with_qemu)
+    if with_qemu and not qemu.available():
+        raise click.BadParameter(f"{qemu.QEMU} is not installed", param_hint="'--qemu'")
+    for kernel_format in formats:
+        _kernel(kernel_format)
     _in_lane("boot", out)
     from microvm.benchmarks.plot import boot_figure
 
@@ -107,11 +149,14 @@ def _tabulate(name: str, progress: str, total: int, measure: Callable[[Callable[
     click.echo(f"wrote {report.write_json(out / f'{name}.json', result)}")
 
 
-def _vm_options(count_help: str) -> Callable[[F], F]:
+def _vm_options(count_help: str, min_count: int) -> Callable[[F], F]:
     """--kernel-format, --mem, --count and --out: what footprint and rate share."""
-    options = (kernel_option, click.option("--mem", "mem_mib", type=int, default=128, show_default=True,
-                                           help="Guest MiB per VM."),
-               click.option("--count", type=int, default=20, show_default=True, help=count_help), out_option)
+    options = (kernel_option,
+               click.option("--mem", "mem_mib", type=click.IntRange(*MEM_MIB_RANGE), default=128, show_default=True,
+                            help="Guest MiB per VM."),
+               click.option("--count", type=click.IntRange(min=min_count), default=20, show_default=True,
+                            help=count_help),
+               out_option)
 
     def apply(fn: F) -> F:
         for option in reversed(options):
@@ -122,11 +167,13 @@ def _vm_options(count_help: str) -> Callable[[F], F]:
 
 
 @bench.command("footprint")
-@_vm_options("VMs in one process.")
-@click.option("--processes", type=int, default=4, show_default=True, help="Processes with one VM each.")
+@_vm_options("VMs in one process.", min_count=2)
+@click.option("--processes", type=click.IntRange(min=0), default=4, show_default=True,
+              help="Processes with one VM each.")
 @_errors
 def footprint_cmd(kernel_format: str, mem_mib: int, count: int, processes: int, out: Path) -> None:
     """Host memory of the VMM beyond guest pages (RSS, PSS): 1 VM, COUNT VMs, a process per VM."""
+    _kernel(kernel_format)
     _in_lane("footprint", out)
     from microvm.benchmarks import footprint
 
@@ -136,12 +183,14 @@ def footprint_cmd(kernel_format: str, mem_mib: int, count: int, processes: int, 
 
 
 @bench.command("rate")
-@_vm_options("VMs per mode.")
-@click.option("--workers", type=int, default=2, show_default=True, help="Processes for the parallel mode.")
+@_vm_options("VMs per mode.", min_count=1)
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Processes for the parallel mode.")
 @_errors
 def rate_cmd(kernel_format: str, mem_mib: int, count: int, workers: int, out: Path) -> None:
     """VMs created, run to completion (`true`) and torn down per second."""
-    _in_lane("rate", out, smp=max(workers, 1))
+    _kernel(kernel_format)
+    _in_lane("rate", out, smp=workers)
     from microvm.benchmarks import rate
 
     _tabulate("rate", "VMs", count * (2 if workers > 1 else 1),

@@ -27,8 +27,11 @@ from microvm.loader.layout import (
     E820_TYPE_RESERVED,
     FOUR_GIB,
     HIMEM_START,
+    PAGE_SIZE,
     START_INFO,
     ZERO_PAGE,
+    KernelTooBigError,
+    align_up,
     encode_cmdline,
     memory_map,
     place_initrd,
@@ -45,6 +48,7 @@ __all__ = [
     "START_INFO",
     "ZERO_PAGE",
     "BootInfo",
+    "KernelTooBigError",
     "load_linux",
 ]
 
@@ -100,6 +104,12 @@ def load_linux(
     e820 = memory_map(ram, reserved)
     try:
         return load(mem, source, cmdline, initrd_data, ram, e820)
+    except KernelTooBigError as e:
+        if e.args[0].startswith("initrd"):
+            raise
+        # The kernel alone did not fit; the initrd goes above it.
+        raise KernelTooBigError(align_up(e.needed, PAGE_SIZE) + align_up(len(initrd_data or b""), PAGE_SIZE),
+                                str(e)) from e
     except GuestMemoryError as e:
         # The fixed boot structures live in low memory; a guest without it
         # cannot be booted this way.
@@ -126,10 +136,10 @@ def _load_pvh(
     ram: Sequence[tuple[int, int]],
     e820: list[tuple[int, int, int]],
 ) -> BootInfo:
-    # The kernel's own limit (COMMAND_LINE_SIZE) is not published in a vmlinux;
-    # longer lines are truncated by the kernel, so only our buffer bounds it.
+    # The kernel truncates a longer line without a word (and with it, the
+    # device announcements we put in it); its buffer's size is in the vmlinux.
     image: elf.ElfImage = source
-    raw_cmdline = encode_cmdline(cmdline, CMDLINE_MAX - 1)
+    raw_cmdline = encode_cmdline(cmdline, image.command_line_size - 1)
     loaded = elf.load(mem, image)
     initrd = _place_cmdline_and_initrd(mem, raw_cmdline, initrd_data, ram, loaded.end, FOUR_GIB)
     params = elf.write_start_info(mem, cmdline_addr=CMDLINE, initrd=initrd, memmap=e820)

@@ -14,7 +14,7 @@ import ctypes
 from dataclasses import dataclass
 
 from microvm.errors import LoaderError
-from microvm.loader.layout import HIMEM_START, ZERO_PAGE, LoadedKernel, align_up, mib
+from microvm.loader.layout import HIMEM_START, ZERO_PAGE, KernelTooBigError, LoadedKernel, align_up, mib
 from microvm.memory import GuestMemory
 
 HDRS_MAGIC = 0x53726448  # "HdrS" at 0x202
@@ -301,7 +301,9 @@ def load(mem: GuestMemory, image: BzImage) -> LoadedKernel:
         if fits:
             break
     else:
-        raise LoaderError(
+        runtime = _runtime_start(hdr, HIMEM_START)
+        raise KernelTooBigError(
+            max(HIMEM_START + size, runtime + hdr.init_size),
             f"kernel needs {mib(hdr.init_size)} MiB (init_size) from {runtime:#x} and "
             f"{mib(size)} MiB from {load_addr:#x}; guest memory is {mib(mem.size)} MiB"
         )

@@ -20,7 +20,7 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from microvm.errors import LoaderError
-from microvm.loader.layout import HIMEM_START, START_INFO, LoadedKernel, align_up, mib
+from microvm.loader.layout import HIMEM_START, START_INFO, KernelTooBigError, LoadedKernel, align_up, mib
 from microvm.memory import GuestMemory
 
 # include/xen/interface/elfnote.h
@@ -36,6 +36,14 @@ MEMMAP = START_INFO + 0x80
 # boot_params.e820_table[E820_MAX_ENTRIES_ZEROPAGE] without a bounds check, then
 # appends the ISA hole: more than 127 entries would overrun that table.
 MEMMAP_MAX = 127
+# x86's COMMAND_LINE_SIZE (arch/x86/include/asm/setup.h... include/uapi/asm-generic/setup.h
+# for the default): the kernel copies at most this many bytes, NUL included,
+# into boot_command_line and silently drops the rest. A vmlinux with a symbol
+# table tells its own size (that of boot_command_line); this is for one without.
+DEFAULT_COMMAND_LINE_SIZE = 2048
+# struct Elf64_Sym { Elf64_Word st_name; unsigned char st_info, st_other;
+#                    Elf64_Half st_shndx; Elf64_Addr st_value; Elf64_Xword st_size; }
+ELF64_SYM = struct.Struct("<IBBHQQ")
 
 
 class HvmStartInfo(ctypes.LittleEndianStructure):
@@ -129,6 +137,7 @@ class ElfImage:
     entry: int
     segments: list[Segment]
     path: str | None = None
+    command_line_size: int = DEFAULT_COMMAND_LINE_SIZE  # NUL included
 
 
 Reader = Callable[[int, int], bytes]  # (offset, length) -> bytes of the file
@@ -136,8 +145,8 @@ Reader = Callable[[int, int], bytes]  # (offset, length) -> bytes of the file
 
 def parse(data: bytes) -> ElfImage:
     """Check a vmlinux given as bytes and find its segments and PVH entry point."""
-    entry, segments = _checked(io.BytesIO(data), len(data), lambda offset, n: data[offset:offset + n])
-    return ElfImage(data, entry, segments)
+    entry, segments, cl_size = _checked(io.BytesIO(data), len(data), lambda offset, n: data[offset:offset + n], None)
+    return ElfImage(data, entry, segments, command_line_size=cl_size)
 
 
 def parse_file(path: str | os.PathLike[str]) -> ElfImage:
@@ -146,22 +155,26 @@ def parse_file(path: str | os.PathLike[str]) -> ElfImage:
     try:
         with open(path, "rb") as f:
             fd = f.fileno()
-            entry, segments = _checked(f, os.fstat(fd).st_size, lambda offset, n: os.pread(fd, n, offset))
+            st = os.fstat(fd)
+            identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            entry, segments, cl_size = _checked(f, st.st_size, lambda offset, n: os.pread(fd, n, offset), identity)
     except OSError as e:
         raise LoaderError(f"cannot read kernel {path}: {e.strerror or e}") from e
-    return ElfImage(None, entry, segments, path=os.fspath(path))
+    return ElfImage(None, entry, segments, path=os.fspath(path), command_line_size=cl_size)
 
 
-def _checked(stream: BinaryIO, size: int, read: Reader) -> tuple[int, list[Segment]]:
+def _checked(stream: BinaryIO, size: int, read: Reader,
+             identity: tuple[int, ...] | None) -> tuple[int, list[Segment], int]:
     try:
-        return _parse(stream, size, read)
+        return _parse(stream, size, read, identity)
     except (ELFError, struct.error, ValueError, KeyError, IndexError, OverflowError) as e:
         # pyelftools reports a cut or mangled header as whichever of these its
         # parser trips over first.
         raise LoaderError(f"vmlinux is truncated or corrupt: {e}") from e
 
 
-def _parse(stream: BinaryIO, size: int, read: Reader) -> tuple[int, list[Segment]]:
+def _parse(stream: BinaryIO, size: int, read: Reader,
+           identity: tuple[int, ...] | None) -> tuple[int, list[Segment], int]:
     elf = ELFFile(stream)
     if elf.elfclass != 64:
         raise LoaderError(f"kernel is ELFCLASS{elf.elfclass}, need an ELFCLASS64 x86_64 vmlinux")
@@ -199,7 +212,45 @@ def _parse(stream: BinaryIO, size: int, read: Reader) -> tuple[int, list[Segment
         raise LoaderError("kernel has no PVH entry point (CONFIG_PVH=y needed)")
     if not any(s.paddr <= entry < s.paddr + s.memsz for s in segments):
         raise LoaderError(f"PVH entry point {entry:#x} is outside the kernel's loaded segments")
-    return entry, segments
+    if identity is None:
+        return entry, segments, _command_line_size(elf, read, size)
+    cl_size = _COMMAND_LINE_SIZES.get(identity)
+    if cl_size is None:
+        cl_size = _COMMAND_LINE_SIZES[identity] = _command_line_size(elf, read, size)
+    return entry, segments, cl_size
+
+
+# (st_dev, st_ino, st_size, st_mtime_ns) of a vmlinux -> its command-line size:
+# the same kernel boots again and again, and its symbol table never changes.
+_COMMAND_LINE_SIZES: dict[tuple[int, ...], int] = {}
+
+
+def _command_line_size(elf: ELFFile, read: Reader, size: int) -> int:
+    """The size of the kernel's boot_command_line buffer, from its symbol table.
+
+    A raw scan rather than pyelftools' symbol iteration: a vmlinux has tens of
+    thousands of symbols (about 0.6 ms for ours, once per kernel file).
+    """
+    symtab = elf.get_section_by_name(".symtab")
+    if symtab is None or symtab["sh_type"] != "SHT_SYMTAB" or symtab["sh_entsize"] != ELF64_SYM.size:
+        return DEFAULT_COMMAND_LINE_SIZE
+    strtab = elf.get_section(symtab["sh_link"])
+    sections = [(symtab["sh_offset"], symtab["sh_size"]), (strtab["sh_offset"], strtab["sh_size"])]
+    if any(offset + length > size for offset, length in sections):
+        raise LoaderError("vmlinux is truncated: its symbol table runs past the end of the file")
+    names = read(*sections[1])
+    at = names.find(b"\0boot_command_line\0")
+    if at < 0:
+        return DEFAULT_COMMAND_LINE_SIZE
+    symbols = read(*sections[0])
+    key = struct.pack("<I", at + 1)
+    pos = symbols.find(key)
+    while pos >= 0:
+        if pos % ELF64_SYM.size == 0:
+            cl_size = ELF64_SYM.unpack_from(symbols, pos)[5]
+            return int(cl_size) if cl_size > 0 else DEFAULT_COMMAND_LINE_SIZE
+        pos = symbols.find(key, pos + 1)
+    return DEFAULT_COMMAND_LINE_SIZE
 
 
 def _load_segment(index: int, h: Any, file_size: int) -> Segment:
@@ -250,7 +301,8 @@ def load(mem: GuestMemory, image: ElfImage) -> LoadedKernel:
     """Copy every PT_LOAD segment to its p_paddr and zero the rest up to p_memsz."""
     for s in image.segments:
         if not mem.contains(s.paddr, s.memsz):
-            raise LoaderError(
+            raise KernelTooBigError(
+                max(s.paddr + s.memsz for s in image.segments),
                 f"segment {s.index} ({s.paddr:#x}+{s.memsz:#x}) does not fit in guest memory "
                 f"({mib(mem.size)} MiB)"
             )
@@ -262,7 +314,8 @@ def load(mem: GuestMemory, image: ElfImage) -> LoadedKernel:
         assert image.path is not None
         _read_segments(mem, image.path, image.segments)
     for s in image.segments:
-        mem.fill(s.paddr + s.filesz, s.memsz - s.filesz)
+        if s.memsz > s.filesz:
+            mem.fill(s.paddr + s.filesz, s.memsz - s.filesz)
     start = min(s.paddr for s in image.segments)
     end = max(s.paddr + s.memsz for s in image.segments)
     return LoadedKernel(image.entry, start, end)

@@ -37,6 +37,15 @@ E820_TYPE_RESERVED = 2
 FOUR_GIB = 1 << 32
 
 
+class KernelTooBigError(LoaderError):
+    """The kernel (or its initrd) does not fit in guest memory; `needed` is
+    the guest memory, in bytes, that would have held it."""
+
+    def __init__(self, needed: int, message: str):
+        super().__init__(message)
+        self.needed = needed
+
+
 @dataclass(frozen=True)
 class LoadedKernel:
     """Where a kernel image landed: entry point and the guest range it may use."""
@@ -130,4 +139,5 @@ def place_initrd(
         addr = align_down(top - size, PAGE_SIZE)
         if addr >= max(start, floor) and mem.contains(addr, size):
             return addr
-    raise LoaderError(f"initrd of {mib(size)} MiB does not fit in guest memory ({mib(mem.size)} MiB)")
+    raise KernelTooBigError(floor + align_up(size, PAGE_SIZE),
+                            f"initrd of {mib(size)} MiB does not fit in guest memory ({mib(mem.size)} MiB)")

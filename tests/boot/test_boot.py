@@ -58,14 +58,17 @@ def test_one_mib_of_output_arrives_in_order(kernel: str) -> None:
     assert r.stdout == expected
 
 
-@pytest.mark.parametrize("cmd,reason", [(["reboot"], "reboot"), (["poweroff"], "poweroff"),
-                                        (["reboot", "-f"], "reboot"), (["poweroff", "-f"], "poweroff")])
-def test_reboot_and_poweroff_end_the_vm(cmd: list[str], reason: str) -> None:
+@pytest.mark.parametrize("cmd,reason", [(["reboot"], "reboot"), (["poweroff"], "poweroff"), (["halt"], "poweroff"),
+                                        (["reboot", "-f"], "reboot"), (["poweroff", "-f"], "poweroff"),
+                                        (["halt", "-f"], "poweroff")])
+def test_reboot_poweroff_and_halt_end_the_vm(cmd: list[str], reason: str) -> None:
     art = find_default_kernel()
     assert art is not None
     r = MicroVM(art.vmlinux).run(cmd, timeout=120)
     assert r.reason == reason
     assert r.exit_code is None
+    # The kernel's last words ("reboot: System halted") are console, never the command's output.
+    assert r.stdout == b"", r.stdout
 
 
 def test_kernel_panic_is_a_clear_error() -> None:

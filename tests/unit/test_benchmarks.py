@@ -4,16 +4,26 @@ from __future__ import annotations
 
 import csv
 import ctypes
+import io
 import json
 import mmap
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from rich.console import Console
 
-from microvm.benchmarks import boot, footprint, rate, report
+import microvm.lane
+from microvm.benchmarks import boot, footprint, lane, qemu, rate, report
 from microvm.benchmarks.plot import boot_figure
 from microvm.benchmarks.workers import WorkerError, run_workers
-from microvm.errors import ConfigError
+from microvm.cli import main
+from microvm.errors import ConfigError, LaneError
+from microvm.laneinit import END_MARK, START_MARK
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -182,3 +192,221 @@ def test_run_workers_collects_results_and_errors() -> None:
     assert sorted(seen) == ["squaring 2", "squaring 3"]
     with pytest.raises(WorkerError, match="worker says no to 7"):
         run_workers(_fail, [(7,)], timeout=120)
+
+
+# --- options are checked on the host, before any lane (issue defect 13) --------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def no_lane(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Starting the lane (or asking for it) fails the test; calls are recorded."""
+    calls: list[Any] = []
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        calls.append((args, kwargs))
+        raise AssertionError("a lane was started")
+
+    monkeypatch.setattr(lane, "rerun_in_lane_if_pvm", refuse)
+    monkeypatch.setattr(microvm.lane, "run_in_lane", refuse)
+    return calls
+
+
+BAD_BENCH_OPTIONS = [
+    (["boot", "--runs", "0"], "--runs"),
+    (["boot", "-n", "-3"], "--runs"),
+    (["boot", "--mem", "0"], "--mem"),
+    (["boot", "--mem", "128,-1"], "--mem"),
+    (["boot", "--mem", "128,lots"], "--mem"),
+    (["boot", "--mem", ","], "--mem"),
+    (["boot", "--vcpus", "0"], "--vcpus"),
+    (["boot", "--vcpus", "255"], "--vcpus"),
+    (["boot", "--kernel-format", "pe"], "--kernel-format"),
+    (["boot", "--kernel-format", "elf,PE"], "--kernel-format"),
+    (["boot", "--kernel-format", ""], "--kernel-format"),
+    (["boot", "--cmdline-variant", "quiet,loud"], "--cmdline-variant"),
+    (["boot", "--timeout", "0"], "--timeout"),
+    (["footprint", "--count", "0"], "--count"),
+    (["footprint", "--count", "1"], "--count"),
+    (["footprint", "--mem", "0"], "--mem"),
+    (["footprint", "--processes", "-1"], "--processes"),
+    (["footprint", "--kernel-format", "pe"], "--kernel-format"),
+    (["rate", "--count", "0"], "--count"),
+    (["rate", "--workers", "0"], "--workers"),
+    (["rate", "--count", "0", "--workers", "0"], "--count"),
+    (["rate", "--mem", "-128"], "--mem"),
+]
+
+
+@pytest.mark.parametrize("args,option", BAD_BENCH_OPTIONS, ids=[" ".join(a) for a, _ in BAD_BENCH_OPTIONS])
+def test_bench_refuses_bad_options_before_any_lane(args: list[str], option: str, tmp_path: Path,
+                                                   no_lane: list[Any]) -> None:
+    out = tmp_path / "results" / "bench"
+    result = CliRunner().invoke(main, ["bench", *args, "--out", str(out)])
+    assert result.exit_code == 2, result.output  # click's usage error
+    assert result.stdout == ""
+    assert option in result.stderr and "Invalid value" in result.stderr
+    assert not no_lane
+    assert not (tmp_path / "results").exists()
+
+
+def test_bench_boot_without_qemu_or_kernel_fails_on_the_host(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                              no_lane: list[Any]) -> None:
+    out = tmp_path / "bench"
+    monkeypatch.setattr(qemu, "available", lambda: False)
+    result = CliRunner().invoke(main, ["bench", "boot", "--qemu", "--out", str(out)])
+    assert result.exit_code == 2 and "--qemu" in result.stderr and "not installed" in result.stderr
+
+    def no_kernel(kernel_format: str) -> Path:
+        raise ConfigError("no guest kernel built yet: run `microvm kernel build`")
+
+    monkeypatch.setattr(boot, "kernel_path", no_kernel)
+    for command in ("boot", "footprint", "rate"):
+        result = CliRunner().invoke(main, ["bench", command, "--out", str(out)])
+        assert result.exit_code == 1 and result.stdout == ""
+        assert result.stderr == "microvm: error: no guest kernel built yet: run `microvm kernel build`\n"
+    assert not no_lane and not out.exists()
+
+
+def test_bench_good_options_reach_the_lane(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    lanes: list[dict[str, Any]] = []
+
+    def lane_stand_in(argv: list[str], **kwargs: Any) -> None:
+        lanes.append(kwargs)
+        raise SystemExit(0)  # as the real one does after the lane's run
+
+    monkeypatch.setattr(lane, "rerun_in_lane_if_pvm", lane_stand_in)
+    monkeypatch.setattr(boot, "kernel_path", lambda kernel_format: Path(f"/k/{kernel_format}"))
+    out = tmp_path / "bench"
+    for args in (["boot", "--mem", "128,256,128", "--vcpus", "1,2", "--kernel-format", "elf,bzimage", "-n", "1"],
+                 ["footprint", "--count", "2", "--processes", "0"], ["rate", "--count", "1", "--workers", "3"]):
+        result = CliRunner().invoke(main, ["bench", *args, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+    assert [k["out_dir"] for k in lanes] == [out] * 3
+    assert lanes[2]["smp"] == 3
+
+
+def test_tagged_stderr_lines_reach_the_hosts_stderr() -> None:
+    inner = io.StringIO()
+    tagged = lane.TaggedStderr(inner)
+    tagged.write("progress 1/2")
+    tagged.write(" done\nprogress 2/2\n\nmicrovm: error: boom\n")
+    assert not tagged.isatty()
+    out, err = io.StringIO(), io.StringIO()
+    router = lane.StderrRouter(out, err)
+    # The lane's console: stdout and the tagged stderr, one stream.
+    for chunk in ("table row 1\n", inner.getvalue()[:7], inner.getvalue()[7:], "table row 2\n", "last"):
+        router.write(chunk)
+    router.close()
+    assert out.getvalue() == "table row 1\ntable row 2\nlast"
+    assert err.getvalue() == "progress 1/2 done\nprogress 2/2\n\nmicrovm: error: boom\n"
+    assert router.stderr_lines == 4
+
+
+def _fake_lane(console: bytes, returncode: int) -> Any:
+    """run_in_lane that copies console through the real console splitter."""
+
+    def run(argv: list[str], **kwargs: Any) -> microvm.lane.LaneResult:
+        splitter = microvm.lane._Console(stream=True)
+        splitter.feed(console, final=True)
+        return microvm.lane.LaneResult(returncode, "".join(splitter.output), 1.0)
+
+    return run
+
+
+def test_rerun_in_lane_sends_the_inner_error_to_stderr(monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv(lane.IN_LANE_ENV, raising=False)
+    monkeypatch.setattr(lane, "needs_lane", lambda: True)
+    tag = lane.STDERR_TAG.encode()
+    console = (b"kernel noise\r\n" + START_MARK.encode() + b"\r\n" + b"a result\r\n" + tag + b"booting: 1/1\r\n"
+               + tag + b"microvm: error: runs must be at least 1, got 0\r\n" + END_MARK.encode() + b"\r\n")
+    monkeypatch.setattr(microvm.lane, "run_in_lane", _fake_lane(console, 1))
+    with pytest.raises(SystemExit) as exited:
+        lane.rerun_in_lane_if_pvm(["true"], what="the test")
+    assert exited.value.code == 1
+    captured = capsys.readouterr()
+    assert captured.out == "a result\n"
+    assert captured.err.splitlines() == ["PVM host: running the test inside the hardware-virtualization lane",
+                                         "booting: 1/1", "microvm: error: runs must be at least 1, got 0"]
+
+    # A failure that wrote nothing to stderr (killed, say) still says so there.
+    monkeypatch.setattr(microvm.lane, "run_in_lane", _fake_lane(START_MARK.encode() + b"\n" + END_MARK.encode(), 9))
+    with pytest.raises(SystemExit):
+        lane.rerun_in_lane_if_pvm(["true"], what="the test")
+    captured = capsys.readouterr()
+    assert captured.out == "" and "the test failed in the hardware-virtualization lane (exit 9)" in captured.err
+
+    def broken(argv: list[str], **kwargs: Any) -> None:
+        raise LaneError("lane unavailable: no QEMU")
+
+    monkeypatch.setattr(microvm.lane, "run_in_lane", broken)
+    with pytest.raises(SystemExit) as exited:
+        lane.rerun_in_lane_if_pvm(["true"])
+    assert exited.value.code == 125
+    captured = capsys.readouterr()
+    assert captured.out == "" and "lane unavailable: no QEMU" in captured.err
+
+
+def test_in_the_lane_stderr_is_tagged(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(lane.IN_LANE_ENV, "1")
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    lane.rerun_in_lane_if_pvm()
+    lane.rerun_in_lane_if_pvm()  # tagged once, not twice
+    print("microvm: error: boom", file=sys.stderr)
+    assert err.getvalue() == lane.STDERR_TAG + "microvm: error: boom\n"
+
+
+BAD_SCRIPT_OPTIONS = [
+    ("boot.py", ["--runs", "0"], "--runs"),
+    ("boot.py", ["--runs", "many"], "--runs"),
+    ("boot.py", ["--kernel", "/no/such/vmlinux"], "--kernel"),
+    ("boot.py", ["--json", "/no/such/dir/boot.json"], "--json"),
+    ("net.py", ["--runs", "0"], "--runs"),
+    ("net.py", ["--runtime", "-1"], "--runtime"),
+    ("blk.py", ["--runtime", "0"], "--runtime"),
+    ("blk.py", ["--size-mib", "0"], "--size-mib"),
+    ("exits.py", ["--exits", "0"], "--exits"),
+    ("exits.py", ["--runs", "0"], "--runs"),
+]
+
+
+@pytest.mark.parametrize("script,args,option", BAD_SCRIPT_OPTIONS,
+                         ids=[f"{s} {' '.join(a)}" for s, a, _ in BAD_SCRIPT_OPTIONS])
+def test_bench_scripts_refuse_bad_options_before_any_lane(script: str, args: list[str], option: str,
+                                                          tmp_path: Path) -> None:
+    if script == "exits.py":
+        pytest.importorskip("microvm._kvm")  # imported at the top of the script (no /dev/kvm needed)
+    # A stand-in QEMU first on PATH: a lane starting would leave its mark.
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    mark = tmp_path / "qemu-ran"
+    fake_qemu = fake_bin / microvm.lane.QEMU
+    fake_qemu.write_text(f"#!/bin/sh\ntouch {mark}\nexit 1\n")
+    fake_qemu.chmod(0o755)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != lane.IN_LANE_ENV}
+    env |= {"PATH": f"{fake_bin}{os.pathsep}{env.get('PATH', '')}", "PYTHONPATH": str(REPO)}
+    json_arg = [] if "--json" in args else ["--json", str(out / "r.json")]
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *args, *json_arg],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    assert f"argument {option}" in proc.stderr and "error" in proc.stderr
+    assert not mark.exists() and list(out.iterdir()) == []
+
+
+def test_option_limits_are_microvms() -> None:
+    """The CLI refuses nothing MicroVM takes and takes nothing it refuses (just past each end)."""
+    from microvm.benchmarks.options import MEM_MIB_RANGE, VCPUS_RANGE
+    from microvm.machine import MicroVM
+
+    for field, (low, high) in (("mem_mib", MEM_MIB_RANGE), ("vcpus", VCPUS_RANGE)):
+        for value in (low - 1, high + 1):
+            with pytest.raises(ConfigError, match=field):
+                MicroVM(Path("/no/kernel"), **{field: value})
+        MicroVM(Path("/no/kernel"), **{field: low})
+        MicroVM(Path("/no/kernel"), **{field: high})

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from microvm.errors import LoaderError
 from microvm.loader import START_INFO, ZERO_PAGE, load_linux
 from microvm.loader.bzimage import XLF_KERNEL_64, BootParams
 from microvm.loader.elf import XEN_HVM_START_MAGIC_VALUE, HvmStartInfo
@@ -87,3 +88,20 @@ def test_real_bzimage_64bit_protocol() -> None:
     # The kernel's footprint (init_size from where it runs) lies inside guest RAM.
     assert info.kernel_end <= MEM_SIZE
     assert info.initrd is not None and info.initrd[0] >= info.kernel_end
+
+
+def test_command_line_limit_is_read_from_the_vmlinux() -> None:
+    """boot_command_line's size (what the kernel keeps; nm -S agrees), for both kernels."""
+    from microvm.loader.elf import parse_file
+
+    vmlinux = _built("vmlinux")
+    size = parse_file(vmlinux).command_line_size
+    out = subprocess.run(["nm", "-S", str(vmlinux)], capture_output=True, text=True, check=True).stdout
+    sizes = [int(f[1], 16) for f in (line.split() for line in out.splitlines())
+             if len(f) == 4 and f[3] == "boot_command_line"]
+    assert sizes == [size] == [2048]
+    for kernel in (vmlinux, _built("bzImage")):
+        mem = GuestMemory([(0, bytearray(MEM_SIZE))])
+        load_linux(mem, kernel, cmdline="x" * (size - 1), ram=RAM, reserved=RESERVED)
+        with pytest.raises(LoaderError, match=f"accepts at most {size - 1}"):
+            load_linux(mem, kernel, cmdline="x" * size, ram=RAM, reserved=RESERVED)

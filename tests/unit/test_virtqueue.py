@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 from microvm.devices.virtio.queue import DescriptorChain, Queue, QueueError
 from microvm.memory import GuestMemory
 from tests.unit.virtio_driver import (
+    LAYOUTS,
+    SIZES,
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
@@ -30,6 +32,7 @@ from tests.unit.virtio_driver import (
     hostile_ring,
     make_queue,
     mutate_ring,
+    pack_desc,
     run_hostile,
     used_ring_size,
 )
@@ -438,7 +441,9 @@ def test_hostile_chain_over_4gib() -> None:
 
 # --- properties ------------------------------------------------------------------------------
 
-fuzz = settings(max_examples=200, deadline=None,
+# 200 examples a property, or the profile's budget if larger (the "fuzz" profile of
+# tests/conftest.py); everything else, derandomize included, comes from the profile.
+fuzz = settings(max_examples=max(200, settings.default.max_examples), deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
@@ -464,6 +469,29 @@ def run_drawn(data: st.DataObject, mutate: bool) -> None:
     pick = DrawPicker(data)
     ring = hostile_ring(pick, sizes=[1, 2, 4, 8, 16])
     run_hostile(ring, pick, mutate_ring if mutate else None)
+
+
+class EdgePicker(RandomPicker):
+    """Every integer at one end of its range: where a builder packing what it drew overflows."""
+
+    def integer(self, lo: int, hi: int) -> int:
+        return hi if self.rng.random() < 0.5 else lo
+
+
+def test_hostile_driver_builds_rings_at_the_top_of_the_address_space() -> None:
+    """Regression: a region at 0xFFFF_FFFF_FFFF_C000 once made the hostile driver's own
+    struct.pack fail (an empty "sane" buffer at the region's end is 2^64), at random in CI.
+    Hostile values are for the queue: the builder must write whatever it draws."""
+    assert LAYOUTS[-1][-1] == (0xFFFF_FFFF_FFFF_C000, 0x4000)  # EdgePicker picks first or last
+    assert pack_desc(1 << 64, 0, 0, 0) == pack_desc(0, 0, 0, 0)
+    top = 0
+    for seed in range(300):
+        for sizes in ([max(SIZES)], [1, 2, 4, 8, 16]):
+            pick = EdgePicker(Random(seed))
+            ring = hostile_ring(pick, sizes)  # no struct.error
+            top += ring.layout == LAYOUTS[-1]
+            run_hostile(ring, pick, mutate_ring if seed % 2 else None)
+    assert top > 100
 
 
 @fuzz

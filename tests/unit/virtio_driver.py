@@ -330,16 +330,25 @@ def _interesting_len(pick: Picker, ring: HostileRing, addr: int) -> int:
     return pick.integer(1, 0x200)
 
 
+def pack_desc(addr: int, length: int, flags: int, nxt: int) -> bytes:
+    """A struct vring_desc with every field cut to its width, as a driver's stores would:
+    an address at or past 2^64 wraps to 0. Whatever the picker draws, the hostile
+    driver can always write it; only the device under test has to cope."""
+    return VRING_DESC.pack(addr & 0xFFFF_FFFF_FFFF_FFFF, length & 0xFFFF_FFFF, flags & 0xFFFF, nxt & 0xFFFF)
+
+
 def _sane_desc(pick: Picker, ring: HostileRing, table_size: int, indirect: bool) -> bytes:
     """A descriptor a correct driver could write (though its `next` may still close a loop)."""
     if indirect and ring.tables and pick.boolean(0.15):
         addr, entries = pick.choice(ring.tables)
-        return VRING_DESC.pack(addr, VRING_DESC.size * entries, VRING_DESC_F_INDIRECT, 0)
+        return pack_desc(addr, VRING_DESC.size * entries, VRING_DESC_F_INDIRECT, 0)
     base, size = pick.choice(ring.layout)
     length = pick.integer(0, min(size, 0x200))
+    # [addr, addr + length) inside the region; an empty buffer may sit at its very end,
+    # which for the region at the top of the 64-bit space is 2^64 (packed as 0).
     addr = base + pick.integer(0, size - length)
     flags = pick.choice([0, 0, VRING_DESC_F_WRITE, VRING_DESC_F_NEXT, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE])
-    return VRING_DESC.pack(addr, length, flags, pick.integer(0, table_size - 1))
+    return pack_desc(addr, length, flags, pick.integer(0, table_size - 1))
 
 
 def _hostile_desc(pick: Picker, ring: HostileRing, table_size: int, indirect: bool = True) -> bytes:
@@ -357,7 +366,7 @@ def _hostile_desc(pick: Picker, ring: HostileRing, table_size: int, indirect: bo
         addr = _interesting_addr(pick, ring)
         length = _interesting_len(pick, ring, addr)
     nxt = pick.integer(0, table_size - 1) if pick.boolean(0.8) else pick.choice([table_size, pick.integer(0, 0xFFFF)])
-    return VRING_DESC.pack(addr & 0xFFFF_FFFF_FFFF_FFFF, length, flags, nxt)  # past 2^64 wraps to 0
+    return pack_desc(addr, length, flags, nxt)
 
 
 def _place(pick: Picker, layout: list[tuple[int, int]], length: int, align: int) -> int:

@@ -1,0 +1,112 @@
+"""The run path as a user sees it with our Linux guest: what lands in stdout
+and console, and how failures of the guest are named."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from microvm.errors import GuestError, MicroVMError
+from microvm.kernelbuild import find_default_kernel
+from microvm.machine import GuestPanicError, MicroVM
+from microvm.specs import Drive
+
+MIB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def vmlinux() -> str:
+    art = find_default_kernel()
+    if art is None:
+        pytest.fail("no guest kernel built: run `microvm kernel build`")
+    return str(art.vmlinux)
+
+
+def test_stdout_is_the_commands_and_console_the_kernels(vmlinux: str) -> None:
+    got_console: list[bytes] = []
+    got_stdout: list[bytes] = []
+    r = MicroVM(vmlinux, append="loglevel=7", console=got_console.append, stdout=got_stdout.append).run(
+        ["sh", "-c", "echo out; echo err >&2; echo 'kernel says' >/dev/kmsg; poweroff -f"], timeout=120)
+    assert r.stdout == b"out\nerr\n"
+    assert b"Linux version" in r.console and b"kernel says" in r.console
+    assert b"out\n" not in r.console and b"err\n" not in r.console
+    assert b"".join(got_stdout) == r.stdout and b"".join(got_console) == r.console
+
+
+def test_cli_console_flag_shows_the_console_and_the_output(vmlinux: str) -> None:
+    p = subprocess.run([sys.executable, "-m", "microvm", "run", "--kernel", vmlinux, "--console",
+                        "--append", "loglevel=7", "--", "echo", "hi"], capture_output=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert b"hi\n" in p.stdout and b"Linux version" in p.stdout
+
+
+def test_devices_survive_whatever_append_says(vmlinux: str, tmp_path: Path) -> None:
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(MIB))
+    r = MicroVM(vmlinux, drives=[Drive(disk)], append='quiet x="a b c" init.y=1').run(
+        ["sh", "-c", "ls /dev/vda /dev/hvc0"], timeout=120)
+    assert r.stdout == b"/dev/hvc0\n/dev/vda\n", r.console
+
+
+def test_an_unmountable_rootfs_is_an_error(vmlinux: str, tmp_path: Path) -> None:
+    zero = tmp_path / "zero.img"
+    zero.write_bytes(bytes(64 * MIB))
+    with pytest.raises(GuestError, match=r"cannot mount root /dev/vda \(ext4\)"):
+        MicroVM(vmlinux, rootfs=zero).run(["echo", "hi"], timeout=120)
+    p = subprocess.run([sys.executable, "-m", "microvm", "run", "--kernel", vmlinux, "--rootfs", str(zero),
+                        "--", "echo", "hi"], capture_output=True, timeout=300)
+    assert p.returncode == 1 and p.stdout == b""
+    assert p.stderr.startswith(b"microvm: error: cannot mount root /dev/vda") and p.stderr.count(b"\n") == 1
+
+
+def test_a_panic_ends_the_run_even_with_panic_0(vmlinux: str) -> None:
+    # panic=0: the kernel would spin for ever; the panic line ends the run.
+    with pytest.raises(GuestPanicError, match="Attempted to kill init"):
+        MicroVM(vmlinux, append="panic=0 rdinit=/bin/false").run(["true"], timeout=300)
+
+
+def test_a_garbage_initrd_says_it_could_not_be_unpacked(vmlinux: str, tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.img"
+    garbage.write_bytes(random.Random(7).randbytes(64 * 1024))
+    with pytest.raises(GuestPanicError, match="the initrd could not be unpacked"):
+        MicroVM(vmlinux, initrd=garbage).run(["true"], timeout=300)
+
+
+def test_random_interrupts_with_linux_leave_nothing_behind(vmlinux: str) -> None:
+    """20 Linux runs, each hit at a random instant by SIGINT, stop(), kill() or nothing."""
+    rng = random.Random(4321)
+    MicroVM(vmlinux, mem_mib=64).run(["true"], timeout=120)  # warm caches
+    proc = psutil.Process()
+    before = proc.num_fds(), proc.num_threads()
+    main = threading.main_thread().ident
+    assert main is not None
+    outcomes: list[str] = []
+    for _ in range(20):
+        action = rng.choice(["sigint", "stop", "kill", "none"])
+        m = MicroVM(vmlinux, mem_mib=64)
+        fire = {"sigint": lambda: signal.pthread_kill(main, signal.SIGINT), "stop": m.stop, "kill": m.kill,
+                "none": lambda: None}[action]
+        t = threading.Timer(rng.uniform(0, 2.0), fire)
+        t.start()
+        try:
+            try:
+                m.run(["sleep", "1"], timeout=120)
+                outcome = "ok"
+            finally:
+                t.join()
+        except KeyboardInterrupt:
+            outcome = "KeyboardInterrupt"
+        except MicroVMError as e:
+            outcome = type(e).__name__
+        outcomes.append(f"{action}:{outcome}")
+        assert m.vm is None
+    time.sleep(0.1)
+    assert (proc.num_fds(), proc.num_threads()) == before, outcomes

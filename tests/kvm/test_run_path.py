@@ -1,0 +1,208 @@
+"""The MicroVM run path on real /dev/kvm with a tiny PVH "kernel" (tests/kvm/pvh.py).
+
+What a user sees however a run ends: interrupted, stopped, killed, timed
+out, or finished; and that nothing (fd, thread, mapping) outlives the VM.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import pytest
+
+from microvm.errors import ConfigError, LoaderError, MicroVMError
+from microvm.machine import GuestTimeoutError, MicroVM, VmStoppedError
+from microvm.specs import Drive
+from tests.kvm.pvh import tiny_pvh_kernel
+
+SPIN = 20_000  # ~50-100 ms of guest kernel-mode loop on a PVM host, far less on hardware
+
+
+def vm(loops: int = 1, status: int = 0, **kw: object) -> MicroVM:
+    return MicroVM(tiny_pvh_kernel(loops, status), force=True, mem_mib=GUEST_MIB, **kw)  # type: ignore[arg-type]
+
+
+GUEST_MIB = 32
+
+
+def resources() -> tuple[int, int, int]:
+    """Open fds, threads, and mappings the size of guest RAM or more, in this process.
+
+    (Smaller mappings come and go with the allocator and glibc's cache of
+    thread stacks; guest RAM is the one that matters, and is never that small.)
+    """
+    me = psutil.Process()
+    big = 0
+    with open(f"/proc/{os.getpid()}/maps") as f:
+        for line in f:
+            span, perms = line.split()[:2]
+            start, end = (int(x, 16) for x in span.split("-"))
+            # ---p: address space glibc reserves for a thread's malloc arena, not memory.
+            big += perms != "---p" and end - start >= GUEST_MIB << 20
+    return me.num_fds(), me.num_threads(), big
+
+
+def test_tiny_kernel_runs_and_reports_its_status() -> None:
+    r = vm(status=7).run(["true"], timeout=30)
+    assert (r.exit_code, r.reason, r.stdout, r.console) == (7, "exit", b"", b"")
+    assert "init reached" in r.timeline
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), float("nan"), 0, -1, "5", True])
+def test_timeouts_must_be_finite_and_positive(timeout: object) -> None:
+    before = resources()
+    with pytest.raises(ConfigError, match="timeout"):
+        vm().run(["true"], timeout=timeout)  # type: ignore[arg-type]
+    assert resources() == before  # refused before anything was made
+
+
+def _interrupt_main_after(delay: float) -> threading.Thread:
+    main = threading.main_thread().ident
+    assert main is not None
+
+    def fire() -> None:
+        time.sleep(delay)
+        signal.pthread_kill(main, signal.SIGINT)
+
+    t = threading.Thread(target=fire)
+    t.start()
+    return t
+
+
+def test_ctrl_c_in_wait_frees_everything_and_reraises() -> None:
+    vm(SPIN).run(["true"])  # warm up: caches, and thread stacks glibc keeps for reuse
+    before = resources()
+    with vm(SPIN * 1000) as m:  # minutes of guest time: only the interrupt ends it
+        m.start(["true"])
+        assert resources() != before
+        t = _interrupt_main_after(0.2)
+        with pytest.raises(KeyboardInterrupt):
+            m.wait(None)
+        t.join()
+        assert m.vm is None
+        assert resources() == before
+
+
+def test_stop_from_another_thread_is_a_vm_stopped_error() -> None:
+    m = vm(SPIN * 1000)
+    threading.Timer(0.2, m.stop).start()
+    with pytest.raises(VmStoppedError):
+        m.run(["true"], timeout=60)
+
+
+def test_timeout_kills_and_names_itself() -> None:
+    before = resources()
+    with pytest.raises(GuestTimeoutError, match=r"within 0\.3 s"):
+        vm(SPIN * 1000).run(["true"], timeout=0.3)
+    assert resources() == before
+
+
+def test_a_microvm_runs_once() -> None:
+    m = vm(status=1)
+    assert m.run(["true"]).exit_code == 1
+    with pytest.raises(MicroVMError, match="runs once"):
+        m.run(["true"])
+
+
+def test_command_line_limit_is_the_kernels_own() -> None:
+    kernel = tiny_pvh_kernel(1, 0, cmdline_size=512)
+    with pytest.raises(LoaderError, match="at most 511"):
+        MicroVM(kernel, force=True, mem_mib=32, append="x" * 500).run(["true"])
+
+
+def test_memory_minimum_is_checked_against_the_kernel() -> None:
+    with pytest.raises(ConfigError, match=r"mem_mib=16 is too small for kernel .*needs at least \d+ MiB"):
+        MicroVM(tiny_pvh_kernel(1, 0, cmdline_size=20 << 20), force=True, mem_mib=16).run(["true"])
+
+
+ACTIONS: dict[str, Callable[[MicroVM], None]] = {
+    "sigint": lambda m: None,  # handled by _interrupt_main_after
+    "stop": MicroVM.stop,
+    "kill": MicroVM.kill,
+    "none": lambda m: None,
+}
+
+
+def test_random_interrupts_leave_nothing_behind() -> None:
+    """200 runs, each hit at a random instant by SIGINT, stop(), kill() or nothing."""
+    rng = random.Random(1234)
+    vm(SPIN).run(["true"])  # warm caches (initramfs, kernel build) before counting
+    before = resources()
+    outcomes: dict[str, int] = {}
+    for _ in range(200):
+        action = rng.choice(list(ACTIONS))
+        delay = rng.uniform(0, 0.15)
+        m = vm(SPIN)
+        if action == "sigint":
+            t = _interrupt_main_after(delay)
+        else:
+            t = threading.Timer(delay, ACTIONS[action], (m,))
+            t.start()
+        try:
+            try:
+                m.run(["true"], timeout=30)
+                outcome = "ok"
+            finally:
+                t.join()  # a late signal lands in here, still inside the try
+        except KeyboardInterrupt:
+            outcome = "KeyboardInterrupt"
+        except MicroVMError as e:
+            outcome = type(e).__name__
+        outcomes[f"{action}:{outcome}"] = outcomes.get(f"{action}:{outcome}", 0) + 1
+        assert m.vm is None
+    assert resources() == before, outcomes
+    assert any(k.endswith("KeyboardInterrupt") for k in outcomes), outcomes
+    assert any(k.endswith("VmStoppedError") for k in outcomes), outcomes
+
+
+def test_ctrl_c_in_the_cli_is_one_line_and_exit_130() -> None:
+    kernel = tiny_pvh_kernel(SPIN * 1000)
+    proc = subprocess.Popen([sys.executable, "-m", "microvm", "run", "--force", "--kernel", str(kernel),
+                             "--mem", str(GUEST_MIB), "--", "true"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # Once the vCPU and I/O threads exist the VM is running (or nearly: an
+    # interrupt held off in start() is raised right after it).
+    deadline = time.monotonic() + 60
+    while psutil.Process(proc.pid).num_threads() < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert (proc.returncode, out, err) == (130, b"", b"microvm: interrupted\n")
+
+
+def _default_kernels() -> list[str]:
+    from microvm.kernelbuild import find_default_kernel
+
+    art = find_default_kernel()
+    if art is None:
+        pytest.fail("no guest kernel built: run `microvm kernel build`")
+    return [str(art.vmlinux), str(art.bzimage)]
+
+
+# These stop before the first instruction of Linux runs, so they run here
+# on any KVM (force=True past the PVM check): loading is all they need.
+
+@pytest.mark.parametrize("which", [0, 1], ids=["vmlinux", "bzImage"])
+def test_append_over_the_kernels_limit_is_refused(which: int, tmp_path: Path) -> None:
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(1 << 20))
+    before = resources()
+    m = MicroVM(_default_kernels()[which], force=True, append="x" * 3000, drives=[Drive(disk)])
+    with pytest.raises(LoaderError, match="the kernel accepts at most 2047"):
+        m.run(["ls", "/dev/vda"])
+    assert resources() == before
+
+
+def test_memory_below_what_our_kernel_needs_names_both() -> None:
+    m = MicroVM(_default_kernels()[0], force=True, mem_mib=16)
+    with pytest.raises(ConfigError, match=r"mem_mib=16 is too small for kernel .*vmlinux: .*at least \d+ MiB"):
+        m.run(["true"])
