@@ -270,6 +270,8 @@ class MicroVM:
                 self._times["kernel loaded"] = time.monotonic_ns()
                 self._setup_vcpus(vm)
                 vm.start()
+                if self._stopped_by_host:  # stop() came while we were starting
+                    vm.stop()
             except BaseException:
                 self.close()
                 raise
