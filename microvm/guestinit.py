@@ -118,7 +118,16 @@ else
     # sends input only after this mark, once the port is set up.
     stty -F /dev/console crtscts 2>/dev/null
     devmem {CONTROL_BASE + REG_MARK:#x} 32 {MARK_COMMAND_ON_CONSOLE}
-    if [ "$run" != /bin/sh ]; then setsid cttyhack chroot /newroot /bin/sh -l; else setsid cttyhack /bin/sh -l; fi
+    # The shell must not lead the session: when a session leader exits, Linux
+    # hangs up its terminal (drivers/tty/tty_jobctrl.c, disassociate_ctty),
+    # and the hangup discards output the UART has not sent yet, such as the
+    # shell's last lines. So a plain sh leads, and outlives the shell until
+    # that output has drained (stty applies settings with TCSADRAIN).
+    shell="/bin/sh -l"
+    [ "$run" != /bin/sh ] && shell="chroot /newroot /bin/sh -l"
+    # (TTOU ignored: should the shell leave another process group in the
+    # foreground, stty from ours would otherwise be stopped.)
+    setsid cttyhack /bin/sh -c "$shell; s=\$?; trap '' TTOU; stty -echo 2>/dev/null; exit \$s"
     status=$?
 fi
 sync

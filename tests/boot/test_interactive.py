@@ -4,7 +4,6 @@ typed on a terminal."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pty
 import re
@@ -55,19 +54,6 @@ def test_end_of_input_gives_the_shells_status_and_ends_the_last_line() -> None:
     assert b"before-9" in r.stdout
 
 
-def test_piped_input_larger_than_the_uart_buffer_arrives_whole() -> None:
-    body = b"".join(b"line %05d %s\n" % (i, b"abcdefghijklmnopqrstuvwxyz0123456789" * 2) for i in range(800))
-    assert len(body) > 64 * 1024  # more than the UART model's RX_FIFO_LIMIT
-    script = (b"stty -echo\n"  # no echo: the line editor steps aside, lines are read as they come
-              b"cat > /tmp/f <<'END'\n" + body + b"END\n"
-              b"echo size=$(wc -c < /tmp/f) sum=$(md5sum < /tmp/f)\n"
-              b"exit 6\n")
-    r = run_piped(script, timeout=400)  # two exits per byte: slow in the nested lane
-    assert r.returncode == 6, r.stderr.decode(errors="replace")[-2000:]
-    expected = b"size=%d sum=%s" % (len(body), hashlib.md5(body).hexdigest().encode())
-    assert expected in r.stdout, r.stdout[-2000:]
-
-
 def _read_until(fd: int, wanted: bytes, timeout: float) -> bytes:
     seen = bytearray()
     deadline = time.monotonic() + timeout
@@ -114,3 +100,13 @@ def _kernel_built() -> None:
 
     if find_default_kernel() is None:
         pytest.fail("no guest kernel built: run `microvm kernel build`")
+
+
+def test_the_shells_last_output_is_not_lost_when_it_exits() -> None:
+    # The shell exits with its last lines still in the guest's UART buffer:
+    # the session's end must not throw them away (a hangup of the terminal
+    # discards unsent output).
+    r = run_piped(b"seq 1 1000; exit 4\n", timeout=300)
+    assert r.returncode == 4, r.stderr.decode(errors="replace")
+    lines = re.findall(rb"(?m)^(\d+)\r?$", r.stdout)
+    assert lines[-1] == b"1000" and len(lines) >= 1000, r.stdout[-500:]
