@@ -127,7 +127,7 @@ else
     [ "$run" != /bin/sh ] && shell="chroot /newroot /bin/sh -l"
     # (TTOU ignored: should the shell leave another process group in the
     # foreground, stty from ours would otherwise be stopped.)
-    setsid cttyhack /bin/sh -c "$shell; s=\$?; trap '' TTOU; stty -echo 2>/dev/null; exit \$s"
+    setsid cttyhack /bin/sh -c "$shell; s=\\$?; trap '' TTOU; stty -echo 2>/dev/null; exit \\$s"
     status=$?
 fi
 sync
