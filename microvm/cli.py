@@ -5,34 +5,12 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
-from functools import wraps
-from typing import Any, TypeVar
 
 import click
 
 from microvm.benchmarks.cli import bench
+from microvm.clierrors import one_line_errors
 from microvm.errors import MicroVMError
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _one_line_errors(fn: F) -> F:
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except MicroVMError as e:
-            # One line: the first line of the message names the problem.
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            click.echo(f"microvm: error: {first}", err=True)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            # The VM is already gone (wait() frees it before re-raising).
-            click.echo("microvm: interrupted", err=True)
-            sys.exit(130)
-
-    return wrapper  # type: ignore[return-value]
 
 
 @click.group()
@@ -46,7 +24,7 @@ main.add_command(bench)
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@_one_line_errors
+@one_line_errors
 def doctor(as_json: bool) -> None:
     """Show what this host's KVM can do and whether Linux guests can run."""
     from microvm.doctor import Verdict, diagnose, render
@@ -92,7 +70,7 @@ def _timeout(ctx: click.Context, param: click.Parameter, value: float | None) ->
               help="Show the kernel's and init's console messages too, interleaved with the command's output.")
 @click.option("--timeline", "show_timeline", is_flag=True, help="Print the boot timeline to stderr.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-@_one_line_errors
+@one_line_errors
 def run(kernel: str | None, initrd: str | None, mem_mib: int, vcpus: int, append: str,
         drives: tuple[str, ...], rootfs: str | None, nets: tuple[str, ...], cmdline: str | None,
         timeout: float | None, force: bool, show_console: bool, show_timeline: bool, command: tuple[str, ...]) -> None:
@@ -130,7 +108,7 @@ def image() -> None:
 @click.argument("source", type=click.Path(file_okay=False))
 @click.argument("dest", type=click.Path(dir_okay=False))
 @click.option("--size", "size_mib", type=int, default=None, help="Image size in MiB (default: fits SOURCE).")
-@_one_line_errors
+@one_line_errors
 def image_build(source: str, dest: str, size_mib: int | None) -> None:
     """Make an ext4 image DEST from the directory SOURCE."""
     from microvm.images import build_ext4
@@ -141,7 +119,7 @@ def image_build(source: str, dest: str, size_mib: int | None) -> None:
 @image.command("debian")
 @click.option("--package", "packages", multiple=True, help="Extra Debian packages (python3 is always in).")
 @click.option("--force", is_flag=True, help="Rebuild even if cached.")
-@_one_line_errors
+@one_line_errors
 def image_debian(packages: tuple[str, ...], force: bool) -> None:
     """Build (once, cached) a Debian root image with python3; prints its path."""
     from microvm.images import DEBIAN_PACKAGES, build_debian_image
@@ -158,7 +136,7 @@ def kernel() -> None:
 @kernel.command("build")
 @click.option("--force", is_flag=True, help="Rebuild even if cached.")
 @click.option("-j", "--jobs", type=int, default=None, help="Parallel make jobs.")
-@_one_line_errors
+@one_line_errors
 def kernel_build(force: bool, jobs: int | None) -> None:
     """Build the default guest kernel from linux-source-6.1 (cached)."""
     from microvm.kernelbuild import build_kernel
@@ -168,7 +146,7 @@ def kernel_build(force: bool, jobs: int | None) -> None:
 
 
 @kernel.command("path")
-@_one_line_errors
+@one_line_errors
 def kernel_path() -> None:
     """Print the cached default kernel (vmlinux), if built."""
     from microvm.kernelbuild import find_default_kernel

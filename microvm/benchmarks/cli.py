@@ -11,28 +11,17 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
-from functools import wraps
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
 from microvm.benchmarks.options import CMDLINE_VARIANTS, KERNEL_FORMATS, MEM_MIB_RANGE, VCPUS_RANGE
+from microvm.clierrors import one_line_errors
 
 F = TypeVar("F", bound=Callable[..., Any])
 Callback = Callable[[click.Context, click.Parameter, str], list[Any]]
 DEFAULT_OUT = "build/bench"
-
-
-def _errors(fn: F) -> F:
-    """microvm.cli's one-line errors, looked up when called (that module imports this one)."""
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from microvm.cli import _one_line_errors
-
-        return _one_line_errors(fn)(*args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]
 
 
 def _words(value: str) -> list[str]:
@@ -115,7 +104,7 @@ def bench() -> None:
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=300, show_default=True,
               help="Seconds allowed per boot.")
 @out_option
-@_errors
+@one_line_errors
 def boot_cmd(formats: list[str], mems: list[int], vcpus: list[int], variants: list[str], runs: int,
              with_qemu: bool, timeout: float, out: Path) -> None:
     """Boot each configuration N times: phase timeline table, JSON, CSV, PNG."""
@@ -170,7 +159,7 @@ def _vm_options(count_help: str, min_count: int) -> Callable[[F], F]:
 @_vm_options("VMs in one process.", min_count=2)
 @click.option("--processes", type=click.IntRange(min=0), default=4, show_default=True,
               help="Processes with one VM each.")
-@_errors
+@one_line_errors
 def footprint_cmd(kernel_format: str, mem_mib: int, count: int, processes: int, out: Path) -> None:
     """Host memory of the VMM beyond guest pages (RSS, PSS): 1 VM, COUNT VMs, a process per VM."""
     _kernel(kernel_format)
@@ -186,7 +175,7 @@ def footprint_cmd(kernel_format: str, mem_mib: int, count: int, processes: int, 
 @_vm_options("VMs per mode.", min_count=1)
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
               help="Processes for the parallel mode.")
-@_errors
+@one_line_errors
 def rate_cmd(kernel_format: str, mem_mib: int, count: int, workers: int, out: Path) -> None:
     """VMs created, run to completion (`true`) and torn down per second."""
     _kernel(kernel_format)
