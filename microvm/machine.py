@@ -26,7 +26,7 @@ from typing import Any, BinaryIO
 
 from microvm import _kvm, checks, loader
 from microvm.arch.x86_64 import cpuid, lapic, mptable, msr, paging, regs
-from microvm.backends import Backends
+from microvm.devicemanager import Backends
 from microvm.devices.control import (
     CONTROL_BASE,
     CONTROL_SIZE,

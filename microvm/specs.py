@@ -53,7 +53,7 @@ class Nic:
 
     def __post_init__(self) -> None:
         from microvm.devices.virtio.net import parse_mac
-        from microvm.tap import check_ifname
+        from microvm.backends.tap import check_ifname
 
         check_ifname(self.tap)
         if self.mac is not None:

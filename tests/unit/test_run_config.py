@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from microvm.backends import Backends
+from microvm.devicemanager import Backends
 from microvm.errors import ConfigError
 from microvm.machine import MicroVM
 from microvm.specs import Drive

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare")
 PRELUDE = """
 import json, socket, subprocess
 from pyroute2 import IPRoute
-from microvm.tap import Tap, HostConfig
+from microvm.backends.tap import Tap, HostConfig
 from microvm.errors import MicroVMError
 import ipaddress
 
@@ -133,7 +133,7 @@ def test_tap_moved_into_a_named_netns() -> None:
 @pytest.mark.parametrize("name", ["", "x" * 16, "a/b", "a b", "..", "a:b"])
 def test_bad_names(name: str) -> None:
     from microvm.errors import ConfigError
-    from microvm.tap import check_ifname
+    from microvm.backends.tap import check_ifname
 
     with pytest.raises(ConfigError):
         check_ifname(name)

@@ -18,7 +18,7 @@ from microvm.devices.virtio.mmio import MmioTransport
 from microvm.devices.virtio.net import RX_QUEUE, VirtioNet
 from microvm.errors import ConfigError
 from microvm.specs import Drive, Nic
-from microvm.tap import HostConfig, Tap
+from microvm.backends.tap import HostConfig, Tap
 from microvm.vm import Vm
 
 AddVirtio = Callable[[Vm, Any], MmioTransport]
