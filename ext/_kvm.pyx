@@ -4,11 +4,18 @@
 One class per kernel object (Kvm, VmFd, VcpuFd), one method per ioctl, no
 policy. Values cross into Python as plain ints, bytes, dicts (struct field
 names as keys, straight from <asm/kvm.h>) and small exit objects. A failed
-ioctl raises the OSError subclass matching its errno, named after the ioctl.
+ioctl raises the OSError subclass matching its errno, named after the ioctl;
+an ioctl that succeeds only in part (KVM_GET_MSRS, KVM_SET_MSRS) or answers
+with an exit that cannot be decoded raises an OSError with the errno named
+where it is raised, never errno 0.
+
+The calls that can take long in the kernel (KVM_CREATE_VM,
+KVM_SET_USER_MEMORY_REGION, mmap/munmap of guest RAM, KVM_RUN) release the
+GIL, so the other VMs of the process keep running meanwhile.
 """
 
 from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_FillInfo
-from libc.errno cimport errno, EINTR, EAGAIN
+from libc.errno cimport errno, EINTR, EAGAIN, EINVAL, EIO, EOPNOTSUPP
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy, memset, strerror
@@ -63,22 +70,43 @@ CAPS = {
 }
 
 # Upper bounds for the variable-length ioctls; KVM answers E2BIG past them.
-DEF MAX_CPUID_ENTRIES = 256
-DEF MAX_MSR_ENTRIES = 1024
+cdef enum:
+    MAX_CPUID_ENTRIES = 256
+    MAX_MSR_ENTRIES = 1024
+
+
+class StaleExitError(RuntimeError):
+    """respond() on an exit whose vCPU has entered KVM_RUN again since.
+
+    KVM took whatever the run page held at that entry (api.rst, KVM_RUN: the
+    answer to a read is completed on the next KVM_RUN, even one that returns
+    at once for immediate_exit); a late answer would land in the page of a
+    later exit, so it is refused instead.
+    """
+
+
+cdef int _raise_errno(int err, str name) except -1:
+    """The OSError subclass for err (a non-zero errno), named after the call."""
+    raise OSError(err, f"{name}: {strerror(err).decode()}")
 
 
 cdef int _check(int ret, str name) except -1:
     """Turn a -1 ioctl return into the OSError subclass for errno."""
-    cdef int err
     if ret < 0:
-        err = errno
-        raise OSError(err, f"{name}: {strerror(err).decode()}")
+        _raise_errno(errno, name)
     return ret
 
 
 cdef class _Fd:
-    """An owned file descriptor, closed exactly once."""
+    """An owned file descriptor, closed exactly once.
+
+    A method that issues an ioctl with the GIL released counts itself in
+    _nogil_calls (with the GIL held) for the duration; close() refuses while
+    the count is non-zero, so the fd number cannot be closed and reused by
+    another VM's fd under an ioctl that is still to reach the kernel.
+    """
     cdef readonly int fd
+    cdef int _nogil_calls
 
     def __cinit__(self):
         self.fd = -1
@@ -93,11 +121,14 @@ cdef class _Fd:
         return self.fd < 0
 
     def close(self):
+        if self._nogil_calls:
+            raise RuntimeError(f"{type(self).__name__} is in use by an ioctl in another thread")
         if self.fd >= 0:
             s.close(self.fd)
             self.fd = -1
 
     def __dealloc__(self):
+        # No ioctl can be in flight: each holds a reference to us.
         if self.fd >= 0:
             s.close(self.fd)
             self.fd = -1
@@ -142,7 +173,22 @@ cdef class Kvm(_Fd):
 
     def create_vm(self):
         cdef VmFd vm = VmFd.__new__(VmFd)
-        vm.fd = _check(s.ioctl(self.fd, k.KVM_CREATE_VM, 0), "KVM_CREATE_VM")
+        cdef int ret, err = 0, fd = self.fd
+        self._nogil_calls += 1
+        with nogil:
+            # KVM_CREATE_VM sets up a whole VM in the kernel (memslot arrays,
+            # MMU notifier, arch state) and may sleep on allocations and
+            # locks; other VMs' vCPU threads need not wait for that. Safe
+            # without the GIL: the ioctl takes no pointer, and the fd stays
+            # open because close() refuses while _nogil_calls is non-zero.
+            # errno is read here, in the thread that made the call.
+            ret = s.ioctl(fd, k.KVM_CREATE_VM, 0)
+            if ret < 0:
+                err = errno
+        self._nogil_calls -= 1
+        if ret < 0:
+            _raise_errno(err, "KVM_CREATE_VM")
+        vm.fd = ret  # owned from here: closed by vm's close() or deallocation
         vm.mmap_size = self.get_vcpu_mmap_size()
         return vm
 
@@ -185,7 +231,9 @@ cdef dict _get_msrs(int fd, indices):
             m.entries[i].index = idx[i]
         got = _check(s.ioctl(fd, k.KVM_GET_MSRS, m), "KVM_GET_MSRS")
         if got != n:
-            raise OSError(0, f"KVM_GET_MSRS: MSR {idx[got]:#x} is not supported")
+            # KVM reads entries in order and stops at the first one it cannot
+            # read, returning how many it read (api.rst, KVM_GET_MSRS): no errno.
+            raise OSError(EOPNOTSUPP, f"KVM_GET_MSRS: MSR {idx[got]:#x} is not supported")
         return {m.entries[i].index: m.entries[i].data for i in range(n)}
     finally:
         free(m)
@@ -199,12 +247,25 @@ cdef class VmFd(_Fd):
                                uint64_t memory_size, uint64_t userspace_addr,
                                uint32_t flags=0):
         cdef k.kvm_userspace_memory_region r
+        cdef int ret, err = 0, fd = self.fd
         r.slot = slot
         r.flags = flags
         r.guest_phys_addr = guest_phys_addr
         r.memory_size = memory_size
         r.userspace_addr = userspace_addr
-        _check(s.ioctl(self.fd, k.KVM_SET_USER_MEMORY_REGION, &r), "KVM_SET_USER_MEMORY_REGION")
+        self._nogil_calls += 1
+        with nogil:
+            # A memslot's metadata grows with its size (reverse maps, large
+            # page info: megabytes for GiBs of RAM), and the kernel waits for
+            # the VM's SRCU readers before the slot is live. Safe without
+            # the GIL: r lives on this stack, and the fd stays open because
+            # close() refuses while _nogil_calls is non-zero.
+            ret = s.ioctl(fd, k.KVM_SET_USER_MEMORY_REGION, &r)
+            if ret < 0:
+                err = errno
+        self._nogil_calls -= 1
+        if ret < 0:
+            _raise_errno(err, "KVM_SET_USER_MEMORY_REGION")
 
     def create_irqchip(self):
         _check(s.ioctl(self.fd, k.KVM_CREATE_IRQCHIP, 0), "KVM_CREATE_IRQCHIP")
@@ -323,7 +384,10 @@ cdef int _copy_in(void *dst, size_t size, const uint8_t[:] src, str name) except
 # --- VM exits -------------------------------------------------------------
 # run() returns one of these. Reads (IoIn, MmioRead) are answered with
 # respond(data) before the next run(); KVM copies the answer into the
-# guest's register when it re-enters (api.rst, KVM_RUN).
+# guest's register when it re-enters (api.rst, KVM_RUN). Each read remembers
+# the run it came from (VcpuFd.run_seq): once the vCPU has entered KVM_RUN
+# again, its answer has been taken and the run page may hold another exit,
+# so respond() raises StaleExitError instead of writing there.
 
 cdef class VmExit:
     reason = -1
@@ -345,16 +409,22 @@ cdef class IoIn(VmExit):
     reason = k.KVM_EXIT_IO
     cdef readonly int port, size, count
     cdef VcpuFd _vcpu
+    cdef uint64_t _run_seq
     cdef uint64_t _offset
 
     def respond(self, data):
-        """Give the guest the bytes it reads: size * count bytes."""
+        """Give the guest the bytes it reads: size * count bytes.
+
+        Raises StaleExitError once the vCPU has run again since this exit.
+        """
         cdef const uint8_t[:] d = data
         cdef size_t n = self.size * self.count
         if <size_t>d.shape[0] != n:
             raise ValueError(f"port {self.port:#x} read wants {n} bytes, got {d.shape[0]}")
         if self._vcpu is None:
             raise ValueError("this exit did not come from VcpuFd.run()")
+        if self._run_seq != self._vcpu.run_seq:
+            _stale(self, self._vcpu)
         self._vcpu._check_run()
         if n:
             memcpy(<char *>self._vcpu.run_page + self._offset, &d[0], n)
@@ -377,20 +447,31 @@ cdef class MmioRead(VmExit):
     cdef readonly uint64_t addr
     cdef readonly int length
     cdef VcpuFd _vcpu
+    cdef uint64_t _run_seq
 
     def respond(self, data):
-        """Give the guest the `length` bytes it reads."""
+        """Give the guest the `length` bytes it reads.
+
+        Raises StaleExitError once the vCPU has run again since this exit.
+        """
         cdef const uint8_t[:] d = data
         if d.shape[0] != self.length:
             raise ValueError(f"MMIO read at {self.addr:#x} wants {self.length} bytes, got {d.shape[0]}")
         if self._vcpu is None:
             raise ValueError("this exit did not come from VcpuFd.run()")
+        if self._run_seq != self._vcpu.run_seq:
+            _stale(self, self._vcpu)
         self._vcpu._check_run()
         if self.length:
             memcpy(self._vcpu.run_page.mmio.data, &d[0], self.length)
 
     def __repr__(self):
         return f"MmioRead(addr={self.addr:#x}, length={self.length})"
+
+
+cdef int _stale(VmExit ex, VcpuFd vcpu) except -1:
+    raise StaleExitError(f"{ex!r} is stale: vCPU {vcpu.vcpu_id} has entered KVM_RUN again since, "
+                         f"so its answer can no longer reach the guest")
 
 
 cdef class Hlt(VmExit):
@@ -448,6 +529,8 @@ cdef class VcpuFd(_Fd):
     cdef size_t run_size
     cdef readonly unsigned long vcpu_id
     cdef readonly bint in_run
+    # KVM_RUN entries so far; read and written only with the GIL held.
+    cdef readonly uint64_t run_seq
 
     cdef _map_run(self, size_t size):
         cdef void *p = s.mmap(NULL, size, s.PROT_READ | s.PROT_WRITE, s.MAP_SHARED, self.fd, 0)
@@ -493,16 +576,21 @@ cdef class VcpuFd(_Fd):
         if self.in_run:
             raise RuntimeError(f"vCPU {self.vcpu_id} is already running in another thread")
         self.in_run = True
+        # Before the GIL is released: from here on every exit of an earlier
+        # run is stale, whatever thread holds it (KVM takes the pending
+        # answer on this entry, even one that ends at once with EINTR).
+        self.run_seq += 1
         with nogil:
             # The run page and fd stay valid: close() refuses while in_run,
             # and in_run is only read and written with the GIL held.
             ret = s.ioctl(fd, k.KVM_RUN, 0)
+            if ret < 0:
+                err = errno
         self.in_run = False
         if ret < 0:
-            err = errno
             if err == EINTR or err == EAGAIN:
                 return Intr.__new__(Intr)
-            raise OSError(err, f"KVM_RUN: {strerror(err).decode()}")
+            _raise_errno(err, "KVM_RUN")
         return self._decode_exit()
 
     cdef object _decode_exit(self):
@@ -516,7 +604,8 @@ cdef class VcpuFd(_Fd):
             # The data KVM points us at must lie inside the run mapping.
             if (r.io.data_offset > self.run_size
                     or <size_t>r.io.size * r.io.count > self.run_size - r.io.data_offset):
-                raise OSError(0, f"KVM_RUN: I/O data {r.io.data_offset:#x}+{r.io.size * r.io.count} "
+                # EIO: the kernel's answer is unusable, as from a failed device.
+                raise OSError(EIO, f"KVM_RUN: I/O data {r.io.data_offset:#x}+{r.io.size * r.io.count} "
                                  f"outside the {self.run_size}-byte run page")
             if r.io.direction == k.KVM_EXIT_IO_OUT:
                 out = IoOut.__new__(IoOut)
@@ -530,6 +619,7 @@ cdef class VcpuFd(_Fd):
             inp.size = r.io.size
             inp.count = r.io.count
             inp._vcpu = self
+            inp._run_seq = self.run_seq
             inp._offset = r.io.data_offset
             return inp
         if reason == k.KVM_EXIT_MMIO:
@@ -542,6 +632,7 @@ cdef class VcpuFd(_Fd):
             mr.addr = r.mmio.phys_addr
             mr.length = min(r.mmio.len, 8)
             mr._vcpu = self
+            mr._run_seq = self.run_seq
             return mr
         if reason == k.KVM_EXIT_HLT:
             return Hlt.__new__(Hlt)
@@ -669,7 +760,10 @@ cdef class VcpuFd(_Fd):
                 m.entries[i].data = items[i][1]
             got = _check(s.ioctl(self.fd, k.KVM_SET_MSRS, m), "KVM_SET_MSRS")
             if got != n:
-                raise OSError(0, f"KVM_SET_MSRS: MSR {items[got][0]:#x} was refused")
+                # KVM stops at the first MSR (or value) it refuses and returns
+                # how many it set (api.rst, KVM_SET_MSRS): no errno of its own.
+                raise OSError(EINVAL, f"KVM_SET_MSRS: MSR {items[got][0]:#x} "
+                                      f"(value {items[got][1]:#x}) was refused")
             return got
         finally:
             free(m)
@@ -775,8 +869,10 @@ cdef class Mapping:
     def __cinit__(self, size_t size, int fd=-1, long offset=0, bint shared=False,
                   bint hugepages=False, bint populate=False, bint thp=True):
         cdef int flags = s.MAP_SHARED if shared else s.MAP_PRIVATE
+        cdef int err = 0
         cdef size_t slack = 0
         cdef uintptr_t start, aligned, tail
+        cdef void *p
         if size == 0:
             raise ValueError("mapping size must be positive")
         if fd >= 0:
@@ -799,21 +895,29 @@ cdef class Mapping:
             if size > (<size_t>-1) - 2 * HUGE_PAGE:
                 raise ValueError("mapping size too large")
             slack = HUGE_PAGE  # room to slide the start onto a 2 MiB boundary
-        cdef void *p = s.mmap(NULL, size + slack, s.PROT_READ | s.PROT_WRITE, flags, fd, offset)
-        if p == s.MAP_FAILED:
-            _check(-1, f"mmap({size} bytes)")
-        if thp:
-            start = <uintptr_t>p
-            aligned = (start + HUGE_PAGE - 1) & ~(<uintptr_t>HUGE_PAGE - 1)
-            if aligned > start:
-                s.munmap(p, aligned - start)
-            # The kernel mapped whole pages: the tail starts at the page after our last byte.
-            tail = aligned + ((size + 4095) & ~(<size_t>4095))
-            if start + size + slack > tail:
-                s.munmap(<void *>tail, start + size + slack - tail)
-            p = <void *>aligned
-            # Only advice: without THP (disabled, or an old kernel) it fails and nothing changes.
-            s.madvise(p, size, s.MADV_HUGEPAGE)
+        with nogil:
+            # mmap can take seconds (MAP_POPULATE or hugetlb faults in every
+            # page of GiBs) while other VMs' vCPU threads need the GIL. Safe
+            # without it: only locals and C arguments are used, and no other
+            # thread can reach this object before __cinit__ returns. errno
+            # is read here, in the thread that made the call.
+            p = s.mmap(NULL, size + slack, s.PROT_READ | s.PROT_WRITE, flags, fd, offset)
+            if p == s.MAP_FAILED:
+                err = errno
+            elif thp:
+                start = <uintptr_t>p
+                aligned = (start + HUGE_PAGE - 1) & ~(<uintptr_t>HUGE_PAGE - 1)
+                if aligned > start:
+                    s.munmap(p, aligned - start)
+                # The kernel mapped whole pages: the tail starts at the page after our last byte.
+                tail = aligned + ((size + 4095) & ~(<size_t>4095))
+                if start + size + slack > tail:
+                    s.munmap(<void *>tail, start + size + slack - tail)
+                p = <void *>aligned
+                # Only advice: without THP (disabled, or an old kernel) it fails and nothing changes.
+                s.madvise(p, size, s.MADV_HUGEPAGE)
+        if err:
+            _raise_errno(err, f"mmap({size} bytes)")
         self.base = <char *>p
         self.size = size
 
@@ -837,18 +941,30 @@ cdef class Mapping:
         _check(s.madvise(self.base + offset, length, s.MADV_DONTNEED), "madvise")
 
     def close(self):
-        if self.base == NULL:
+        cdef char *base = self.base
+        cdef size_t size = self.size
+        if base == NULL:
             return
         if self.exports:
             raise BufferError(f"{self.exports} view(s) of guest memory are still in use")
-        s.munmap(self.base, self.size)
+        # Closed before the GIL is released: from here no thread can export
+        # a view, take the address or discard(), and a second close() returns.
         self.base = NULL
+        with nogil:
+            # Freeing GiBs of touched pages takes a while. Safe without the
+            # GIL: no view exists (exports is 0, counted with the GIL held)
+            # and self.base is already NULL, so nothing else reaches [base, base+size).
+            s.munmap(base, size)
 
     def __dealloc__(self):
         # No exports can exist here: each view holds a reference to us.
-        if self.base != NULL:
-            s.munmap(self.base, self.size)
+        cdef char *base = self.base
+        cdef size_t size = self.size
+        if base != NULL:
             self.base = NULL
+            with nogil:
+                # Same as close(): nothing can reach the object being freed.
+                s.munmap(base, size)
 
     def __getbuffer__(self, Py_buffer *buf, int flags):
         if self.base == NULL:

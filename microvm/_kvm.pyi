@@ -1,4 +1,13 @@
-"""Types for microvm._kvm (ext/_kvm.pyx): thin wrappers over /dev/kvm ioctls."""
+"""Types for microvm._kvm (ext/_kvm.pyx): thin wrappers over /dev/kvm ioctls.
+
+Errors: a failed ioctl or mmap raises the OSError subclass for its errno,
+named after the call. Where KVM reports no errno the errno is chosen here:
+KVM_GET_MSRS reading fewer MSRs than asked, EOPNOTSUPP; KVM_SET_MSRS setting
+fewer, EINVAL; a KVM_RUN I/O exit whose data lies outside the run page, EIO.
+KVM_CREATE_VM, KVM_SET_USER_MEMORY_REGION, KVM_RUN and the mmap/munmap of a
+Mapping release the GIL; close() on a Kvm or VmFd that one of those ioctls
+is using in another thread raises RuntimeError (VcpuFd: while in KVM_RUN).
+"""
 
 from collections.abc import Iterable
 from collections.abc import Mapping as _Map
@@ -29,6 +38,10 @@ CAPS: dict[str, int]
 Regs: TypeAlias = dict[str, int]
 Sregs: TypeAlias = dict[str, Any]
 CpuidEntry: TypeAlias = dict[str, int]
+
+class StaleExitError(RuntimeError):
+    """respond() on an IoIn or MmioRead whose vCPU has entered KVM_RUN again
+    since that exit: KVM has already taken the run page's answer."""
 
 class _Fd:
     fd: int
@@ -85,7 +98,9 @@ class IoIn(VmExit):
     port: int
     size: int
     count: int
-    def respond(self, data: Buffer) -> None: ...
+    def respond(self, data: Buffer) -> None:
+        """size * count bytes for the guest. Only before the vCPU's next run():
+        StaleExitError after it; ValueError on a closed VcpuFd or wrong length."""
 
 class MmioWrite(VmExit):
     addr: int
@@ -94,7 +109,9 @@ class MmioWrite(VmExit):
 class MmioRead(VmExit):
     addr: int
     length: int
-    def respond(self, data: Buffer) -> None: ...
+    def respond(self, data: Buffer) -> None:
+        """length bytes for the guest. Only before the vCPU's next run():
+        StaleExitError after it; ValueError on a closed VcpuFd or wrong length."""
 
 class Hlt(VmExit): ...
 class Shutdown(VmExit): ...
@@ -118,6 +135,8 @@ class UnknownExit(VmExit):
 
 class VcpuFd(_Fd):
     vcpu_id: int
+    in_run: bool  # a thread is inside KVM_RUN on this vCPU
+    run_seq: int  # KVM_RUN entries so far; each makes the exits of earlier runs stale
     immediate_exit: bool | int
     def run(self) -> VmExit: ...
     def get_regs(self) -> Regs: ...

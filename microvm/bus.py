@@ -4,7 +4,9 @@ A device registers a range once; the vCPU loop hands every exit to the bus,
 which finds the device and passes it the offset within its range. Ranges may
 not overlap. Accesses nobody claims read as all ones (an undriven ISA/PCI
 bus floats high) and writes are dropped; both are counted so a misbehaving
-guest is visible without stopping the VM.
+guest is visible without stopping the VM. A device that raises (a bug, or a
+host failure it did not answer) becomes a DeviceError naming it, which ends
+the vCPU and with it the VM.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import logging
 from collections import Counter
 from typing import Protocol
 
-from microvm.errors import BusError
+from microvm.errors import BusError, DeviceError
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +40,9 @@ class Bus:
         self._bases: list[int] = []
         self._ranges: list[tuple[int, int, BusDevice]] = []
         self.unhandled: Counter[int] = Counter()
+        self.names: dict[int, str] = {}  # base -> the device's name, for errors
 
-    def register(self, base: int, length: int, device: BusDevice) -> None:
+    def register(self, base: int, length: int, device: BusDevice, name: str = "") -> None:
         if length <= 0 or base < 0 or base + length > self.limit:
             raise BusError(f"{self.name}: invalid range {base:#x}+{length:#x}")
         i = bisect.bisect_left(self._bases, base)
@@ -53,12 +56,14 @@ class Bus:
                     )
         self._bases.insert(i, base)
         self._ranges.insert(i, (base, length, device))
+        self.names[base] = name or type(device).__name__
 
     def unregister(self, base: int) -> BusDevice:
         i = bisect.bisect_left(self._bases, base)
         if i == len(self._bases) or self._bases[i] != base:
             raise BusError(f"{self.name}: nothing registered at {base:#x}")
         del self._bases[i]
+        self.names.pop(base, None)
         return self._ranges.pop(i)[2]
 
     def find(self, addr: int) -> tuple[int, BusDevice] | None:
@@ -75,14 +80,28 @@ class Bus:
         if hit is None:
             self._unhandled(addr, "read")
             return (1 << (8 * size)) - 1
-        return hit[1].read(addr - hit[0], size)
+        try:
+            return hit[1].read(addr - hit[0], size)
+        except DeviceError:
+            raise
+        except Exception as e:  # free when nothing is raised (3.11's zero-cost try)
+            raise self._device_error(hit[0], "read", addr, e) from e
 
     def write(self, addr: int, size: int, value: int) -> None:
         hit = self.find(addr)
         if hit is None:
             self._unhandled(addr, "write")
             return
-        hit[1].write(addr - hit[0], size, value)
+        try:
+            hit[1].write(addr - hit[0], size, value)
+        except DeviceError:
+            raise
+        except Exception as e:
+            raise self._device_error(hit[0], "write", addr, e) from e
+
+    def _device_error(self, base: int, what: str, addr: int, e: Exception) -> DeviceError:
+        return DeviceError(f"device {self.names.get(base, '?')} failed on a {self.name} {what} at {addr:#x}: "
+                           f"{type(e).__name__}: {e}")
 
     def _unhandled(self, addr: int, what: str) -> None:
         # Counted per address, but a guest sweeping the address space only
@@ -102,8 +121,8 @@ class PioBus(Bus):
         super().__init__("pio", 0x10000)
         self._ports: dict[int, tuple[int, BusDevice]] = {}
 
-    def register(self, base: int, length: int, device: BusDevice) -> None:
-        super().register(base, length, device)
+    def register(self, base: int, length: int, device: BusDevice, name: str = "") -> None:
+        super().register(base, length, device, name)
         for port in range(base, base + length):
             self._ports[port] = (base, device)
 

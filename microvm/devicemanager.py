@@ -1,95 +1,132 @@
-"""The host side of a VM's disks and network cards.
+"""The device manager: every device of a VM, where it lives, how it signals.
 
-Opened before the VM exists (a bad image, a busy tap, a missing namespace
-is an error before anything starts), wired to virtio-mmio transports, and
-closed after the VM's I/O thread is gone. Closing a tap microvm created
-removes it (the kernel deletes a non-persistent tap with its last fd).
+It hands out virtio-mmio windows and interrupt lines from pools that fail
+loudly when empty (a ConfigError naming the limit, before any vCPU runs),
+registers bus ranges, ioeventfds and irqfds, writes the kernel
+command-line entries that announce the virtio devices, and keeps the
+ordered list of devices that stats, teardown and snapshots walk.
+(Firecracker's device_manager/mmio.rs plays the same part.)
+
+How many virtio devices fit: one per interrupt line in layout.VIRTIO_IRQS
+(19: I/O APIC pins 5-23). The virtio console takes one, so a VM takes at
+most MAX_USER_DEVICES drives and NICs together; vsock and rng will each
+take one more.
 """
 
 from __future__ import annotations
 
 import functools
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from microvm.devices.virtio.block import VirtioBlock
-from microvm.devices.virtio.mmio import MmioTransport
-from microvm.devices.virtio.net import RX_QUEUE, VirtioNet
+from microvm.arch.x86_64.layout import VIRTIO_IRQS, VIRTIO_MMIO_BASE, VIRTIO_MMIO_END, VIRTIO_MMIO_SIZE
+from microvm.bus import BusDevice
+from microvm.devices.virtio.mmio import VIRTIO_MMIO_QUEUE_NOTIFY, MmioTransport
 from microvm.errors import ConfigError
-from microvm.specs import Drive, Nic
-from microvm.backends.tap import HostConfig, Tap
 from microvm.vm import Vm
 
-AddVirtio = Callable[[Vm, Any], MmioTransport]
+BUILTIN_VIRTIO_DEVICES = 1  # the virtio console (hvc0) carries the command's output
+MAX_USER_DEVICES = len(VIRTIO_IRQS) - BUILTIN_VIRTIO_DEVICES
 
 
-class Backends:
-    def __init__(self, drives: Sequence[Drive], nics: Sequence[Nic]):
-        self.drives = list(drives)
-        self.nic_specs = list(nics)
-        self.disks: list[VirtioBlock] = []
-        self.taps: list[Tap] = []
-        self.nics: list[VirtioNet] = []
+class Pool:
+    """Values handed out in order, once each; empty is a ConfigError naming the limit."""
 
-    def open(self) -> None:
-        self.close()  # a second start() after a failed one begins afresh
-        self._check_distinct()
-        try:
-            for d in self.drives:
-                self.disks.append(VirtioBlock(d.path, read_only=d.read_only, direct=d.direct))
-            for n in self.nic_specs:
-                tap = Tap(n.tap, HostConfig(address=n.host_interface, bridge=n.bridge, netns=n.netns))
-                self.taps.append(tap)
-                self.nics.append(VirtioNet(tap, mac=n.mac))
-        except BaseException:
-            self.close()
-            raise
+    def __init__(self, what: str, values: range):
+        self.what = what
+        self._values = values  # a range: ~190,000 windows cost nothing until taken
+        self.limit = len(values)
+        self._next = 0
 
-    def _check_distinct(self) -> None:
-        """One image given twice is a mistake unless every use is read-only
-        (two writers would corrupt it; the lock would call it "in use elsewhere")."""
-        seen: dict[tuple[int, int], int] = {}
-        for i, d in enumerate(self.drives):
-            try:
-                st = os.stat(d.path)
-            except OSError:
-                continue  # VirtioBlock names the problem
-            key = (st.st_dev, st.st_ino)
-            if key in seen:
-                first = self.drives[seen[key]]
-                if not (d.read_only and first.read_only):
-                    raise ConfigError(f"disk image {d.path} is given twice (drives {seen[key]} and {i}); "
-                                      f"only read-only drives may share an image")
-            seen[key] = i
+    def take(self) -> int:
+        if self._next >= self.limit:
+            raise ConfigError(f"no {self.what} left: a VM has {self.limit}")
+        value = self._values[self._next]
+        self._next += 1
+        return value
 
-    def wire(self, vm: Vm, add_virtio: AddVirtio) -> None:
-        """Put every device on the VM's MMIO bus (disks first: vda, vdb, ...; then eth0, ...)."""
-        for disk in self.disks:
-            add_virtio(vm, disk)
-        for net, tap in zip(self.nics, self.taps, strict=True):
-            transport = add_virtio(vm, net)
-            # A frame waiting on the tap is like a receive-queue notification.
-            vm.io.add(tap.fd, functools.partial(transport.notify, RX_QUEUE), eventfd=False)
+    @property
+    def left(self) -> int:
+        return self.limit - self._next
+
+
+@dataclass
+class Attached:
+    """One device as the manager placed it."""
+
+    name: str  # hvc0, vda, eth0, com1, ...: what the guest calls it, where it has a name
+    device: Any
+    bus: str  # "pio" or "mmio"
+    base: int
+    size: int
+    gsi: int | None = None
+    transport: MmioTransport | None = None
+
+
+class DeviceManager:
+    def __init__(self, vm: Vm):
+        self.vm = vm
+        self.windows = Pool("virtio-mmio windows", range(VIRTIO_MMIO_BASE, VIRTIO_MMIO_END, VIRTIO_MMIO_SIZE))
+        self.irqs = Pool("interrupt lines for virtio devices (I/O APIC pins "
+                         f"{VIRTIO_IRQS.start}-{VIRTIO_IRQS.stop - 1})", VIRTIO_IRQS)
+        self.devices: list[Attached] = []
+
+    def add_pio(self, name: str, device: BusDevice, base: int, size: int, gsi: int | None = None) -> None:
+        self.vm.pio.register(base, size, device, name)
+        self.devices.append(Attached(name, device, "pio", base, size, gsi))
+
+    def add_mmio(self, name: str, device: BusDevice, base: int, size: int) -> None:
+        self.vm.mmio.register(base, size, device, name)
+        self.devices.append(Attached(name, device, "mmio", base, size))
+
+    def add_virtio(self, name: str, device: Any, *, ioeventfd: bool = True,
+                   own_thread: bool = False) -> MmioTransport:
+        """Put a virtio device behind a transport in the next window, on the next line.
+
+        ioeventfd: queue notifications wake an I/O thread without a vCPU exit
+        (else the vCPU serves them in its exit); own_thread: that thread is
+        the device's own, so its slow host calls (a disk's fdatasync) never
+        hold up another device.
+        """
+        gsi = self.irqs.take()
+        base = self.windows.take()
+        vm = self.vm
+        transport = MmioTransport(device, vm.mem, vm.irq_line(gsi))
+        vm.mmio.register(base, VIRTIO_MMIO_SIZE, transport, name)
+        thread = vm.io_thread(f"{name}-io") if own_thread and ioeventfd else vm.io
+        for q in range(len(device.queue_sizes) if ioeventfd else 0):
+            vm.ioeventfd(base + VIRTIO_MMIO_QUEUE_NOTIFY, 4, q, functools.partial(transport.notify, q),
+                         thread=thread, name=name)
+        self.devices.append(Attached(name, device, "mmio", base, VIRTIO_MMIO_SIZE, gsi, transport))
+        return transport
+
+    def watch_fd(self, name: str, fd: int, handler: Callable[[], None]) -> None:
+        """Call handler() in the shared I/O thread when `fd` (a tap) has data: edge-triggered."""
+        self.vm.io.add(fd, handler, eventfd=False, name=name)
 
     def cmdline(self) -> str:
-        """Guest addresses: the kernel's ip= for the first addressed NIC, the rest for our init."""
-        args: list[str] = []
-        for i, n in enumerate(self.nic_specs):
-            if n.guest_interface is None:
-                continue
-            if not args:
-                args.append(n.kernel_ip_arg(f"eth{i}"))
-            else:
-                args.append(f"microvm.ip=eth{i},{n.guest_interface}")
-        return " ".join(args)
-
-    def stats(self) -> dict[str, dict[str, int]]:
-        return {f"eth{i}": dict(net.stats) for i, net in enumerate(self.nics)}
+        """The virtio devices, announced the way virtio_mmio's cmdline_devices
+        parses them (drivers/virtio/virtio_mmio.c): size@base:irq."""
+        return " ".join(f"virtio_mmio.device={a.size >> 10}K@{a.base:#x}:{a.gsi}"
+                        for a in self.devices if a.transport is not None)
 
     def close(self) -> None:
-        for disk in self.disks:
-            disk.close()
-        for tap in self.taps:
-            tap.close()
-        self.disks, self.taps = [], []  # the NICs stay: their counters outlive the VM
+        """Once the VM's threads are gone: each device lets go of guest memory
+        and queue state, last added first. Counters stay, for stats()."""
+        for a in reversed(self.devices):
+            if a.transport is not None:
+                a.device.reset()
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Every virtio device's counters, transport, queues and device together, by name."""
+        out: dict[str, dict[str, int]] = {}
+        for a in self.devices:
+            if a.transport is None:
+                continue
+            counters = dict(a.transport.stats())
+            device_stats = getattr(a.device, "stats", None)
+            if callable(device_stats):
+                counters.update(device_stats())
+            out[a.name] = counters
+        return out

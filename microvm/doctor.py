@@ -77,7 +77,7 @@ def _time_loop(fd: _kvm.VcpuFd, gdt_limit: int, user: bool, iterations: int) -> 
 def measure_loop_ns(kvm: _kvm.Kvm, user: bool, iterations: int, repeat: int = 3) -> float:
     """Median ns per `dec; jnz` iteration at CPL3 (user) or CPL0."""
     vm = kvm.create_vm()
-    mem = GuestMemory.anonymous([(0, 2 << 20)])
+    mem = GuestMemory.anonymous([(0, flat.RAM)])
     try:
         region = mem.regions[0]
         vm.set_user_memory_region(0, 0, region.size, region.host_address())

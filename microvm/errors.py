@@ -65,7 +65,7 @@ class GuestMemoryTooSmallError(ConfigError, LoaderError):
 
 
 class DeviceError(MicroVMError):
-    """A device could not be set up."""
+    """A device could not be set up, or failed while the VM ran (the message names it)."""
 
 
 class LaneError(MicroVMError):

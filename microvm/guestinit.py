@@ -19,8 +19,8 @@ import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from microvm.arch.x86_64.layout import CONTROL_BASE
 from microvm.devices.control import (
-    CONTROL_BASE,
     FAIL_ROOT_MOUNT,
     MARK_COMMAND,
     MARK_COMMAND_ON_CONSOLE,

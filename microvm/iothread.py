@@ -1,9 +1,15 @@
-"""The device I/O thread: eventfds (queue notifications) to device handlers.
+"""A device I/O thread: eventfds (queue notifications) to device handlers.
 
 KVM signals an ioeventfd when the guest writes a queue's notify register,
 without a vCPU exit to userspace; this thread waits on all of them with
 epoll and runs the device's queue processing, so notifications never stall
-a vCPU in Python.
+a vCPU in Python. A VM has one shared thread and one per disk (vm.py), so
+a disk waiting in fdatasync never holds up the network or another disk.
+
+Errors: a guest's mistakes and host I/O failures are answered inside the
+device (DEVICE_NEEDS_RESET, IOERR, link down) and never reach this loop.
+Whatever does reach it is unexpected: on_error gets a DeviceError naming
+the device, and the VM ends with it (Vm.fail); the run never just hangs.
 """
 
 from __future__ import annotations
@@ -15,31 +21,34 @@ import threading
 from collections.abc import Callable
 
 from microvm.doneflag import DoneFlag
-from microvm.errors import MicroVMError
+from microvm.errors import DeviceError, MicroVMError
 
 log = logging.getLogger(__name__)
 
 
 class IoThread:
-    def __init__(self, name: str = "virtio-io"):
+    def __init__(self, name: str = "virtio-io", on_error: Callable[[DeviceError], None] | None = None):
+        self.name = name
+        self.on_error = on_error
         self._epoll = select.epoll()
-        self._handlers: dict[int, tuple[Callable[[], None], bool]] = {}  # fd -> (handler, is an eventfd)
+        # fd -> (handler, is an eventfd, the device's name)
+        self._handlers: dict[int, tuple[Callable[[], None], bool, str]] = {}
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._epoll.register(self._wake, select.EPOLLIN)
         self._stop = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._exited = DoneFlag()  # not Thread.join: see doneflag.py
         self._closed = False
-        self.errors: list[BaseException] = []
+        self.errors: list[DeviceError] = []
 
-    def add(self, fd: int, handler: Callable[[], None], eventfd: bool = True) -> None:
+    def add(self, fd: int, handler: Callable[[], None], eventfd: bool = True, name: str = "") -> None:
         """Call handler() whenever eventfd `fd` is signalled (the fd stays the caller's to close).
 
         With eventfd=False, `fd` is any pollable fd (a tap): edge-triggered,
         the handler is called when new data arrives and must read until
         EAGAIN or until it chooses to stop; nothing is read for it here.
         """
-        self._handlers[fd] = (handler, eventfd)
+        self._handlers[fd] = (handler, eventfd, name or getattr(handler, "__qualname__", "a device"))
         self._epoll.register(fd, select.EPOLLIN if eventfd else select.EPOLLIN | select.EPOLLET)
 
     def start(self) -> None:
@@ -56,7 +65,7 @@ class IoThread:
             for fd, _ in self._epoll.poll():
                 if fd == self._wake:
                     continue
-                handler, eventfd = self._handlers[fd]
+                handler, eventfd, name = self._handlers[fd]
                 if eventfd:
                     try:
                         os.eventfd_read(fd)
@@ -64,10 +73,17 @@ class IoThread:
                         continue
                 try:
                     handler()
-                except Exception as e:  # a device must not take the VMM down
-                    log.exception("device handler failed")
-                    if len(self.errors) < 100:
-                        self.errors.append(e)
+                except Exception as e:  # unexpected: the VM ends with it (see the docstring)
+                    self._failed(name, e)
+
+    def _failed(self, name: str, e: Exception) -> None:
+        log.error("device %s failed in I/O thread %s", name, self.name, exc_info=e)
+        error = DeviceError(f"device {name} failed in its I/O thread: {type(e).__name__}: {e}")
+        error.__cause__ = e
+        if len(self.errors) < 100:
+            self.errors.append(error)
+        if self.on_error is not None:
+            self.on_error(error)
 
     def close(self) -> None:
         """Stop and join the thread, close our own fds; again after a failure, until done."""

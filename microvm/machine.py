@@ -4,44 +4,44 @@
         r = vm.run(["uname", "-a"])
         print(r.stdout, r.exit_code, r.timeline)
 
-Wires the pieces together: the VM (vm.py), the x86 setup (arch/x86_64), the
-loader, and the devices (COM1, i8042, the control device), and turns what
-the guest does into a result: the command's output and exit status, or an
-error naming what went wrong (panic, triple fault, timeout).
+Configuration, lifecycle and results: it puts the pieces together (the VM,
+vm.py; its devices, through the device manager, devicemanager.py; the
+kernel, through the loader; the vCPUs' boot state, arch/x86_64/boot.py) and
+turns what the guest does into a result: the command's output and exit
+status, or an error naming what went wrong (panic, triple fault, a failed
+device, timeout).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
-import signal
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from microvm import _kvm, checks, loader
-from microvm.arch.x86_64 import cpuid, lapic, mptable, msr, paging, regs
-from microvm.devicemanager import Backends
+from microvm.arch.x86_64 import boot, layout, mptable
+from microvm.backends import Backends
+from microvm.devicemanager import MAX_USER_DEVICES, DeviceManager
 from microvm.devices.control import (
-    CONTROL_BASE,
-    CONTROL_SIZE,
     FAIL_NAMES,
     MARK_COMMAND,
     MARK_COMMAND_ON_CONSOLE,
     MARK_INIT,
     ControlDevice,
 )
-from microvm.devices.i8042 import I8042, I8042_COMMAND_PORT, I8042_DATA_PORT
-from microvm.devices.serial import COM1_BASE, COM1_IRQ, COM1_SIZE, Serial
+from microvm.devices.i8042 import I8042
+from microvm.devices.serial import Serial
+from microvm.devices.virtio.block import VirtioBlock
 from microvm.devices.virtio.console import VirtioConsole
-from microvm.devices.virtio.mmio import MMIO_SIZE, VIRTIO_MMIO_QUEUE_NOTIFY, MmioTransport
+from microvm.devices.virtio.net import RX_QUEUE, VirtioNet
 from microvm.errors import (
     ConfigError,
+    DeviceError,
     GuestCrashError,
     GuestError,
     GuestMemoryTooSmallError,
@@ -49,42 +49,17 @@ from microvm.errors import (
     MicroVMError,
     VcpuError,
 )
-from microvm.specs import Drive, Nic
+from microvm.hostprocess import interrupts_deferred, sink, tune_switch_interval
+from microvm.kernellog import KernelLog
+from microvm.specs import Drive, Nic, guest_ip_args
 from microvm.vcpu import StopReason
 from microvm.vm import Vm
 
 __all__ = ["Drive", "GuestPanicError", "GuestTimeoutError", "MicroVM", "Nic", "RunResult", "VmStoppedError"]
 
-MIB = 1 << 20
-GIB = 1 << 30
-# Guest physical layout: RAM from 0, a gap for devices from 3 GiB to 4 GiB
-# (control device, virtio-mmio, I/O APIC, local APIC), more RAM above.
-MMIO_GAP_START = 3 * GIB
-MMIO_GAP_END = 4 * GIB
-EBDA_START = 0x9FC00  # last KiB of conventional memory: reserved, as on a PC
-BIOS_START = 0xF0000  # the MP table lives here
-HIMEM_START = 0x100000
-GDT_ADDR = 0x500
-PML4_ADDR = 0x9000
-VIRTIO_MMIO_BASE = CONTROL_BASE + CONTROL_SIZE  # one 4 KiB window per device from here
-VIRTIO_IRQ_BASE = 5  # GSIs 5.. (I/O APIC pins, edge, as the MP table says)
-
+MIB = layout.MIB
 DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet 8250.nr_uarts=1"
-# How long a thread may hold the GIL while another waits (CPython's default
-# is 5 ms). A vCPU thread back from KVM_RUN waits that long for the GIL when
-# the I/O thread is busy; 0.5 ms bounds the added exit latency.
-# MICROVM_SWITCH_INTERVAL=SECONDS sets another value, "keep" leaves it alone.
-VMM_SWITCH_INTERVAL = 0.0005
-PYTHON_DEFAULT_SWITCH_INTERVAL = 0.005
 CONSOLE_TAIL = 4000
-PANIC_MARKER = b"Kernel panic - not syncing"
-# panic() prints this last (kernel/panic.c), then reboots, or with panic=0
-# spins for ever: either way the run is over once we see it.
-PANIC_END_MARKER = b"---[ end Kernel panic"
-PANIC_GRACE = 2.0  # seconds for the panic report to reach its end line
-# init/initramfs.c, without and with CONFIG_BLK_DEV_RAM.
-INITRD_FAILURE_MARKERS = (b"Initramfs unpacking failed", b"rootfs image is not initramfs")
-POWER_DOWN_MARKERS = (b"reboot: Power down", b"reboot: System halted")
 WAIT_SLICE = 0.25  # how often wait() looks at a panic in progress
 
 
@@ -120,12 +95,6 @@ class RunResult:
     @property
     def ok(self) -> bool:
         return self.exit_code == 0
-
-
-def _memory_layout(mem_bytes: int) -> list[tuple[int, int]]:
-    if mem_bytes <= MMIO_GAP_START:
-        return [(0, mem_bytes)]
-    return [(0, MMIO_GAP_START), (MMIO_GAP_END, mem_bytes - MMIO_GAP_START)]
 
 
 def _default_kernel() -> Path:
@@ -198,24 +167,23 @@ class MicroVM:
         taps = [n.tap for n in self.nics]
         if len(set(taps)) != len(taps):
             raise ConfigError(f"the same tap is given twice: {taps}")
+        if len(self.drives) + len(self.nics) > MAX_USER_DEVICES:
+            raise ConfigError(f"{len(self.drives)} drives and {len(self.nics)} NICs are too many: a VM takes "
+                              f"at most {MAX_USER_DEVICES} drives and NICs together (one interrupt line each)")
         self.backends = Backends(self.drives, self.nics)
         self.force = force
-        self._console_sink = _sink(console)
-        self._stdout_sink = _sink(stdout)
+        self._console_sink = sink(console)
+        self._stdout_sink = sink(stdout)
         self.vm: Vm | None = None
         self.serial: Serial | None = None
         self.control: ControlDevice | None = None
         self.hvc: VirtioConsole | None = None
-        self.transports: list[MmioTransport] = []
+        self.devices: DeviceManager | None = None
         self.console = bytearray()
         self.stdout = bytearray()
-        self._line = bytearray()
         self._in_command = False
         self._command_on_console = False  # the command writes to the serial console (no hvc0)
-        self.panicked = False
-        self._panic_deadline: float | None = None
-        self._panic_line = ""
-        self._initrd_failure = ""
+        self.kernel_log = KernelLog(self._end)
         self._failure: int | None = None  # init's FAIL_* code
         self._started = False
         self._stopped_by_host = False
@@ -240,7 +208,7 @@ class MicroVM:
                                "make a new MicroVM for another run")
         self._started = True
         check_host(self.force)  # measured once per process, not part of the boot
-        _tune_switch_interval()
+        tune_switch_interval()
         try:
             self._start(argv)
         except KeyboardInterrupt:  # held off until the VM was whole; now undo it
@@ -252,23 +220,27 @@ class MicroVM:
         # Under the close lock: a kill() from another thread waits for a
         # whole VM to close. Interrupts held off: every resource made here
         # is also freed here on failure.
-        with self._close_lock, _interrupts_deferred():
+        with self._close_lock, interrupts_deferred():
             self._t0 = time.monotonic_ns()
             kernel = self.kernel or _default_kernel()
             initrd = self._initrd(argv)
             self.backends.open()  # a bad image or tap is an error before any VM exists
-            layout = _memory_layout(self.mem_mib * MIB)
+            slots = layout.ram_ranges(self.mem_mib * MIB)
             try:
-                self.vm = vm = Vm(layout, vcpus=self.vcpus, irqchip=True)
+                self.vm = vm = Vm(slots, vcpus=self.vcpus, irqchip=True)
             except BaseException:
                 self.backends.close()
                 raise
             try:
                 self._times.update(vm.timestamps)
                 self._wire_devices(vm)  # before loading: virtio devices go on the command line
-                self._load(vm, kernel, initrd, layout)
+                self._load(vm, kernel, initrd, slots)
                 self._times["kernel loaded"] = time.monotonic_ns()
-                self._setup_vcpus(vm)
+                boot.setup_vcpus(vm.mem, [v.fd for v in vm.vcpus], supported_cpuid=vm.kvm.get_supported_cpuid(),
+                                 tsc_deadline=bool(vm.kvm.check_extension(
+                                     _kvm.CAPS["KVM_CAP_TSC_DEADLINE_TIMER"])),
+                                 protocol=self.boot.protocol, entry=self.boot.entry,
+                                 params_addr=self.boot.params_addr)
                 vm.start()
                 if self._stopped_by_host:  # stop() came while we were starting
                     vm.stop()
@@ -287,9 +259,9 @@ class MicroVM:
         vm = self._require_vm()
         try:
             reason = self._wait_vm(vm, timeout)
-        except GuestCrashError as e:
+        except (GuestCrashError, DeviceError) as e:
             self.close()
-            raise GuestCrashError(f"{e}\n--- console tail ---\n{self.console_tail()}") from e
+            raise type(e)(f"{e}\n--- console tail ---\n{self.console_tail()}") from e
         except MicroVMError:
             self.close()
             raise
@@ -313,7 +285,8 @@ class MicroVM:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             now = time.monotonic()
-            if self._panic_deadline is not None and now >= self._panic_deadline:
+            deadline_of_panic = self.kernel_log.panic_deadline
+            if deadline_of_panic is not None and now >= deadline_of_panic:
                 self._end("panic")
             step = WAIT_SLICE if deadline is None else min(WAIT_SLICE, deadline - now)
             reason = vm.wait(max(step, 0.0))
@@ -325,7 +298,7 @@ class MicroVM:
                 return None
 
     def _result(self, reason: StopReason) -> RunResult:
-        if self.panicked:
+        if self.kernel_log.panicked:
             raise GuestPanicError(self._panic_message())
         if self._failure is not None:
             what = FAIL_NAMES.get(self._failure, f"init failed (code {self._failure})")
@@ -341,15 +314,16 @@ class MicroVM:
             console=bytes(self.console),
             reason=self.reason,
             timeline=self.timeline(),
-            stats=self.backends.stats(),
+            stats=self.devices.stats() if self.devices is not None else {},
         )
 
     def _panic_message(self) -> str:
         first = "guest kernel panicked"
-        if self._initrd_failure:
-            first += f": the initrd could not be unpacked ({self._initrd_failure})"
-        elif self._panic_line:
-            first += f": {self._panic_line}"
+        log = self.kernel_log
+        if log.initrd_failure:
+            first += f": the initrd could not be unpacked ({log.initrd_failure})"
+        elif log.panic_line:
+            first += f": {log.panic_line}"
         return f"{first}\n--- console tail ---\n{self.console_tail()}"
 
     def _init_message(self) -> str:
@@ -436,13 +410,15 @@ class MicroVM:
 
     def close(self) -> None:
         """Free the VM: safe from any thread, more than once, and after a failure."""
-        with self._close_lock, _interrupts_deferred():
+        with self._close_lock, interrupts_deferred():
             vm = self.vm
             if vm is not None:
                 self.serial = None  # no more host input into a closing VM
                 vm.close()  # may raise if a vCPU is stuck; then self.vm stays for a retry
                 self._vm_closed = vm
                 self.vm = None
+                if self.devices is not None:
+                    self.devices.close()
             self.backends.close()  # after the I/O thread is gone
 
     def __enter__(self) -> MicroVM:
@@ -489,17 +465,13 @@ class MicroVM:
         # A user initrd gets the command appended too; its /init may use it.
         return base + command_archive(argv, self.env) if argv else base
 
-    def _load(self, vm: Vm, kernel: Path, initrd: bytes, layout: list[tuple[int, int]]) -> None:
-        low_end = layout[0][1]
-        ram = [(0, EBDA_START), (HIMEM_START, low_end - HIMEM_START), *layout[1:]]
-        reserved = [(EBDA_START, 0xA0000 - EBDA_START), (BIOS_START, HIMEM_START - BIOS_START)]
-        # Devices are announced the way virtio_mmio's cmdline_devices expects
-        # (drivers/virtio/virtio_mmio.c): size@base:irq.
-        devices = " ".join(f"virtio_mmio.device={MMIO_SIZE >> 10}K@{VIRTIO_MMIO_BASE + i * MMIO_SIZE:#x}:"
-                           f"{VIRTIO_IRQ_BASE + i}" for i in range(len(self.transports)))
+    def _load(self, vm: Vm, kernel: Path, initrd: bytes, slots: list[tuple[int, int]]) -> None:
+        ram, reserved = layout.e820(slots)
+        assert self.devices is not None
         # Ours first: the kernel reads left to right, so nothing in the
         # user's text (checked for `--` and open quotes too) can hide it.
-        ours = " ".join(filter(None, (devices, self.backends.cmdline(), "root=/dev/vda" if self.rootfs else "")))
+        ours = " ".join(filter(None, (self.devices.cmdline(), guest_ip_args(self.nics),
+                                      "root=/dev/vda" if self.rootfs else "")))
         cmdline = " ".join(filter(None, (ours, self.cmdline, self.append)))
         try:
             self.boot = loader.load_linux(vm.mem, kernel, cmdline=cmdline,
@@ -509,61 +481,32 @@ class MicroVM:
             raise GuestMemoryTooSmallError(
                 f"mem_mib={self.mem_mib} is too small for kernel {kernel}: with its initrd it needs "
                 f"at least {need} MiB of guest memory") from e
-        mptable.write(vm.mem, self.vcpus, BIOS_START)
+        mptable.write(vm.mem, self.vcpus, layout.MPTABLE_START)
 
     def _wire_devices(self, vm: Vm) -> None:
-        self.serial = Serial(vm.irq_line(COM1_IRQ), self._on_console)
-        vm.pio.register(COM1_BASE, COM1_SIZE, self.serial)
+        self.devices = devices = DeviceManager(vm)
+        self.serial = Serial(vm.irq_line(layout.COM1_IRQ), self._on_console)
+        devices.add_pio("com1", self.serial, layout.COM1_PORT, layout.COM1_PORTS, layout.COM1_IRQ)
         i8042 = I8042(lambda: self._end("reboot"))
-        vm.pio.register(I8042_DATA_PORT, 1, i8042.data_port)
-        vm.pio.register(I8042_COMMAND_PORT, 1, i8042.command_port)
+        devices.add_pio("i8042-data", i8042.data_port, layout.I8042_DATA_PORT, 1)
+        devices.add_pio("i8042-command", i8042.command_port, layout.I8042_COMMAND_PORT, 1)
         self.control = ControlDevice(self._on_exit, self._end, self._on_mark, self._on_fail)
-        vm.mmio.register(CONTROL_BASE, CONTROL_SIZE, self.control)
+        devices.add_mmio("control", self.control, layout.CONTROL_BASE, layout.CONTROL_SIZE)
         # The command's stdout and stderr travel over virtio-console (hvc0):
         # whole buffers per notification instead of an exit per byte.
         self.hvc = VirtioConsole(self._on_command_output)
         # No ioeventfd for the console: Linux's hvc busy-waits in the kernel
         # until the host has taken each buffer, so the notify is served right
         # in the vCPU's exit, never waiting for the I/O thread to be scheduled.
-        self._add_virtio(vm, self.hvc, ioeventfd=False)
-        self.backends.wire(vm, self._add_virtio)
-
-    def _add_virtio(self, vm: Vm, device: Any, ioeventfd: bool = True) -> MmioTransport:
-        index = len(self.transports)
-        base = VIRTIO_MMIO_BASE + index * MMIO_SIZE
-        transport = MmioTransport(device, vm.mem, vm.irq_line(VIRTIO_IRQ_BASE + index))
-        vm.mmio.register(base, MMIO_SIZE, transport)
-        for q in range(len(device.queue_sizes) if ioeventfd else 0):
-            vm.ioeventfd(base + VIRTIO_MMIO_QUEUE_NOTIFY, 4, q, functools.partial(transport.notify, q))
-        self.transports.append(transport)
-        return transport
-
-    def _setup_vcpus(self, vm: Vm) -> None:
-        supported = vm.kvm.get_supported_cpuid()
-        tsc_deadline = bool(vm.kvm.check_extension(_kvm.CAPS["KVM_CAP_TSC_DEADLINE_TIMER"]))
-        for vcpu in vm.vcpus:
-            fd = vcpu.fd
-            fd.set_cpuid2(cpuid.vcpu_cpuid(supported, vcpu.index, self.vcpus, tsc_deadline))
-            fd.set_msrs(msr.boot_msrs())
-            fd.set_lapic(lapic.wire_lints(fd.get_lapic()))
-        # Only the boot CPU gets registers; the others wait for INIT/SIPI
-        # from the guest, in the in-kernel local APIC.
-        bsp = vm.vcpus[0].fd
-        limit = regs.write_gdt(vm.mem, GDT_ADDR)
-        sregs = bsp.get_sregs()
-        r = bsp.get_regs()
-        if self.boot.protocol == "pvh":
-            # PVH entry (xen/interface/hvm/start_info.h): 32-bit protected
-            # mode, paging off, ebx = physical address of hvm_start_info.
-            regs.protected_mode_sregs(sregs, GDT_ADDR, limit)
-            r.update(rip=self.boot.entry, rbx=self.boot.params_addr, rflags=2)
-        else:
-            # 64-bit boot protocol (boot.rst): identity paging, rsi = boot_params.
-            paging.identity_map(vm.mem, PML4_ADDR, gib=4)
-            regs.long_mode_sregs(sregs, GDT_ADDR, limit, PML4_ADDR)
-            r.update(rip=self.boot.entry, rsi=self.boot.params_addr, rflags=2)
-        bsp.set_sregs(sregs)
-        bsp.set_regs(r)
+        devices.add_virtio("hvc0", self.hvc, ioeventfd=False)
+        # Disks first (vda, vdb, ...: the kernel names them in probe order),
+        # each with its own I/O thread; then eth0, ...
+        for i, disk in enumerate(self.backends.disks):
+            devices.add_virtio(_disk_name(i), VirtioBlock(disk), own_thread=True)
+        for i, tap in enumerate(self.backends.taps):
+            transport = devices.add_virtio(f"eth{i}", VirtioNet(tap, mac=self.nics[i].mac))
+            # A frame waiting on the tap is like a receive-queue notification.
+            devices.watch_fd(f"eth{i}", tap.fd, functools.partial(transport.notify, RX_QUEUE))
 
     # --- device callbacks (vCPU threads) ---------------------------------------------
 
@@ -581,21 +524,7 @@ class MicroVM:
             self.console += data
             if self._console_sink is not None:
                 self._console_sink(data)
-        self._line += data
-        if data == b"\n" or len(self._line) > 512:
-            line, self._line = bytes(self._line), bytearray()
-            if PANIC_MARKER in line:
-                if not self.panicked:
-                    self.panicked = True
-                    self._panic_line = _printk_text(line)
-                    self._panic_deadline = time.monotonic() + PANIC_GRACE
-            elif PANIC_END_MARKER in line and self.panicked:
-                self._end("panic")
-            elif not self._initrd_failure and any(m in line for m in INITRD_FAILURE_MARKERS):
-                self._initrd_failure = _printk_text(line)
-            elif any(m in line for m in POWER_DOWN_MARKERS):
-                # `poweroff -f` without ACPI: the kernel halts its CPUs; we end the VM.
-                self._end("poweroff")
+        self.kernel_log.feed(data)
 
     def _on_mark(self, mark: int) -> None:
         now = time.monotonic_ns()
@@ -623,12 +552,14 @@ class MicroVM:
             self.vm.request_stop(StopReason.REQUESTED)
 
 
-def _printk_text(line: bytes) -> str:
-    """A console line without its printk timestamp and line ending."""
-    text = line.decode(errors="replace").strip()
-    if text.startswith("[") and "]" in text:
-        text = text[text.index("]") + 1:].strip()
-    return text
+def _disk_name(index: int) -> str:
+    """The kernel's name for the index-th virtio disk: vda ... vdz, vdaa, ... (sd.c's scheme)."""
+    name = ""
+    index += 1
+    while index:
+        index, rem = divmod(index - 1, 26)
+        name = chr(ord("a") + rem) + name
+    return "vd" + name
 
 
 def _drive(value: Any, field: str = "drives") -> Drive:
@@ -637,53 +568,3 @@ def _drive(value: Any, field: str = "drives") -> Drive:
     if isinstance(value, str | os.PathLike):
         return Drive(Path(value))
     raise ConfigError(f"{field}: expected a Drive or a path, got {value!r}")
-
-
-@contextlib.contextmanager
-def _interrupts_deferred() -> Iterator[None]:
-    """Hold off Ctrl-C (SIGINT) while resources are made or freed.
-
-    A KeyboardInterrupt raised half-way through creating or closing a VM
-    would leave fds and threads nobody owns; here it is raised at the end
-    instead, once every step is done (or undone). Only in the main thread
-    and only over Python's default handler: a program's own handler is left
-    alone.
-    """
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
-        yield
-        return
-    caught: list[int] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        if caught:
-            raise KeyboardInterrupt
-
-
-def _tune_switch_interval() -> None:
-    """Shorten the GIL switch interval, unless the program already chose one."""
-    wanted = os.environ.get("MICROVM_SWITCH_INTERVAL", str(VMM_SWITCH_INTERVAL))
-    if wanted == "keep" or sys.getswitchinterval() != PYTHON_DEFAULT_SWITCH_INTERVAL:
-        return
-    try:
-        sys.setswitchinterval(float(wanted))
-    except ValueError as e:
-        raise ConfigError(f"MICROVM_SWITCH_INTERVAL={wanted!r}: expected seconds or 'keep'") from e
-
-
-def _sink(target: BinaryIO | Callable[[bytes], Any] | None) -> Callable[[bytes], None] | None:
-    if target is None:
-        return None
-    if callable(target):
-        return target
-    stream = target
-
-    def write(data: bytes) -> None:
-        stream.write(data)
-        if b"\n" in data:
-            stream.flush()
-
-    return write

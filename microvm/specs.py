@@ -52,8 +52,8 @@ class Nic:
     bridge: str | None = None
 
     def __post_init__(self) -> None:
-        from microvm.devices.virtio.net import parse_mac
         from microvm.backends.tap import check_ifname
+        from microvm.devices.virtio.net import parse_mac
 
         check_ifname(self.tap)
         if self.mac is not None:
@@ -110,3 +110,17 @@ def _interface(what: str, value: str | None) -> ipaddress.IPv4Interface | None:
     if iface.network.prefixlen > 30:
         raise ConfigError(f"{what} {value}: a /{iface.network.prefixlen} leaves no room for two hosts")
     return iface
+
+
+def guest_ip_args(nics: list[Nic] | tuple[Nic, ...]) -> str:
+    """Kernel command-line arguments for the guests' addresses: the kernel's
+    ip= for the first addressed NIC, microvm.ip= for our init for the rest."""
+    args: list[str] = []
+    for i, n in enumerate(nics):
+        if n.guest_interface is None:
+            continue
+        if not args:
+            args.append(n.kernel_ip_arg(f"eth{i}"))
+        else:
+            args.append(f"microvm.ip=eth{i},{n.guest_interface}")
+    return " ".join(args)

@@ -1,7 +1,13 @@
 """A VM: the KVM fds, guest memory, the buses and the vCPU threads.
 
 This is the machine without a personality: no loader, no devices. The
-builder (microvm.machine) puts a kernel and devices on top of it.
+device manager (microvm.devicemanager) and the builder (microvm.machine)
+put devices and a kernel on top of it.
+
+Its threads: one per vCPU, and the device I/O threads (iothread.py), which
+it starts, and stops before guest memory goes away. A device that fails in
+one of them ends the VM with a DeviceError, as a crashed vCPU ends it with
+its own error: whoever waits on the VM hears about either.
 """
 
 from __future__ import annotations
@@ -12,18 +18,13 @@ import time
 from collections.abc import Callable, Iterable
 
 from microvm import _kvm
+from microvm.arch.x86_64.layout import KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR
 from microvm.bus import MmioBus, PioBus
-from microvm.errors import ConfigError, KvmError, MicroVMError
+from microvm.errors import ConfigError, DeviceError, KvmError, MicroVMError
 from microvm.iothread import IoThread
 from microvm.kvm import open_kvm
 from microvm.memory import GuestMemory
 from microvm.vcpu import StopReason, Vcpu
-
-# Addresses KVM needs for its own pages on Intel (api.rst: KVM_SET_TSS_ADDR
-# takes three pages, KVM_SET_IDENTITY_MAP_ADDR one), placed just below the
-# 4 GiB boundary where no RAM or device of ours lives.
-TSS_ADDR = 0xFFFB_D000
-IDENTITY_MAP_ADDR = 0xFFFB_C000
 
 
 class IrqLine:
@@ -66,13 +67,13 @@ class Vm:
         self.vcpus: list[Vcpu] = []
         self.memory: GuestMemory | None = None
         self.irqchip = irqchip
-        self._done = threading.Event()
         self._lock = threading.Lock()
         self.end_reason: StopReason | None = None
         self.error: BaseException | None = None
         self.irq_lines: list[IrqLine] = []
         self.ioeventfds: list[int] = []
-        self.io = IoThread()
+        self.io_threads: list[IoThread] = []
+        self.io = self.io_thread("virtio-io")  # shared by devices without one of their own
         self.timestamps: dict[str, int] = {}
         self._closed = False
         self._close_lock = threading.RLock()
@@ -81,8 +82,9 @@ class Vm:
             self.fd = self.kvm.create_vm()
             self.timestamps["vm created"] = time.monotonic_ns()
             if irqchip:
-                self.fd.set_identity_map_addr(IDENTITY_MAP_ADDR)
-                self.fd.set_tss_addr(TSS_ADDR)
+                # KVM's own pages on Intel, where no RAM or device of ours lives.
+                self.fd.set_identity_map_addr(KVM_IDENTITY_MAP_ADDR)
+                self.fd.set_tss_addr(KVM_TSS_ADDR)
                 self.fd.create_irqchip()
                 # Port 0x61 (speaker, PIT channel 2 gate) handled in the
                 # kernel too, as api.rst recommends: no exits for it.
@@ -118,18 +120,27 @@ class Vm:
         self.irq_lines.append(line)
         return line
 
-    def ioeventfd(self, addr: int, length: int, datamatch: int | None, handler: Callable[[], None]) -> None:
+    def io_thread(self, name: str) -> IoThread:
+        """A device I/O thread, started with the VM and stopped before its memory goes."""
+        thread = IoThread(name, on_error=self.fail)
+        self.io_threads.append(thread)
+        return thread
+
+    def ioeventfd(self, addr: int, length: int, datamatch: int | None, handler: Callable[[], None],
+                  *, thread: IoThread | None = None, name: str = "") -> None:
         """Have KVM signal an eventfd for guest writes to an MMIO address (no
-        vCPU exit to userspace); the I/O thread then calls handler()."""
+        vCPU exit to userspace); the I/O thread (`thread`, or the shared one)
+        then calls handler(). `name` names the device if handler fails."""
         efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.ioeventfds.append(efd)
         self.fd.ioeventfd(efd, addr, length, datamatch=datamatch)
-        self.io.add(efd, handler)
+        (thread or self.io).add(efd, handler, name=name)
 
     # --- lifecycle -----------------------------------------------------------
 
     def start(self) -> None:
-        self.io.start()
+        for thread in self.io_threads:
+            thread.start()
         for vcpu in self.vcpus:
             vcpu.start()
 
@@ -143,8 +154,6 @@ class Vm:
             others = [v for v in self.vcpus if v is not vcpu]
         for other in others:
             other.stop()
-        if not any(v.running and v is not vcpu for v in self.vcpus):
-            self._done.set()
 
     def request_stop(self, reason: StopReason = StopReason.REQUESTED) -> None:
         """End the VM from a device (reset line, exit register) or the host."""
@@ -157,6 +166,16 @@ class Vm:
     def stop(self) -> None:
         self.request_stop(StopReason.STOPPED)
 
+    def fail(self, error: DeviceError) -> None:
+        """A device failed where nobody could answer it (its I/O thread): end
+        the VM; wait() raises `error`, unless the VM had already ended."""
+        with self._lock:
+            if self.end_reason is None:
+                self.end_reason = StopReason.ERROR
+                self.error = error
+        for vcpu in self.vcpus:
+            vcpu.stop()
+
     def wait(self, timeout: float | None = None) -> StopReason | None:
         """Wait for every vCPU to end; None on timeout. Raises the guest's crash."""
         if not self.vcpus or not any(v._thread for v in self.vcpus):
@@ -164,7 +183,6 @@ class Vm:
         for vcpu in self.vcpus:
             if not vcpu.join(timeout):
                 return None
-        self._done.set()
         if self.error is not None:
             raise self.error
         return self.end_reason
@@ -185,7 +203,8 @@ class Vm:
             if stuck:
                 # close() can be called again once the thread is out.
                 raise MicroVMError(f"vcpu(s) {stuck} did not stop within 5 s; VM left open")
-            self.io.close()  # no device may touch guest memory after this
+            for thread in self.io_threads:
+                thread.close()  # no device may touch guest memory after this
             while self.vcpus_open:
                 self.vcpus_open[-1].close()
                 self.vcpus_open.pop()

@@ -18,9 +18,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-CONTROL_BASE = 0xD000_0000
-CONTROL_SIZE = 0x1000
-
 MAX_MARKS = 256
 
 REG_MARK = 0x0

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-I8042_DATA_PORT = 0x60
-I8042_COMMAND_PORT = 0x64  # reads: status, writes: command
-
 CMD_RESET_CPU = 0xFE
 STATUS_SYSTEM_FLAG = 0x04  # POST passed; input and output buffers stay empty
 

@@ -16,10 +16,6 @@ from collections.abc import Callable
 
 from microvm.devices import Irq
 
-COM1_BASE = 0x3F8
-COM1_IRQ = 4
-COM1_SIZE = 8
-
 # Register offsets (DLAB=0 unless noted).
 UART_RX = 0  # read: receive buffer
 UART_TX = 0  # write: transmit holding

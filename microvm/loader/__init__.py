@@ -18,18 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from microvm.arch.x86_64.layout import CMDLINE, CMDLINE_MAX, HIMEM_START, START_INFO, ZERO_PAGE
 from microvm.errors import GuestMemoryError, LoaderError
 from microvm.loader import bzimage, elf
 from microvm.loader.layout import (
-    CMDLINE,
-    CMDLINE_MAX,
     E820_TYPE_RAM,
     E820_TYPE_RESERVED,
     FOUR_GIB,
-    HIMEM_START,
     PAGE_SIZE,
-    START_INFO,
-    ZERO_PAGE,
     KernelTooBigError,
     align_up,
     encode_cmdline,

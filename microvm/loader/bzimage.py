@@ -13,8 +13,9 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 
+from microvm.arch.x86_64.layout import HIMEM_START, ZERO_PAGE
 from microvm.errors import LoaderError
-from microvm.loader.layout import HIMEM_START, ZERO_PAGE, KernelTooBigError, LoadedKernel, align_up, mib
+from microvm.loader.layout import KernelTooBigError, LoadedKernel, align_up, mib
 from microvm.memory import GuestMemory
 
 HDRS_MAGIC = 0x53726448  # "HdrS" at 0x202

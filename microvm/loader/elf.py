@@ -19,8 +19,9 @@ from typing import Any, BinaryIO
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
+from microvm.arch.x86_64.layout import HIMEM_START, PVH_MEMMAP, PVH_MODLIST, START_INFO
 from microvm.errors import LoaderError
-from microvm.loader.layout import HIMEM_START, START_INFO, KernelTooBigError, LoadedKernel, align_up, mib
+from microvm.loader.layout import KernelTooBigError, LoadedKernel, align_up, mib
 from microvm.memory import GuestMemory
 
 # include/xen/interface/elfnote.h
@@ -30,8 +31,8 @@ XEN_HVM_START_MAGIC_VALUE = 0x336EC578
 HVM_START_INFO_VERSION = 1  # version 1 added memmap_paddr/memmap_entries
 
 # The start-info page: hvm_start_info, then one module, then the memory map.
-MODLIST = START_INFO + 0x40
-MEMMAP = START_INFO + 0x80
+MODLIST = PVH_MODLIST
+MEMMAP = PVH_MEMMAP
 # arch/x86/platform/pvh/enlighten.c copies memmap_entries into the kernel's own
 # boot_params.e820_table[E820_MAX_ENTRIES_ZEROPAGE] without a bounds check, then
 # appends the ISA hole: more than 127 entries would overrun that table.

@@ -1,14 +1,8 @@
-"""Where the loader puts things in guest memory, and the pieces both boot protocols share.
+"""The pieces both boot protocols share: placing the initrd, the memory map
+the guest is told about, the command line.
 
-Low memory, as the loader and the caller split it::
-
-    0x0500-0x05ff   GDT (the caller's)
-    0x6000-0x6fff   START_INFO: hvm_start_info, hvm_modlist_entry, memmap table (PVH)
-    0x7000-0x7fff   ZERO_PAGE: struct boot_params (64-bit boot protocol)
-    0x9000-0xefff   page tables (the caller's)
-    0x20000-0x2ffff CMDLINE: the NUL-terminated kernel command line
-    0x100000-       HIMEM_START: the kernel, then the initrd near the top of RAM
-
+Where things go in guest memory (START_INFO, ZERO_PAGE, CMDLINE,
+HIMEM_START, ...) is microvm.arch.x86_64.layout's to say, not ours.
 Everything here goes through GuestMemory; nothing knows about KVM.
 """
 
@@ -20,21 +14,17 @@ from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 
+from microvm.arch.x86_64.layout import CMDLINE_MAX
 from microvm.errors import LoaderError
 from microvm.memory import PAGE_SIZE, GuestMemory
-
-START_INFO = 0x6000
-ZERO_PAGE = 0x7000
-CMDLINE = 0x20000
-CMDLINE_MAX = 64 * 1024  # the buffer at CMDLINE, terminating NUL included
-HIMEM_START = 0x100000
 
 # e820 / XEN_HVM_MEMMAP_TYPE_* values (arch/x86/include/asm/e820/types.h and
 # include/xen/interface/hvm/start_info.h agree: both are the ACPI address range types).
 E820_TYPE_RAM = 1
 E820_TYPE_RESERVED = 2
 
-FOUR_GIB = 1 << 32
+FOUR_GIB = 1 << 32  # where 32-bit boot protocol fields (ramdisk_image, e820) stop reaching
+
 
 
 class KernelTooBigError(LoaderError):

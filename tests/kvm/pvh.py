@@ -15,8 +15,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from microvm.devices.control import CONTROL_BASE, MARK_INIT, REG_EXIT, REG_MARK
-from microvm.machine import VIRTIO_MMIO_BASE
+from microvm.arch.x86_64.layout import CONTROL_BASE, VIRTIO_MMIO_BASE
+from microvm.devices.control import MARK_INIT, REG_EXIT, REG_MARK
 
 SOURCE = """
 .intel_syntax noprefix

@@ -9,7 +9,7 @@ import time
 import psutil
 import pytest
 
-from microvm.errors import GuestCrashError
+from microvm.errors import DeviceError, GuestCrashError
 from microvm.vcpu import StopReason
 from tests.kvm.guests import Recorder, long_mode_vm
 
@@ -183,8 +183,10 @@ def test_device_error_in_vcpu_thread_is_reported() -> None:
             raise RuntimeError("device exploded")
 
     with long_mode_vm("out 0x80, al\nhlt") as vm:
-        vm.pio.register(0x80, 1, Broken())
+        vm.pio.register(0x80, 1, Broken(), "post-code")
         vm.start()
-        with pytest.raises(RuntimeError, match="device exploded"):
+        with pytest.raises(DeviceError, match="device post-code failed on a pio write at 0x80: "
+                                              "RuntimeError: device exploded") as info:
             vm.wait(5)
+        assert isinstance(info.value.__cause__, RuntimeError)
         assert vm.end_reason is StopReason.ERROR

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from microvm.devicemanager import Backends
+from microvm.backends import Backends
 from microvm.errors import ConfigError
-from microvm.machine import MicroVM
-from microvm.specs import Drive
+from microvm.machine import MicroVM, _disk_name
+from microvm.specs import Drive, Nic
 
 
 @pytest.mark.parametrize(("kwargs", "field"), [
@@ -81,3 +81,14 @@ def test_the_same_image_twice_read_only_is_fine(tmp_path: Path) -> None:
         assert len(backends.disks) == 2
     finally:
         backends.close()
+
+
+def test_more_devices_than_interrupt_lines_are_refused_naming_the_limit() -> None:
+    MicroVM(drives=[f"d{i}.img" for i in range(18)])  # 18 fit, with the console's line
+    with pytest.raises(ConfigError, match="18 drives and 1 NICs are too many: a VM takes at most 18"):
+        MicroVM(drives=[f"d{i}.img" for i in range(18)], nics=[Nic("mvmtest0")])
+
+
+def test_disks_are_named_as_the_kernel_names_them() -> None:
+    assert [_disk_name(i) for i in (0, 1, 25, 26, 27, 701, 702)] == \
+        ["vda", "vdb", "vdz", "vdaa", "vdab", "vdzz", "vdaaa"]

@@ -59,23 +59,23 @@ def test_cli_rejects_bad_devices_in_one_line(args: list[str], words: str) -> Non
 def test_switch_interval_is_shortened_only_from_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
-    from microvm import machine
+    from microvm import hostprocess
 
     before = sys.getswitchinterval()
     try:
         monkeypatch.delenv("MICROVM_SWITCH_INTERVAL", raising=False)
-        sys.setswitchinterval(machine.PYTHON_DEFAULT_SWITCH_INTERVAL)
-        machine._tune_switch_interval()
-        assert sys.getswitchinterval() == pytest.approx(machine.VMM_SWITCH_INTERVAL)
+        sys.setswitchinterval(hostprocess.PYTHON_DEFAULT_SWITCH_INTERVAL)
+        hostprocess.tune_switch_interval()
+        assert sys.getswitchinterval() == pytest.approx(hostprocess.VMM_SWITCH_INTERVAL)
         sys.setswitchinterval(0.002)  # the program's own choice stays
-        machine._tune_switch_interval()
+        hostprocess.tune_switch_interval()
         assert sys.getswitchinterval() == pytest.approx(0.002)
-        sys.setswitchinterval(machine.PYTHON_DEFAULT_SWITCH_INTERVAL)
+        sys.setswitchinterval(hostprocess.PYTHON_DEFAULT_SWITCH_INTERVAL)
         monkeypatch.setenv("MICROVM_SWITCH_INTERVAL", "keep")
-        machine._tune_switch_interval()
-        assert sys.getswitchinterval() == pytest.approx(machine.PYTHON_DEFAULT_SWITCH_INTERVAL)
+        hostprocess.tune_switch_interval()
+        assert sys.getswitchinterval() == pytest.approx(hostprocess.PYTHON_DEFAULT_SWITCH_INTERVAL)
         monkeypatch.setenv("MICROVM_SWITCH_INTERVAL", "fast")
         with pytest.raises(ConfigError, match="MICROVM_SWITCH_INTERVAL"):
-            machine._tune_switch_interval()
+            hostprocess.tune_switch_interval()
     finally:
         sys.setswitchinterval(before)

@@ -134,6 +134,47 @@ def test_not_ready() -> None:
         queue.pop()
 
 
+# --- the used ring: what the device writes (2.7.8) ----------------------------------------
+
+
+@pytest.mark.parametrize("used", [
+    [(8, 0)],  # head == queue size
+    [(0xFFFF, 0)],
+    [(-1, 0)],
+    [(0, 1 << 32)],  # len is an le32
+    [(0, -1)],
+    [(0, 4), (1, 4), (8, 4)],  # the last of a batch: nothing of the batch is published
+])
+def test_add_used_refuses_out_of_range(used: list[tuple[int, int]]) -> None:
+    _, driver, queue = setup(size=8)
+    for _ in range(3):
+        driver.add_chain([(4, True)])
+        pop_chain(queue)
+    with pytest.raises(QueueError, match="out of range"):
+        if len(used) == 1:
+            queue.add_used(*used[0])
+        else:
+            queue.add_used_many(used)
+    assert driver.used_idx() == queue.next_used == 0 and queue.used_added == 0
+    assert driver.used() == []
+    queue.add_used_many([(0, 4), (7, 0xFFFF_FFFF)])  # the edges themselves are fine
+    assert driver.used() == [(0, 4), (7, 0xFFFF_FFFF)]
+
+
+def test_queue_counters() -> None:
+    _, driver, queue = setup(size=4, start_idx=65534)
+    heads = [driver.add_chain([(b"x", False)]) for _ in range(3)]
+    chains = [pop_chain(queue) for _ in heads]
+    queue.add_used(chains[0].head, 0)
+    assert queue.needs_notification()
+    queue.add_used_many([(c.head, 1) for c in chains[1:]])  # across the 65535 -> 0 wrap
+    driver.set_no_interrupt(True)
+    assert not queue.needs_notification()
+    assert (queue.chains_popped, queue.used_added, queue.interrupts_suppressed) == (3, 3, 1)
+    queue.reset()  # the counters are the run's: a device reset keeps them
+    assert (queue.chains_popped, queue.used_added, queue.interrupts_suppressed) == (3, 3, 1)
+
+
 # --- index wrap at 65535 ---------------------------------------------------------------
 
 

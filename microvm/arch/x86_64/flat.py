@@ -9,16 +9,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from microvm.arch.x86_64 import paging, regs
+from microvm.arch.x86_64 import layout, paging, regs
 from microvm.memory import GuestMemory
 
-GDT = 0x500
-TSS = 0x3000
+GDT = layout.FLAT_GDT
+TSS = layout.FLAT_TSS
 IOMAP_OFFSET = 0x68  # I/O bitmap right after the 104-byte TSS
 TSS_LIMIT = IOMAP_OFFSET + 0x2000  # 65536 ports / 8, plus the 0xff terminator byte
-PML4 = 0x10000
-CODE = 0x1000
-STACK = 0x8000
+PML4 = layout.FLAT_PML4
+CODE = layout.FLAT_CODE
+STACK = layout.FLAT_STACK
+RAM = layout.FLAT_RAM
 
 
 def prepare(mem: GuestMemory, map_gib: int = 1, user: bool = False) -> int:

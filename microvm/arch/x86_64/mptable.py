@@ -2,19 +2,17 @@
 
 How a guest without ACPI finds its CPUs, its I/O APIC and how ISA/virtio
 interrupt lines reach it. Linux looks for the floating pointer in the BIOS
-area 0xF0000-0xFFFFF (arch/x86/kernel/mpparse.c, smp_scan_config).
+area (layout.BIOS_START; arch/x86/kernel/mpparse.c, smp_scan_config).
 """
 
 from __future__ import annotations
 
 import ctypes
 
+from microvm.arch.x86_64.layout import IOAPIC_BASE, IOAPIC_PINS, LAPIC_BASE, MPTABLE_START
 from microvm.memory import GuestMemory
 
-MPTABLE_START = 0xF0000
-APIC_DEFAULT_PHYS_BASE = 0xFEE0_0000
-IO_APIC_DEFAULT_PHYS_BASE = 0xFEC0_0000
-IRQ_MAX = 23  # I/O APIC pins 0..23
+IRQ_MAX = IOAPIC_PINS - 1
 
 MP_PROCESSOR, MP_BUS, MP_IOAPIC, MP_INTSRC, MP_LINTSRC = range(5)
 CPU_ENABLED, CPU_BOOTPROCESSOR = 1, 2
@@ -121,7 +119,7 @@ def build(num_cpus: int, base: int = MPTABLE_START) -> bytes:
         entries.append(MpcCpu(MP_PROCESSOR, cpu, APIC_VERSION, flags, CPU_STEPPING,
                               CPU_FEATURE_APIC | CPU_FEATURE_FPU))
     entries.append(MpcBus(MP_BUS, 0, b"ISA   "))
-    entries.append(MpcIoapic(MP_IOAPIC, ioapic_id, IOAPIC_VERSION, 1, IO_APIC_DEFAULT_PHYS_BASE))
+    entries.append(MpcIoapic(MP_IOAPIC, ioapic_id, IOAPIC_VERSION, 1, IOAPIC_BASE))
     for irq in range(IRQ_MAX + 1):
         entries.append(MpcIntsrc(MP_INTSRC, MP_IRQTYPE_INT, 0, 0, irq, ioapic_id, irq))
     entries.append(MpcIntsrc(MP_LINTSRC, MP_IRQTYPE_EXTINT, 0, 0, 0, MP_APIC_ALL, 0))
@@ -130,7 +128,7 @@ def build(num_cpus: int, base: int = MPTABLE_START) -> bytes:
 
     table_addr = base + ctypes.sizeof(MpfIntel)
     header = MpcTable(b"PCMP", ctypes.sizeof(MpcTable) + len(body), 4, 0, b"MICROVM ", b"MICROVM 1.0 ",
-                      0, 0, len(entries), APIC_DEFAULT_PHYS_BASE, 0)
+                      0, 0, len(entries), LAPIC_BASE, 0)
     header.checksum = _checksum(bytes(header) + body)
     mpf = MpfIntel(b"_MP_", table_addr, 1, 4, 0, 0, 0, 0, 0, 0)
     mpf.checksum = _checksum(bytes(mpf))

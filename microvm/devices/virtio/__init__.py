@@ -3,7 +3,8 @@
 A device implements VirtioDevice: its type, its feature bits, its queue
 sizes, its configuration space, and what to do when a queue is notified.
 It never sees a transport register; the transport (mmio.py) owns those and
-the device status state machine.
+runs the device status state machine, whose rules (STATUS_SET_RULES, from
+2.1.1 and 3.1.1) are the spec's, not the transport's, and so live here.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ STATUS_DRIVER_OK = 4
 STATUS_FEATURES_OK = 8
 STATUS_DEVICE_NEEDS_RESET = 64
 STATUS_FAILED = 128
+STATUS_NAMES = {STATUS_ACKNOWLEDGE: "ACKNOWLEDGE", STATUS_DRIVER: "DRIVER", STATUS_DRIVER_OK: "DRIVER_OK",
+                STATUS_FEATURES_OK: "FEATURES_OK", STATUS_DEVICE_NEEDS_RESET: "DEVICE_NEEDS_RESET",
+                STATUS_FAILED: "FAILED"}
 
 # Reserved feature bits the transport and queues implement (6).
 VIRTIO_F_INDIRECT_DESC = 28
@@ -32,6 +36,52 @@ VIRTIO_ID_BLOCK = 2
 VIRTIO_ID_CONSOLE = 3
 VIRTIO_ID_RNG = 4
 VIRTIO_ID_VSOCK = 19
+
+# Which status bits the driver may set, and from where (2.1.1, 3.1.1). The
+# initialization steps are one bit each, in order; a step's bit may be set
+# only when exactly the steps before it are set, so one write sets at most
+# one step. FAILED and DEVICE_NEEDS_RESET stand beside the sequence: they
+# neither count as a step nor block one (drivers/virtio/virtio.c: virtio_device_restore_priv()
+# resets, then re-adds FAILED "for debugging", then goes on with DRIVER).
+# A bit missing here (DEVICE_NEEDS_RESET, reserved bits) the driver never sets.
+STATUS_ANY = -1
+STATUS_SET_RULES: dict[int, int] = {
+    STATUS_ACKNOWLEDGE: 0,  # step 2: the guest noticed the device (right after a reset)
+    STATUS_DRIVER: STATUS_ACKNOWLEDGE,  # step 3: it knows how to drive it
+    STATUS_FEATURES_OK: STATUS_ACKNOWLEDGE | STATUS_DRIVER,  # step 5: after writing features (4)
+    STATUS_DRIVER_OK: STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,  # step 8: after the queues (7)
+    STATUS_FAILED: STATUS_ANY,  # 3.1.1: "if any of these steps go irrecoverably wrong", at any time
+}
+# Clearing: "The driver MUST NOT clear a device status bit" (2.1.1); only a
+# write of 0, the reset, clears them, all at once. DEVICE_NEEDS_RESET is the
+# device's: a write without it leaves it set (the driver may have read the
+# status just before the device set it).
+STATUS_SIDE_BITS = STATUS_FAILED | STATUS_DEVICE_NEEDS_RESET
+
+
+def status_refusal(old: int, new: int) -> str | None:
+    """Why the driver may not change the device status from `old` to `new`
+    (new != 0, DEVICE_NEEDS_RESET already carried over), or None if it may."""
+    cleared = old & ~new
+    if cleared:
+        return f"clears {status_name(cleared)} without a reset"
+    step = old & ~STATUS_SIDE_BITS
+    added = new & ~old
+    while added:
+        bit = added & -added
+        added ^= bit
+        required = STATUS_SET_RULES.get(bit)
+        if required is None:
+            return f"sets {status_name(bit)}, which the driver never sets"
+        if required != STATUS_ANY and step != required:
+            return f"sets {status_name(bit)} from {status_name(step)} (needs {status_name(required)})"
+    return None
+
+
+def status_name(status: int) -> str:
+    """'ACKNOWLEDGE|DRIVER', '0', or a reserved bit in hex."""
+    names = [STATUS_NAMES.get(1 << i, f"{1 << i:#x}") for i in range(8) if status >> i & 1]
+    return "|".join(names) or "0"
 
 
 class VirtioDevice(Protocol):

@@ -1,40 +1,44 @@
-"""virtio-blk over one raw image file or block device (virtio 1.2, section 5.2).
+"""virtio-blk over a raw disk (virtio 1.2, section 5.2).
 
 One request queue. A request (5.2.6) is a 16-byte header the device reads,
 data, and one status byte the device writes last. Per 2.7.4 the device makes
 no assumption about how the driver splits these over descriptors: the
 device-readable bytes form one stream (header, then OUT data or discard
 segments) and the device-writable bytes another (IN data, then the status
-byte at its very end). Data moves between the image and guest memory with
+byte at its very end). Data moves between the disk and guest memory with
 preadv/pwritev on views of guest RAM, without copies.
 
 A driver's mistake is answered with VIRTIO_BLK_S_IOERR; only a chain with no
 device-writable byte for the status is a QueueError (the device needs a
-reset). A host failure (EIO, ENOSPC) is an IOERR too: the guest sees a disk
-error, the VMM keeps running.
+reset). A host failure (an OSError from the disk: EIO, ENOSPC) is an IOERR
+too: the guest sees a disk error, the VMM keeps running, and the counters
+and last_error say what happened.
+
+The used length of a request counts the bytes the device wrote into the
+chain: IN data and the status byte, GET_ID's id and the status byte,
+otherwise the status byte alone (see VirtioBlock._request).
+
+The disk (microvm/backends/disk.py) is borrowed, not owned: whoever opened
+the RawDisk closes it, once the device serves no more requests (after the
+I/O thread that serves its queue is gone). VirtioBlock has no close(). A request that still
+arrives after the disk was closed is answered IOERR, like any host failure.
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import fcntl
+import dataclasses
 import hashlib
 import logging
-import mmap
 import os
-import stat
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from microvm.backends.disk import RawDisk
 from microvm.devices.virtio import VIRTIO_ID_BLOCK, QueueState, config_read
 from microvm.devices.virtio.blk_abi import (
     DISCARD_SECTOR_ALIGNMENT,
-    FALLOC_FL_KEEP_SIZE,
-    FALLOC_FL_PUNCH_HOLE,
-    FALLOC_FL_ZERO_RANGE,
     HEADER_SIZE,
     MAX_DISCARD_SECTORS,
     MAX_WRITE_ZEROES_SECTORS,
@@ -72,18 +76,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _OUTHDR = struct.Struct("<IIQ")  # struct virtio_blk_outhdr: type, ioprio, sector
-ZERO_CHUNK = 1 << 20  # write-zeroes fallback: zeros written this many bytes at a time
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-_libc.fallocate.restype = ctypes.c_int
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """fallocate(2) with a mode (Python's os has only posix_fallocate). ctypes drops the GIL."""
-    if _libc.fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 @dataclass
@@ -97,7 +89,7 @@ class BlockCounters:
     bytes_read: int = 0
     bytes_written: int = 0
     errors: int = 0  # requests answered VIRTIO_BLK_S_IOERR (driver mistakes and host failures)
-    host_errors: int = 0  # of which an OSError from the image
+    host_errors: int = 0  # of which an OSError from the disk
     unsupported: int = 0  # requests answered VIRTIO_BLK_S_UNSUPP
 
 
@@ -121,47 +113,21 @@ def _views(mem: GuestMemory, descs: list[Descriptor], start: int, end: int) -> l
     return out
 
 
-def _transfer(io: Callable[[int, list[memoryview], int], int], fd: int, views: list[memoryview],
-              offset: int) -> int:
-    """preadv/pwritev all of `views` at `offset`, resuming after short transfers."""
-    views = list(views)
-    done = 0
-    while views:
-        n = io(fd, views, offset + done)
-        if n <= 0:
-            raise OSError(errno.EIO, "unexpected end of the image")
-        done += n
-        while views and n >= len(views[0]):
-            n -= len(views.pop(0))
-        if n:
-            views[0] = views[0][n:]
-    return done
-
-
 class VirtioBlock(QueueState):
-    """A virtio-blk device over one raw image (a regular file or a block device)."""
+    """A virtio-blk device over one RawDisk, which it borrows (see the module docstring)."""
 
     device_type = VIRTIO_ID_BLOCK
     queue_sizes = (QUEUE_SIZE,)
 
-    def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False, direct: bool = False,
-                 serial: str | None = None):
-        self.path = os.fspath(path)
-        self.read_only = read_only
-        self.direct = direct
+    def __init__(self, disk: RawDisk, *, serial: str | None = None):
+        self.disk = disk
         self.serial = self._id_bytes(serial)
-        self.fd = self._open()
-        try:
-            self.size = self._check()
-        except BaseException:
-            os.close(self.fd)
-            raise
-        self.capacity = self.size // SECTOR_SIZE
+        self.capacity = disk.size // SECTOR_SIZE
         self.counters = BlockCounters()
         self.last_error: str | None = None
         self.features = (1 << VIRTIO_BLK_F_SEG_MAX) | (1 << VIRTIO_BLK_F_BLK_SIZE) | (1 << VIRTIO_BLK_F_FLUSH)
         config = VirtioBlkConfig(capacity=self.capacity, seg_max=SEG_MAX, blk_size=SECTOR_SIZE)
-        if read_only:
+        if disk.read_only:
             self.features |= 1 << VIRTIO_BLK_F_RO
         else:
             self.features |= (1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES)
@@ -172,13 +138,19 @@ class VirtioBlock(QueueState):
             config.max_write_zeroes_seg = 1
             config.write_zeroes_may_unmap = 1
         self._config = bytes(config)
-        self._zeros: mmap.mmap | None = None  # page aligned, so O_DIRECT accepts it
         super().__init__()
 
-    # --- setup --------------------------------------------------------------------------
+    @property
+    def path(self) -> str:
+        return self.disk.path
 
-    def _fail(self, problem: str) -> ConfigError:
-        return ConfigError(f"disk image {self.path}: {problem}")
+    @property
+    def read_only(self) -> bool:
+        return self.disk.read_only
+
+    def stats(self) -> dict[str, int]:
+        """The counters by name (BlockCounters' fields)."""
+        return dataclasses.asdict(self.counters)
 
     def _id_bytes(self, serial: str | None) -> bytes:
         """The GET_ID string: NUL-padded ASCII, at most 20 bytes (5.2.6)."""
@@ -186,64 +158,9 @@ class VirtioBlock(QueueState):
             # Stable per image, so /dev/disk/by-id/virtio-<serial> is too.
             return hashlib.sha256(os.fsencode(os.path.abspath(self.path))).hexdigest()[:VIRTIO_BLK_ID_BYTES].encode()
         if not (serial.isascii() and serial.isprintable() and len(serial) <= VIRTIO_BLK_ID_BYTES):
-            raise self._fail(f"serial {serial!r} is not printable ASCII of at most {VIRTIO_BLK_ID_BYTES} characters")
+            raise ConfigError(f"disk image {self.path}: serial {serial!r} is not printable ASCII "
+                              f"of at most {VIRTIO_BLK_ID_BYTES} characters")
         return serial.encode()
-
-    def _open(self) -> int:
-        flags = (os.O_RDONLY if self.read_only else os.O_RDWR) | os.O_CLOEXEC | os.O_NONBLOCK
-        if self.direct:
-            flags |= os.O_DIRECT
-        try:
-            # O_NONBLOCK only so that a FIFO cannot hang the open; cleared below.
-            return os.open(self.path, flags)
-        except FileNotFoundError:
-            raise self._fail("no such file") from None
-        except PermissionError:
-            raise self._fail("permission denied (cannot open it " + ("read-only)" if self.read_only
-                                                                     else "read-write)")) from None
-        except IsADirectoryError:
-            raise self._fail("not a regular file or block device (a directory)") from None
-        except OSError as e:
-            if self.direct and e.errno == errno.EINVAL:
-                raise self._fail("its file system does not support direct I/O (O_DIRECT)") from None
-            raise self._fail(f"cannot open: {e.strerror}") from e
-
-    def _check(self) -> int:
-        """Type, lock and size of the open image; returns its size in bytes."""
-        fd = self.fd
-        mode = os.fstat(fd).st_mode
-        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
-            raise self._fail("not a regular file or block device")
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
-        # flock(2) locks belong to the open file description, so a second
-        # attachment conflicts even inside this process. Writers take it
-        # exclusive, readers shared: many readers, or one writer.
-        try:
-            fcntl.flock(fd, (fcntl.LOCK_SH if self.read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise self._fail("locked by another user (attached " + ("read-write elsewhere)" if self.read_only
-                                                                   else "elsewhere)")) from None
-        except OSError as e:
-            raise self._fail(f"cannot lock: {e.strerror}") from e
-        size = os.lseek(fd, 0, os.SEEK_END)  # st_size is 0 for a block device
-        if size % SECTOR_SIZE:
-            raise self._fail(f"size {size} is not a multiple of {SECTOR_SIZE} bytes")
-        return size
-
-    def close(self) -> None:
-        """Release the lock (closing the only descriptor drops it) and the file."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        if self._zeros is not None:
-            self._zeros.close()
-            self._zeros = None
-
-    def __enter__(self) -> VirtioBlock:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # --- VirtioDevice -------------------------------------------------------------------
 
@@ -278,9 +195,17 @@ class VirtioBlock(QueueState):
     def _request(self, mem: GuestMemory, chain: DescriptorChain) -> int:
         """Serve one request; returns the used length.
 
-        That is the whole device-writable part, data and status, whatever the
-        status: the status byte is its last byte and a driver may not look
-        beyond `len` (2.7.8.2). After an error the data part is undefined."""
+        The used length is the number of bytes the device wrote into the
+        chain (2.7.8): a driver may trust only the first `len` bytes of its
+        device-writable buffers (2.7.8.2), and one that hands buffers on
+        unzeroed (to user space, say) relies on `len` not to expose what the
+        device never wrote. So: a successful IN counts its data and the
+        status byte, GET_ID the id it wrote and the status byte; anything
+        else (OUT, FLUSH, DISCARD, WRITE_ZEROES, every IOERR and UNSUPP,
+        even after part of a read landed) counts the status byte alone,
+        since after an error the data part is undefined (5.2.6). The status
+        byte itself is always the last device-writable byte, where drivers
+        look for it (Linux's virtblk_done never reads `len`)."""
         descs = [d for d in chain.descriptors if d.len]  # empty buffers carry nothing (and may point anywhere)
         readable = [d for d in descs if not d.write]
         writable = [d for d in descs if d.write]
@@ -303,15 +228,15 @@ class VirtioBlock(QueueState):
             else:
                 header = VirtioBlkOuthdr.from_buffer_copy(b"".join(_views(mem, readable, 0, HEADER_SIZE)))
                 kind, sector = header.type, header.sector
-            self._dispatch(mem, kind, sector, readable, out_len, writable, in_len)
+            written = self._dispatch(mem, kind, sector, readable, out_len, writable, in_len)
             status = VIRTIO_BLK_S_OK
         except _Reply as r:
-            status = r.status
+            status, written = r.status, 0
             self._count(r)
         except GuestMemoryError as e:  # the queue checked every buffer; this would be our bug
             raise QueueError(f"virtio-blk: {e}") from e
         mem.write_int(status_addr, 1, status)
-        return in_len + 1
+        return written + 1
 
     def _count(self, reply: _Reply) -> None:
         if reply.status == VIRTIO_BLK_S_UNSUPP:
@@ -321,45 +246,47 @@ class VirtioBlock(QueueState):
         self.last_error = str(reply)
 
     def _dispatch(self, mem: GuestMemory, kind: int, sector: int, readable: list[Descriptor], out_len: int,
-                  writable: list[Descriptor], in_len: int) -> None:
-        """Run one request whose header was read; _Reply ends it with an error."""
+                  writable: list[Descriptor], in_len: int) -> int:
+        """Run one request whose header was read; returns the data bytes written into
+        the chain (all before the status byte). _Reply ends it with an error."""
         if kind == VIRTIO_BLK_T_IN:
             if out_len:
                 raise _Reply(VIRTIO_BLK_S_IOERR, "read request with device-readable data")
             views = self._data(mem, writable, 0, in_len, sector)
-            n = self._io(os.preadv, views, sector)
+            n = self._io(self.disk.preadv, views, sector)
             self.counters.reads += 1
             self.counters.bytes_read += n
-            return
+            return n
         if kind == VIRTIO_BLK_T_OUT:
             if self.read_only:  # 5.2.6.2: IOERR and no data written
                 raise _Reply(VIRTIO_BLK_S_IOERR, "write to a read-only disk")
             if in_len:
                 raise _Reply(VIRTIO_BLK_S_IOERR, "write request with device-writable data")
             views = self._data(mem, readable, HEADER_SIZE, HEADER_SIZE + out_len, sector)
-            n = self._io(os.pwritev, views, sector)
+            n = self._io(self.disk.pwritev, views, sector)
             self.counters.writes += 1
             self.counters.bytes_written += n
-            return
+            return 0
         if kind == VIRTIO_BLK_T_FLUSH:
             # 5.2.6.2: a write is stable once a flush after it completes.
-            if not self.read_only:
-                self._host(os.fdatasync, self.fd)
+            self._host(self.disk.flush)
             self.counters.flushes += 1
-            return
+            return 0
         if kind == VIRTIO_BLK_T_GET_ID:
             if out_len or in_len < VIRTIO_BLK_ID_BYTES:
                 raise _Reply(VIRTIO_BLK_S_IOERR, f"GET_ID needs a {VIRTIO_BLK_ID_BYTES}-byte writable buffer")
-            ident = self.serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0")
+            # NUL-padded over the whole data part (Linux's is exactly 20 bytes), so
+            # every byte before the status is written and the used length says so.
+            ident = self.serial.ljust(in_len, b"\0")
             pos = 0
-            for view in _views(mem, writable, 0, VIRTIO_BLK_ID_BYTES):
+            for view in _views(mem, writable, 0, in_len):
                 view[:] = ident[pos:pos + len(view)]
                 pos += len(view)
             self.counters.get_ids += 1
-            return
+            return in_len
         if kind in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
             self._discard_or_zero(mem, kind, readable, out_len, in_len)
-            return
+            return 0
         raise _Reply(VIRTIO_BLK_S_UNSUPP, f"request type {kind} is not supported")
 
     def _data(self, mem: GuestMemory, descs: list[Descriptor], start: int, end: int,
@@ -379,17 +306,17 @@ class VirtioBlock(QueueState):
         if sector + count > self.capacity:  # 5.2.6.1; Python ints cannot wrap around
             raise _Reply(VIRTIO_BLK_S_IOERR, f"sectors {sector}+{count} beyond capacity {self.capacity}")
 
-    def _io(self, io: Callable[[int, list[memoryview], int], int], views: list[memoryview], sector: int) -> int:
+    def _io(self, io: Callable[[list[memoryview], int], int], views: list[memoryview], sector: int) -> int:
         try:
-            return self._host(_transfer, io, self.fd, views, sector * SECTOR_SIZE)
+            return self._host(io, views, sector * SECTOR_SIZE)
         finally:
             for view in views:  # GuestMemory.close() refuses while views are alive
                 view.release()
 
-    def _host(self, call: Callable[..., T], *args: object) -> T:
-        """A call on the image; an OSError becomes IOERR for the guest."""
+    def _host(self, call: Callable[..., T], *args: object, **kwargs: object) -> T:
+        """A call on the disk; an OSError becomes IOERR for the guest."""
         try:
-            return call(*args)
+            return call(*args, **kwargs)
         except OSError as e:
             self.counters.host_errors += 1
             if self.counters.host_errors & (self.counters.host_errors - 1) == 0:  # 1, 2, 4, ...: no flood
@@ -416,36 +343,10 @@ class VirtioBlock(QueueState):
         offset, length = seg.sector * SECTOR_SIZE, seg.num_sectors * SECTOR_SIZE
         if discard:
             # A discard may deallocate (5.2.6.2); where holes are unsupported it is a no-op.
-            self._host(self._fallocate, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+            self._host(self.disk.discard, offset, length)
             self.counters.discards += 1
             return
-        # Reads must return zeroes afterwards (5.2.6.2); unmap lets us punch (write_zeroes_may_unmap = 1).
-        modes = [FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE] if unmap else []
-        modes.append(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE)
-        if not any(self._host(self._fallocate, mode, offset, length) for mode in modes):
-            self._host(self._write_zeros, offset, length)
+        # Reads must return zeroes afterwards (5.2.6.2); unmap lets the disk punch a hole
+        # (we offer write_zeroes_may_unmap = 1).
+        self._host(self.disk.write_zeroes, offset, length, unmap=unmap)
         self.counters.write_zeroes += 1
-
-    def _fallocate(self, mode: int, offset: int, length: int) -> bool:
-        """fallocate; False where the file system or device does not do `mode`."""
-        if length == 0:
-            return True
-        try:
-            fallocate(self.fd, mode, offset, length)
-        except OSError as e:
-            if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
-                return False
-            raise
-        return True
-
-    def _write_zeros(self, offset: int, length: int) -> None:
-        if self._zeros is None:
-            self._zeros = mmap.mmap(-1, ZERO_CHUNK)
-        zeros = memoryview(self._zeros)
-        try:
-            while length:
-                n = min(length, ZERO_CHUNK)
-                _transfer(os.pwritev, self.fd, [zeros[:n]], offset)
-                offset, length = offset + n, length - n
-        finally:
-            zeros.release()

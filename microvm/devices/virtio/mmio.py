@@ -3,17 +3,22 @@
 Registers, feature negotiation and the device status state machine live
 here; the device behind it only sees queues and its config space. A driver
 that breaks the rules gets DEVICE_NEEDS_RESET and a config-change interrupt
-(2.1.2), never an exception in the VMM.
+(2.1.2), never an exception in the VMM. A register write out of order (a
+status transition STATUS_SET_RULES forbids, a queue register before
+FEATURES_OK or after DRIVER_OK) is refused: the register keeps its value,
+and the refusal is counted in stats() and logged (sparingly).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
+from dataclasses import dataclass
 
 from microvm.devices import Irq
 from microvm.devices import virtio as v
-from microvm.devices.virtio.queue import Queue, QueueError
+from microvm.devices.virtio.queue import QUEUE_COUNTERS, Queue, QueueError
 from microvm.errors import GuestMemoryError
 from microvm.memory import GuestMemory
 
@@ -54,6 +59,32 @@ VIRTIO_MMIO_INT_CONFIG = 1 << 1
 
 TRANSPORT_FEATURES = (1 << v.VIRTIO_F_VERSION_1) | (1 << v.VIRTIO_F_EVENT_IDX) | (1 << v.VIRTIO_F_INDIRECT_DESC)
 
+QUEUE_REGISTERS = frozenset({
+    VIRTIO_MMIO_QUEUE_NUM, VIRTIO_MMIO_QUEUE_READY,
+    VIRTIO_MMIO_QUEUE_DESC_LOW, VIRTIO_MMIO_QUEUE_DESC_HIGH, VIRTIO_MMIO_QUEUE_AVAIL_LOW,
+    VIRTIO_MMIO_QUEUE_AVAIL_HIGH, VIRTIO_MMIO_QUEUE_USED_LOW, VIRTIO_MMIO_QUEUE_USED_HIGH,
+})
+
+
+@dataclass(slots=True)
+class TransportCounters:
+    """What one transport saw over the whole run (never reset), for stats()."""
+
+    notifications: int = 0  # queue notifications from the driver (QueueNotify or its ioeventfd)
+    interrupts: int = 0  # interrupts raised (used buffers or a configuration change)
+    config_changes: int = 0  # configuration changes the device reported (4.2.3.3)
+    resets: int = 0  # device resets: the driver wrote 0 to Status (2.4)
+    status_refused: int = 0  # Status writes STATUS_SET_RULES refuses (2.1.1, 3.1.1): Status kept
+    features_refused: int = 0  # FEATURES_OK refused: features we did not offer, or no VERSION_1 (3.1.1)
+    register_writes_refused: int = 0  # feature/queue register writes out of their window (3.1.1, 4.2.2.3)
+    needs_reset: int = 0  # times the device entered DEVICE_NEEDS_RESET (2.1.2)
+
+
+def _sparingly(count: int) -> int:
+    """Log level for the count-th refusal: a warning at 1, 2, 4, 8, ..., so a
+    driver looping on a bad write cannot flood the log; debug otherwise."""
+    return logging.WARNING if count & (count - 1) == 0 else logging.DEBUG
+
 
 class MmioTransport:
     """One virtio device at one MMIO window (a BusDevice)."""
@@ -71,7 +102,8 @@ class MmioTransport:
         # acknowledges it while the I/O thread may be deep in a batch, and
         # must not wait for that batch (nor for the GIL hand-offs it takes).
         self._irq_lock = threading.Lock()
-        self.errors: list[str] = []
+        self.errors: list[str] = []  # why the device needed a reset, the first 100 times
+        self.counters = TransportCounters()
         self._reset_state()
         if hasattr(device, "config_changed"):
             device.config_changed = self.config_changed  # e.g. virtio-net's link status
@@ -94,6 +126,14 @@ class MmioTransport:
 
     def _queue(self) -> Queue | None:
         return self.queues[self.queue_sel] if self.queue_sel < len(self.queues) else None
+
+    def stats(self) -> dict[str, int]:
+        """Transport counters (TransportCounters) and queue counters
+        (queue.QUEUE_COUNTERS, summed over the queues), for the run's results."""
+        out = dataclasses.asdict(self.counters)
+        for name in QUEUE_COUNTERS:
+            out[name] = sum(getattr(q, name) for q in self.queues)
+        return out
 
     # --- registers (vCPU threads) ---------------------------------------------------
 
@@ -150,24 +190,44 @@ class MmioTransport:
                 self._set_driver_features(value)
             elif offset == VIRTIO_MMIO_QUEUE_SEL:
                 self.queue_sel = value
-            else:
+            elif offset in QUEUE_REGISTERS:
                 self._write_queue_register(offset, value)
+            # Anything else is read-only or absent: ignored (4.2.2.3).
+
+    def _refuse_write(self, what: str) -> None:
+        c = self.counters
+        c.register_writes_refused += 1
+        log.log(_sparingly(c.register_writes_refused), "virtio %d: %s refused (%d register writes refused so far)",
+                self.device.device_type, what, c.register_writes_refused)
 
     def _set_driver_features(self, value: int) -> None:
-        # 3.1.1: features are written after DRIVER and before FEATURES_OK.
+        # 3.1.1: features are written after DRIVER (step 3) and before FEATURES_OK (step 5).
         if not self.status & v.STATUS_DRIVER or self.status & v.STATUS_FEATURES_OK:
+            self._refuse_write(f"driver features {value:#x} with status {v.status_name(self.status)}")
             return
         if self.driver_features_sel > 1:
-            return
+            return  # no feature bits up there: nothing to accept
         shift = 32 * self.driver_features_sel
         self.driver_features = (self.driver_features & ~(0xFFFFFFFF << shift)) | (value << shift)
 
     def _write_queue_register(self, offset: int, value: int) -> None:
         q = self._queue()
-        # 4.2.2.3: queue registers may change only while the queue is not ready.
-        if q is None or q.ready or self.status & v.STATUS_DRIVER_OK:
+        if offset == VIRTIO_MMIO_QUEUE_READY and value == 0 and (q is None or not q.ready):
+            # Already stopped: Linux's vm_del_vq() writes this after its reset,
+            # then reads it back (4.2.2.3).
             return
-        if offset == VIRTIO_MMIO_QUEUE_NUM:
+        status = self.status
+        if q is None:
+            self._refuse_write(f"register {offset:#x} of absent queue {self.queue_sel}")
+        elif not status & v.STATUS_FEATURES_OK or status & v.STATUS_DRIVER_OK:
+            # 3.1.1: the queues are set up (step 7) after FEATURES_OK (5) and before DRIVER_OK (8).
+            self._refuse_write(f"register {offset:#x} of queue {self.queue_sel} with status {v.status_name(status)}")
+        elif offset == VIRTIO_MMIO_QUEUE_READY:
+            self._set_queue_ready(q, value)
+        elif q.ready:
+            # 4.2.2.3: "When QueueReady is not zero, the driver MUST NOT access QueueNum, QueueDesc..."
+            self._refuse_write(f"register {offset:#x} of queue {self.queue_sel} while it is ready")
+        elif offset == VIRTIO_MMIO_QUEUE_NUM:
             q.size = value
         elif offset == VIRTIO_MMIO_QUEUE_DESC_LOW:
             q.desc_table = (q.desc_table & ~0xFFFFFFFF) | value
@@ -181,7 +241,13 @@ class MmioTransport:
             q.used_ring = (q.used_ring & ~0xFFFFFFFF) | value
         elif offset == VIRTIO_MMIO_QUEUE_USED_HIGH:
             q.used_ring = (q.used_ring & 0xFFFFFFFF) | (value << 32)
-        elif offset == VIRTIO_MMIO_QUEUE_READY and value == 1:
+
+    def _set_queue_ready(self, q: Queue, value: int) -> None:
+        if value == 0:
+            q.ready = False  # 4.2.2.3: "To stop using the queue the driver MUST write zero (0x0)"
+        elif value != 1:
+            self._refuse_write(f"QueueReady {value:#x} for queue {self.queue_sel}")
+        elif not q.ready:
             try:
                 q.check_config(self.mem)
             except QueueError as e:
@@ -191,25 +257,32 @@ class MmioTransport:
 
     def _set_status(self, value: int) -> None:
         if value == 0:
-            self.reset()
+            self.reset()  # 2.4: the only write that clears status bits
             return
         old = self.status
-        new = value | (old & v.STATUS_DEVICE_NEEDS_RESET)
-        if new & v.STATUS_FEATURES_OK and not old & v.STATUS_FEATURES_OK:
-            # 3.1.1 step 5: refuse a feature set we did not offer, or legacy.
+        new = value | (old & v.STATUS_DEVICE_NEEDS_RESET)  # the device's bit: see v.STATUS_SIDE_BITS
+        if new == old:
+            return
+        why = v.status_refusal(old, new)
+        if why is not None:
+            c = self.counters
+            c.status_refused += 1
+            log.log(_sparingly(c.status_refused), "virtio %d: status %s -> %s refused: driver %s (%d so far)",
+                    self.device.device_type, v.status_name(old), v.status_name(new), why, c.status_refused)
+            return
+        if new & ~old & v.STATUS_FEATURES_OK:
+            # 3.1.1 step 5: refuse a feature set we did not offer, or legacy;
+            # the driver sees FEATURES_OK clear when it reads back (step 6).
             bad = self.driver_features & ~self.device_features
             if bad or not self.driver_features >> v.VIRTIO_F_VERSION_1 & 1:
-                log.warning("virtio %d: driver features %#x refused", self.device.device_type,
-                            self.driver_features)
+                c = self.counters
+                c.features_refused += 1
+                log.log(_sparingly(c.features_refused), "virtio %d: driver features %#x refused",
+                        self.device.device_type, self.driver_features)
                 new &= ~v.STATUS_FEATURES_OK
-        if new & v.STATUS_DRIVER_OK and not old & v.STATUS_DRIVER_OK:
-            if not new & v.STATUS_FEATURES_OK:
-                self.status = new & ~v.STATUS_DRIVER_OK
-                return
-            self.status = new
-            self._activate()
-            return
         self.status = new
+        if new & ~old & v.STATUS_DRIVER_OK:
+            self._activate()
 
     def _activate(self) -> None:
         event_idx = bool(self.driver_features >> v.VIRTIO_F_EVENT_IDX & 1)
@@ -223,6 +296,7 @@ class MmioTransport:
 
     def reset(self) -> None:
         """Device reset (status 0): the device forgets everything (2.4)."""
+        self.counters.resets += 1
         self.device.reset()
         self._reset_state()
 
@@ -231,6 +305,7 @@ class MmioTransport:
     def notify(self, index: int) -> None:
         """The driver made buffers available in queue `index`."""
         with self._lock:
+            self.counters.notifications += 1
             if not self.active or index >= len(self.queues) or not self.queues[index].ready:
                 return
             try:
@@ -253,6 +328,7 @@ class MmioTransport:
     def config_changed(self) -> None:
         """The device changed its config space: a configuration change notification (4.2.3.3)."""
         with self._lock:
+            self.counters.config_changes += 1
             self.config_generation = (self.config_generation + 1) & 0xFFFFFFFF
             if self.status & v.STATUS_DRIVER_OK:
                 self._raise_interrupt(VIRTIO_MMIO_INT_CONFIG)
@@ -263,12 +339,16 @@ class MmioTransport:
         log.warning("%s", msg)
         if len(self.errors) < 100:
             self.errors.append(msg)
+        if not self.status & v.STATUS_DEVICE_NEEDS_RESET:
+            self.counters.needs_reset += 1
         self.status |= v.STATUS_DEVICE_NEEDS_RESET
         self._raise_interrupt(VIRTIO_MMIO_INT_CONFIG)
 
     def _raise_interrupt(self, bits: int, clear: int = 0) -> None:
-        """Set (and trigger) or acknowledge interrupt status bits."""
+        """Set (and trigger) or acknowledge interrupt status bits.
+        Raising (bits != 0) happens under self._lock, which guards the counter."""
         with self._irq_lock:
             self.interrupt_status = (self.interrupt_status & ~clear) | bits
         if bits:
+            self.counters.interrupts += 1
             self.irq.trigger()

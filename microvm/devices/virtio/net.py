@@ -15,7 +15,7 @@ buffers (its notification resumes us).
 
 A guest's mistake never takes the VMM down: a frame that is too short or
 too long, a transmit chain with writable buffers, a frame the host kernel
-rejects, are dropped and counted in `stats`; a tap that disappears takes
+rejects, are dropped and counted in `counters` (stats()); a tap that disappears takes
 the link down (the guest sees a config change) and is counted.
 """
 
@@ -140,7 +140,7 @@ class VirtioNet(QueueState):
         self.mac = parse_mac(mac) if mac is not None else parse_mac(random_mac())
         self.mtu = mtu
         self.link_up = True
-        self.stats: Counter[str] = Counter()
+        self.counters: Counter[str] = Counter()
         self.config_changed: Callable[[], None] | None = None  # set by the transport
         self.mergeable = False
         self.guest_csum = self.guest_tso4 = self.guest_tso6 = self.guest_ecn = False
@@ -171,6 +171,10 @@ class VirtioNet(QueueState):
         self.guest_tso6 = bool(features >> VIRTIO_NET_F_GUEST_TSO6 & 1)
         self.guest_ecn = bool(features >> VIRTIO_NET_F_GUEST_ECN & 1)
         self._set_offload(offload_flags(features))
+
+    def stats(self) -> dict[str, int]:
+        """Frames, bytes and every kind of drop, for RunResult.stats."""
+        return dict(self.counters)
 
     def reset(self) -> None:
         super().reset()
@@ -214,13 +218,13 @@ class VirtioNet(QueueState):
             self._drop("tx_oversized", f"transmit frame of {length} bytes is longer than {MAX_FRAME}")
             return 0
         if not self.link_up:
-            self.stats["tx_dropped_link_down"] += 1
+            self.counters["tx_dropped_link_down"] += 1
             return 0
         views = [mem.view(d.addr, d.len) for d in readable if d.len]
         try:
             n = os.writev(self.backend.fd, views)
         except BlockingIOError:
-            self.stats["tx_dropped_busy"] += 1
+            self.counters["tx_dropped_busy"] += 1
             return 0
         except OSError as e:
             if e.errno in TAP_GONE:
@@ -234,8 +238,8 @@ class VirtioNet(QueueState):
         if n != length:
             self._drop("tx_short", f"short write to the tap ({n} of {length})")
             return 0
-        self.stats["tx_frames"] += 1
-        self.stats["tx_bytes"] += length - HDR_SIZE
+        self.counters["tx_frames"] += 1
+        self.counters["tx_bytes"] += length - HDR_SIZE
         return 0
 
     # --- receive (5.1.6.3, 5.1.6.4) --------------------------------------------------------
@@ -326,8 +330,8 @@ class VirtioNet(QueueState):
             used.append((chain.head, take))
             pos += take
         q.add_used_many(used)
-        self.stats["rx_frames"] += 1
-        self.stats["rx_bytes"] += need - HDR_SIZE
+        self.counters["rx_frames"] += 1
+        self.counters["rx_bytes"] += need - HDR_SIZE
         return chosen
 
     def _offloads_ok(self, frame: memoryview) -> bool:
@@ -372,13 +376,13 @@ class VirtioNet(QueueState):
     # --- failures -----------------------------------------------------------------------------
 
     def _drop(self, counter: str, why: str) -> None:
-        self.stats[counter] += 1
-        if self.stats[counter] <= 10:  # a flood must not flood the log
+        self.counters[counter] += 1
+        if self.counters[counter] <= 10:  # a flood must not flood the log
             log.warning("virtio-net: %s; dropped", why)
 
     def _backend_failed(self, what: str, e: OSError) -> None:
         """The tap is gone: take the link down and tell the guest (5.1.4: status)."""
-        self.stats["backend_errors"] += 1
+        self.counters["backend_errors"] += 1
         if not self.link_up:
             return
         log.warning("virtio-net: tap %s failed (%s); link down", what, e.strerror)

@@ -30,6 +30,10 @@ MAX_QUEUE_SIZE = 32768  # 2.7: Queue Size is a power of 2, at most 32768
 MAX_CHAIN_BYTES = 1 << 32  # total length a chain may describe
 _DESC = struct.Struct("<QIHH")  # addr, len, flags, next
 _USED_ELEM = struct.Struct("<II")  # id, len
+U32_MAX = 0xFFFF_FFFF
+
+# Queue counters, summed over a device's queues in MmioTransport.stats().
+QUEUE_COUNTERS = ("chains_popped", "used_added", "interrupts_suppressed")
 
 
 _FENCE = threading.Lock()
@@ -89,6 +93,12 @@ class Queue:
         if not 1 <= max_size <= MAX_QUEUE_SIZE or max_size & (max_size - 1):
             raise ValueError(f"queue size must be a power of 2 up to {MAX_QUEUE_SIZE}")
         self.max_size = max_size
+        # Counters (QUEUE_COUNTERS) live as long as the queue, across resets:
+        # the run's results want the whole run. Plain ints, bumped by the
+        # thread serving the queue (under the transport's lock).
+        self.chains_popped = 0  # chains handed to the device (pop)
+        self.used_added = 0  # used ring elements written (add_used, add_used_many)
+        self.interrupts_suppressed = 0  # used buffer notifications the driver let us skip (2.7.7, 2.7.10)
         self.reset()
 
     def reset(self) -> None:
@@ -174,6 +184,7 @@ class Queue:
         head = mem.read_int(self.avail_ring + 4 + 2 * (nxt % self.size), 2)
         chain = DescriptorChain(head, self._walk(mem, head))
         self._next_avail = (nxt + 1) & 0xFFFF
+        self.chains_popped += 1
         return chain
 
     def _walk(self, mem: GuestMemory, head: int) -> list[Descriptor]:
@@ -230,13 +241,24 @@ class Queue:
         self.add_used_many(((head, length),))
 
     def add_used_many(self, used: Iterable[tuple[int, int]]) -> None:
-        """Return several chains (head, bytes written) and publish them with one index update."""
+        """Return several chains (head, bytes written) and publish them with one index update.
+
+        A head outside the table (or a length that is no le32) is a QueueError
+        and publishes nothing of the batch: the driver indexes its own arrays
+        with the id we write (2.7.8), so a device bug or a head taken from a
+        hostile ring must never reach it.
+        """
         mem = self._mem()
-        n = self.next_used
+        size = self.size
+        n = start = self.next_used  # n runs past 2^16 here; the size divides 2^16, so n % size is the slot
         for head, length in used:
-            elem = self.used_ring + 4 + VIRTQ_USED_ELEM_SIZE * (n % self.size)
+            if not (0 <= head < size and 0 <= length <= U32_MAX):
+                raise QueueError(f"used element ({head}, {length}) out of range (queue size {size})")
+            elem = self.used_ring + 4 + VIRTQ_USED_ELEM_SIZE * (n % size)
             _USED_ELEM.pack_into(mem.view(elem, VIRTQ_USED_ELEM_SIZE), 0, head, length)
-            n = (n + 1) & 0xFFFF
+            n += 1
+        self.used_added += n - start
+        n &= 0xFFFF
         self.next_used = n
         # The elements must be visible before the index that publishes them
         # (2.7.8.2); in Python the stores happen in program order, and the
@@ -248,13 +270,14 @@ class Queue:
         mem = self._mem()
         full_barrier()  # the used idx we published before the flags/used_event we read
         if not self.event_idx:
-            flags = mem.read_int(self.avail_ring, 2)
-            return not flags & VRING_AVAIL_F_NO_INTERRUPT
-        used_event = mem.read_int(self.avail_ring + 4 + 2 * self.size, 2)
-        old = self.signalled_used
-        new = self.next_used
-        self.signalled_used = new
-        if old is None:
-            return True
-        # vring_need_event(): did we cross used_event since the last signal?
-        return (new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF
+            wanted = not mem.read_int(self.avail_ring, 2) & VRING_AVAIL_F_NO_INTERRUPT
+        else:
+            used_event = mem.read_int(self.avail_ring + 4 + 2 * self.size, 2)
+            old = self.signalled_used
+            new = self.next_used
+            self.signalled_used = new
+            # vring_need_event(): did we cross used_event since the last signal?
+            wanted = old is None or (new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF
+        if not wanted:
+            self.interrupts_suppressed += 1
+        return wanted

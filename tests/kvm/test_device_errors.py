@@ -1,0 +1,95 @@
+"""Devices that fail end the VM with an error naming them; the device
+manager's pools refuse what does not fit (real /dev/kvm, tiny guests)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from microvm.arch.x86_64 import layout
+from microvm.devicemanager import DeviceManager
+from microvm.errors import ConfigError, DeviceError
+from microvm.vm import Vm
+from tests.kvm.guests import long_mode_vm
+
+WINDOW = 0xC000_0000  # an address in the gap where nothing else lives
+
+# Write once to WINDOW, then spin: only the host can end this guest.
+WRITE_THEN_SPIN = f"""
+    mov rax, {WINDOW:#x}
+    mov dword ptr [rax], 1
+spin:
+    pause
+    jmp spin
+"""
+
+
+class Broken:
+    """A device with a bug: every access raises."""
+
+    def read(self, offset: int, size: int) -> int:
+        raise ZeroDivisionError("a bug in the device")
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        raise ZeroDivisionError("a bug in the device")
+
+
+def test_an_unexpected_exception_in_an_io_thread_ends_the_vm_with_a_device_error() -> None:
+    def handler() -> None:
+        raise ZeroDivisionError("a bug in the device")
+
+    with long_mode_vm(WRITE_THEN_SPIN, map_gib=4) as vm:
+        vm.ioeventfd(WINDOW, 4, None, handler, thread=vm.io_thread("blk9-io"), name="vdz")
+        vm.start()
+        t0 = time.monotonic()
+        with pytest.raises(DeviceError, match=r"device vdz failed in its I/O thread: ZeroDivisionError") as info:
+            vm.wait(30)
+        assert time.monotonic() - t0 < 30  # it ended the run; nobody waited for the timeout
+        assert isinstance(info.value.__cause__, ZeroDivisionError)
+
+
+def test_a_device_that_raises_in_a_vcpu_exit_is_named() -> None:
+    with long_mode_vm(WRITE_THEN_SPIN, map_gib=4) as vm:
+        vm.mmio.register(WINDOW, 0x1000, Broken(), "gpu0")
+        vm.start()
+        with pytest.raises(DeviceError, match=r"device gpu0 failed on a mmio write at 0xc0000000: ZeroDivisionError"):
+            vm.wait(30)
+
+
+class NullVirtio:
+    """The least a virtio device is (one queue, no config)."""
+
+    device_type = 4
+    features = 0
+    queue_sizes = (8,)
+
+    def read_config(self, offset: int, size: int) -> int:
+        return 0
+
+    def write_config(self, offset: int, size: int, value: int) -> None:
+        pass
+
+    def activate(self, *args: object) -> None:
+        pass
+
+    def process(self, queue_index: int) -> None:
+        pass
+
+    def reset(self) -> None:
+        pass
+
+
+def test_the_device_manager_refuses_a_virtio_device_past_the_last_interrupt_line() -> None:
+    with Vm([(0, 2 << 20)], irqchip=True) as vm:
+        devices = DeviceManager(vm)
+        for i in range(len(layout.VIRTIO_IRQS)):
+            devices.add_virtio(f"dev{i}", NullVirtio())
+        with pytest.raises(ConfigError, match=r"no interrupt lines for virtio devices \(I/O APIC pins 5-23\) "
+                                              r"left: a VM has 19"):
+            devices.add_virtio("one too many", NullVirtio())
+        assert not any(v.running for v in vm.vcpus)
+        line = devices.cmdline().split()
+        assert line[0] == f"virtio_mmio.device=4K@{layout.VIRTIO_MMIO_BASE:#x}:5"
+        assert line[-1] == f"virtio_mmio.device=4K@{layout.VIRTIO_MMIO_BASE + 18 * 0x1000:#x}:23"
+        assert len(line) == 19

@@ -1,0 +1,104 @@
+"""The Cython layer lets other VMs of the process run while one maps its RAM.
+
+How "while" is made certain: the main thread sets the switch interval far
+beyond the test's length, so CPython never takes the GIL from it by force;
+another thread then runs Python code only where the main thread releases the
+GIL itself. The running VM's port device (Python, in the vCPU thread) notes
+every exit it handles while `window` says a call is in flight. Had the call
+held the GIL, no exit could be handled between the two marks, however slow
+or loaded the host: the test cannot pass by luck, and needs no timing of its
+own beyond the call lasting long enough for the other thread to be scheduled
+once (populating 4 GiB takes a second or more).
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+from microvm import _kvm
+from microvm.vcpu import StopReason
+from tests.kvm.guests import long_mode_vm
+
+GIB4 = 4 << 30
+LOOP = """
+loop:
+    out 0x80, al
+    jmp loop
+"""
+
+T = TypeVar("T")
+
+
+class Progress:
+    """A port device counting the exits it handles, and those inside a window."""
+
+    def __init__(self) -> None:
+        self.exits = 0
+        self.window: str | None = None
+        self.seen: dict[str, list[int]] = {}  # window -> [first, last] exit count seen in it
+
+    def read(self, offset: int, size: int) -> int:
+        return 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.exits += 1
+        window = self.window
+        if window is not None:
+            self.seen.setdefault(window, [self.exits, self.exits])[1] = self.exits
+
+    def during(self, name: str, call: Callable[[], T]) -> T:
+        self.window = name
+        try:
+            return call()
+        finally:
+            self.window = None
+
+    def grew_during(self, name: str) -> bool:
+        first, last = self.seen.get(name, (0, 0))
+        return last > first
+
+
+@contextmanager
+def no_forced_gil_switch() -> Iterator[None]:
+    """Other threads run only while this one releases the GIL itself.
+
+    The garbage collector is off too: a finalizer it ran (a file's close)
+    could release the GIL at a moment nobody chose.
+    """
+    old = sys.getswitchinterval()
+    collecting = gc.isenabled()
+    gc.disable()
+    sys.setswitchinterval(3600.0)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(old)
+        if collecting:
+            gc.enable()
+
+
+def test_a_vm_keeps_running_while_another_maps_4_gib() -> None:
+    with long_mode_vm(LOOP) as running:
+        progress = Progress()
+        running.pio.register(0x80, 1, progress)
+        running.start()
+        deadline = time.monotonic() + 10
+        while progress.exits < 100 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert progress.exits >= 100, "the running VM did not start"
+        with _kvm.Kvm() as kvm, no_forced_gil_switch():
+            with kvm.create_vm() as other:
+                # MAP_POPULATE: every page faulted in now, so the call lasts
+                # (a plain MAP_NORESERVE mapping returns in microseconds).
+                ram = progress.during("map", lambda: _kvm.Mapping(GIB4, populate=True))
+                other.set_user_memory_region(0, 0, GIB4, ram.address)
+            progress.during("unmap", ram.close)
+        assert progress.grew_during("map"), f"no exit handled while 4 GiB were mapped: {progress.seen}"
+        assert progress.grew_during("unmap"), f"no exit handled while 4 GiB were unmapped: {progress.seen}"
+        running.stop()
+        assert running.wait(10) is StopReason.STOPPED
