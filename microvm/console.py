@@ -11,7 +11,7 @@ import threading
 import tty
 from collections.abc import Iterator
 
-from microvm.devices.serial import INPUT_TICK
+from microvm.devices.console_input import INPUT_TICK
 from microvm.machine import MicroVM, RunResult
 
 

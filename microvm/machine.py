@@ -366,7 +366,7 @@ class MicroVM:
         VM is gone. Whoever feeds calls pump_input() every INPUT_TICK s
         meanwhile (microvm.console does).
         """
-        from microvm.devices.serial import INPUT_HIGH_WATER, INPUT_TICK
+        from microvm.devices.console_input import INPUT_HIGH_WATER, INPUT_TICK
 
         serial = self.serial
         if serial is None:

@@ -160,7 +160,7 @@ def test_a_disk_held_in_flush_holds_up_neither_another_disk_nor_the_network(
     # flushes and the network answers; only then does the host let go.
     script = " ".join([
         "(dd if=/dev/zero of=/dev/vdb bs=4k count=1 conv=fsync 2>/dev/null; echo slow-done) &",
-        f"until [ \"$(nc {HOST} {STATUS_PORT})\" = held ]; do sleep 0.2; done;",
+        f"until [ \"$(nc {HOST} {STATUS_PORT} 2>/dev/null)\" = held ]; do sleep 0.2; done;",
         "dd if=/dev/vda of=/dev/null bs=4k count=64 iflag=direct 2>/dev/null &&",
         "dd if=/dev/zero of=/dev/vda bs=4k count=16 oflag=direct conv=fsync 2>/dev/null &&",
         f"ping -c 1 -W 10 {HOST} >/dev/null && echo others-done; wait",

@@ -15,13 +15,17 @@ import pytest
 
 from microvm import console
 from microvm.devices import serial
-from microvm.devices.serial import (
+from microvm.devices.console_input import (
     EOF_QUIET,
     EOF_REPEAT,
-    RX_FIFO_LIMIT,
     RX_OFFER_WINDOW,
     SETTLE_MAX,
     SETTLE_QUIET,
+    VEOF,
+    ConsoleInput,
+)
+from microvm.devices.serial import (
+    RX_FIFO_LIMIT,
     UART_FCR,
     UART_IER,
     UART_IER_RDI,
@@ -33,8 +37,6 @@ from microvm.devices.serial import (
     UART_MCR_OUT2,
     UART_MCR_RTS,
     UART_RX,
-    VEOF,
-    ConsoleInput,
     Serial,
 )
 from microvm.machine import MicroVM, RunResult
