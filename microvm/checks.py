@@ -100,3 +100,28 @@ def kernel_arguments(field: str, value: str) -> str:
     if value.count('"') % 2:
         raise ConfigError(f"{field} has an unbalanced double quote: {value!r}")
     return value
+
+
+IFNAMSIZ = 16  # include/uapi/linux/if.h, the terminating NUL included
+
+
+def check_ifname(name: str) -> str:
+    """A Linux interface name: 1-15 bytes, no '/', ':' or whitespace (dev_valid_name())."""
+    raw = name.encode()
+    if not 0 < len(raw) < IFNAMSIZ or name in (".", "..") or any(c in name for c in "/: \t\n"):
+        raise ConfigError(f"invalid interface name {name!r}: 1-15 characters, no '/', ':' or spaces")
+    return name
+
+
+def parse_mac(mac: str) -> bytes:
+    """A unicast MAC address as six bytes."""
+    parts = mac.split(":")
+    try:
+        raw = bytes(int(p, 16) for p in parts)
+    except ValueError:
+        raw = b""
+    if len(parts) != 6 or len(raw) != 6 or any(len(p) != 2 for p in parts):
+        raise ConfigError(f"invalid MAC address {mac!r}: expected six hex pairs like 02:00:00:00:00:01")
+    if raw[0] & 1:
+        raise ConfigError(f"MAC address {mac} is a multicast address")
+    return raw

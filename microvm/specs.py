@@ -10,6 +10,7 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
+from microvm.checks import check_ifname, parse_mac
 from microvm.errors import ConfigError
 
 
@@ -52,9 +53,6 @@ class Nic:
     bridge: str | None = None
 
     def __post_init__(self) -> None:
-        from microvm.backends.tap import check_ifname
-        from microvm.devices.virtio.net import parse_mac
-
         check_ifname(self.tap)
         if self.mac is not None:
             parse_mac(self.mac)

@@ -22,6 +22,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
+from microvm.checks import check_ifname
 from microvm.errors import ConfigError, DeviceError
 
 TUN_PATH = "/dev/net/tun"
@@ -39,16 +40,7 @@ TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
 TUN_F_TSO_ECN = 0x08
 
-IFNAMSIZ = 16
 VNET_HDR_SIZE = 12  # struct virtio_net_hdr_v1 (virtio 1.2, 5.1.6)
-
-
-def check_ifname(name: str) -> str:
-    """A Linux interface name: 1-15 bytes, no '/', ':' or whitespace (dev_valid_name())."""
-    raw = name.encode()
-    if not 0 < len(raw) < IFNAMSIZ or name in (".", "..") or any(c in name for c in "/: \t\n"):
-        raise ConfigError(f"invalid interface name {name!r}: 1-15 characters, no '/', ':' or spaces")
-    return name
 
 
 @dataclass(frozen=True)

@@ -132,7 +132,7 @@ def test_tap_moved_into_a_named_netns() -> None:
 
 @pytest.mark.parametrize("name", ["", "x" * 16, "a/b", "a b", "..", "a:b"])
 def test_bad_names(name: str) -> None:
-    from microvm.backends.tap import check_ifname
+    from microvm.checks import check_ifname
     from microvm.errors import ConfigError
 
     with pytest.raises(ConfigError):

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from microvm import checks
 from microvm.devices import virtio as v
 from microvm.devices.virtio import mmio as m
 from microvm.devices.virtio import net as n
@@ -145,11 +146,11 @@ def test_offloads_follow_negotiation() -> None:
 @pytest.mark.parametrize("bad", ["", "02:00:00:00:00", "zz:00:00:00:00:01", "01:00:00:00:00:01", "2:0:0:0:0:1"])
 def test_bad_mac(bad: str) -> None:
     with pytest.raises(ConfigError):
-        n.parse_mac(bad)
+        checks.parse_mac(bad)
 
 
 def test_random_mac_is_local_unicast() -> None:
-    raw = n.parse_mac(n.random_mac())
+    raw = checks.parse_mac(n.random_mac())
     assert raw[0] == 0x02
 
 

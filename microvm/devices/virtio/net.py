@@ -28,9 +28,9 @@ from collections import Counter, deque
 from collections.abc import Callable
 from typing import Protocol
 
+from microvm.checks import parse_mac
 from microvm.devices.virtio import VIRTIO_ID_NET, QueueState, config_read
 from microvm.devices.virtio.queue import DescriptorChain, Queue, QueueError
-from microvm.errors import ConfigError
 from microvm.memory import GuestMemory
 
 log = logging.getLogger(__name__)
@@ -92,19 +92,6 @@ class NetBackend(Protocol):
     fd: int
 
     def set_offload(self, flags: int) -> None: ...
-
-
-def parse_mac(mac: str) -> bytes:
-    parts = mac.split(":")
-    try:
-        raw = bytes(int(p, 16) for p in parts)
-    except ValueError:
-        raw = b""
-    if len(parts) != 6 or len(raw) != 6 or any(len(p) != 2 for p in parts):
-        raise ConfigError(f"invalid MAC address {mac!r}: expected six hex pairs like 02:00:00:00:00:01")
-    if raw[0] & 1:
-        raise ConfigError(f"MAC address {mac} is a multicast address")
-    return raw
 
 
 def random_mac() -> str:
