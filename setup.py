@@ -1,7 +1,25 @@
 """Build the Cython KVM layer (ext/) as microvm._kvm."""
 
+from typing import Any
+
 from Cython.Build import cythonize
-from setuptools import Extension, setup
+from setuptools import Distribution, Extension, setup
+
+# The guest kernel config (kernels/) ships inside the package, so an
+# installed microvm can still build its kernel.
+KERNELS_PACKAGE = "microvm._kernels"
+
+
+class MicrovmDistribution(Distribution):
+    """pyproject.toml's package list (found: every package under microvm/)
+    plus microvm._kernels. That one lives in kernels/, outside microvm/, where
+    no find can see it, and a list given to setup() is replaced by pyproject's."""
+
+    def parse_config_files(self, *args: Any, **kwargs: Any) -> None:
+        super().parse_config_files(*args, **kwargs)
+        if KERNELS_PACKAGE not in (self.packages or []):
+            self.packages = [*(self.packages or []), KERNELS_PACKAGE]
+
 
 extensions = [
     Extension(
@@ -12,10 +30,9 @@ extensions = [
 ]
 
 setup(
-    # The guest kernel config (kernels/) ships inside the package, so an
-    # installed microvm can still build its kernel.
-    package_dir={"microvm._kernels": "kernels"},
-    package_data={"microvm._kernels": ["*.config"]},
+    distclass=MicrovmDistribution,
+    package_dir={KERNELS_PACKAGE: "kernels"},
+    package_data={KERNELS_PACKAGE: ["*.config"]},
     ext_modules=cythonize(
         extensions,
         include_path=["ext"],

@@ -21,9 +21,9 @@ from functools import partial
 from pathlib import Path
 
 from _compare import ab_parser, alternate, kernel_and_image, qemu_console, report, sides
-from _lane import rerun_in_lane_if_pvm
 
 from microvm.benchmarks.options import int_range
+from microvm.lane import rerun_in_lane_if_pvm
 
 # metric -> fio's rw and block size, the table's label and unit.
 JOBS = {

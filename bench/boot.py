@@ -24,12 +24,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from _lane import rerun_in_lane_if_pvm
-
 from microvm.benchmarks import qemu
 from microvm.benchmarks.options import int_range, kernel_choice, output_file
 from microvm.benchmarks.qemu import MARK
 from microvm.benchmarks.report import summarize
+from microvm.lane import rerun_in_lane_if_pvm
 
 
 def _kernel(choice: str) -> Path:

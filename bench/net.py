@@ -31,7 +31,8 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from _compare import ab_parser, alternate, kernel_and_image, qemu_console, report, sides
-from _lane import rerun_in_lane_if_pvm
+
+from microvm.lane import rerun_in_lane_if_pvm
 
 # metric -> (label, unit); throughput from iperf3's receiver, rate from our client.
 METRICS = {

@@ -40,7 +40,10 @@ TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
 TUN_F_TSO_ECN = 0x08
 
-VNET_HDR_SIZE = 12  # struct virtio_net_hdr_v1 (virtio 1.2, 5.1.6)
+# The header in front of every frame, told to the tap with TUNSETVNETHDRSZ: struct virtio_net_hdr_v1
+# (virtio 1.2, 5.1.6: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers).
+# Defined here, not in devices/virtio/net.py, which uses it: devices import backends, never the reverse.
+VNET_HDR_SIZE = 12
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """`microvm bench ...`: boot, footprint, rate.
 
 Each command prints a table and writes its results under --out. On a PVM
-host it first re-runs itself inside the hardware-virtualization lane (lane.py),
+host it first re-runs itself inside the hardware-virtualization lane (microvm.lane),
 with --out shared so the files come back. Every option is checked here, on
 the host, before that: a bad value is a usage error (exit 2) at once, and
 nothing is created under --out.
@@ -63,7 +63,7 @@ def _ints(low: int, high: int) -> Callback:
 
 def _in_lane(command: str, out: Path, smp: int | None = None) -> None:
     """On a PVM host: run this same command line in the lane, then exit."""
-    from microvm.benchmarks.lane import rerun_in_lane_if_pvm
+    from microvm.lane import rerun_in_lane_if_pvm
 
     rerun_in_lane_if_pvm([sys.executable, "-m", "microvm", *sys.argv[1:]], what=f"`microvm bench {command}`",
                          out_dir=out, smp=smp)
@@ -109,15 +109,15 @@ def boot_cmd(formats: list[str], mems: list[int], vcpus: list[int], variants: li
              with_qemu: bool, timeout: float, out: Path) -> None:
     """Boot each configuration N times: phase timeline table, JSON, CSV, PNG."""
     from microvm.benchmarks import boot, qemu, report
+    from microvm.benchmarks.plot import boot_figure, pyplot
 
+    pyplot()  # matplotlib (the bench extra) is there, or one line saying so before anything boots
     configs = boot.configurations(formats, mems, vcpus, variants, with_qemu)
     if with_qemu and not qemu.available():
         raise click.BadParameter(f"{qemu.QEMU} is not installed", param_hint="'--qemu'")
     for kernel_format in formats:
         _kernel(kernel_format)
     _in_lane("boot", out)
-    from microvm.benchmarks.plot import boot_figure
-
     with report.progress("booting", len(configs) * runs) as advance:
         result = boot.run(configs, runs, timeout=timeout, on_run=advance)
     report.console().print(report.stats_table(f"boot timeline, {runs} runs each (ms since start)",

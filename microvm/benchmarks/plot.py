@@ -4,6 +4,10 @@ Left: one stacked bar per configuration, the median time spent in each phase
 (from the previous phase mark to this one). Right: the distribution of the
 total boot time (start to the first command done), a box per configuration
 with every run drawn on top as a point.
+
+matplotlib is not a dependency of the runtime: it comes with the `bench`
+extra (pip install 'microvm[bench]'). Without it, a command that would plot
+fails with one MicroVMError naming the extra, before any benchmark runs.
 """
 
 from __future__ import annotations
@@ -11,19 +15,33 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from microvm.benchmarks.boot import TOTAL, VMM_PHASES, phase_increments
 from microvm.benchmarks.report import Stats
+from microvm.errors import MicroVMError
+
+NO_MATPLOTLIB = "plotting needs matplotlib: pip install 'microvm[bench]'"
+
+
+def pyplot() -> ModuleType:
+    """matplotlib.pyplot on the Agg backend (no display needed); a MicroVMError
+    naming the extra to install when matplotlib is missing. Called first by a
+    command that will plot, so it fails before the benchmark, not after it."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise MicroVMError(NO_MATPLOTLIB) from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def boot_figure(path: Path, summary: Mapping[str, Mapping[str, Stats]],
                 runs: Sequence[Mapping[str, Any]], title: str = "microvm boot") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     labels = list(summary)
     height = 3.0 + 0.45 * len(labels)
     fig, (bars, dist) = plt.subplots(1, 2, figsize=(14, height), sharey=True,

@@ -121,7 +121,7 @@ def write_csv(path: Path, records: Sequence[Mapping[str, Any]]) -> Path:
 
 def console() -> Console:
     """stdout; wide enough for the tables even where it is no terminal (a log, the lane)."""
-    from microvm.benchmarks.lane import in_lane
+    from microvm.lane import in_lane
 
     out = Console()  # the lane's serial console is a terminal of unknown size: rich assumes 80 columns
     return out if out.is_terminal and not in_lane() else Console(width=max(out.width, 140), height=50)

@@ -2,7 +2,7 @@
 
     python tests/fuzz/fuzz_virtqueue.py --iterations 100000 --seed 1
 
-Each iteration builds a fresh hostile ring (tests/unit/virtio_driver.py) and
+Each iteration builds a fresh hostile ring (tests/support/virtio_driver.py) and
 drives a Queue over it with pop(), add_used() and needs_notification(),
 sometimes rewriting the ring between pops as a racing guest would. The queue
 must return only descriptors inside guest memory, raise nothing but
@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
-from tests.unit.virtio_driver import (
+from tests.support.virtio_driver import (
     InvariantError,
     RandomPicker,
     hostile_ring,

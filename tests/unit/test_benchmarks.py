@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import ctypes
-import io
 import json
 import mmap
 import os
@@ -17,13 +16,14 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
-import microvm.lane
-from microvm.benchmarks import boot, footprint, lane, qemu, rate, report
+from microvm import lane
+from microvm.benchmarks import boot, footprint, qemu, rate, report
 from microvm.benchmarks.plot import boot_figure
 from microvm.benchmarks.workers import WorkerError, run_workers
 from microvm.cli import main
-from microvm.errors import ConfigError, LaneError
-from microvm.laneinit import END_MARK, START_MARK
+from microvm.errors import ConfigError
+from microvm.lane import rerun
+from microvm.lane import run as lane_run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -209,7 +209,7 @@ def no_lane(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
         raise AssertionError("a lane was started")
 
     monkeypatch.setattr(lane, "rerun_in_lane_if_pvm", refuse)
-    monkeypatch.setattr(microvm.lane, "run_in_lane", refuse)
+    monkeypatch.setattr(rerun, "run_in_lane", refuse)
     return calls
 
 
@@ -287,78 +287,6 @@ def test_bench_good_options_reach_the_lane(monkeypatch: pytest.MonkeyPatch, tmp_
     assert lanes[2]["smp"] == 3
 
 
-def test_tagged_stderr_lines_reach_the_hosts_stderr() -> None:
-    inner = io.StringIO()
-    tagged = lane.TaggedStderr(inner)
-    tagged.write("progress 1/2")
-    tagged.write(" done\nprogress 2/2\n\nmicrovm: error: boom\n")
-    assert not tagged.isatty()
-    out, err = io.StringIO(), io.StringIO()
-    router = lane.StderrRouter(out, err)
-    # The lane's console: stdout and the tagged stderr, one stream.
-    for chunk in ("table row 1\n", inner.getvalue()[:7], inner.getvalue()[7:], "table row 2\n", "last"):
-        router.write(chunk)
-    router.close()
-    assert out.getvalue() == "table row 1\ntable row 2\nlast"
-    assert err.getvalue() == "progress 1/2 done\nprogress 2/2\n\nmicrovm: error: boom\n"
-    assert router.stderr_lines == 4
-
-
-def _fake_lane(console: bytes, returncode: int) -> Any:
-    """run_in_lane that copies console through the real console splitter."""
-
-    def run(argv: list[str], **kwargs: Any) -> microvm.lane.LaneResult:
-        splitter = microvm.lane._Console(stream=True)
-        splitter.feed(console, final=True)
-        return microvm.lane.LaneResult(returncode, "".join(splitter.output), 1.0)
-
-    return run
-
-
-def test_rerun_in_lane_sends_the_inner_error_to_stderr(monkeypatch: pytest.MonkeyPatch,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.delenv(lane.IN_LANE_ENV, raising=False)
-    monkeypatch.setattr(lane, "needs_lane", lambda: True)
-    tag = lane.STDERR_TAG.encode()
-    console = (b"kernel noise\r\n" + START_MARK.encode() + b"\r\n" + b"a result\r\n" + tag + b"booting: 1/1\r\n"
-               + tag + b"microvm: error: runs must be at least 1, got 0\r\n" + END_MARK.encode() + b"\r\n")
-    monkeypatch.setattr(microvm.lane, "run_in_lane", _fake_lane(console, 1))
-    with pytest.raises(SystemExit) as exited:
-        lane.rerun_in_lane_if_pvm(["true"], what="the test")
-    assert exited.value.code == 1
-    captured = capsys.readouterr()
-    assert captured.out == "a result\n"
-    assert captured.err.splitlines() == ["PVM host: running the test inside the hardware-virtualization lane",
-                                         "booting: 1/1", "microvm: error: runs must be at least 1, got 0"]
-
-    # A failure that wrote nothing to stderr (killed, say) still says so there.
-    monkeypatch.setattr(microvm.lane, "run_in_lane", _fake_lane(START_MARK.encode() + b"\n" + END_MARK.encode(), 9))
-    with pytest.raises(SystemExit):
-        lane.rerun_in_lane_if_pvm(["true"], what="the test")
-    captured = capsys.readouterr()
-    assert captured.out == "" and "the test failed in the hardware-virtualization lane (exit 9)" in captured.err
-
-    def broken(argv: list[str], **kwargs: Any) -> None:
-        raise LaneError("lane unavailable: no QEMU")
-
-    monkeypatch.setattr(microvm.lane, "run_in_lane", broken)
-    with pytest.raises(SystemExit) as exited:
-        lane.rerun_in_lane_if_pvm(["true"])
-    assert exited.value.code == 125
-    captured = capsys.readouterr()
-    assert captured.out == "" and "lane unavailable: no QEMU" in captured.err
-
-
-def test_in_the_lane_stderr_is_tagged(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(lane.IN_LANE_ENV, "1")
-    err = io.StringIO()
-    monkeypatch.setattr(sys, "stderr", err)
-    lane.rerun_in_lane_if_pvm()
-    lane.rerun_in_lane_if_pvm()  # tagged once, not twice
-    print("microvm: error: boom", file=sys.stderr)
-    assert err.getvalue() == lane.STDERR_TAG + "microvm: error: boom\n"
-
-
 BAD_SCRIPT_OPTIONS = [
     ("boot.py", ["--runs", "0"], "--runs"),
     ("boot.py", ["--runs", "many"], "--runs"),
@@ -383,12 +311,12 @@ def test_bench_scripts_refuse_bad_options_before_any_lane(script: str, args: lis
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     mark = tmp_path / "qemu-ran"
-    fake_qemu = fake_bin / microvm.lane.QEMU
+    fake_qemu = fake_bin / lane_run.QEMU
     fake_qemu.write_text(f"#!/bin/sh\ntouch {mark}\nexit 1\n")
     fake_qemu.chmod(0o755)
     out = tmp_path / "out"
     out.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != lane.IN_LANE_ENV}
+    env = {k: v for k, v in os.environ.items() if k != rerun.IN_LANE_ENV}
     env |= {"PATH": f"{fake_bin}{os.pathsep}{env.get('PATH', '')}", "PYTHONPATH": str(REPO)}
     json_arg = [] if "--json" in args else ["--json", str(out / "r.json")]
     proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *args, *json_arg],

@@ -10,11 +10,13 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from microvm import lane, lanekernel
+from microvm import lane
 from microvm.errors import MicroVMError
+from microvm.lane import cli, initrd, kernel, run
 
 AWKWARD_ARGS = ["a b", "it's", '"q"', "$HOME", "\\back", "", "ünï", "x\ny", "*", "--", "-c"]
 
@@ -22,7 +24,7 @@ AWKWARD_ARGS = ["a b", "it's", '"q"', "$HOME", "\\back", "", "ünï", "x\ny", "*
 def test_run_script_passes_argv_cwd_and_env_intact(tmp_path: Path) -> None:
     probe = "import json, os, sys; print(json.dumps([sys.argv[1:], os.getcwd(), dict(os.environ)]))"
     env = {"PATH": "/usr/bin:/bin", "FOO": "va'l ue\n$x", "EMPTY": ""}
-    script = lane.run_script([sys.executable, "-c", probe, *AWKWARD_ARGS], str(tmp_path), env)
+    script = run.run_script([sys.executable, "-c", probe, *AWKWARD_ARGS], str(tmp_path), env)
     # The lane runs it as `env -i chroot /newroot /bin/sh -c "$(cat run.sh)"`.
     out = subprocess.run(["env", "-i", "/bin/sh", "-c", script], capture_output=True, text=True, check=True)
     argv, cwd, seen_env = json.loads(out.stdout)
@@ -32,39 +34,41 @@ def test_run_script_passes_argv_cwd_and_env_intact(tmp_path: Path) -> None:
 
 
 def test_run_script_exit_status_and_bad_cwd(tmp_path: Path) -> None:
-    script = lane.run_script(["sh", "-c", "exit 3"], str(tmp_path), {"PATH": "/usr/bin:/bin"})
+    script = run.run_script(["sh", "-c", "exit 3"], str(tmp_path), {"PATH": "/usr/bin:/bin"})
     assert subprocess.run(["/bin/sh", "-c", script], check=False).returncode == 3
-    script = lane.run_script(["true"], str(tmp_path / "missing"), {})
+    script = run.run_script(["true"], str(tmp_path / "missing"), {})
     assert subprocess.run(["/bin/sh", "-c", script], capture_output=True, check=False).returncode == 127
 
 
 def test_run_script_refuses_what_a_shell_cannot_carry() -> None:
     with pytest.raises(ValueError, match="empty"):
-        lane.run_script([], "/", {})
+        run.run_script([], "/", {})
     with pytest.raises(ValueError, match="A-B"):
-        lane.run_script(["true"], "/", {"A-B": "x"})
+        run.run_script(["true"], "/", {"A-B": "x"})
 
 
 def test_lane_env_defaults_and_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", "/host/bin")
     monkeypatch.delenv("HOME", raising=False)
     monkeypatch.setenv("SECRET_TOKEN", "x")
-    env = lane.lane_env({"FOO": "1", "PATH": "/mine"}, "/out")
+    monkeypatch.setenv("MICROVM_CACHE", "/cache")
+    env = run.lane_env({"FOO": "1", "PATH": "/mine"}, "/out")
     assert env["PATH"] == "/mine"
     assert env["HOME"] == "/root"
     assert env["MICROVM_LANE"] == "1" and env["MICROVM_LANE_OUT"] == "/out"
     assert env["FOO"] == "1"
+    assert env["MICROVM_CACHE"] == "/cache"  # microvm inside finds what was built outside
     assert "SECRET_TOKEN" not in env  # only a short list of host variables is carried
     assert env["TERM"] == "dumb"
     monkeypatch.setenv("TERM", "xterm")
-    assert lane.lane_env(None, "/out", tty=True)["TERM"] == "xterm"
-    assert lane.lane_env({"TERM": "vt100"}, "/out")["TERM"] == "vt100"
+    assert run.lane_env(None, "/out", tty=True)["TERM"] == "xterm"
+    assert run.lane_env({"TERM": "vt100"}, "/out")["TERM"] == "vt100"
 
 
 def test_qemu_command_line() -> None:
-    cmd = lane.qemu_command(Path("/k/vmlinux"), Path("/k/initrd"), Path("/c"), Path("/o"), smp=2, mem_mib=1024)
+    cmd = run.qemu_command(Path("/k/vmlinux"), Path("/k/initrd"), Path("/c"), Path("/o"), smp=2, mem_mib=1024)
     joined = shlex.join(cmd)
-    assert cmd[0] == lane.QEMU
+    assert cmd[0] == run.QEMU
     assert "-accel tcg,thread=multi" in joined and "-smp 2" in joined and "-m 1024" in joined
     assert "-cpu max,+svm" in joined and "-M q35" in joined and "-no-reboot" in joined
     assert "-kernel /k/vmlinux" in joined and "-initrd /k/initrd" in joined
@@ -74,23 +78,23 @@ def test_qemu_command_line() -> None:
     assert shares[0].startswith("local,path=/,mount_tag=host,") and "readonly=on" in shares[0]
     assert "mount_tag=ctl" in shares[1] and "readonly" not in shares[1]
     assert "path=/o,mount_tag=out" in shares[2]
-    single = lane.qemu_command(Path("k"), Path("i"), Path("c"), Path("o"), smp=1, debug=True)
+    single = run.qemu_command(Path("k"), Path("i"), Path("c"), Path("o"), smp=1, debug=True)
     assert single[single.index("-accel") + 1] == "tcg"
     assert "lane.debug" in single[single.index("-append") + 1]
 
 
 def test_init_script_is_complete() -> None:
-    init = lane.INIT_SCRIPT
+    init = initrd.INIT_SCRIPT
     assert "@" not in init.replace("@MODULES@", "").replace("@NINEP@", "").replace(
         "@START@", "").replace("@END@", "")
     assert "reboot -f" in init and "/ctl/status" in init
 
 
 def test_missing_qemu_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
-    real_which = lane.shutil.which
-    monkeypatch.setattr(lane.shutil, "which", lambda name: None if name == lane.QEMU else real_which(name))
+    real_which = run.shutil.which
+    monkeypatch.setattr(run.shutil, "which", lambda name: None if name == run.QEMU else real_which(name))
     reason = lane.lane_available()
-    assert reason is not None and lane.QEMU in reason
+    assert reason is not None and run.QEMU in reason
     with pytest.raises(lane.LaneError, match="unavailable"):
         lane.run_in_lane(["true"])
     assert issubclass(lane.LaneError, MicroVMError)
@@ -99,9 +103,9 @@ def test_missing_qemu_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_console_keeps_only_the_command_output(monkeypatch: pytest.MonkeyPatch) -> None:
     shown = io.StringIO()
     monkeypatch.setattr(sys, "stdout", shown)
-    console = lane._Console(stream=True)
-    stream = (b"[    0.1] boot noise\r\n" + lane.START_MARK.encode() + b"\r\n"
-              + b"hello\r\n\r\nw\xc3\xb6rld\r\n" + b"\r\n" + lane.END_MARK.encode() + b"\r\n"
+    console = run._Console(stream=True)
+    stream = (b"[    0.1] boot noise\r\n" + initrd.START_MARK.encode() + b"\r\n"
+              + b"hello\r\n\r\nw\xc3\xb6rld\r\n" + b"\r\n" + initrd.END_MARK.encode() + b"\r\n"
               + b"[    5.0] reboot: Restarting system\r\n")
     for i in range(0, len(stream), 7):  # markers and UTF-8 split across reads
         console.feed(stream[i:i + 7])
@@ -112,8 +116,8 @@ def test_console_keeps_only_the_command_output(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_console_output_without_final_newline() -> None:
-    console = lane._Console(stream=False)
-    console.feed(f"{lane.START_MARK}\npartial\n{lane.END_MARK}\n".encode(), final=True)
+    console = run._Console(stream=False)
+    console.feed(f"{initrd.START_MARK}\npartial\n{initrd.END_MARK}\n".encode(), final=True)
     assert "".join(console.output) == "partial\n"
 
 
@@ -141,11 +145,11 @@ def test_module_order_puts_dependencies_first(tmp_path: Path) -> None:
     _fake_ko(tmp_path / "kernel/kvm/kvm-amd.ko", "kvm")
     _fake_ko(tmp_path / "kernel/kvm/kvm.ko", "")
     (tmp_path / "modules.builtin").write_text("kernel/virtio/virtio.ko\n")
-    assert lane.modinfo(tmp_path / "kernel/net/bridge.ko")["depends"] == "llc,stp"
-    order = [p.name for p in lane.module_order(tmp_path, ["kvm-amd", "virtio", "bridge"])]
+    assert initrd.modinfo(tmp_path / "kernel/net/bridge.ko")["depends"] == "llc,stp"
+    order = [p.name for p in initrd.module_order(tmp_path, ["kvm-amd", "virtio", "bridge"])]
     assert order == ["kvm.ko", "kvm-amd.ko", "llc.ko", "stp.ko", "bridge.ko"]
     with pytest.raises(lane.LaneError, match="nosuch"):
-        lane.module_order(tmp_path, ["nosuch"])
+        initrd.module_order(tmp_path, ["nosuch"])
 
 
 def test_extract_vmlinux_from_an_xz_bzimage(tmp_path: Path) -> None:
@@ -158,22 +162,22 @@ def test_extract_vmlinux_from_an_xz_bzimage(tmp_path: Path) -> None:
     struct.pack_into("<II", image, 0x248, 16, len(payload))
     image += bytes(16) + payload
     (tmp_path / "vmlinuz").write_bytes(bytes(image))
-    assert lane.extract_vmlinux(tmp_path / "vmlinuz", tmp_path / "vmlinux")
+    assert kernel.extract_vmlinux(tmp_path / "vmlinuz", tmp_path / "vmlinux")
     assert (tmp_path / "vmlinux").read_bytes() == elf
     (tmp_path / "plain").write_bytes(b"not a kernel" * 100)
-    assert not lane.extract_vmlinux(tmp_path / "plain", tmp_path / "nothing")
+    assert not kernel.extract_vmlinux(tmp_path / "plain", tmp_path / "nothing")
 
 
 def test_kernel_package_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     answers = {"depends": "linux-image-amd64\n  Depends: linux-image-6.1.0-50-amd64\n"}
-    monkeypatch.setattr(lanekernel, "_run", lambda argv, cwd=None: answers.get(argv[1], ""))
-    assert lane._wanted_packages() == ["linux-image-6.1.0-50-amd64", "linux-image-6.1.0-50-amd64-unsigned"]
+    monkeypatch.setattr(kernel, "_run", lambda argv, cwd=None: answers.get(argv[1], ""))
+    assert kernel._wanted_packages() == ["linux-image-6.1.0-50-amd64", "linux-image-6.1.0-50-amd64-unsigned"]
     answers = {"depends": "", "search": ("linux-image-6.1.0-9-amd64 - Linux 6.1\n"
                                          "linux-image-6.1.0-47-amd64 - Linux 6.1\n")}
-    assert lane._wanted_packages()[0] == "linux-image-6.1.0-47-amd64"
+    assert kernel._wanted_packages()[0] == "linux-image-6.1.0-47-amd64"
     answers = {}
     with pytest.raises(lane.LaneError, match="apt"):
-        lane._wanted_packages()
+        kernel._wanted_packages()
 
 
 def test_cached_kernel_is_used_without_apt(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -186,27 +190,59 @@ def test_cached_kernel_is_used_without_apt(monkeypatch: pytest.MonkeyPatch, tmp_
     def no_apt(argv: list[str], cwd: str | None = None) -> str:
         raise AssertionError("apt consulted")
 
-    monkeypatch.setattr(lanekernel, "_run", no_apt)
-    assert lane.find_kernel().release == "6.1.0-47-amd64"
+    monkeypatch.setattr(kernel, "_run", no_apt)
+    assert kernel.find_kernel().release == "6.1.0-47-amd64"
 
 
-def test_main_passes_options_and_status(monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: dict[str, object] = {}
+def test_main_passes_options_and_status(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    seen: dict[str, Any] = {}
 
     def fake_run(argv: list[str], **kw: object) -> lane.LaneResult:
+        seen.clear()
         seen.update(kw, argv=argv)
         return lane.LaneResult(7, "", 0.1)
 
-    monkeypatch.setattr(lane, "run_in_lane", fake_run)
-    assert lane.main(["--cwd", "/r", "--env", "A=b=c", "--", "cmd", "--", "-x"]) == 7
+    monkeypatch.setattr(cli, "run_in_lane", fake_run)
+    monkeypatch.setenv("HOST_ONLY", "from the host")
+    monkeypatch.delenv("NOWHERE", raising=False)
+    argv = ["--cwd", "/r", "--out", str(tmp_path), "--timeout", "90", "--smp", "2", "--env", "A=b=c",
+            "--env", "HOST_ONLY", "--env", "NOWHERE", "--", "cmd", "--", "-x"]
+    assert lane.main(argv) == 7
     assert seen["argv"] == ["cmd", "--", "-x"]
-    assert seen["cwd"] == "/r" and seen["env"] == {"A": "b=c"}
+    assert seen["cwd"] == "/r" and seen["out_dir"] == tmp_path and seen["timeout"] == 90 and seen["smp"] == 2
+    assert seen["env"] == {"A": "b=c", "HOST_ONLY": "from the host"}  # a bare name unset on the host: left out
+
+    # The command starts at its first word: its own options are its own, no `--` needed.
+    assert lane.main(["python3", "-c", "x", "--timeout", "1"], cwd="/repo") == 7
+    assert seen["argv"] == ["python3", "-c", "x", "--timeout", "1"]
+    assert seen["cwd"] == "/repo" and seen["timeout"] == 1800 and seen["out_dir"] is None
 
     def timing_out(argv: list[str], **kw: object) -> lane.LaneResult:
         raise lane.LaneTimeout("slow")
 
-    monkeypatch.setattr(lane, "run_in_lane", timing_out)
+    monkeypatch.setattr(cli, "run_in_lane", timing_out)
     assert lane.main(["true"]) == 124
+
+
+@pytest.mark.parametrize("args", [[], ["--"], ["--timeout", "0", "true"], ["--timeout", "x", "true"],
+                                  ["--env", "A-B=1", "true"], ["--smp", "0", "true"], ["--mem", "1.5", "true"],
+                                  ["--bogus", "true"]])
+def test_main_refuses_bad_options_before_any_lane(args: list[str], monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(cli, "run_in_lane", None)  # a lane started would fail loudly
+    with pytest.raises(SystemExit) as exited:
+        lane.main(args)
+    assert exited.value.code == 2
+    assert "usage: tests/hwvirt/run" in capsys.readouterr().err
+
+
+def test_hwvirt_run_documents_its_options() -> None:
+    repo = Path(__file__).resolve().parents[2]
+    out = subprocess.run([str(repo / "tests/hwvirt/run"), "--help"], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("usage: tests/hwvirt/run [OPTION ...] [--] CMD")
+    for option in ("--cwd DIR", "--out DIR", "--timeout SECONDS", "--env K=V", "--smp N", "--mem MIB", "--debug"):
+        assert option in out.stdout
+    assert f"working directory of the command (default: {repo})" in " ".join(out.stdout.split())
 
 
 @pytest.mark.lane

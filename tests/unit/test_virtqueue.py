@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from microvm.devices.virtio.queue import DescriptorChain, Queue, QueueError
 from microvm.memory import GuestMemory
-from tests.unit.virtio_driver import (
+from tests.support.virtio_driver import (
     LAYOUTS,
     SIZES,
     VRING_DESC_F_INDIRECT,

@@ -28,6 +28,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from typing import Protocol
 
+from microvm.backends.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, VNET_HDR_SIZE
 from microvm.checks import parse_mac
 from microvm.devices.virtio import VIRTIO_ID_NET, QueueState, config_read
 from microvm.devices.virtio.queue import DescriptorChain, Queue, QueueError
@@ -57,21 +58,14 @@ VIRTIO_NET_HDR_GSO_TCPV4 = 1
 VIRTIO_NET_HDR_GSO_TCPV6 = 4
 VIRTIO_NET_HDR_GSO_ECN = 0x80
 
-# include/uapi/linux/if_tun.h: what the guest accepts, told to the tap.
-TUN_F_CSUM = 0x01
-TUN_F_TSO4 = 0x02
-TUN_F_TSO6 = 0x04
-TUN_F_TSO_ECN = 0x08
-
 RX_QUEUE = 0
 TX_QUEUE = 1
 QUEUE_SIZE = 256
-HDR_SIZE = 12  # struct virtio_net_hdr_v1: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers
-NUM_BUFFERS_OFFSET = 10
+NUM_BUFFERS_OFFSET = 10  # in struct virtio_net_hdr_v1 (VNET_HDR_SIZE, backends/tap.py)
 ETH_HLEN = 14
 MTU = 1500
 # The largest frame either way: a 64 KiB GSO segment, its Ethernet header and ours.
-MAX_FRAME = HDR_SIZE + ETH_HLEN + 65535
+MAX_FRAME = VNET_HDR_SIZE + ETH_HLEN + 65535
 MAX_RX_CHAINS = QUEUE_SIZE  # receive buffers one frame may take (mergeable)
 MAX_READ_ERRORS = 64  # tap read errors in a row before we stop for this wake-up
 
@@ -198,7 +192,7 @@ class VirtioNet(QueueState):
         if len(readable) != len(chain.descriptors):
             self._drop("tx_malformed", "transmit chain has device-writable buffers")
             return 0
-        if length < HDR_SIZE + ETH_HLEN:
+        if length < VNET_HDR_SIZE + ETH_HLEN:
             self._drop("tx_malformed", f"transmit frame of {length} bytes is shorter than its headers")
             return 0
         if length > MAX_FRAME:
@@ -226,7 +220,7 @@ class VirtioNet(QueueState):
             self._drop("tx_short", f"short write to the tap ({n} of {length})")
             return 0
         self.counters["tx_frames"] += 1
-        self.counters["tx_bytes"] += length - HDR_SIZE
+        self.counters["tx_bytes"] += length - VNET_HDR_SIZE
         return 0
 
     # --- receive (5.1.6.3, 5.1.6.4) --------------------------------------------------------
@@ -271,7 +265,7 @@ class VirtioNet(QueueState):
                 return 0
             if n > MAX_FRAME:
                 self._drop("rx_oversized", "a frame from the tap is longer than the largest we accept")
-            elif n < HDR_SIZE + ETH_HLEN:
+            elif n < VNET_HDR_SIZE + ETH_HLEN:
                 self._drop("rx_malformed", f"a {n}-byte frame from the tap")
             else:
                 return n
@@ -318,7 +312,7 @@ class VirtioNet(QueueState):
             pos += take
         q.add_used_many(used)
         self.counters["rx_frames"] += 1
-        self.counters["rx_bytes"] += need - HDR_SIZE
+        self.counters["rx_bytes"] += need - VNET_HDR_SIZE
         return chosen
 
     def _offloads_ok(self, frame: memoryview) -> bool:
@@ -346,8 +340,8 @@ class VirtioNet(QueueState):
             raise QueueError("receive buffer has device-readable descriptors")
         capacity = sum(d.len for d in chain.descriptors)
         # 5.1.6.3.1: every receive buffer holds at least the header.
-        if capacity < HDR_SIZE:
-            raise QueueError(f"receive buffer of {capacity} bytes is smaller than the {HDR_SIZE}-byte header")
+        if capacity < VNET_HDR_SIZE:
+            raise QueueError(f"receive buffer of {capacity} bytes is smaller than the {VNET_HDR_SIZE}-byte header")
         return capacity
 
     @staticmethod

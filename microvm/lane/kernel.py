@@ -1,5 +1,5 @@
 """The lane's kernel: Debian's stock 6.1 kernel package, fetched with apt once
-and cached (see lane.py for what the lane is)."""
+and cached under $MICROVM_CACHE/lane (default ~/.cache/microvm/lane)."""
 
 from __future__ import annotations
 
@@ -39,8 +39,6 @@ def cache_dir() -> Path:
     return Path(base) / "lane"
 
 
-# --- kernel --------------------------------------------------------------------
-
 def _run(argv: Sequence[str], cwd: str | None = None) -> str:
     try:
         return subprocess.run(argv, check=True, capture_output=True, text=True, cwd=cwd).stdout
@@ -55,8 +53,8 @@ def _release_key(release: str) -> int:
     return int(m.group(2)) if m else -1
 
 
-def _cached_kernel(root: Path) -> LaneKernel | None:
-    """The newest kernel already extracted: reruns never consult apt."""
+def cached_kernel(root: Path) -> LaneKernel | None:
+    """The newest kernel already extracted under root: reruns never consult apt."""
     found = [LaneKernel(d.name, d) for d in root.glob("6.1.0-*-amd64") if _release_key(d.name) >= 0]
     found = [k for k in found if k.vmlinuz.is_file()]
     return max(found, key=lambda k: _release_key(k.release), default=None)
@@ -80,7 +78,7 @@ def _wanted_packages() -> list[str]:
 def find_kernel() -> LaneKernel:
     """Debian's 6.1 kernel, downloaded and extracted into the cache (never into /boot)."""
     root = cache_dir()
-    cached = _cached_kernel(root)
+    cached = cached_kernel(root)
     if cached:
         return cached
     root.mkdir(parents=True, exist_ok=True)
@@ -141,5 +139,3 @@ def boot_image(kernel: LaneKernel) -> Path:
     if vmlinux.is_file() or extract_vmlinux(kernel.vmlinuz, vmlinux):
         return vmlinux
     return kernel.vmlinuz
-
-

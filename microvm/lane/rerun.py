@@ -1,10 +1,11 @@
 """Run a benchmark where Linux guests can run: on a PVM host, inside the lane.
 
-On a PVM host (ENVIRONMENT.md: guest kernel mode is emulated) a Linux guest
-cannot boot, so the benchmark's own command line is run again inside the
-hardware-virtualization lane (microvm/lane.py) and this process exits with
-its status. Files the benchmark writes reach the host only through the lane's
-read-write share, so the caller names the directory it writes to.
+On a PVM host guest kernel mode is emulated instruction by instruction, so
+an unmodified Linux kernel cannot run; the benchmark's own command line is
+run again inside the hardware-virtualization lane (run.py) and this process
+exits with its status. Files the benchmark writes reach the host only
+through the lane's read-write share, so the caller names the directory it
+writes to.
 
 The lane's serial console carries the command's stdout and stderr as one
 stream. To keep them apart, the command (in the lane) starts each line it
@@ -24,14 +25,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-import microvm
+from microvm.errors import LaneError
+from microvm.lane.run import run_in_lane
 
 IN_LANE_ENV = "MICROVM_IN_LANE"
 # Starts each line the command in the lane writes to stderr (ASCII record separator).
 STDERR_TAG = "\x1e"
 _LINES = re.compile(r"[^\n]*\n|[^\n]+")
 # The directory holding the microvm package, so the lane imports this very checkout.
-PACKAGE_ROOT = Path(microvm.__file__).resolve().parent.parent
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 
 def in_lane() -> bool:
@@ -42,7 +44,7 @@ def needs_lane() -> bool:
     """True on a PVM host (outside the lane), where guests must run in the lane."""
     if in_lane():
         return False
-    from microvm.doctor import Verdict, host_verdict
+    from microvm.doctor import Verdict, host_verdict  # here: it needs the KVM extension, the lane does not
 
     return host_verdict() is Verdict.PVM
 
@@ -138,14 +140,10 @@ def rerun_in_lane_if_pvm(argv: Sequence[str] | None = None, *, what: str = "this
         return
     if not needs_lane():
         return
-    from microvm.lane import LaneError, run_in_lane
-
     command = list(argv) if argv is not None else [sys.executable, *sys.argv]
     print(f"PVM host: running {what} inside the hardware-virtualization lane", file=sys.stderr, flush=True)
     env = {IN_LANE_ENV: "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT),
                                                                          os.environ.get("PYTHONPATH")]))}
-    if "MICROVM_CACHE" in os.environ:
-        env["MICROVM_CACHE"] = os.environ["MICROVM_CACHE"]
     if out_dir is not None:
         out_dir = Path(out_dir).resolve()
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,9 @@
-"""The hardware-virtualization lane: run a host command where /dev/kvm is real KVM.
+"""One run in the lane: boot QEMU, run a host command where /dev/kvm is real KVM.
 
-On hosts whose /dev/kvm cannot run Linux guests (PVM, see
-/work/shared/ENVIRONMENT.md) we boot Debian's stock 6.1 kernel in QEMU with TCG
-and an emulated AMD-V CPU (`-cpu max,+svm`). A small busybox initramfs loads
+On a PVM host /dev/kvm runs guest user mode natively but emulates guest
+kernel mode instruction by instruction, so an unmodified Linux kernel cannot
+run there. The lane boots Debian's stock 6.1 kernel in QEMU with TCG and an
+emulated AMD-V CPU (`-cpu max,+svm`). A small busybox initramfs loads
 kvm-amd and 9p, mounts the host's / read-only over virtio-9p, layers a tmpfs
 over it with overlayfs so the command may write anywhere, chroots into it and
 runs the command. Inside, /dev/kvm is nested KVM with hardware semantics.
@@ -14,13 +15,10 @@ Host <-> guest plumbing, all over virtio-9p:
 
 The per-run data lives in ctl, so the initramfs depends only on the kernel and
 busybox and is built once per content hash.
-
-Usage: python -m microvm.lane [--cwd D] [--timeout S] [--env K=V] -- CMD ...
 """
 
 from __future__ import annotations
 
-import argparse
 import codecs
 import os
 import re
@@ -38,44 +36,21 @@ from pathlib import Path
 
 from microvm import initramfs
 from microvm.errors import LaneError, LaneTimeout
-from microvm.laneinit import END_MARK, INIT_SCRIPT, MODULES, START_MARK, initrd_path, modinfo, module_order
-from microvm.lanekernel import (
-    LaneKernel,
-    _cached_kernel,
-    _wanted_packages,
-    boot_image,
-    cache_dir,
-    extract_vmlinux,
-    find_kernel,
-)
-
-__all__ = [
-    "INIT_SCRIPT",
-    "MODULES",
-    "LaneError",
-    "LaneKernel",
-    "LaneTimeout",
-    "_wanted_packages",
-    "boot_image",
-    "cache_dir",
-    "extract_vmlinux",
-    "find_kernel",
-    "modinfo",
-    "module_order",
-    "run_in_lane",
-]
-
+from microvm.lane.initrd import END_MARK, START_MARK, initrd_path
+from microvm.lane.kernel import boot_image, cache_dir, cached_kernel, find_kernel
 
 QEMU = "qemu-system-x86_64"
 TAIL_LINES = 60  # console lines quoted in a LaneError
 
-# Host variables worth carrying into the chroot so tools behave the same there.
-PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "PYENV_ROOT", "PYENV_VERSION")
+# Host variables worth carrying into the chroot so tools behave the same there
+# (MICROVM_CACHE: microvm inside finds the guest kernel and images built outside).
+PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "PYENV_ROOT", "PYENV_VERSION", "MICROVM_CACHE")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # One TCG thread: multi-threaded TCG with nested SVM was seen to hang now and
 # then; a 1-vCPU lane still runs 2-vCPU guests (their threads time-share).
 DEFAULT_SMP = int(os.environ.get("MICROVM_LANE_SMP", "1"))
+
 
 @dataclass(frozen=True)
 class LaneResult:
@@ -83,8 +58,6 @@ class LaneResult:
     output: str  # the command's console output, "\r\n" folded to "\n"
     wall_s: float
 
-
-# --- one run -----------------------------------------------------------------------
 
 def run_script(argv: Sequence[str], cwd: str, env: Mapping[str, str]) -> str:
     """The shell text the chroot's /bin/sh runs: cd, export, exec argv."""
@@ -142,7 +115,7 @@ def lane_available() -> str | None:
         initramfs.busybox_path()
     except initramfs.CpioError as e:
         return str(e)
-    if _cached_kernel(cache_dir()) is None:
+    if cached_kernel(cache_dir()) is None:
         for tool in ("apt-get", "apt-cache", "dpkg-deb"):
             if shutil.which(tool) is None:
                 return f"no cached lane kernel and {tool} is missing to fetch one"
@@ -265,28 +238,3 @@ def _run_qemu(cmd: list[str], console: _Console, timeout: float) -> int:
             proc.wait()
         proc.stdout.close()
 
-
-def main(args: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m microvm.lane", description=__doc__.splitlines()[0])
-    parser.add_argument("--cwd", help="working directory inside (default: the current one)")
-    parser.add_argument("--timeout", type=float, default=1800)
-    parser.add_argument("--env", action="append", default=[], metavar="K=V")
-    parser.add_argument("--out-dir", type=Path, help="host dir shared read-write (default: a temp dir)")
-    parser.add_argument("--smp", type=int)
-    parser.add_argument("--mem", type=int, default=2048, metavar="MIB")
-    parser.add_argument("--debug", action="store_true", help="show kernel messages and trace the init")
-    parser.add_argument("argv", nargs="+", metavar="CMD")
-    ns = parser.parse_args(args)
-    env = dict(item.partition("=")[::2] for item in ns.env)
-    try:
-        result = run_in_lane(ns.argv, cwd=ns.cwd, env=env, timeout=ns.timeout, out_dir=ns.out_dir,
-                             smp=ns.smp, mem_mib=ns.mem, debug=ns.debug)
-    except LaneError as e:
-        print(f"microvm.lane: {e}", file=sys.stderr)
-        return 124 if isinstance(e, LaneTimeout) else 125  # as timeout(1) and env(1) do
-    print(f"microvm.lane: exit {result.returncode} after {result.wall_s:.1f} s", file=sys.stderr)
-    return result.returncode
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,5 +1,6 @@
-"""The lane's initramfs: busybox, the kernel modules it needs, and its /init
-(see lane.py for what the lane is). Built once per content hash."""
+"""The lane's initramfs: busybox, the kernel modules it needs, and its /init,
+which mounts the host over virtio-9p and runs the command (see run.py).
+Built once per content hash."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from microvm import initramfs
 from microvm.errors import LaneError
-from microvm.lanekernel import LaneKernel
+from microvm.lane.kernel import LaneKernel
 
 # Load order matters: insmod does not resolve dependencies. kvm-amd needs ccp
 # (SEV), 9p needs netfs + fscache; tun/bridge/veth/overlay serve network tests
@@ -156,5 +157,3 @@ def initrd_path(kernel: LaneKernel) -> Path:
         tmp.write_bytes(blob)
         os.replace(tmp, dest)
     return dest
-
-

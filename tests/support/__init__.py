@@ -1,0 +1,1 @@
+"""Helpers the tests share (fakes and builders, no tests here)."""
