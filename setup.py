@@ -32,7 +32,8 @@ extensions = [
 setup(
     distclass=MicrovmDistribution,
     package_dir={KERNELS_PACKAGE: "kernels"},
-    package_data={KERNELS_PACKAGE: ["*.config"]},
+    # exits_raw.c: `microvm bench exits` compiles it when it runs.
+    package_data={KERNELS_PACKAGE: ["*.config"], "microvm.benchmarks": ["*.c"]},
     ext_modules=cythonize(
         extensions,
         include_path=["ext"],

@@ -1,68 +1,43 @@
-"""`microvm bench ...`: boot, footprint, rate.
+"""`microvm bench ...`: boot, footprint, rate, blk, net, exits.
 
 Each command prints a table and writes its results under --out. On a PVM
-host it first re-runs itself inside the hardware-virtualization lane (microvm.lane),
-with --out shared so the files come back. Every option is checked here, on
-the host, before that: a bad value is a usage error (exit 2) at once, and
-nothing is created under --out.
+host the commands that boot Linux first re-run themselves inside the
+hardware-virtualization lane (microvm.lane), with --out shared so the files
+come back; exits (a tiny guest) runs where it is. Every option is checked
+here, on the host, before that: a bad value is a usage error (exit 2) at
+once, and nothing is created under --out. What is missing on the host (a
+kernel, an image, QEMU, a tool) is one line (exit 1), also before any lane.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from rich.table import Table
 
-from microvm.benchmarks.options import CMDLINE_VARIANTS, KERNEL_FORMATS, MEM_MIB_RANGE, VCPUS_RANGE
+from microvm.benchmarks.options import (
+    CMDLINE_VARIANTS,
+    EXITS_RANGE,
+    KERNEL_FORMATS,
+    MEM_MIB_RANGE,
+    VCPUS_RANGE,
+    choices,
+    ints,
+)
 from microvm.clierrors import one_line_errors
 
 F = TypeVar("F", bound=Callable[..., Any])
-Callback = Callable[[click.Context, click.Parameter, str], list[Any]]
+Measure = Callable[[Callable[[str], None]], dict[str, Any]]
 DEFAULT_OUT = "build/bench"
 
 
-def _words(value: str) -> list[str]:
-    words = [w.strip() for w in value.split(",") if w.strip()]
-    if not words:
-        raise click.BadParameter("no value given")
-    return words
-
-
-def _choices(allowed: Sequence[str]) -> Callback:
-    """A click callback: comma-separated words, each one of allowed (repeats dropped)."""
-
-    def check(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
-        words = _words(value)
-        bad = [w for w in words if w not in allowed]
-        if bad:
-            raise click.BadParameter(f"{', '.join(map(repr, bad))}: choose from {', '.join(allowed)}")
-        return list(dict.fromkeys(words))
-
-    return check
-
-
-def _ints(low: int, high: int) -> Callback:
-    """A click callback: comma-separated integers, each in low..high (repeats dropped)."""
-
-    def check(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
-        words = _words(value)
-        try:
-            numbers = [int(w) for w in words]
-        except ValueError:
-            raise click.BadParameter(f"{value!r}: expected comma-separated integers") from None
-        bad = [n for n in numbers if not low <= n <= high]
-        if bad:
-            raise click.BadParameter(f"{', '.join(map(str, bad))}: each must be between {low} and {high}")
-        return list(dict.fromkeys(numbers))
-
-    return check
-
-
 def _in_lane(command: str, out: Path, smp: int | None = None) -> None:
-    """On a PVM host: run this same command line in the lane, then exit."""
+    """On a PVM host: run this same command line in the lane, then exit.
+    (bench/*.py set sys.argv to `microvm bench ...` first: see scripts.py.)"""
     from microvm.lane import rerun_in_lane_if_pvm
 
     rerun_in_lane_if_pvm([sys.executable, "-m", "microvm", *sys.argv[1:]], what=f"`microvm bench {command}`",
@@ -70,82 +45,21 @@ def _in_lane(command: str, out: Path, smp: int | None = None) -> None:
 
 
 def _kernel(kernel_format: str) -> Path:
-    """Our cached kernel in that format; a ConfigError (one line) if none is built.
-    Asked on the host too, before the lane: the lane sees the host's files."""
-    from microvm.benchmarks.boot import kernel_path
+    """Our cached kernel in that format; a ConfigError (one line) if none is built."""
+    from microvm.benchmarks import guest
 
-    return kernel_path(kernel_format)
-
-
-out_option = click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path),
-                          default=DEFAULT_OUT, show_default=True, help="Directory for the result files.")
-kernel_option = click.option("--kernel-format", type=click.Choice(["elf", "bzimage"]), default="elf",
-                             show_default=True, help="Our cached kernel as vmlinux (elf) or bzImage.")
+    return guest.kernel_path(kernel_format)
 
 
-@click.group()
-def bench() -> None:
-    """Benchmarks: boot timeline, host memory footprint, VMs per second."""
+def _need_qemu(with_qemu: bool) -> None:
+    from microvm.benchmarks import qemu
 
-
-@bench.command("boot")
-@click.option("--kernel-format", "formats", default="elf", show_default=True, metavar="FORMAT[,FORMAT...]",
-              callback=_choices(KERNEL_FORMATS), help="Comma-separated: elf (vmlinux, PVH), bzimage.")
-@click.option("--mem", "mems", default="128", show_default=True, metavar="MIB[,MIB...]",
-              callback=_ints(*MEM_MIB_RANGE), help="Guest MiB, comma-separated.")
-@click.option("--vcpus", "vcpus", default="1", show_default=True, metavar="N[,N...]",
-              callback=_ints(*VCPUS_RANGE), help="vCPU counts, comma-separated.")
-@click.option("--cmdline-variant", "variants", default="quiet", show_default=True, metavar="VARIANT[,VARIANT...]",
-              callback=_choices(CMDLINE_VARIANTS),
-              help="Comma-separated: quiet (our default command line), verbose (without `quiet`).")
-@click.option("-n", "--runs", type=click.IntRange(min=1), default=10, show_default=True,
-              help="Boots per configuration.")
-@click.option("--qemu", "with_qemu", is_flag=True, help="Also boot QEMU's microvm machine, same kernel and initramfs.")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=300, show_default=True,
-              help="Seconds allowed per boot.")
-@out_option
-@one_line_errors
-def boot_cmd(formats: list[str], mems: list[int], vcpus: list[int], variants: list[str], runs: int,
-             with_qemu: bool, timeout: float, out: Path) -> None:
-    """Boot each configuration N times: phase timeline table, JSON, CSV, PNG."""
-    from microvm.benchmarks import boot, qemu, report
-    from microvm.benchmarks.plot import boot_figure, pyplot
-
-    pyplot()  # matplotlib (the bench extra) is there, or one line saying so before anything boots
-    configs = boot.configurations(formats, mems, vcpus, variants, with_qemu)
     if with_qemu and not qemu.available():
         raise click.BadParameter(f"{qemu.QEMU} is not installed", param_hint="'--qemu'")
-    for kernel_format in formats:
-        _kernel(kernel_format)
-    _in_lane("boot", out)
-    with report.progress("booting", len(configs) * runs) as advance:
-        result = boot.run(configs, runs, timeout=timeout, on_run=advance)
-    report.console().print(report.stats_table(f"boot timeline, {runs} runs each (ms since start)",
-                                              result["summary"]))
-    paths = [report.write_json(out / "boot.json", result), report.write_csv(out / "boot.csv", result["runs"]),
-             boot_figure(out / "boot.png", result["summary"], result["runs"])]
-    click.echo("wrote " + ", ".join(str(p) for p in paths))
 
 
-def _tabulate(name: str, progress: str, total: int, measure: Callable[[Callable[[str], None]], dict[str, Any]],
-              title: str, module: Any, out: Path) -> None:
-    """Run measure(advance) under a progress bar, print module's table, write NAME.json."""
-    from microvm.benchmarks import report
-
-    with report.progress(progress, total) as advance:
-        result = measure(advance)
-    report.console().print(report.rows_table(title, module.COLUMNS, module.table_rows(result)))
-    click.echo(f"wrote {report.write_json(out / f'{name}.json', result)}")
-
-
-def _vm_options(count_help: str, min_count: int) -> Callable[[F], F]:
-    """--kernel-format, --mem, --count and --out: what footprint and rate share."""
-    options = (kernel_option,
-               click.option("--mem", "mem_mib", type=click.IntRange(*MEM_MIB_RANGE), default=128, show_default=True,
-                            help="Guest MiB per VM."),
-               click.option("--count", type=click.IntRange(min=min_count), default=20, show_default=True,
-                            help=count_help),
-               out_option)
+def _options(*options: Callable[[Any], Any]) -> Callable[[F], F]:
+    """Several click options as one decorator, in the order given."""
 
     def apply(fn: F) -> F:
         for option in reversed(options):
@@ -153,6 +67,102 @@ def _vm_options(count_help: str, min_count: int) -> Callable[[F], F]:
         return fn
 
     return apply
+
+
+def _qemu_option(default: bool, help: str) -> Callable[[F], F]:
+    return click.option("--qemu/--no-qemu", "with_qemu", default=default, show_default=True, help=help)
+
+
+out_option = click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path),
+                          default=DEFAULT_OUT, show_default=True, help="Directory for the result files.")
+kernel_option = click.option("--kernel-format", type=click.Choice(KERNEL_FORMATS), default="elf",
+                             show_default=True, help="Our cached kernel as vmlinux (elf) or bzImage.")
+
+
+def _measure(name: str, progress: str, total: int, measure: Measure, table: Callable[[dict[str, Any]], Table],
+             out: Path) -> None:
+    """Run measure(advance) under a progress bar, print its table and the
+    runs that failed (stderr), write NAME.json."""
+    from microvm.benchmarks import report
+
+    with report.progress(progress, total) as advance:
+        result = measure(advance)
+    report.console().print(table(result))
+    for f in result.get("failures", []):
+        click.echo(f"run {f['run']} {f['side']} failed after {f['seconds']:.0f} s: {f['error']}", err=True)
+    click.echo(f"wrote {report.write_json(out / f'{name}.json', result)}")
+
+
+def _compared(module: Any) -> Callable[[dict[str, Any]], Table]:
+    """The table of an A/B benchmark module (METRICS, title(result))."""
+    from microvm.benchmarks import report
+
+    return lambda result: report.compare_table(module.title(result), module.METRICS, result)
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks: boot timeline, footprint, VM rate; virtio-blk, virtio-net, exit cost."""
+
+
+@bench.command("boot")
+@click.option("--kernel-format", "formats", default="elf", show_default=True, metavar="FORMAT[,FORMAT...]",
+              callback=choices(KERNEL_FORMATS), help="Comma-separated: elf (vmlinux, PVH), bzimage.")
+@click.option("--mem", "mems", default="128", show_default=True, metavar="MIB[,MIB...]",
+              callback=ints(*MEM_MIB_RANGE), help="Guest MiB, comma-separated.")
+@click.option("--vcpus", "vcpus", default="1", show_default=True, metavar="N[,N...]",
+              callback=ints(*VCPUS_RANGE), help="vCPU counts, comma-separated.")
+@click.option("--cmdline-variant", "variants", default="quiet", show_default=True, metavar="VARIANT[,VARIANT...]",
+              callback=choices(CMDLINE_VARIANTS),
+              help="Comma-separated: quiet (our default command line), verbose (without `quiet`).")
+@click.option("-n", "--runs", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Boots per configuration.")
+@_qemu_option(False, "Also boot QEMU's microvm machine, same kernel and initramfs.")
+@click.option("--cli", "with_cli", is_flag=True, help="Also time `microvm run -- true`, a whole process.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=300, show_default=True,
+              help="Seconds allowed per boot.")
+@out_option
+@one_line_errors
+def boot_cmd(formats: list[str], mems: list[int], vcpus: list[int], variants: list[str], runs: int,
+             with_qemu: bool, with_cli: bool, timeout: float, out: Path) -> None:
+    """Boot each configuration N times: phase timeline table, JSON, CSV, PNG."""
+    from microvm.benchmarks import boot, report
+    from microvm.benchmarks.plot import boot_figure, pyplot
+
+    pyplot()  # matplotlib (the bench extra) is there, or one line saying so before anything boots
+    vmms = ["microvm", *(["microvm run"] if with_cli else []), *(["qemu"] if with_qemu else [])]
+    configs = boot.configurations(formats, mems, vcpus, variants, vmms)
+    _need_qemu(with_qemu)
+    for kernel_format in formats:
+        _kernel(kernel_format)
+    _in_lane("boot", out)
+    with report.progress("booting", len(configs) * runs) as advance:
+        result = boot.run(configs, runs, timeout=timeout, on_run=advance)
+    report.console().print(report.stats_table(f"boot timeline, {runs} runs each (ms since start)",
+                                              result["summary"]))
+    if result["comparison"] is not None:
+        report.console().print(report.compare_table("boot, ms from start() (microvm) or from spawning the process",
+                                                    boot.compared_metrics(configs), result["comparison"]))
+    paths = [report.write_json(out / "boot.json", result), report.write_csv(out / "boot.csv", result["runs"]),
+             boot_figure(out / "boot.png", result["summary"], result["runs"])]
+    click.echo("wrote " + ", ".join(str(p) for p in paths))
+
+
+def _vm_options(count_help: str, min_count: int) -> Callable[[F], F]:
+    """--kernel-format, --mem, --count and --out: what footprint and rate share."""
+    return _options(kernel_option,
+                    click.option("--mem", "mem_mib", type=click.IntRange(*MEM_MIB_RANGE), default=128,
+                                 show_default=True, help="Guest MiB per VM."),
+                    click.option("--count", type=click.IntRange(min=min_count), default=20, show_default=True,
+                                 help=count_help),
+                    out_option)
+
+
+def _rows(title: str, module: Any) -> Callable[[dict[str, Any]], Table]:
+    """The table of a module with COLUMNS and table_rows(result)."""
+    from microvm.benchmarks import report
+
+    return lambda result: report.rows_table(title, module.COLUMNS, module.table_rows(result))
 
 
 @bench.command("footprint")
@@ -166,9 +176,9 @@ def footprint_cmd(kernel_format: str, mem_mib: int, count: int, processes: int, 
     _in_lane("footprint", out)
     from microvm.benchmarks import footprint
 
-    _tabulate("footprint", "booting idle VMs", count + processes,
-              lambda advance: footprint.run(_kernel(kernel_format), mem_mib, count, processes, advance),
-              f"VMM host memory, {mem_mib} MiB guests", footprint, out)
+    _measure("footprint", "booting idle VMs", count + processes,
+             lambda advance: footprint.run(_kernel(kernel_format), mem_mib, count, processes, advance),
+             _rows(f"VMM host memory, {mem_mib} MiB guests", footprint), out)
 
 
 @bench.command("rate")
@@ -182,6 +192,63 @@ def rate_cmd(kernel_format: str, mem_mib: int, count: int, workers: int, out: Pa
     _in_lane("rate", out, smp=workers)
     from microvm.benchmarks import rate
 
-    _tabulate("rate", "VMs", count * (2 if workers > 1 else 1),
-              lambda advance: rate.run(_kernel(kernel_format), mem_mib, count, workers, advance),
-              f"VM rate, {mem_mib} MiB guests running `true`", rate, out)
+    _measure("rate", "VMs", count * (2 if workers > 1 else 1),
+             lambda advance: rate.run(_kernel(kernel_format), mem_mib, count, workers, advance),
+             _rows(f"VM rate, {mem_mib} MiB guests running `true`", rate), out)
+
+
+def _ab_options(runtime_help: str, *own: Callable[[Any], Any]) -> Callable[[F], F]:
+    """--runtime, --runs, the command's own, --qemu/--no-qemu and --out: what blk and net share."""
+    return _options(click.option("--runtime", type=click.IntRange(min=1), default=5, show_default=True,
+                                 help=runtime_help),
+                    click.option("--runs", type=click.IntRange(min=1), default=5, show_default=True,
+                                 help="Runs per VMM, taking turns."),
+                    *own,
+                    _qemu_option(True, "Also run QEMU's microvm machine, same kernel, image and script."),
+                    out_option)
+
+
+@bench.command("blk")
+@_ab_options("Seconds per fio job.",
+             click.option("--size-mib", type=click.IntRange(min=1), default=256, show_default=True,
+                          help="Scratch disk size (on a host tmpfs)."))
+@one_line_errors
+def blk_cmd(runtime: int, runs: int, with_qemu: bool, out: Path, size_mib: int) -> None:
+    """virtio-blk: fio sequential and random I/O, microvm against QEMU."""
+    from microvm.benchmarks import ab, blk
+
+    ab.kernel_and_image(blk.PACKAGE)
+    _need_qemu(with_qemu)
+    _in_lane("blk", out)
+    _measure("blk", "fio runs", runs * (1 + with_qemu),
+             lambda advance: blk.run(runs, runtime, size_mib, with_qemu, advance), _compared(blk), out)
+
+
+@bench.command("net")
+@_ab_options("Seconds per measurement.")
+@one_line_errors
+def net_cmd(runtime: int, runs: int, with_qemu: bool, out: Path) -> None:
+    """virtio-net over a tap: TCP both ways and request/response, microvm against QEMU."""
+    from microvm.benchmarks import ab, net
+
+    ab.kernel_and_image(net.PACKAGE)
+    net.check_host()
+    _need_qemu(with_qemu)
+    _in_lane("net", out)
+    _measure("net", "network runs", runs * (1 + with_qemu),
+             lambda advance: net.run(runs, runtime, with_qemu, advance), _compared(net), out)
+
+
+@bench.command("exits")
+@click.option("--exits", type=click.IntRange(*EXITS_RANGE), default=20000, show_default=True,
+              help="Port-I/O exits per run (the guest's loop count).")
+@click.option("--runs", type=click.IntRange(min=1), default=7, show_default=True, help="Runs per variant.")
+@out_option
+@one_line_errors
+def exits_cmd(exits: int, runs: int, out: Path) -> None:
+    """Cost of one port-I/O exit: our bus, a no-op device, a bare Python loop, a C loop."""
+    from microvm.benchmarks import exits as exits_bench
+
+    exits_bench.compiler()
+    _measure("exits", "exit loops", runs * len(exits_bench.VARIANTS),
+             lambda advance: exits_bench.run(exits, runs, advance), _compared(exits_bench), out)

@@ -1,59 +1,65 @@
 """What the benchmarks' options may be, checked on the host before anything runs.
 
-`microvm bench` (click, cli.py) and the bench/*.py scripts (argparse, the
-types below) check every option while parsing the command line: on a PVM
-host a bad value is then a usage error at once, not a failure inside the
-hardware-virtualization lane after it has booted, with an output directory
-already made. Kept free of heavy imports: `microvm --help` loads this module.
+`microvm bench` (cli.py) checks every option while click parses the command
+line: on a PVM host a bad value is then a usage error at once, not a failure
+inside the hardware-virtualization lane after it has booted, with an output
+directory already made. Kept free of heavy imports: `microvm --help` loads
+this module.
 """
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import click
 
 from microvm.checks import MAX_MEM_MIB, MAX_VCPUS, MIN_MEM_MIB
 
 KERNEL_FORMATS = ("elf", "bzimage")
 CMDLINE_VARIANTS = ("quiet", "verbose")
+# What `bench boot` boots with: this process, a `microvm run` process, QEMU.
+VMMS = ("microvm", "microvm run", "qemu")
 # MicroVM's own limits, so the lane is not started for a value the VM would refuse.
 MEM_MIB_RANGE = (MIN_MEM_MIB, MAX_MEM_MIB)
 VCPUS_RANGE = (1, MAX_VCPUS)
+EXITS_RANGE = (1, 2**32 - 1)  # the exits guest's loop counter is ecx
+
+Callback = Callable[[click.Context, click.Parameter, str], list[Any]]
 
 
-def int_range(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
-    """An argparse type: an integer of at least minimum (and at most maximum)."""
+def _words(value: str) -> list[str]:
+    words = [w.strip() for w in value.split(",") if w.strip()]
+    if not words:
+        raise click.BadParameter("no value given")
+    return words
 
-    def parse(text: str) -> int:
+
+def choices(allowed: Sequence[str]) -> Callback:
+    """A click callback: comma-separated words, each one of allowed (repeats dropped)."""
+
+    def check(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
+        words = _words(value)
+        bad = [w for w in words if w not in allowed]
+        if bad:
+            raise click.BadParameter(f"{', '.join(map(repr, bad))}: choose from {', '.join(allowed)}")
+        return list(dict.fromkeys(words))
+
+    return check
+
+
+def ints(low: int, high: int) -> Callback:
+    """A click callback: comma-separated integers, each in low..high (repeats dropped)."""
+
+    def check(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
+        words = _words(value)
         try:
-            value = int(text)
+            numbers = [int(w) for w in words]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} is less than {minimum}")
-        if maximum is not None and value > maximum:
-            raise argparse.ArgumentTypeError(f"{value} is more than {maximum}")
-        return value
+            raise click.BadParameter(f"{value!r}: expected comma-separated integers") from None
+        bad = [n for n in numbers if not low <= n <= high]
+        if bad:
+            raise click.BadParameter(f"{', '.join(map(str, bad))}: each must be between {low} and {high}")
+        return list(dict.fromkeys(numbers))
 
-    parse.__name__ = f"integer >= {minimum}"  # what argparse calls the type in other messages
-    return parse
-
-
-def kernel_choice(text: str) -> str:
-    """An argparse type for bench/boot.py's --kernel: vmlinux, bzImage (our
-    cached kernel) or the path of a kernel file."""
-    if text not in ("vmlinux", "bzImage") and not Path(text).is_file():
-        raise argparse.ArgumentTypeError(f"{text!r}: neither vmlinux, bzImage nor a file")
-    return text
-
-
-def output_file(text: str) -> Path:
-    """An argparse type: a file to write, in a directory that exists (so a typo
-    fails now, not when the results are ready to be written)."""
-    path = Path(text)
-    if not text or path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r} is a directory, not a file")
-    if not path.resolve().parent.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r}: directory {str(path.parent)!r} does not exist")
-    return path
+    return check

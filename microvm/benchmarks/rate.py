@@ -14,9 +14,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from microvm.benchmarks.guest import RunFailed
 from microvm.benchmarks.report import summarize
 from microvm.benchmarks.workers import Report, run_workers
-from microvm.errors import GuestCrashError
 
 
 def one_vm(kernel: Path, mem_mib: int, timeout: float = 300) -> float:
@@ -26,7 +26,7 @@ def one_vm(kernel: Path, mem_mib: int, timeout: float = 300) -> float:
     t0 = time.monotonic()
     r = MicroVM(kernel, mem_mib=mem_mib).run(["true"], timeout=timeout)
     if r.exit_code != 0:
-        raise GuestCrashError(f"`true` exited {r.exit_code} in the guest")
+        raise RunFailed(f"`true` exited {r.exit_code} in the guest")
     return time.monotonic() - t0
 
 

@@ -76,6 +76,43 @@ def stats_table(title: str, groups: Mapping[str, Mapping[str, Stats]], *, scale:
     return table
 
 
+def compare(samples: Mapping[str, Mapping[str, Sequence[float]]], metrics: Sequence[str],
+            ratios: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """Sides side by side (microvm and QEMU, or variants of one loop): from
+    samples (side -> metric -> values) the JSON-ready record of an A/B run:
+    runs per side, the samples, their summary and, per pair (a, b) in ratios,
+    the ratio of medians a / b per metric (None where a side lacks it; no
+    entry for a pair with a side that has no samples at all)."""
+    summary = {side: {m: summarize(per[m]) for m in metrics if per.get(m)} for side, per in samples.items()}
+
+    def ratio(a: str, b: str, m: str) -> float | None:
+        if m not in summary.get(a, {}) or m not in summary.get(b, {}) or not summary[b][m].median:
+            return None
+        return summary[a][m].median / summary[b][m].median
+
+    return {"runs": {side: max((st.n for st in per.values()), default=0) for side, per in summary.items()},
+            "samples": {side: dict(per) for side, per in samples.items()}, "summary": summary,
+            "ratio": {f"{a} / {b}": {m: ratio(a, b, m) for m in metrics} for a, b in ratios
+                      if a in summary and b in summary}}
+
+
+def compare_table(title: str, metrics: Mapping[str, tuple[str, str]], result: Mapping[str, Any]) -> Table:
+    """compare()'s result as a table: a row per metric (name -> (label,
+    unit)) with each side's median (min-max) and the ratios of medians."""
+    from microvm.lane import in_lane
+
+    summary: Mapping[str, Mapping[str, Stats]] = result["summary"]
+    runs = ", ".join(f"{n} {side}" for side, n in result["runs"].items())
+    table = rows_table(f"{title}: median (min-max) of {runs} runs, {'lane' if in_lane() else 'host'}",
+                       ["metric", "unit", *summary, *result["ratio"]], [])
+    for m, (label, unit) in metrics.items():
+        cells = [f"{_number(st.median)} ({_number(st.min)}-{_number(st.max)})" if (st := per.get(m)) else "-"
+                 for per in summary.values()]
+        ratios = [f"{r:.2f}" if (r := per_metric[m]) is not None else "-" for per_metric in result["ratio"].values()]
+        table.add_row(label, unit, *cells, *ratios)
+    return table
+
+
 def rows_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:
     """A plain table; the first column left-aligned, numbers right-aligned."""
     table = Table(title=title)
@@ -84,6 +121,11 @@ def rows_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]
     for row in rows:
         table.add_row(*(_cell(c) for c in row))
     return table
+
+
+def _number(x: float) -> str:
+    """Four significant digits, but no exponent for thousands (IOPS, ns, trans/s)."""
+    return f"{x:.0f}" if 1e3 <= abs(x) < 1e9 else f"{x:.4g}"
 
 
 def _cell(value: Any) -> str:
@@ -139,7 +181,7 @@ def progress(description: str, total: int) -> Iterator[Any]:
         def log(text: str | None = None) -> None:
             nonlocal done
             done += 1
-            err.print(f"{description}: {done}/{total}" + (f" {text}" if text else ""), highlight=False)
+            err.print(f"{description}: {done}/{total}" + (f" {text}" if text else ""), highlight=False, soft_wrap=True)
 
         yield log
         return

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from microvm.lane import in_lane
+from microvm.lane.rerun import IN_LANE_ENV
 from tests.conftest import require_kvm
 
 ROOT = Path(__file__).resolve().parents[2]
-IN_LANE = os.environ.get("MICROVM_IN_LANE") == "1"
+IN_LANE = in_lane()
 # Per test file: the slowest (256 MiB over the network both ways) needs ~6 minutes.
 LANE_TIMEOUT = float(os.environ.get("MICROVM_LANE_TIMEOUT", "1200"))
 
@@ -52,7 +54,7 @@ def _lane_results(config: pytest.Config, selection: tuple[str, ...]) -> dict[str
     report.unlink(missing_ok=True)
     argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
             "-o", "junit_family=xunit1", *selection]
-    env = {"MICROVM_IN_LANE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    env = {IN_LANE_ENV: "1", "PYTHONDONTWRITEBYTECODE": "1"}
     for key in ("MICROVM_CACHE", "HOME", "PATH", "MICROVM_REQUIRE_KVM"):
         if key in os.environ:
             env[key] = os.environ[key]

@@ -53,3 +53,17 @@ def test_bench_footprint_one_and_twenty_vms(tmp_path) -> None:
     assert -(4 << 20) < own["first_vm_vmm_rss"] < 32 << 20
     assert 0 < own["per_extra_vm_vmm_rss"] < 32 << 20
     assert len(data["per_process"]) == 1 and data["per_process"][0]["vmm_pss"] > 0
+
+
+def test_bench_blk_microvm_side(tmp_path) -> None:
+    from microvm.images import DEBIAN_PACKAGES, debian_image_path
+
+    if not debian_image_path((*DEBIAN_PACKAGES, "fio")).exists():
+        pytest.skip("no Debian image with fio: run `microvm image debian --package fio`")
+    r = CliRunner().invoke(main, ["bench", "blk", "--runs", "1", "--runtime", "1", "--size-mib", "16", "--no-qemu",
+                                  "--out", str(tmp_path)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "sequential read, 1 MiB" in r.stdout and "random read, 4 KiB" in r.stdout
+    data = json.loads((tmp_path / "blk.json").read_text())
+    assert data["runs"] == {"microvm": 1} and data["failures"] == [] and data["ratio"] == {}
+    assert all(values[0] > 0 for values in data["samples"]["microvm"].values())

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from rich.console import Console
 
 from microvm import lane
-from microvm.benchmarks import boot, footprint, qemu, rate, report
+from microvm.benchmarks import ab, blk, boot, exits, footprint, guest, net, qemu, rate, report, scripts
 from microvm.benchmarks.plot import boot_figure
 from microvm.benchmarks.workers import WorkerError, run_workers
 from microvm.cli import main
@@ -69,7 +69,7 @@ def test_printk_times_without_init_line_take_every_kernel_line() -> None:
 
 
 def test_configurations_are_the_cross_product() -> None:
-    configs = boot.configurations(["elf", "bzimage"], [128, 256], [1], ["quiet", "verbose"], with_qemu=True)
+    configs = boot.configurations(["elf", "bzimage"], [128, 256], [1], ["quiet", "verbose"], ["qemu"])
     assert len(configs) == 16
     assert configs[0].label == "microvm elf 128M 1cpu quiet"
     assert configs[-1].label == "qemu bzimage 256M 1cpu verbose"
@@ -77,10 +77,18 @@ def test_configurations_are_the_cross_product() -> None:
     assert "quiet" not in configs[-1].cmdline().split() and "reboot=t" in configs[-1].cmdline()
 
 
-@pytest.mark.parametrize("formats,variants", [(["pe"], ["quiet"]), (["elf"], ["loud"]), ([], ["quiet"])])
-def test_configurations_refuse_unknown_choices(formats: list[str], variants: list[str]) -> None:
+def test_configurations_put_microvm_first_and_always() -> None:
+    configs = boot.configurations(["elf"], [128], [1], ["quiet"], ["qemu", "microvm run"])
+    assert [c.vmm for c in configs] == ["microvm", "microvm run", "qemu"]
+    assert {c.guest for c in configs} == {"elf 128M 1cpu quiet"}
+    assert configs[1].label == "microvm run elf 128M 1cpu quiet" and "reboot=k" in configs[1].cmdline()
+
+
+@pytest.mark.parametrize("formats,variants,vmms", [(["pe"], ["quiet"], ["microvm"]), (["elf"], ["loud"], ["microvm"]),
+                                                   ([], ["quiet"], ["microvm"]), (["elf"], ["quiet"], ["kvmtool"])])
+def test_configurations_refuse_unknown_choices(formats: list[str], variants: list[str], vmms: list[str]) -> None:
     with pytest.raises(ConfigError):
-        boot.configurations(formats, [128], [1], variants)
+        boot.configurations(formats, [128], [1], variants, vmms)
 
 
 def _synthetic_boot() -> dict:
@@ -236,6 +244,14 @@ BAD_BENCH_OPTIONS = [
     (["rate", "--workers", "0"], "--workers"),
     (["rate", "--count", "0", "--workers", "0"], "--count"),
     (["rate", "--mem", "-128"], "--mem"),
+    (["blk", "--runs", "0"], "--runs"),
+    (["blk", "--runtime", "0"], "--runtime"),
+    (["blk", "--size-mib", "0"], "--size-mib"),
+    (["net", "--runs", "0"], "--runs"),
+    (["net", "--runtime", "-1"], "--runtime"),
+    (["exits", "--exits", "0"], "--exits"),
+    (["exits", "--exits", str(2**32)], "--exits"),
+    (["exits", "--runs", "0"], "--runs"),
 ]
 
 
@@ -261,8 +277,8 @@ def test_bench_boot_without_qemu_or_kernel_fails_on_the_host(monkeypatch: pytest
     def no_kernel(kernel_format: str) -> Path:
         raise ConfigError("no guest kernel built yet: run `microvm kernel build`")
 
-    monkeypatch.setattr(boot, "kernel_path", no_kernel)
-    for command in ("boot", "footprint", "rate"):
+    monkeypatch.setattr(guest, "kernel_path", no_kernel)
+    for command in ("boot", "footprint", "rate", "blk", "net"):
         result = CliRunner().invoke(main, ["bench", command, "--out", str(out)])
         assert result.exit_code == 1 and result.stdout == ""
         assert result.stderr == "microvm: error: no guest kernel built yet: run `microvm kernel build`\n"
@@ -270,28 +286,81 @@ def test_bench_boot_without_qemu_or_kernel_fails_on_the_host(monkeypatch: pytest
 
 
 def test_bench_good_options_reach_the_lane(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    lanes: list[dict[str, Any]] = []
+    lanes: list[tuple[list[str], dict[str, Any]]] = []
 
     def lane_stand_in(argv: list[str], **kwargs: Any) -> None:
-        lanes.append(kwargs)
+        lanes.append((argv, kwargs))
         raise SystemExit(0)  # as the real one does after the lane's run
 
     monkeypatch.setattr(lane, "rerun_in_lane_if_pvm", lane_stand_in)
-    monkeypatch.setattr(boot, "kernel_path", lambda kernel_format: Path(f"/k/{kernel_format}"))
+    monkeypatch.setattr(guest, "kernel_path", lambda kernel_format: Path(f"/k/{kernel_format}"))
+    monkeypatch.setattr(ab, "kernel_and_image", lambda package: (Path("/k/elf"), Path(f"/i/{package}")))
+    monkeypatch.setattr(net, "check_host", lambda: None)
+    monkeypatch.setattr(qemu, "available", lambda: True)
+    monkeypatch.setattr(sys, "argv", ["microvm", "bench", "..."])
     out = tmp_path / "bench"
     for args in (["boot", "--mem", "128,256,128", "--vcpus", "1,2", "--kernel-format", "elf,bzimage", "-n", "1"],
-                 ["footprint", "--count", "2", "--processes", "0"], ["rate", "--count", "1", "--workers", "3"]):
+                 ["footprint", "--count", "2", "--processes", "0"], ["rate", "--count", "1", "--workers", "3"],
+                 ["blk", "--runs", "1", "--runtime", "1", "--size-mib", "1"], ["net", "--runs", "1", "--no-qemu"]):
         result = CliRunner().invoke(main, ["bench", *args, "--out", str(out)])
         assert result.exit_code == 0, result.output
-    assert [k["out_dir"] for k in lanes] == [out] * 3
-    assert lanes[2]["smp"] == 3
+    assert [k["out_dir"] for _, k in lanes] == [out] * 5
+    assert lanes[2][1]["smp"] == 3
+    assert lanes[0][0][1:] == ["-m", "microvm", "bench", "..."]  # this command line, again
+    assert not out.exists()
+
+
+def test_bench_blk_and_net_want_their_image_and_qemu_on_the_host(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                                no_lane: list[Any]) -> None:
+    from microvm import images
+
+    monkeypatch.setattr(guest, "kernel_path", lambda kernel_format: Path(f"/k/{kernel_format}"))
+    monkeypatch.setattr(images, "debian_image_path", lambda packages: tmp_path / "no-image.ext4")
+    out = tmp_path / "bench"
+    for command, package in (("blk", "fio"), ("net", "iperf3")):
+        result = CliRunner().invoke(main, ["bench", command, "--out", str(out)])
+        assert result.exit_code == 1 and result.stdout == ""
+        assert result.stderr == (f"microvm: error: no Debian image with {package}: "
+                                 f"run `microvm image debian --package {package}`\n")
+    (tmp_path / "no-image.ext4").touch()
+    monkeypatch.setattr(qemu, "available", lambda: False)
+    result = CliRunner().invoke(main, ["bench", "blk", "--out", str(out)])
+    assert result.exit_code == 2 and "--qemu" in result.stderr and "not installed" in result.stderr
+    monkeypatch.setattr(net, "HOST_TOOLS", ("no-such-tool-here",))
+    result = CliRunner().invoke(main, ["bench", "net", "--no-qemu", "--out", str(out)])
+    assert result.exit_code == 1 and "needs no-such-tool-here" in result.stderr
+    assert not no_lane and not out.exists()
+
+
+# --- bench/*.py: entry points to `microvm bench` -------------------------------------
+
+def test_translate_maps_the_old_flags() -> None:
+    assert scripts.translate("blk", ["--runs", "2", "--json", "/r/blk-1.json", "--no-qemu"]) == (
+        ["--runs", "2", "--out", "/r", "--no-qemu"], ["--json /r/blk-1.json: the results go to /r/blk.json (--out)"])
+    assert scripts.translate("exits", ["--json=x.json"])[0] == ["--out", "."]
+    assert scripts.translate("boot", ["--kernel", "bzImage", "--runs=3", "--no-qemu"])[0] == [
+        "--runs", "20", "--cli", "--qemu", "--kernel-format", "bzimage", "--runs=3", "--no-qemu"]
+    assert scripts.translate("boot", ["--kernel=/my/vmlinux"])[0][-2:] == ["--kernel-format", "/my/vmlinux"]
+    assert scripts.translate("net", ["--json"])[0] == ["--json"]  # no value: the command says what is wrong
+
+
+def _script(script: str, args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """bench/SCRIPT with args, a stand-in QEMU first on PATH: a lane starting would leave its mark."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir(exist_ok=True)
+    fake_qemu = fake_bin / lane_run.QEMU
+    fake_qemu.write_text(f"#!/bin/sh\ntouch {tmp_path / 'qemu-ran'}\nexit 1\n")
+    fake_qemu.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in (rerun.IN_LANE_ENV, "PYTHONPATH")}
+    env["PATH"] = f"{fake_bin}{os.pathsep}{env.get('PATH', '')}"
+    return subprocess.run([sys.executable, str(REPO / "bench" / script), *args], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=60)
 
 
 BAD_SCRIPT_OPTIONS = [
     ("boot.py", ["--runs", "0"], "--runs"),
     ("boot.py", ["--runs", "many"], "--runs"),
-    ("boot.py", ["--kernel", "/no/such/vmlinux"], "--kernel"),
-    ("boot.py", ["--json", "/no/such/dir/boot.json"], "--json"),
+    ("boot.py", ["--kernel", "/no/such/vmlinux"], "--kernel-format"),
     ("net.py", ["--runs", "0"], "--runs"),
     ("net.py", ["--runtime", "-1"], "--runtime"),
     ("blk.py", ["--runtime", "0"], "--runtime"),
@@ -305,26 +374,141 @@ BAD_SCRIPT_OPTIONS = [
                          ids=[f"{s} {' '.join(a)}" for s, a, _ in BAD_SCRIPT_OPTIONS])
 def test_bench_scripts_refuse_bad_options_before_any_lane(script: str, args: list[str], option: str,
                                                           tmp_path: Path) -> None:
-    if script == "exits.py":
-        pytest.importorskip("microvm._kvm")  # imported at the top of the script (no /dev/kvm needed)
-    # A stand-in QEMU first on PATH: a lane starting would leave its mark.
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    mark = tmp_path / "qemu-ran"
-    fake_qemu = fake_bin / lane_run.QEMU
-    fake_qemu.write_text(f"#!/bin/sh\ntouch {mark}\nexit 1\n")
-    fake_qemu.chmod(0o755)
     out = tmp_path / "out"
     out.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != rerun.IN_LANE_ENV}
-    env |= {"PATH": f"{fake_bin}{os.pathsep}{env.get('PATH', '')}", "PYTHONPATH": str(REPO)}
-    json_arg = [] if "--json" in args else ["--json", str(out / "r.json")]
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *args, *json_arg],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    proc = _script(script, [*args, "--json", str(out / "r.json")], tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == ""
-    assert f"argument {option}" in proc.stderr and "error" in proc.stderr
-    assert not mark.exists() and list(out.iterdir()) == []
+    assert f"'{option}'" in proc.stderr and "Invalid value" in proc.stderr
+    assert "Usage: microvm bench " in proc.stderr
+    assert not (tmp_path / "qemu-ran").exists() and list(out.iterdir()) == []
+
+
+def test_bench_script_help_is_the_commands(tmp_path: Path) -> None:
+    proc = _script("blk.py", ["--help"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("Usage: microvm bench blk [OPTIONS]")
+    assert "--size-mib" in proc.stdout and "--no-qemu" in proc.stdout
+
+
+# --- the one QEMU runner, the A/B table ----------------------------------------------
+
+def _fake_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str) -> Path:
+    """A stand-in qemu-system-x86_64 (a shell script) run by qemu.run; its argv lands in args.txt."""
+    exe = tmp_path / "qemu"
+    exe.write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "args.txt"}\n{body}\n')
+    exe.chmod(0o755)
+    monkeypatch.setattr(qemu, "QEMU", str(exe))
+    return tmp_path / "args.txt"
+
+
+def test_qemu_run_times_the_marker_and_the_exit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    args = _fake_qemu(tmp_path, monkeypatch, f"printf 'boot\\r\\n'; sleep 0.2; printf '{qemu.MARK}\\r\\n'; "
+                                             "sleep 0.2")
+    r = qemu.run(Path("/k"), Path("/i"), mem_mib=64, vcpus=2, devices=["-device", "x"], timeout=30)
+    assert r.marker_s is not None and 0.15 < r.marker_s < r.exit_s
+    assert r.text() == f"boot\n{qemu.MARK}\n"
+    argv = args.read_text().split()
+    assert argv[argv.index("-m") + 1] == "64" and argv[argv.index("-smp") + 1] == "2" and argv[-2:] == ["-device", "x"]
+
+
+def test_qemu_run_reports_failure_and_timeout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_qemu(tmp_path, monkeypatch, "echo 'no such device' >&2; exit 1")
+    with pytest.raises(qemu.QemuBenchError, match="QEMU failed \\(1\\): no such device"):
+        qemu.run(Path("/k"), Path("/i"), timeout=30)
+    _fake_qemu(tmp_path, monkeypatch, "echo booting; exec sleep 30")
+    with pytest.raises(qemu.QemuBenchError, match="within 1 s; console tail:\nbooting"):
+        qemu.run(Path("/k"), Path("/i"), timeout=1)
+
+
+def test_qemu_initramfs_ends_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    from microvm import guestinit
+
+    commands: list[list[str]] = []
+    monkeypatch.setattr(guestinit, "initramfs_for", lambda argv: commands.append(argv) or b"cpio")
+    with qemu.initramfs("fio --x") as initrd:
+        assert initrd.read_bytes() == b"cpio"
+    assert not initrd.exists()
+    assert commands[0][:2] == ["sh", "-c"] and commands[0][2].startswith("( fio --x\n) >/dev/console 2>&1; stty")
+    assert commands[0][2].endswith("reboot -f")
+
+
+def test_compare_summarizes_sides_and_ratios() -> None:
+    result = report.compare({"microvm": {"a": [1.0, 3.0, 2.0], "b": [10.0]}, "qemu": {"a": [4.0], "b": []}},
+                            ["a", "b"], [("microvm", "qemu"), ("microvm", "kvmtool")])
+    assert result["runs"] == {"microvm": 3, "qemu": 1}
+    assert result["ratio"] == {"microvm / qemu": {"a": 0.5, "b": None}}  # no kvmtool: no ratio to it
+    assert list(result["summary"]["qemu"]) == ["a"]
+    out = Console(record=True, width=200)
+    out.print(report.compare_table("demo", {"a": ("metric a", "ms"), "b": ("metric b", "MB/s")}, result))
+    text = out.export_text()
+    assert "demo: median (min-max) of 3 microvm, 1 qemu runs, host" in text
+    assert "microvm / qemu" in text and "2 (1-3)" in text and "0.50" in text
+    assert "metric b" in text and "10 (10-10)" in text
+    json.dumps(result, default=report._jsonable)
+
+
+def test_alternate_takes_turns_and_keeps_failures_apart() -> None:
+    calls: list[str] = []
+
+    def side(name: str, fail_on: int = 0) -> Any:
+        def run() -> ab.Metrics:
+            calls.append(name)
+            if len(calls) == fail_on:
+                raise guest.RunFailed("fio crashed\nits output")
+            return {"x": float(len(calls))}
+        return run
+
+    lines: list[str] = []
+    records, failures = ab.alternate({"microvm": side("microvm"), "qemu": side("qemu", fail_on=2)}, 2, lines.append)
+    assert calls == ["microvm", "qemu", "microvm", "qemu"]
+    assert records == {"microvm": [{"x": 1.0}, {"x": 3.0}], "qemu": [{"x": 4.0}]}
+    assert [(f.side, f.run, f.error) for f in failures] == [("qemu", 1, "fio crashed\nits output")]
+    assert lines[1] == "qemu FAILED: fio crashed"
+    result = ab.compared(records, failures, ["x"])
+    assert result["ratio"]["microvm / qemu"]["x"] == 0.5 and result["failures"][0]["side"] == "qemu"
+    with pytest.raises(guest.RunFailed, match="no run succeeded; the first failure: fio crashed"):
+        ab.compared({"microvm": []}, failures, ["x"])
+
+
+def test_blk_and_net_parse_their_guests_output() -> None:
+    job = {"jobs": [{"read": {"bw_bytes": 5e6, "iops": 700}, "write": {"bw_bytes": 2e6, "iops": 2}}]}
+    output = "\n".join(f"=={name}==\n{json.dumps(job, indent=2)}" for name in blk.JOBS)
+    assert blk.parse(output) == {"seq_read_MBps": 5.0, "seq_write_MBps": 2.0, "rand_read_4k_iops": 700}
+    with pytest.raises(guest.RunFailed, match="no output for seq_read_MBps"):
+        blk.parse("fio: command not found")
+    assert "--runtime=7" in blk.fio_script(7) and blk.fio_script(7).count("fio --name") == 3
+    iperf = json.dumps({"end": {"sum_received": {"bits_per_second": 1.5e9}}}, indent=2)
+    output = f"==guest_to_host==\n{iperf}\n==host_to_guest==\n{iperf}\nrr_tps 1234.5\n"
+    assert net.parse(output) == {"guest_to_host": 1500.0, "host_to_guest": 1500.0, "rr": 1234.5}
+    with pytest.raises(guest.RunFailed, match="iperf3 guest_to_host: unable to connect"):
+        net.parse('==guest_to_host==\n{\n  "error": "unable to connect"\n}')
+
+
+def test_boot_comparison_lines_up_each_guest_configuration() -> None:
+    configs = boot.configurations(["elf"], [128, 256], [1], ["quiet"], ["microvm run", "qemu"])
+    records = []
+    for c in configs:
+        marks = {"microvm": {"command done": 0.1, "vm ended": 0.12}, "microvm run": {"vm ended": 0.5},
+                 "qemu": {"command done": 0.2, "vm ended": 0.25}}[c.vmm]
+        records.append({"configuration": c.label, **marks})
+    result = boot.comparison(configs, records)
+    assert result is not None and list(result["ratio"]) == ["microvm / qemu", "microvm run / qemu"]
+    assert result["ratio"]["microvm / qemu"]["elf 256M 1cpu quiet: command done"] == pytest.approx(0.5)
+    assert result["ratio"]["microvm run / qemu"]["elf 128M 1cpu quiet: vm ended"] == pytest.approx(2.0)
+    assert result["ratio"]["microvm run / qemu"]["elf 128M 1cpu quiet: command done"] is None
+    assert list(boot.compared_metrics(configs)) == [f"elf {m}M 1cpu quiet: {mark}" for m in (128, 256)
+                                                    for mark in boot.COMPARED]
+    assert boot.comparison(configs[:1], records[:1]) is None  # microvm alone: nothing to compare
+
+
+def test_exits_c_source_ships_in_the_package(tmp_path: Path) -> None:
+    from importlib import resources
+
+    source = resources.files("microvm.benchmarks") / exits.C_SOURCE
+    assert "KVM_RUN" in source.read_text()
+    if exits.shutil.which("cc") or exits.shutil.which("gcc"):
+        assert exits.build_c(tmp_path).stat().st_mode & 0o100
 
 
 def test_option_limits_are_microvms() -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from microvm.benchmarks import boot
 from microvm.benchmarks import cli as bench_cli
+from microvm.benchmarks import guest
 from microvm.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,7 +34,7 @@ def lanes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         raise SystemExit(0)
 
     monkeypatch.setattr(bench_cli, "_in_lane", stand_in)
-    monkeypatch.setattr(boot, "kernel_path", lambda kernel_format: Path(f"/k/{kernel_format}"))
+    monkeypatch.setattr(guest, "kernel_path", lambda kernel_format: Path(f"/k/{kernel_format}"))
     return calls
 
 

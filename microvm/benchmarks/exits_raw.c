@@ -1,5 +1,6 @@
-/* The baseline for bench/exits.py: the same real-mode guest, driven by a
- * bare C loop over KVM_RUN with no dispatch at all. Prints ns per exit. */
+/* The baseline for microvm/benchmarks/exits.py: the same real-mode guest, driven by a
+ * bare C loop over KVM_RUN with no dispatch at all. Prints ns per exit.
+ * Usage: exits_raw N CODE_HEX CODE_ADDRESS (the guest's code, where it starts). */
 #include <fcntl.h>
 #include <linux/kvm.h>
 #include <stdint.h>
@@ -15,8 +16,13 @@
 static void die(const char *what) { perror(what); exit(1); }
 
 int main(int argc, char **argv) {
-    long n = argc > 1 ? atol(argv[1]) : 20000;
+    if (argc != 4) {
+        fprintf(stderr, "usage: %s N CODE_HEX CODE_ADDRESS\n", argv[0]);
+        return 2;
+    }
+    long n = atol(argv[1]);
     const uint8_t *code = (const uint8_t *)argv[2]; /* hex */
+    unsigned long at = strtoul(argv[3], NULL, 0);
     int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
     if (kvm < 0) die("open /dev/kvm");
     int vm = ioctl(kvm, KVM_CREATE_VM, 0);
@@ -25,9 +31,9 @@ int main(int argc, char **argv) {
     for (size_t i = 0; code[2 * i]; i++) {
         unsigned b;
         sscanf((const char *)code + 2 * i, "%2x", &b);
-        mem[0x1000 + i] = b;
+        mem[at + i] = b;
     }
-    memcpy(mem + 0x1002, &n, 4); /* patch the loop count (mov ecx, imm32) */
+    memcpy(mem + at + 2, &n, 4); /* patch the loop count (mov ecx, imm32) */
     struct kvm_userspace_memory_region region = {0, 0, 0, MEM, (uint64_t)mem};
     if (ioctl(vm, KVM_SET_USER_MEMORY_REGION, &region) < 0) die("KVM_SET_USER_MEMORY_REGION");
     int vcpu = ioctl(vm, KVM_CREATE_VCPU, 0);
@@ -39,7 +45,7 @@ int main(int argc, char **argv) {
     sregs.cs.base = 0;
     sregs.cs.selector = 0;
     ioctl(vcpu, KVM_SET_SREGS, &sregs);
-    struct kvm_regs regs = {.rip = 0x1000, .rflags = 2};
+    struct kvm_regs regs = {.rip = at, .rflags = 2};
     ioctl(vcpu, KVM_SET_REGS, &regs);
     long exits = 0;
     struct timespec t0, t1;

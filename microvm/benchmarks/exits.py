@@ -1,0 +1,146 @@
+"""Cost of one port-I/O exit: Python bus vs. no-op handler vs. a raw C loop.
+
+The guest (real mode, CPL0) executes `out 0x80, al` N times, then HLT. We
+time the whole run and divide by N, for:
+  bus     microvm's vCPU loop dispatching each exit to a device on the PioBus
+  noop    the same loop, the device's write() does nothing
+  raw-py  VcpuFd.run() called in a bare Python loop, no dispatch at all
+  raw-c   a C program doing the same KVM_RUN loop (exits_raw.c, shipped in
+          this package and compiled when the benchmark starts)
+All in one invocation, taking turns. A tiny guest: it runs anywhere /dev/kvm
+does, PVM included, with no lane.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from microvm import _kvm
+from microvm.arch.x86_64 import layout
+from microvm.benchmarks import report
+from microvm.errors import ConfigError
+from microvm.vcpu import StopReason
+from microvm.vm import Vm
+
+# mov ecx, N; l: out 0x80, al; dec ecx; jnz l; hlt   (16-bit code, from GNU as)
+GUEST = bytes.fromhex("66b9e8030000e680664975faf4")
+CODE = layout.FLAT_CODE  # where the tiny guests start
+RAM = 0x10000  # 64 KiB: the guest touches its code and nothing else
+PORT = 0x80  # the port GUEST writes (e6 80: out 0x80, al), POST diagnostics on a PC
+C_SOURCE = "exits_raw.c"
+VARIANTS = ("bus", "noop", "raw-py", "raw-c")
+METRIC = "ns_per_exit"
+METRICS = {METRIC: ("one port-I/O exit", "ns")}
+
+
+class Counter:
+    def __init__(self) -> None:
+        self.n = 0
+        self.last = 0
+
+    def read(self, offset: int, size: int) -> int:
+        return 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.n += 1
+        self.last = value
+
+
+class Noop:
+    def read(self, offset: int, size: int) -> int:
+        return 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        pass
+
+
+def _vm(n: int) -> Vm:
+    vm = Vm([(0, RAM)], irqchip=False)
+    code = bytearray(GUEST)
+    code[2:6] = n.to_bytes(4, "little")
+    vm.mem.write(CODE, code)
+    fd = vm.vcpus[0].fd
+    sregs = fd.get_sregs()
+    sregs["cs"]["base"] = 0
+    sregs["cs"]["selector"] = 0
+    fd.set_sregs(sregs)
+    regs = fd.get_regs()
+    regs.update(rip=CODE, rflags=2)
+    fd.set_regs(regs)
+    return vm
+
+
+def run_loop(n: int, device: object) -> float:
+    """ns per exit through Vcpu.run_loop (the code path microvm uses)."""
+    with _vm(n) as vm:
+        vm.pio.register(PORT, 1, device)  # type: ignore[arg-type]
+        vcpu = vm.vcpus[0]
+        t0 = time.perf_counter()
+        reason = vcpu.run_loop()
+        dt = time.perf_counter() - t0
+        assert reason is StopReason.HALTED, reason
+        assert vcpu.exits == n + 1, vcpu.exits
+    return dt * 1e9 / n
+
+
+def raw_py(n: int) -> float:
+    with _vm(n) as vm:
+        run = vm.vcpus[0].fd.run
+        hlt = _kvm.Hlt
+        t0 = time.perf_counter()
+        while type(run()) is not hlt:
+            pass
+        dt = time.perf_counter() - t0
+    return dt * 1e9 / n
+
+
+def compiler() -> str:
+    """The C compiler; a ConfigError if there is none (asked before anything runs)."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise ConfigError("the raw-c variant needs a C compiler: apt-get install gcc")
+    return cc
+
+
+def build_c(tmp: Path) -> Path:
+    exe = tmp / "exits_raw"
+    with resources.as_file(resources.files(__package__) / C_SOURCE) as source:
+        proc = subprocess.run([compiler(), "-O2", "-o", str(exe), str(source)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ConfigError(f"{C_SOURCE} did not compile: {proc.stderr.strip()[-2000:]}")
+    return exe
+
+
+def raw_c(exe: Path, n: int) -> float:
+    out = subprocess.run([str(exe), str(n), GUEST.hex(), hex(CODE)], check=True, capture_output=True,
+                         text=True).stdout
+    exits, ns = out.split()
+    assert int(exits) == n, out
+    return float(ns)
+
+
+def run(exits: int, runs: int, advance: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="microvm-bench-") as tmp:
+        exe = build_c(Path(tmp))
+        measure: dict[str, Callable[[], float]] = {
+            "bus": lambda: run_loop(exits, Counter()), "noop": lambda: run_loop(exits, Noop()),
+            "raw-py": lambda: raw_py(exits), "raw-c": lambda: raw_c(exe, exits)}
+        samples: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        for i in range(runs):
+            for variant in VARIANTS:  # taking turns, so drift hits every variant alike
+                samples[variant].append(measure[variant]())
+                advance(f"run {i + 1} {variant}: {samples[variant][-1]:.0f} ns")
+    return {"benchmark": "exits", "exits": exits,
+            **report.compare({v: {METRIC: s} for v, s in samples.items()}, [METRIC],
+                             [(v, "raw-c") for v in VARIANTS if v != "raw-c"])}
+
+
+def title(result: dict[str, Any]) -> str:
+    return f"port-I/O exits, {result['exits']} per run"
