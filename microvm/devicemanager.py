@@ -119,8 +119,11 @@ class DeviceManager:
                 a.device.reset()
 
     def stats(self) -> dict[str, dict[str, int]]:
-        """Every virtio device's counters, transport, queues and device together, by name."""
+        """Every virtio device's counters (transport, queues and device together) by name, and the buses'."""
         out: dict[str, dict[str, int]] = {}
+        # Guest accesses nobody claimed (bus.py): counted there, reported here.
+        out["bus"] = {"pio_unhandled": sum(self.vm.pio.unhandled.values()),
+                      "mmio_unhandled": sum(self.vm.mmio.unhandled.values())}
         for a in self.devices:
             if a.transport is None:
                 continue

@@ -93,3 +93,15 @@ def test_the_device_manager_refuses_a_virtio_device_past_the_last_interrupt_line
         assert line[0] == f"virtio_mmio.device=4K@{layout.VIRTIO_MMIO_BASE:#x}:5"
         assert line[-1] == f"virtio_mmio.device=4K@{layout.VIRTIO_MMIO_BASE + 18 * 0x1000:#x}:23"
         assert len(line) == 19
+
+
+def test_accesses_nobody_claims_reach_the_stats() -> None:
+    with long_mode_vm(WRITE_THEN_SPIN, map_gib=4) as vm:
+        devices = DeviceManager(vm)
+        vm.start()
+        deadline = time.monotonic() + 30
+        while not vm.mmio.unhandled and time.monotonic() < deadline:
+            time.sleep(0.01)
+        vm.stop()
+        vm.wait(30)
+        assert devices.stats()["bus"] == {"pio_unhandled": 0, "mmio_unhandled": 1}

@@ -40,16 +40,9 @@ from microvm.devices.serial import (
     Serial,
 )
 from microvm.machine import MicroVM, RunResult
+from tests.support.fakes import FakeIrq
 
 OPEN_MCR = UART_MCR_DTR | UART_MCR_RTS | UART_MCR_OUT2  # what Linux writes when it opens the port
-
-
-class FakeIrq:
-    def __init__(self) -> None:
-        self.count = 0
-
-    def trigger(self) -> None:
-        self.count += 1
 
 
 class Clock:

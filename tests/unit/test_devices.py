@@ -17,14 +17,7 @@ from microvm.devices.serial import (
     UART_TX,
     Serial,
 )
-
-
-class FakeIrq:
-    def __init__(self) -> None:
-        self.count = 0
-
-    def trigger(self) -> None:
-        self.count += 1
+from tests.support.fakes import FakeIrq
 
 
 def make() -> tuple[Serial, FakeIrq, bytearray]:

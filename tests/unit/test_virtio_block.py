@@ -31,8 +31,9 @@ from microvm.devices.virtio.block import BlockCounters, VirtioBlock
 from microvm.devices.virtio.queue import QueueError
 from microvm.errors import ConfigError
 from microvm.memory import GuestMemory
+from tests.support.fakes import FakeIrq
 from tests.support.virtio_driver import VirtqDriver, make_queue, used_ring_size
-from tests.unit.test_virtio_mmio import Driver, FakeIrq
+from tests.unit.test_virtio_mmio import Driver
 
 # struct virtio_blk_outhdr { __virtio32 type; __virtio32 ioprio; __virtio64 sector; };
 OUTHDR = struct.Struct("<IIQ")

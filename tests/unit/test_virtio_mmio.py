@@ -12,18 +12,11 @@ from microvm.devices.virtio import mmio as m
 from microvm.devices.virtio.console import RX_QUEUE, TX_QUEUE, VirtioConsole
 from microvm.devices.virtio.queue import Queue
 from microvm.memory import GuestMemory
+from tests.support.fakes import FakeIrq
 from tests.support.virtio_driver import VirtqDriver
 
 ACK, DRIVER, FEATURES_OK, DRIVER_OK = v.STATUS_ACKNOWLEDGE, v.STATUS_DRIVER, v.STATUS_FEATURES_OK, v.STATUS_DRIVER_OK
 FAILED, NEEDS_RESET = v.STATUS_FAILED, v.STATUS_DEVICE_NEEDS_RESET
-
-
-class FakeIrq:
-    def __init__(self) -> None:
-        self.count = 0
-
-    def trigger(self) -> None:
-        self.count += 1
 
 
 class Driver:

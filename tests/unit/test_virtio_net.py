@@ -24,8 +24,9 @@ from microvm.devices.virtio import net as n
 from microvm.devices.virtio.net import VirtioNet
 from microvm.errors import ConfigError
 from microvm.memory import GuestMemory
+from tests.support.fakes import FakeIrq
 from tests.support.virtio_driver import VirtqDriver
-from tests.unit.test_virtio_mmio import Driver, FakeIrq
+from tests.unit.test_virtio_mmio import Driver
 
 # flags u8, gso_type u8, hdr_len le16, gso_size le16, csum_start le16, csum_offset le16, num_buffers le16
 HDR = struct.Struct("<BBHHHHH")
