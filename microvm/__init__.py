@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Drive", "MicroVM", "MicroVMError", "Nic", "RunResult"]
+__all__ = ["AsyncSandbox", "Drive", "Executor", "MicroVM", "MicroVMError", "Nic", "RunResult", "Sandbox",
+           "SandboxPool"]
 
 if TYPE_CHECKING:
     from microvm.errors import MicroVMError
     from microvm.machine import Drive, MicroVM, Nic, RunResult
+    from microvm.sandbox import AsyncSandbox, Executor, Sandbox, SandboxPool
 
 
 def __getattr__(name: str) -> Any:
@@ -19,6 +21,10 @@ def __getattr__(name: str) -> Any:
         from microvm import machine
 
         return getattr(machine, name)
+    if name in ("AsyncSandbox", "Executor", "Sandbox", "SandboxPool"):
+        from microvm import sandbox
+
+        return getattr(sandbox, name)
     if name == "MicroVMError":
         from microvm.errors import MicroVMError
 

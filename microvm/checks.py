@@ -11,6 +11,7 @@ import math
 import os
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from microvm.errors import ConfigError
@@ -125,3 +126,35 @@ def parse_mac(mac: str) -> bytes:
     if raw[0] & 1:
         raise ConfigError(f"MAC address {mac} is a multicast address")
     return raw
+
+
+SUN_PATH_MAX = 107  # struct sockaddr_un's sun_path (108 bytes) less its NUL
+
+
+def unix_socket_path(field: str, value: Any) -> Path:
+    """A path for a Unix socket we will create: short enough, in a directory that exists."""
+    if not isinstance(value, str | os.PathLike):
+        raise ConfigError(f"{field} must be a path, got {value!r}")
+    path = Path(value)
+    if len(os.fsencode(path)) > SUN_PATH_MAX:
+        raise ConfigError(f"{field} path {str(path)!r} is longer than a Unix socket allows ({SUN_PATH_MAX} bytes)")
+    if not path.parent.is_dir():
+        raise ConfigError(f"{field}: directory {str(path.parent)!r} does not exist")
+    return path
+
+
+def guest_files(field: str, value: Any) -> dict[str, bytes]:
+    """Relative paths (no '..', no leading '/') to file contents."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{field} must be a mapping of relative paths to bytes, got {type(value).__name__}")
+    out: dict[str, bytes] = {}
+    for key, data in value.items():
+        parts = key.split("/") if isinstance(key, str) else []
+        if not parts or key.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\0" in key:
+            raise ConfigError(f"{field}: {key!r} is not a plain relative path")
+        if not isinstance(data, bytes | bytearray):
+            raise ConfigError(f"{field}[{key!r}] must be bytes, got {type(data).__name__}")
+        out[key] = bytes(data)
+    return out

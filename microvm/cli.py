@@ -11,6 +11,7 @@ import click
 from microvm.benchmarks.cli import bench
 from microvm.clierrors import one_line_errors
 from microvm.errors import MicroVMError
+from microvm.sandbox import cli as sandbox_cli
 
 
 @click.group()
@@ -20,6 +21,8 @@ def main() -> None:
 
 
 main.add_command(bench)
+main.add_command(sandbox_cli.call)
+main.add_command(sandbox_cli.exec_)
 
 
 @main.command()
@@ -101,7 +104,7 @@ def run(kernel: str | None, initrd: str | None, mem_mib: int, vcpus: int, append
 
 @main.group()
 def image() -> None:
-    """Disk images for --drive."""
+    """Disk images for --drive and --rootfs."""
 
 
 @image.command("build")
@@ -126,6 +129,35 @@ def image_debian(packages: tuple[str, ...], force: bool) -> None:
 
     wanted = tuple(dict.fromkeys((*DEBIAN_PACKAGES, *packages)))
     click.echo(str(build_debian_image(wanted, force=force)))
+
+
+@image.command("python")
+@click.option("--venv", type=click.Path(file_okay=False), default=None,
+              help="A virtual environment, with its interpreter (default: the Python running microvm).")
+@click.option("--python", "python", type=click.Path(dir_okay=False), default=None,
+              help="The interpreter, with its own environment (or the base of the -r venv).")
+@click.option("-r", "requirements_file", type=click.Path(dir_okay=False), default=None,
+              help="A requirements file: pip installs it into a fresh venv.")
+@click.option("--requirement", "requirements", multiple=True, metavar="REQ",
+              help="A requirement for that fresh venv (repeatable).")
+@click.option("--force", is_flag=True, help="Rebuild even if cached.")
+@one_line_errors
+def image_python(venv: str | None, python: str | None, requirements_file: str | None,
+                 requirements: tuple[str, ...], force: bool) -> None:
+    """Build (once, cached) a root image with this host's Python and an environment; prints its path."""
+    from pathlib import Path
+
+    from microvm.pyimage import python_image
+
+    if requirements_file and requirements:
+        raise click.UsageError("give -r FILE or --requirement REQ, not both")
+    reqs = Path(requirements_file) if requirements_file else list(requirements) or None
+    img = python_image(venv=venv, requirements=reqs, python=python, force=force)
+    click.echo(str(img.path))
+    click.echo(f"{img.path.stat().st_size >> 20} MiB ({img.path.stat().st_blocks >> 11} MiB used): "
+               f"python {img.version} at {img.python}, {len(img.distributions)} distributions", err=True)
+    if img.missing_libraries:
+        click.echo(f"warning: not found on this host either: {', '.join(img.missing_libraries)}", err=True)
 
 
 @main.group()

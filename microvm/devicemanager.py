@@ -8,9 +8,9 @@ ordered list of devices that stats, teardown and snapshots walk.
 (Firecracker's device_manager/mmio.rs plays the same part.)
 
 How many virtio devices fit: one per interrupt line in layout.VIRTIO_IRQS
-(19: I/O APIC pins 5-23). The virtio console takes one, so a VM takes at
-most MAX_USER_DEVICES drives and NICs together; vsock and rng will each
-take one more.
+(19: I/O APIC pins 5-23). The virtio console and the entropy device take
+one each, so a VM takes at most MAX_USER_DEVICES drives, NICs and vsock
+together.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from microvm.devices.virtio.mmio import VIRTIO_MMIO_QUEUE_NOTIFY, MmioTransport
 from microvm.errors import ConfigError
 from microvm.vm import Vm
 
-BUILTIN_VIRTIO_DEVICES = 1  # the virtio console (hvc0) carries the command's output
+# The virtio console (hvc0, the command's output) and virtio-rng (the guest's entropy).
+BUILTIN_VIRTIO_DEVICES = 2
 MAX_USER_DEVICES = len(VIRTIO_IRQS) - BUILTIN_VIRTIO_DEVICES
 
 
@@ -113,10 +114,14 @@ class DeviceManager:
 
     def close(self) -> None:
         """Once the VM's threads are gone: each device lets go of guest memory
-        and queue state, last added first. Counters stay, for stats()."""
+        and queue state, and closes what it holds on the host, last added
+        first. Counters stay, for stats()."""
         for a in reversed(self.devices):
             if a.transport is not None:
                 a.device.reset()
+            close = getattr(a.device, "close", None)  # host resources of its own (vsock's sockets)
+            if callable(close):
+                close()
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Every virtio device's counters (transport, queues and device together) by name, and the buses'."""

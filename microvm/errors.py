@@ -74,3 +74,33 @@ class LaneError(MicroVMError):
 
 class LaneTimeout(LaneError):
     """The command did not finish in time; QEMU was killed."""
+
+
+class SandboxError(MicroVMError):
+    """A sandbox could not do what was asked (the subclass says why)."""
+
+
+class SandboxCrashed(SandboxError):
+    """The sandbox's guest ended (panic, out of memory, the agent killed) while it was in use."""
+
+
+class RemoteError(SandboxError):
+    """An exception raised in the guest whose type the host cannot rebuild: its name, message and traceback."""
+
+    def __init__(self, type_name: str, message: str, traceback: str):
+        super().__init__(f"{type_name}: {message}\n--- guest traceback ---\n{traceback}")
+        self.type_name = type_name
+        self.remote_message = message
+        self.remote_traceback = traceback
+
+
+class CallTimeout(SandboxError, TimeoutError):
+    """A call or command did not finish in time; it was killed in the guest."""
+
+
+class AgentError(SandboxError):
+    """The guest agent could not be reached, or it broke the protocol."""
+
+
+class ConnectionLost(AgentError):
+    """The connection to the agent ended before the request did."""

@@ -16,6 +16,7 @@ import functools
 import hashlib
 import os
 import shlex
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -58,6 +59,7 @@ trap 'power 2' TERM
 trap 'power 3' USR1
 
 [ -f /microvm/env ] && . /microvm/env
+ln -s /microvm /run/microvm
 cd /root 2>/dev/null || cd /
 
 # root=/dev/vdX on the kernel command line: the command runs chrooted into
@@ -74,7 +76,10 @@ for arg in $(cat /proc/cmdline); do
 done
 if [ -n "$root" ]; then
     mkdir -p /newroot
-    if mount -t ${{rootfstype:-ext4}} "$root" /newroot 2>/run/mount-error; then
+    # A read-only disk (Drive(read_only=True)) is mounted read-only at once.
+    ro=
+    [ "$(cat /sys/class/block/${{root#/dev/}}/ro 2>/dev/null)" = 1 ] && ro="-o ro"
+    if mount -t ${{rootfstype:-ext4}} $ro "$root" /newroot 2>/run/mount-error; then
         for fs in proc sys dev run tmp; do mkdir -p /newroot/$fs; done
         mount -t proc proc /newroot/proc
         mount -t sysfs sysfs /newroot/sys
@@ -82,6 +87,7 @@ if [ -n "$root" ]; then
         mount -t tmpfs tmpfs /newroot/run
         mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp
         cp /microvm/cmd /newroot/run/microvm-cmd 2>/dev/null
+        cp -a /microvm /newroot/run/microvm
         run="chroot /newroot /bin/sh"
     else
         # Never fall back to the initramfs: the host reports this line.
@@ -166,16 +172,21 @@ def base_initramfs() -> bytes:
     add_busybox(cpio, busybox=busybox)
     data = cpio.to_bytes()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    # Per thread, not only per process: a SandboxPool boots its first VMs at once, in threads.
+    tmp = path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
     tmp.write_bytes(data)
     tmp.replace(path)
     return data
 
 
-def command_archive(argv: Sequence[str] | None, env: Mapping[str, str] | None = None) -> bytes:
-    """The per-run archive: /microvm/cmd (the command as a shell line) and env."""
+def command_archive(argv: Sequence[str] | None, env: Mapping[str, str] | None = None,
+                    files: Mapping[str, bytes] | None = None) -> bytes:
+    """The per-run archive: /microvm/cmd (the command as a shell line), env, and
+    extra files under /microvm/ (paths checked by checks.guest_files)."""
     cpio = Cpio()
     cpio.add_dir("microvm")
+    for path, data in sorted((files or {}).items()):
+        cpio.add_file(f"microvm/{path}", data, 0o644)  # its directories come implicitly, 0755
     if argv:
         cpio.add_file("microvm/cmd", (shlex.join(argv) + "\n").encode())
     if env:
@@ -184,5 +195,6 @@ def command_archive(argv: Sequence[str] | None, env: Mapping[str, str] | None = 
     return cpio.to_bytes()
 
 
-def initramfs_for(argv: Sequence[str] | None, env: Mapping[str, str] | None = None) -> bytes:
-    return base_initramfs() + command_archive(argv, env)
+def initramfs_for(argv: Sequence[str] | None, env: Mapping[str, str] | None = None,
+                  files: Mapping[str, bytes] | None = None) -> bytes:
+    return base_initramfs() + command_archive(argv, env, files)

@@ -27,14 +27,20 @@ def dir_size(path: Path) -> int:
     return total
 
 
+def mkfs_ext4() -> str:
+    """The host's mkfs.ext4 (or mke2fs), or ImageError."""
+    mkfs = shutil.which("mkfs.ext4") or shutil.which("mke2fs")
+    if mkfs is None:
+        raise ImageError("mkfs.ext4 not found: apt-get install e2fsprogs")
+    return mkfs
+
+
 def build_ext4(source: str | Path, dest: str | Path, size_mib: int | None = None, label: str = "microvm") -> Path:
     """Make a raw ext4 image at dest holding a copy of the directory source."""
     src, out = Path(source), Path(dest)
     if not src.is_dir():
         raise ConfigError(f"image source {src} is not a directory")
-    mkfs = shutil.which("mkfs.ext4") or shutil.which("mke2fs")
-    if mkfs is None:
-        raise ImageError("mkfs.ext4 not found: apt-get install e2fsprogs")
+    mkfs = mkfs_ext4()
     if size_mib is None:
         # Room for the files, metadata and some free space: 1.5x + 16 MiB.
         size_mib = max(16, (dir_size(src) * 3 // 2) // MIB + 16)
@@ -62,7 +68,8 @@ DEFAULT_MIRROR = "http://deb.debian.org/debian"
 IMAGE_SCRIPT_VERSION = 1
 
 
-def _cache_dir() -> Path:
+def image_cache_dir() -> Path:
+    """$MICROVM_CACHE/images, or ~/.cache/microvm/images."""
     return Path(os.environ.get("MICROVM_CACHE") or Path.home() / ".cache" / "microvm") / "images"
 
 
@@ -86,7 +93,7 @@ def debian_image_path(packages: tuple[str, ...] = DEBIAN_PACKAGES, suite: str = 
     import hashlib
 
     key = hashlib.sha256(f"{IMAGE_SCRIPT_VERSION}:{suite}:{','.join(sorted(packages))}".encode()).hexdigest()[:12]
-    return _cache_dir() / f"debian-{suite}-{key}.ext4"
+    return image_cache_dir() / f"debian-{suite}-{key}.ext4"
 
 
 def build_debian_image(packages: tuple[str, ...] = DEBIAN_PACKAGES, suite: str = DEBIAN_SUITE,

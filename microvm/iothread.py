@@ -51,6 +51,25 @@ class IoThread:
         self._handlers[fd] = (handler, eventfd, name or getattr(handler, "__qualname__", "a device"))
         self._epoll.register(fd, select.EPOLLIN if eventfd else select.EPOLLIN | select.EPOLLET)
 
+    def modify(self, fd: int, events: int) -> None:
+        """Wait for `events` (select.EPOLLIN, EPOLLOUT) on a pollable fd added with
+        eventfd=False, still edge-triggered. Re-arming reports what is ready
+        now (epoll_ctl(2) EPOLL_CTL_MOD), so no edge is lost in between."""
+        if self._handlers[fd][1]:
+            raise ValueError(f"fd {fd} is an eventfd: it waits for EPOLLIN only")
+        self._epoll.modify(fd, events | select.EPOLLET)
+
+    def remove(self, fd: int) -> None:
+        """Stop watching `fd` (before the caller closes it). From any thread: an
+        event already taken for it in this round is skipped; after close() it
+        only forgets the handler."""
+        if self._handlers.pop(fd, None) is None or self._closed:
+            return
+        try:
+            self._epoll.unregister(fd)
+        except FileNotFoundError:  # ENOENT: not registered (closed before removed: epoll dropped it)
+            pass
+
     def start(self) -> None:
         self._thread.start()
 
@@ -62,19 +81,36 @@ class IoThread:
 
     def _loop(self) -> None:
         while not self._stop:
-            for fd, _ in self._epoll.poll():
-                if fd == self._wake:
-                    continue
-                handler, eventfd, name = self._handlers[fd]
-                if eventfd:
-                    try:
-                        os.eventfd_read(fd)
-                    except BlockingIOError:
-                        continue
+            self._dispatch(self._epoll.poll())
+
+    def poll_once(self, timeout: float = 0) -> int:
+        """Serve what is ready within `timeout` seconds on the caller's thread; the
+        number of handlers called. Only for a thread never started (tests that
+        step a device by hand)."""
+        if self._thread.ident is not None:
+            raise MicroVMError(f"I/O thread {self.name} is running: it serves its own fds")
+        return self._dispatch(self._epoll.poll(timeout))
+
+    def _dispatch(self, events: list[tuple[int, int]]) -> int:
+        called = 0
+        for fd, _ in events:
+            if fd == self._wake:
+                continue
+            entry = self._handlers.get(fd)
+            if entry is None:  # removed by a handler earlier in this round, or by another thread
+                continue
+            handler, eventfd, name = entry
+            if eventfd:
                 try:
-                    handler()
-                except Exception as e:  # unexpected: the VM ends with it (see the docstring)
-                    self._failed(name, e)
+                    os.eventfd_read(fd)
+                except BlockingIOError:
+                    continue
+            called += 1
+            try:
+                handler()
+            except Exception as e:  # unexpected: the VM ends with it (see the docstring)
+                self._failed(name, e)
+        return called
 
     def _failed(self, name: str, e: Exception) -> None:
         log.error("device %s failed in I/O thread %s", name, self.name, exc_info=e)

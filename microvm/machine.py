@@ -39,6 +39,8 @@ from microvm.devices.serial import Serial
 from microvm.devices.virtio.block import VirtioBlock
 from microvm.devices.virtio.console import VirtioConsole
 from microvm.devices.virtio.net import RX_QUEUE, VirtioNet
+from microvm.devices.virtio.rng import VirtioRng
+from microvm.devices.virtio.vsock import VirtioVsock
 from microvm.errors import (
     ConfigError,
     DeviceError,
@@ -139,6 +141,9 @@ class MicroVM:
         nics: Sequence[Nic] = (),
         console: BinaryIO | Callable[[bytes], Any] | None = None,
         stdout: BinaryIO | Callable[[bytes], Any] | None = None,
+        vsock: str | Path | None = None,
+        vsock_cid: int = 3,
+        files: Mapping[str, bytes] | None = None,
         force: bool = False,
     ):
         self.mem_mib = checks.integer("mem_mib", mem_mib, checks.MIN_MEM_MIB, checks.MAX_MEM_MIB)
@@ -167,9 +172,16 @@ class MicroVM:
         taps = [n.tap for n in self.nics]
         if len(set(taps)) != len(taps):
             raise ConfigError(f"the same tap is given twice: {taps}")
-        if len(self.drives) + len(self.nics) > MAX_USER_DEVICES:
-            raise ConfigError(f"{len(self.drives)} drives and {len(self.nics)} NICs are too many: a VM takes "
-                              f"at most {MAX_USER_DEVICES} drives and NICs together (one interrupt line each)")
+        # vsock: the guest's CID and the host's Unix socket (devices/virtio/vsock.py).
+        self.vsock = None if vsock is None else checks.unix_socket_path("vsock", vsock)
+        self.vsock_cid = checks.integer("vsock_cid", vsock_cid, 3, (1 << 32) - 2)
+        # Extra files for this boot, under /microvm/ in the guest (and /run/microvm/).
+        self.files = checks.guest_files("files", files)
+        wanted = len(self.drives) + len(self.nics) + (self.vsock is not None)
+        if wanted > MAX_USER_DEVICES:
+            raise ConfigError(f"{len(self.drives)} drives and {len(self.nics)} NICs{' and vsock' * bool(self.vsock)}"
+                              f" are too many: a VM takes at most {MAX_USER_DEVICES} drives, NICs and vsock "
+                              f"together (one interrupt line each)")
         self.backends = Backends(self.drives, self.nics)
         self.force = force
         self._console_sink = sink(console)
@@ -178,6 +190,7 @@ class MicroVM:
         self.serial: Serial | None = None
         self.control: ControlDevice | None = None
         self.hvc: VirtioConsole | None = None
+        self.vsock_device: VirtioVsock | None = None
         self.devices: DeviceManager | None = None
         self.console = bytearray()
         self.stdout = bytearray()
@@ -454,7 +467,7 @@ class MicroVM:
         from microvm.guestinit import command_archive, initramfs_for
 
         if self.initrd is None:
-            return initramfs_for(argv, self.env)
+            return initramfs_for(argv, self.env, self.files)
         if isinstance(self.initrd, bytes):
             base = self.initrd
         else:
@@ -463,7 +476,7 @@ class MicroVM:
             except OSError as e:
                 raise LoaderError(f"cannot read initrd {self.initrd}: {e.strerror}") from e
         # A user initrd gets the command appended too; its /init may use it.
-        return base + command_archive(argv, self.env) if argv else base
+        return base + command_archive(argv, self.env, self.files) if argv or self.files else base
 
     def _load(self, vm: Vm, kernel: Path, initrd: bytes, slots: list[tuple[int, int]]) -> None:
         ram, reserved = layout.e820(slots)
@@ -499,6 +512,9 @@ class MicroVM:
         # until the host has taken each buffer, so the notify is served right
         # in the vCPU's exit, never waiting for the I/O thread to be scheduled.
         devices.add_virtio("hvc0", self.hvc, ioeventfd=False)
+        # Entropy from the host (/dev/hwrng), so the guest's getrandom() never
+        # waits for its own pool (slow to fill in a quiet VM).
+        devices.add_virtio("rng", VirtioRng())
         # Disks first (vda, vdb, ...: the kernel names them in probe order),
         # each with its own I/O thread; then eth0, ...
         for i, disk in enumerate(self.backends.disks):
@@ -507,6 +523,10 @@ class MicroVM:
             transport = devices.add_virtio(f"eth{i}", VirtioNet(tap, mac=self.nics[i].mac))
             # A frame waiting on the tap is like a receive-queue notification.
             devices.watch_fd(f"eth{i}", tap.fd, functools.partial(transport.notify, RX_QUEUE))
+        if self.vsock is not None:
+            self.vsock_device = VirtioVsock(self.vsock_cid, self.vsock)
+            devices.add_virtio("vsock", self.vsock_device)
+            self.vsock_device.attach(vm.io)  # its host sockets are served by the same I/O thread
 
     # --- device callbacks (vCPU threads) ---------------------------------------------
 

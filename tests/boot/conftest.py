@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[2]
 IN_LANE = in_lane()
 # Per test file: the slowest (256 MiB over the network both ways) needs ~6 minutes.
 LANE_TIMEOUT = float(os.environ.get("MICROVM_LANE_TIMEOUT", "1200"))
+# Files that run many VMs at once get a bigger lane: (vCPUs, MiB); others (1, 2048).
+LANE_SIZE = {"test_sandbox": (2, 4096), "test_dask": (2, 4096), "test_pytest_plugin": (2, 3072)}
 
 
 @functools.cache
@@ -69,7 +71,9 @@ def _lane_results(config: pytest.Config, selection: tuple[str, ...]) -> dict[str
         # so a run that overstays is killed and tried once more.
         for attempt in (1, 2):
             try:
-                result = run_in_lane(argv, cwd=str(ROOT), env=env, out_dir=out_dir, timeout=LANE_TIMEOUT)
+                smp, mem_mib = LANE_SIZE.get(Path(selection[0].split("::")[0]).stem, (1, 2048))
+                result = run_in_lane(argv, cwd=str(ROOT), env=env, out_dir=out_dir, timeout=LANE_TIMEOUT,
+                                     smp=smp, mem_mib=mem_mib)
                 break
             except LaneTimeout as e:
                 print(f"[tests/boot] lane attempt {attempt} timed out: {str(e).splitlines()[0]}", flush=True)
@@ -93,6 +97,13 @@ def _lane_results(config: pytest.Config, selection: tuple[str, ...]) -> dict[str
                 outcome, text = "skipped", child.get("message") or ""
         outcomes[nodeid] = (outcome, text)
     return outcomes
+
+
+def boots_here() -> bool:
+    """True where this process runs the guests itself (hardware KVM, or inside the
+    lane). On a PVM host the tests run in the lane, and a fixture that would boot a
+    VM here must not: it yields None instead (its test's result comes from the lane)."""
+    return _mode() == "direct"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -62,7 +62,7 @@ def test_the_device_gap_holds_every_window_and_keeps_clear_of_ram_and_kvm():
 
 def test_virtio_lines_are_io_apic_pins_clear_of_the_isa_ones_we_use():
     assert L.VIRTIO_IRQS.stop <= L.IOAPIC_PINS and L.COM1_IRQ not in L.VIRTIO_IRQS
-    assert MAX_USER_DEVICES == len(L.VIRTIO_IRQS) - 1 == 18  # the README says so
+    assert MAX_USER_DEVICES == len(L.VIRTIO_IRQS) - 2 == 17  # the README says so
 
 
 def test_a_pool_hands_out_each_value_once_then_names_its_limit():

@@ -9,7 +9,8 @@ runs the device status state machine, whose rules (STATUS_SET_RULES, from
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 from microvm.devices.virtio.queue import DescriptorChain, Queue
@@ -125,6 +126,30 @@ class QueueState:
 
     def reset(self) -> None:
         self.mem, self.queues, self.signal = None, [], None
+
+    @contextmanager
+    def used_batch(self, index: int) -> Iterator[Callable[[int, int], None]]:
+        """Return chains to queue `index` with used(head, bytes written): published a
+        ring's worth at a time (before any slot is reused), with one interrupt check
+        each, and at the end; what was used before an exception (a QueueError) still
+        reaches the driver."""
+        q, signal = self.queues[index], self.signal
+        assert signal is not None
+        batch: list[tuple[int, int]] = []
+
+        def used(head: int, length: int) -> None:
+            batch.append((head, length))
+            if len(batch) == q.size:
+                q.add_used_many(batch)
+                batch.clear()
+                signal(index)
+
+        try:
+            yield used
+        finally:
+            if batch:
+                q.add_used_many(batch)
+                signal(index)
 
     def drain(self, index: int, handle: Callable[[GuestMemory, DescriptorChain], int]) -> None:
         """Serve every available chain of queue `index`: handle() returns the

@@ -68,7 +68,7 @@ from microvm.devices.virtio.blk_abi import (
     VirtioBlkDiscardWriteZeroes,
     VirtioBlkOuthdr,
 )
-from microvm.devices.virtio.queue import Descriptor, DescriptorChain, QueueError
+from microvm.devices.virtio.queue import Descriptor, DescriptorChain, QueueError, stream_views
 from microvm.errors import ConfigError, GuestMemoryError
 from microvm.memory import GuestMemory
 
@@ -99,18 +99,6 @@ class _Reply(Exception):
     def __init__(self, status: int, why: str):
         super().__init__(why)
         self.status = status
-
-
-def _views(mem: GuestMemory, descs: list[Descriptor], start: int, end: int) -> list[memoryview]:
-    """Views of bytes [start, end) of the stream the descriptors form, one per descriptor touched."""
-    out: list[memoryview] = []
-    pos = 0
-    for d in descs:
-        lo, hi = max(start, pos), min(end, pos + d.len)
-        if lo < hi:
-            out.append(mem.view(d.addr + lo - pos, hi - lo))
-        pos += d.len
-    return out
 
 
 class VirtioBlock(QueueState):
@@ -173,22 +161,12 @@ class VirtioBlock(QueueState):
     def process(self, queue_index: int) -> None:
         if queue_index != REQUEST_QUEUE:
             return
-        mem, signal = self.mem, self.signal
-        assert mem is not None and signal is not None
+        mem = self.mem
+        assert mem is not None
         q = self.queues[REQUEST_QUEUE]
-        used: list[tuple[int, int]] = []
-        try:
+        with self.used_batch(REQUEST_QUEUE) as used:
             while (chain := q.pop()) is not None:
-                used.append((chain.head, self._request(mem, chain)))
-                if len(used) == q.size:  # a ring's worth: publish before any slot is reused
-                    q.add_used_many(used)
-                    signal(REQUEST_QUEUE)
-                    used = []
-        finally:
-            # What was used before a QueueError still reaches the driver.
-            if used:
-                q.add_used_many(used)
-                signal(REQUEST_QUEUE)
+                used(chain.head, self._request(mem, chain))
 
     # --- requests -----------------------------------------------------------------------
 
@@ -226,7 +204,7 @@ class VirtioBlock(QueueState):
             if first.len >= HEADER_SIZE:  # the usual case: the header in one buffer
                 kind, _ioprio, sector = _OUTHDR.unpack(mem.view(first.addr, HEADER_SIZE))
             else:
-                header = VirtioBlkOuthdr.from_buffer_copy(b"".join(_views(mem, readable, 0, HEADER_SIZE)))
+                header = VirtioBlkOuthdr.from_buffer_copy(b"".join(stream_views(mem, readable, 0, HEADER_SIZE)))
                 kind, sector = header.type, header.sector
             written = self._dispatch(mem, kind, sector, readable, out_len, writable, in_len)
             status = VIRTIO_BLK_S_OK
@@ -279,7 +257,7 @@ class VirtioBlock(QueueState):
             # every byte before the status is written and the used length says so.
             ident = self.serial.ljust(in_len, b"\0")
             pos = 0
-            for view in _views(mem, writable, 0, in_len):
+            for view in stream_views(mem, writable, 0, in_len):
                 view[:] = ident[pos:pos + len(view)]
                 pos += len(view)
             self.counters.get_ids += 1
@@ -295,7 +273,7 @@ class VirtioBlock(QueueState):
         if length % SECTOR_SIZE:
             raise _Reply(VIRTIO_BLK_S_IOERR, f"data length {length} is not a multiple of {SECTOR_SIZE}")
         self._check_range(sector, length // SECTOR_SIZE)
-        views = _views(mem, descs, start, end)
+        views = stream_views(mem, descs, start, end)
         if len(views) > SEG_MAX:
             for view in views:
                 view.release()
@@ -332,7 +310,7 @@ class VirtioBlock(QueueState):
         if in_len or out_len != SEGMENT_SIZE:
             raise _Reply(VIRTIO_BLK_S_IOERR, f"expected one {SEGMENT_SIZE}-byte segment, got {out_len} bytes")
         seg = VirtioBlkDiscardWriteZeroes.from_buffer_copy(
-            b"".join(_views(mem, readable, HEADER_SIZE, HEADER_SIZE + SEGMENT_SIZE)))
+            b"".join(stream_views(mem, readable, HEADER_SIZE, HEADER_SIZE + SEGMENT_SIZE)))
         unmap = bool(seg.flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)
         # 5.2.6.2: unknown flags, or unmap on a discard, are UNSUPP.
         if seg.flags & ~VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP or (discard and unmap):

@@ -107,6 +107,10 @@ class MmioTransport:
         self._reset_state()
         if hasattr(device, "config_changed"):
             device.config_changed = self.config_changed  # e.g. virtio-net's link status
+        if hasattr(device, "notify_queue"):
+            # e.g. vsock's host sockets: their events are served like a queue
+            # notification, under our lock, never beside a reset.
+            device.notify_queue = self.notify
 
     def _reset_state(self) -> None:
         self.status = 0

@@ -86,6 +86,20 @@ class DescriptorChain:
         return sum(d.len for d in self.descriptors if d.write)
 
 
+def stream_views(mem: GuestMemory, descs: list[Descriptor], start: int, end: int) -> list[memoryview]:
+    """Views of bytes [start, end) of the stream the descriptors form, one per descriptor
+    touched (2.7.4: a device assumes nothing about how the driver splits a message).
+    The descriptors come from pop(), so every view is inside guest memory."""
+    out: list[memoryview] = []
+    pos = 0
+    for d in descs:
+        lo, hi = max(start, pos), min(end, pos + d.len)
+        if lo < hi:
+            out.append(mem.view(d.addr + lo - pos, hi - lo))
+        pos += d.len
+    return out
+
+
 class Queue:
     """One split virtqueue as the transport configures it."""
 

@@ -1,0 +1,476 @@
+"""The guest agent: serves exec, call, put, get and kill over vsock.
+
+Started by the sandbox as the guest's command (`python3 -m microvm_agent`),
+it listens on vsock port AGENT_VSOCK (or, for tests on the host, a Unix
+socket), says "microvm-agent ready" on stdout once it does, and serves any
+number of connections, each with any number of requests at once: every
+request runs in its own thread, and replies share the connection under a
+lock (protocol.py has the messages).
+
+- exec runs argv in a new session with pipes for stdout and stderr, which
+  are streamed as they come; a timeout or a kill ends the whole session.
+- call forks: the child unpickles the function (cloudpickle), runs it with
+  its stdout and stderr going back as output events, and sends the result,
+  or the exception with its traceback (tblib keeps the frames across
+  pickling). The agent itself never runs user code, so a call that crashes,
+  is killed or calls os._exit leaves the agent serving.
+- put writes a file (or unpacks a tar into a directory) from the body's
+  chunks; get sends a file, or a directory as a tar, in chunks.
+
+The agent does not trust the host less than the host trusts it: the host
+side (sandbox/client.py) treats everything here as untrusted input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import traceback
+from typing import Any
+
+from .protocol import AGENT_VSOCK, CHUNK, MAX_FRAME, FrameReader, ProtocolError, encode
+
+READY_LINE = "microvm-agent ready"
+_END = object()
+
+
+def boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+class Request:
+    """One request's state in the agent: its body, and how to stop it."""
+
+    def __init__(self, conn: Connection, rid: int, message: dict[str, Any]):
+        self.conn = conn
+        self.id = rid
+        self.message = message
+        self.body: queue.SimpleQueue[Any] = queue.SimpleQueue()  # bytes chunks, then _END
+        self.pid: int | None = None  # the child (call) or session leader (exec) to kill
+        self.killed = False
+
+    def send(self, **fields: Any) -> None:
+        self.conn.send({"id": self.id, **fields})
+
+    def read_body(self) -> bytes:
+        parts = []
+        while (chunk := self.body.get()) is not _END:
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def kill(self) -> None:
+        self.killed = True
+        pid = self.pid
+        if pid is not None:
+            try:
+                if self.message.get("op") == "exec":
+                    os.killpg(pid, signal.SIGKILL)
+                else:
+                    os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+class Connection:
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self._send_lock = threading.Lock()
+        self.requests: dict[int, Request] = {}
+        self._lock = threading.Lock()
+
+    def send(self, message: dict[str, Any]) -> None:
+        frame = encode(message)
+        with self._send_lock:
+            try:
+                self.sock.sendall(frame)
+            except OSError:
+                pass  # the host went away; the reader sees it and ends the connection
+
+    def serve(self) -> None:
+        reader = FrameReader(MAX_FRAME)
+        try:
+            while True:
+                data = self.sock.recv(1 << 16)
+                if not data:
+                    break
+                for message in reader.feed(data):
+                    self._dispatch(message)
+        except (OSError, ProtocolError) as e:
+            print(f"microvm-agent: connection ended: {e}", file=sys.stderr, flush=True)
+        finally:
+            with self._lock:
+                requests = list(self.requests.values())
+            for r in requests:  # nobody is left to hear about them
+                r.kill()
+                r.body.put(_END)
+            self.sock.close()
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        rid = message["id"]
+        op = message.get("op")
+        if op is not None:
+            if op == "kill":
+                target = self.requests.get(message.get("target", -1))
+                if target is not None:
+                    target.kill()
+                self.send({"id": rid, "ev": "done"})
+                return
+            handler = HANDLERS.get(op)
+            with self._lock:
+                known = rid in self.requests
+            if handler is None or known:
+                why = f"unknown op {op!r}" if handler is None else f"request id {rid} is in use"
+                self.send({"id": rid, "ev": "fail", "kind": "bad-request", "message": why})
+                return
+            request = Request(self, rid, message)
+            with self._lock:
+                self.requests[rid] = request
+            threading.Thread(target=self._run, args=(handler, request), daemon=True,
+                             name=f"{op}-{rid}").start()
+            return
+        with self._lock:
+            request_or_none = self.requests.get(rid)
+        if request_or_none is None:
+            return  # a chunk for a request that is over (killed, failed): drop it
+        if "data" in message and isinstance(message["data"], bytes):
+            request_or_none.body.put(message["data"])
+        elif message.get("end"):
+            request_or_none.body.put(_END)
+
+    def _run(self, handler: Any, request: Request) -> None:
+        try:
+            handler(request)
+        except Exception as e:  # the agent's own failure for this request: say so, serve on
+            request.send(ev="fail", kind=type(e).__name__, message=str(e),
+                         traceback=traceback.format_exc())
+        finally:
+            with self._lock:
+                self.requests.pop(request.id, None)
+
+
+# --- handlers -------------------------------------------------------------------------
+
+
+def do_ping(request: Request) -> None:
+    request.send(ev="pong", boot_id=boot_id(), pid=os.getpid(), python=sys.version.split()[0])
+
+
+def _pump(request: Request, fds: dict[int, int], deadline: float | None) -> bool:
+    """Stream output fds (our end -> 1 or 2) until all close; False if the deadline passed."""
+    sel = selectors.DefaultSelector()
+    for fd, which in fds.items():
+        os.set_blocking(fd, False)
+        sel.register(fd, selectors.EVENT_READ, which)
+    open_fds = len(fds)
+    try:
+        while open_fds:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            events = sel.select(wait)
+            if not events and deadline is not None and time.monotonic() >= deadline:
+                return False
+            for key, _ in events:
+                try:
+                    data = os.read(key.fd, CHUNK)
+                except BlockingIOError:
+                    continue
+                if not data:
+                    sel.unregister(key.fd)
+                    open_fds -= 1
+                else:
+                    request.send(ev="out", fd=key.data, data=data)
+        return True
+    finally:
+        sel.close()
+
+
+def _deadline(request: Request) -> float | None:
+    timeout = request.message.get("timeout")
+    return None if timeout is None else time.monotonic() + float(timeout)
+
+
+def do_exec(request: Request) -> None:
+    m = request.message
+    argv = m.get("argv")
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        request.send(ev="fail", kind="bad-request", message="argv must be a non-empty list of strings")
+        return
+    env = dict(os.environ)
+    env.update(m.get("env") or {})
+    deadline = _deadline(request)
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE if m.get("stdin") else subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                                cwd=m.get("cwd") or None, start_new_session=True)
+    except OSError as e:
+        request.send(ev="fail", kind=type(e).__name__, message=f"cannot run {argv[0]!r}: {e.strerror or e}")
+        return
+    request.pid = proc.pid
+    if request.killed:
+        request.kill()
+    if proc.stdin is not None:
+        threading.Thread(target=_feed_stdin, args=(request, proc.stdin), daemon=True).start()
+    assert proc.stdout is not None and proc.stderr is not None
+    finished = _pump(request, {proc.stdout.fileno(): 1, proc.stderr.fileno(): 2}, deadline)
+    if not finished:
+        request.kill()
+    code = proc.wait()
+    proc.stdout.close()
+    proc.stderr.close()
+    if not finished:
+        request.send(ev="timeout")
+    elif request.killed:
+        request.send(ev="killed")
+    else:
+        request.send(ev="exit", code=code if code >= 0 else None, signal=-code if code < 0 else None)
+
+
+def _feed_stdin(request: Request, pipe: Any) -> None:
+    try:
+        while (chunk := request.body.get()) is not _END:
+            pipe.write(chunk)
+            pipe.flush()
+    except OSError:
+        pass  # the command closed its stdin or ended
+    finally:
+        try:
+            pipe.close()
+        except OSError:
+            pass
+
+
+def do_call(request: Request) -> None:
+    payload = request.read_body()
+    deadline = _deadline(request)
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    res_r, res_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        os.close(out_r)
+        os.close(err_r)
+        os.close(res_r)
+        _child(payload, out_w, err_w, res_w)
+    request.pid = pid
+    for fd in (out_w, err_w, res_w):
+        os.close(fd)
+    if request.killed:
+        request.kill()
+    result = bytearray()
+    reader = threading.Thread(target=_read_all, args=(res_r, result), daemon=True)
+    reader.start()
+    finished = _pump(request, {out_r: 1, err_r: 2}, deadline)
+    if not finished:
+        request.kill()
+    reader.join()
+    _, status = os.waitpid(pid, 0)
+    for fd in (out_r, err_r, res_r):
+        os.close(fd)
+    if not finished:
+        request.send(ev="timeout")
+        return
+    if request.killed:
+        request.send(ev="killed")
+        return
+    if not result:
+        how = (f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+               else f"exited with status {os.WEXITSTATUS(status)}")
+        request.send(ev="fail", kind="call-died", message=f"the call's process {how} before it returned")
+        return
+    import msgpack
+
+    kind, blob = result[:1], bytes(result[1:])
+    if kind == b"R":
+        _send_chunks(request, blob)
+        request.send(ev="return")
+    else:
+        info = msgpack.unpackb(blob, raw=False)
+        _send_chunks(request, info.pop("pickled") or b"")
+        request.send(ev="raise", **info)
+
+
+def _send_chunks(request: Request, blob: bytes) -> None:
+    for i in range(0, len(blob), CHUNK):
+        request.send(ev="data", data=blob[i:i + CHUNK])
+
+
+def _read_all(fd: int, into: bytearray) -> None:
+    while data := os.read(fd, 1 << 16):
+        into += data
+
+
+def _child(payload: bytes, out_w: int, err_w: int, res_w: int) -> None:
+    status = 0
+    try:
+        os.setsid()
+        os.dup2(out_w, 1)
+        os.dup2(err_w, 2)
+        os.close(out_w)
+        os.close(err_w)
+        sys.stdout = open(1, "w", buffering=1, closefd=False)
+        sys.stderr = open(2, "w", buffering=1, closefd=False)
+        import cloudpickle
+        import msgpack
+
+        try:
+            from tblib import pickling_support
+
+            pickling_support.install()
+        except ImportError:
+            pickling_support = None
+        try:
+            fn, args, kwargs = cloudpickle.loads(payload)
+            value = fn(*args, **kwargs)
+            reply = b"R" + cloudpickle.dumps(value)
+        except BaseException as e:  # the function's exception (or an unpicklable result): the host gets it
+            if pickling_support is not None:
+                pickling_support.install(e)
+            try:
+                pickled = cloudpickle.dumps(e)
+            except Exception:
+                pickled = b""
+            reply = b"E" + msgpack.packb({
+                "type": type(e).__qualname__, "module": type(e).__module__, "message": str(e),
+                "traceback": "".join(traceback.format_exception(e)), "pickled": pickled,
+            }, use_bin_type=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        view = memoryview(reply)
+        while view:
+            view = view[os.write(res_w, view):]
+    except BaseException:
+        status = 70
+        traceback.print_exc()
+    finally:
+        os._exit(status)
+
+
+def do_put(request: Request) -> None:
+    m = request.message
+    path = m.get("path")
+    if not isinstance(path, str) or not path:
+        request.send(ev="fail", kind="bad-request", message="put needs a path")
+        return
+    try:
+        if m.get("tar"):
+            os.makedirs(path, exist_ok=True)
+            r, w = os.pipe()
+            wf = os.fdopen(w, "wb")
+            feeder = threading.Thread(target=_copy_body, args=(request, wf, True), daemon=True)
+            feeder.start()
+            with os.fdopen(r, "rb") as rf, tarfile.open(fileobj=rf, mode="r|") as tar:
+                tar.extractall(path, filter="data")
+            feeder.join()
+        else:
+            tmp = f"{path}.microvm-put"
+            with open(tmp, "wb") as f:
+                _copy_body(request, f)
+            os.chmod(tmp, int(m.get("mode", 0o644)) & 0o7777)
+            os.replace(tmp, path)
+    except (OSError, tarfile.TarError) as e:
+        while request.body.get() is not _END:  # drain, so the host's chunks don't pile up
+            pass
+        request.send(ev="fail", kind=type(e).__name__, message=f"cannot write {path}: {e}")
+        return
+    request.send(ev="done")
+
+
+def _copy_body(request: Request, f: Any, close: bool = False) -> None:
+    try:
+        while (chunk := request.body.get()) is not _END:
+            f.write(chunk)
+    except OSError:  # the tar reader gave up: drain, so the host's chunks don't pile up
+        while request.body.get() is not _END:
+            pass
+    finally:
+        if close:
+            try:
+                f.close()
+            except OSError:
+                pass
+
+
+def do_get(request: Request) -> None:
+    path = request.message.get("path")
+    if not isinstance(path, str) or not os.path.exists(path):
+        request.send(ev="fail", kind="FileNotFoundError", message=f"no such file or directory: {path!r}")
+        return
+    try:
+        if os.path.isdir(path):
+            request.send(ev="meta", tar=True)
+            r, w = os.pipe()
+
+            def write_tar() -> None:
+                with os.fdopen(w, "wb") as wf, tarfile.open(fileobj=wf, mode="w|") as tar:
+                    tar.add(path, arcname=".")
+
+            writer = threading.Thread(target=write_tar, daemon=True)
+            writer.start()
+            with os.fdopen(r, "rb") as rf:
+                while chunk := rf.read(CHUNK):
+                    request.send(ev="data", data=chunk)
+            writer.join()
+        else:
+            with open(path, "rb") as f:
+                request.send(ev="meta", tar=False, size=os.fstat(f.fileno()).st_size,
+                             mode=os.fstat(f.fileno()).st_mode & 0o7777)
+                while chunk := f.read(CHUNK):
+                    request.send(ev="data", data=chunk)
+    except OSError as e:
+        request.send(ev="fail", kind=type(e).__name__, message=f"cannot read {path}: {e}")
+        return
+    request.send(ev="done")
+
+
+HANDLERS = {"ping": do_ping, "exec": do_exec, "call": do_call, "put": do_put, "get": do_get}
+
+
+def listen(port: int | None = None, unix: str | None = None) -> socket.socket:
+    if unix is not None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(unix)
+    else:
+        s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        s.bind((socket.VMADDR_CID_ANY, AGENT_VSOCK if port is None else port))
+    s.listen(64)
+    return s
+
+
+def serve(server: socket.socket) -> None:
+    while True:
+        sock, _ = server.accept()
+        threading.Thread(target=Connection(sock).serve, daemon=True, name="connection").start()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="microvm_agent")
+    parser.add_argument("--port", type=int, default=AGENT_VSOCK, help="vsock port to listen on")
+    parser.add_argument("--unix", help="listen on this Unix socket instead (tests on the host)")
+    args = parser.parse_args(argv)
+    server = listen(args.port, args.unix)
+    # Warm what every call needs, once, before the first call forks.
+    import cloudpickle  # noqa: F401
+    import msgpack  # noqa: F401
+
+    try:
+        import tblib.pickling_support  # noqa: F401
+    except ImportError:
+        pass
+    print(READY_LINE, flush=True)
+    serve(server)
+
+
+if __name__ == "__main__":
+    main()

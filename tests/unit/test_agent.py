@@ -1,0 +1,233 @@
+"""The guest agent and the host's Session, over a Unix socket on the host.
+
+The agent (microvm/agent/server.py) is the very program a sandbox's guest
+runs; here it runs as a host process listening on a Unix socket instead of
+vsock, so the protocol, the call/exec/put/get paths and the host's defences
+against a hostile agent are tested without a VM. tests/boot/test_sandbox.py
+runs the same through a real guest.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from microvm.agent.protocol import HEADER, encode
+from microvm.errors import AgentError, CallTimeout, RemoteError, SandboxError
+from microvm.sandbox import SerializationError, Session
+from microvm.sandbox.client import QUEUED_EVENTS, AgentClient
+from microvm.sandbox.core import agent_files
+
+
+def module_level_square(x: int) -> int:
+    return x * x
+
+
+class GuestOnlyError(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("agent")
+    for name, data in agent_files().items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    path = str(root / "agent.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "microvm_agent", "--unix", path],
+                            env={**os.environ, "PYTHONPATH": str(root / "lib")}, stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"microvm-agent ready\n"
+    yield path
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture
+def session(agent: str) -> Iterator[Session]:
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(agent)
+    client = AgentClient(s)
+    yield Session(client, timeout=30)
+    client.close()
+
+
+def test_calls_return_values(session: Session) -> None:
+    offset = 10
+
+    def closure(x: int) -> int:
+        return x + offset
+
+    assert session.call(lambda a, b: a * b, 6, 7) == 42
+    assert session.call(closure, 5) == 15
+    assert session.call(module_level_square, 9) == 81
+    assert session.call(sorted, [3, 1, 2], reverse=True) == [3, 2, 1]
+    assert session.ping()["ev"] == "pong"
+
+
+def test_a_guest_exception_comes_back_as_its_type_with_the_guest_traceback(session: Session) -> None:
+    def fail() -> None:
+        raise GuestOnlyError("from the guest")
+
+    with pytest.raises(GuestOnlyError, match="from the guest") as info:
+        session.call(fail)
+    notes = "".join(getattr(info.value, "__notes__", []))
+    assert "guest traceback" in notes and "in fail" in notes and "GuestOnlyError" in notes
+    frames = [code.co_name for code in _walk(info.value.__traceback__)]
+    assert "fail" in frames  # the guest's frames, rebuilt by tblib
+
+
+def _walk(tb):  # type: ignore[no-untyped-def]
+    while tb is not None:
+        yield tb.tb_frame.f_code
+        tb = tb.tb_next
+
+
+def test_a_call_that_dies_is_reported_and_the_agent_serves_on(session: Session) -> None:
+    with pytest.raises(RemoteError, match="exited with status 3 before it returned"):
+        session.call(os._exit, 3)
+    assert session.call(int, "4") == 4
+
+
+def test_unpicklable_calls_fail_before_anything_is_sent() -> None:
+    lonely = Session(None)  # no agent at all: the error must come first
+    with pytest.raises(SerializationError, match="cannot pickle"):
+        lonely.call(len, threading.Lock())
+    with pytest.raises(SandboxError, match="not connected"):
+        lonely.call(len, [1])
+
+
+def test_exec_streams_output_before_the_command_ends(session: Session, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    stream = session.exec_stream(["sh", "-c", f"echo first; while [ ! -e {gate} ]; do sleep 0.01; done; "
+                                              "echo second; echo err >&2; exit 5"])
+    chunks = iter(stream)
+    assert next(chunks) == (1, b"first\n")  # the command is still waiting for the gate
+    gate.touch()
+    rest = list(chunks)
+    assert (1, b"second\n") in rest and (2, b"err\n") in rest
+    assert stream.returncode == 5
+    done = session.exec(["cat"], input=b"x" * 300_000)
+    assert done.returncode == 0 and done.stdout == b"x" * 300_000
+
+
+def test_files_round_trip(session: Session, tmp_path: Path) -> None:
+    blob = os.urandom(20 << 20)
+    src = tmp_path / "blob"
+    src.write_bytes(blob)
+    session.put(src, str(tmp_path / "guest-blob"))
+    back = tmp_path / "back"
+    session.get(str(tmp_path / "guest-blob"), back)
+    assert hashlib.sha256(back.read_bytes()).digest() == hashlib.sha256(blob).digest()
+    (tmp_path / "tree" / "sub").mkdir(parents=True)
+    (tmp_path / "tree" / "sub" / "f").write_text("deep")
+    session.put(tmp_path / "tree", str(tmp_path / "guest-tree"))
+    session.get(str(tmp_path / "guest-tree"), tmp_path / "tree-back")
+    assert (tmp_path / "tree-back" / "sub" / "f").read_text() == "deep"
+    with pytest.raises(FileNotFoundError):
+        session.get(str(tmp_path / "nothing-here"))
+
+
+def test_cancel_kills_the_running_call(session: Session, tmp_path: Path) -> None:
+    pidfile = tmp_path / "pid"
+
+    def linger(path: str) -> None:
+        Path(path).write_text(str(os.getpid()))
+        time.sleep(60)
+
+    future = session.submit(linger, str(pidfile))
+    while not pidfile.exists() or not pidfile.read_text():
+        time.sleep(0.01)
+    pid = int(pidfile.read_text())
+    assert future.running() and future.cancel()
+    with pytest.raises(concurrent.futures.CancelledError):
+        future.result(10)
+    assert future.cancelled()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # killed, and reaped by the agent
+
+
+def test_a_timeout_kills_that_call_and_the_session_stays_usable(session: Session) -> None:
+    with pytest.raises(CallTimeout):
+        session.call_with(time.sleep, (30,), timeout=0.3)
+    with pytest.raises(CallTimeout):
+        session.exec(["sleep", "30"], timeout=0.3)
+    assert session.call(abs, -3) == 3
+
+
+def test_many_requests_at_once(session: Session) -> None:
+    results: list[int] = []
+
+    def worker(k: int) -> None:
+        for i in range(10):
+            results.append(session.call(module_level_square, k * 100 + i))
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == sorted((k * 100 + i) ** 2 for k in range(6) for i in range(10))
+
+
+# --- a hostile agent ----------------------------------------------------------------------
+
+
+def _hostile(send: bytes, keep_open: bool = True) -> tuple[Session, socket.socket]:
+    host, guest = socket.socketpair()
+    session = Session(AgentClient(host), timeout=0.5)
+    session.grace = 0.5
+    guest.sendall(send)
+    if not keep_open:
+        guest.close()
+    return session, guest
+
+
+@pytest.mark.parametrize(("send", "why"), [
+    (HEADER.pack(64 << 20), "broke the protocol: frame of 67108864 bytes announced"),
+    (HEADER.pack(3) + b"\xc1\xc1\xc1", "broke the protocol: frame is not valid msgpack"),
+])
+def test_a_garbled_agent_ends_the_session_with_a_named_error(send: bytes, why: str) -> None:
+    session, guest = _hostile(send)
+    with pytest.raises(AgentError):  # "connection ended" or "is over", as the reader's race goes
+        session.ping()
+    assert session.client is not None and why in str(session.client.error)
+    guest.close()
+
+
+def test_an_agent_that_never_answers_is_a_timeout() -> None:
+    session, guest = _hostile(b"")
+    t0 = time.monotonic()
+    with pytest.raises(CallTimeout, match="did not answer"):
+        session.call(abs, 1)
+    assert time.monotonic() - t0 < 5
+    guest.close()
+
+
+def test_a_flood_nobody_reads_stays_bounded() -> None:
+    flood = b"".join(encode({"id": 1, "ev": "out", "fd": 1, "data": b"x" * 1000}) for _ in range(1000))
+    stray = b"".join(encode({"id": 99, "ev": "out", "fd": 1, "data": b"y"}) for _ in range(100))
+    host, guest = socket.socketpair()
+    client = AgentClient(host)
+    channel = client.request("exec", argv=["true"])
+    writer = threading.Thread(target=lambda: guest.sendall(stray + flood), daemon=True)
+    writer.start()
+    time.sleep(1.0)
+    assert client.dropped == 100  # events for no request are dropped, not kept
+    assert channel.events.qsize() == QUEUED_EVENTS  # the reader waits; the agent's sends block
+    assert writer.is_alive()
+    got = sum(1 for _ in range(1000) if channel.next_event(5)["ev"] == "out")
+    assert got == 1000
+    writer.join(5)
+    client.close()
+    guest.close()
