@@ -24,6 +24,7 @@ side (sandbox/client.py) treats everything here as untrusted input.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import queue
 import selectors
@@ -40,6 +41,7 @@ from typing import Any
 from .protocol import AGENT_VSOCK, CHUNK, MAX_FRAME, FrameReader, ProtocolError, encode
 
 READY_LINE = "microvm-agent ready"
+MAX_FD = 1 << 16  # a forked call closes every fd up to here that is not its own
 _END = object()
 
 
@@ -75,13 +77,13 @@ class Request:
         self.killed = True
         pid = self.pid
         if pid is not None:
-            try:
-                if self.message.get("op") == "exec":
-                    os.killpg(pid, signal.SIGKILL)
-                else:
+            try:  # exec's command and call's child each lead their own session
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:  # not yet: the child has not called setsid()
+                try:
                     os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+                except ProcessLookupError:
+                    pass
 
 
 class Connection:
@@ -168,8 +170,10 @@ def do_ping(request: Request) -> None:
     request.send(ev="pong", boot_id=boot_id(), pid=os.getpid(), python=sys.version.split()[0])
 
 
-def _pump(request: Request, fds: dict[int, int], deadline: float | None) -> bool:
-    """Stream output fds (our end -> 1 or 2) until all close; False if the deadline passed."""
+def _pump(request: Request, fds: dict[int, int], deadline: float | None,
+          into: bytearray | None = None) -> bool:
+    """Until every fd is at its end: output fds (-> 1 or 2) go to the host as
+    they come, fd -> 0 is gathered into `into`. False if the deadline passed."""
     sel = selectors.DefaultSelector()
     for fd, which in fds.items():
         os.set_blocking(fd, False)
@@ -189,6 +193,9 @@ def _pump(request: Request, fds: dict[int, int], deadline: float | None) -> bool
                 if not data:
                     sel.unregister(key.fd)
                     open_fds -= 1
+                elif key.data == 0:
+                    assert into is not None
+                    into += data
                 else:
                     request.send(ev="out", fd=key.data, data=data)
         return True
@@ -251,44 +258,104 @@ def _feed_stdin(request: Request, pipe: Any) -> None:
             pass
 
 
+class Worker:
+    """A process forked ahead of its call, waiting for the call's bytes.
+
+    The agent keeps one spare (take()): a call starts in a process that
+    already exists, and the fork for the next call happens off the call's
+    path. The child is the leader of its own session, so a kill reaches
+    whatever it started too.
+    """
+
+    _spare: Worker | None = None
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        pay_r, self.pay_w = os.pipe()
+        self.out_r, out_w = os.pipe()
+        self.err_r, err_w = os.pipe()
+        self.res_r, res_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns
+            # Only its own pipes: not the agent's sockets, not another call's pipes
+            # (whose ends it would otherwise hold open), not the parent's ends.
+            low = 3
+            for fd in sorted((pay_r, out_w, err_w, res_w)):
+                os.closerange(low, fd)
+                low = fd + 1
+            os.closerange(low, MAX_FD)
+            _child(pay_r, out_w, err_w, res_w)
+        self.pid = pid
+        for fd in (pay_r, out_w, err_w, res_w):
+            os.close(fd)
+
+    @classmethod
+    def take(cls) -> Worker:
+        with cls._lock:
+            worker, cls._spare = cls._spare, None
+        return worker if worker is not None else Worker()
+
+    @classmethod
+    def refill(cls) -> None:
+        """Fork the next spare: after a call has answered, off its path."""
+        threading.Thread(target=cls._refill, daemon=True, name="fork-spare").start()
+
+    @classmethod
+    def _refill(cls) -> None:
+        with cls._lock:
+            if cls._spare is None:
+                gc.freeze()  # what exists now is never collected in the children: fewer pages copied
+                cls._spare = Worker()
+
+    def give(self, payload: bytes) -> None:
+        try:
+            view = memoryview(payload)
+            while view:
+                view = view[os.write(self.pay_w, view):]
+        except OSError:
+            pass  # it died waiting (killed): its status says so
+        finally:
+            os.close(self.pay_w)
+
+    def close(self) -> int:
+        _, status = os.waitpid(self.pid, 0)
+        for fd in (self.out_r, self.err_r, self.res_r):
+            os.close(fd)
+        return status
+
+
 def do_call(request: Request) -> None:
     payload = request.read_body()
     deadline = _deadline(request)
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    res_r, res_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns
-        os.close(out_r)
-        os.close(err_r)
-        os.close(res_r)
-        _child(payload, out_w, err_w, res_w)
-    request.pid = pid
-    for fd in (out_w, err_w, res_w):
-        os.close(fd)
+    worker = Worker.take()
+    request.pid = worker.pid
     if request.killed:
         request.kill()
+    threading.Thread(target=worker.give, args=(payload,), daemon=True).start()
     result = bytearray()
-    reader = threading.Thread(target=_read_all, args=(res_r, result), daemon=True)
-    reader.start()
-    finished = _pump(request, {out_r: 1, err_r: 2}, deadline)
+    finished = _pump(request, {worker.out_r: 1, worker.err_r: 2, worker.res_r: 0}, deadline, result)
     if not finished:
         request.kill()
-    reader.join()
-    _, status = os.waitpid(pid, 0)
-    for fd in (out_r, err_r, res_r):
-        os.close(fd)
+    if finished and result and not request.killed:
+        # The child closed its pipes when it was done; the host need not wait for
+        # its exit (tearing down a forked Python takes milliseconds).
+        _send_result(request, result)
+        Worker.refill()
+        worker.close()
+        return
+    status = worker.close()
+    Worker.refill()
     if not finished:
         request.send(ev="timeout")
-        return
-    if request.killed:
+    elif request.killed:
         request.send(ev="killed")
-        return
-    if not result:
+    elif not result:
         how = (f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
                else f"exited with status {os.WEXITSTATUS(status)}")
         request.send(ev="fail", kind="call-died", message=f"the call's process {how} before it returned")
-        return
+
+
+def _send_result(request: Request, result: bytearray) -> None:
     import msgpack
 
     kind, blob = result[:1], bytes(result[1:])
@@ -306,15 +373,17 @@ def _send_chunks(request: Request, blob: bytes) -> None:
         request.send(ev="data", data=blob[i:i + CHUNK])
 
 
-def _read_all(fd: int, into: bytearray) -> None:
-    while data := os.read(fd, 1 << 16):
-        into += data
-
-
-def _child(payload: bytes, out_w: int, err_w: int, res_w: int) -> None:
+def _child(pay_r: int, out_w: int, err_w: int, res_w: int) -> None:
     status = 0
     try:
         os.setsid()
+        parts = []
+        while chunk := os.read(pay_r, 1 << 20):
+            parts.append(chunk)
+        os.close(pay_r)
+        payload = b"".join(parts)
+        if not payload:  # the agent went away before giving us a call
+            os._exit(0)
         os.dup2(out_w, 1)
         os.dup2(err_w, 2)
         os.close(out_w)
@@ -325,9 +394,9 @@ def _child(payload: bytes, out_w: int, err_w: int, res_w: int) -> None:
         import msgpack
 
         try:
+            # Only for an exception (install(e) below): install() with no argument
+            # walks every exception class there is, milliseconds per call.
             from tblib import pickling_support
-
-            pickling_support.install()
         except ImportError:
             pickling_support = None
         try:
@@ -350,6 +419,8 @@ def _child(payload: bytes, out_w: int, err_w: int, res_w: int) -> None:
         view = memoryview(reply)
         while view:
             view = view[os.write(res_w, view):]
+        for fd in (1, 2, res_w):  # done: the agent answers now, not after our exit
+            os.close(fd)
     except BaseException:
         status = 70
         traceback.print_exc()
@@ -468,6 +539,7 @@ def main(argv: list[str] | None = None) -> None:
         import tblib.pickling_support  # noqa: F401
     except ImportError:
         pass
+    Worker.refill()
     print(READY_LINE, flush=True)
     serve(server)
 

@@ -204,8 +204,8 @@ class Sandbox(Session):
         return self.vm.console_tail() if self.vm is not None else ""
 
     def _client(self) -> AgentClient:
-        if self.client is None:
-            if self._ended.is_set():
+        if self.client is None or self.client.error is not None:
+            if self._ended.is_set() or self.client is not None:
                 raise self._crashed("the sandbox's guest has ended")
             raise SandboxError("the sandbox is not running (use `with Sandbox() as sb:` or sb.start())")
         return self.client

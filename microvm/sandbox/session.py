@@ -63,6 +63,12 @@ class Session:
             raise SandboxError("not connected to an agent")
         return self.client
 
+    def _request(self, op: str, **fields: Any) -> Channel:
+        try:
+            return self._client().request(op, **fields)
+        except ConnectionLost:
+            raise self._crashed("the guest agent's connection has ended") from None
+
     def _events(self, channel: Channel, timeout: float | None) -> Iterator[dict[str, Any]]:
         """A request's events until its final one; the host's own deadline covers a silent guest."""
         deadline = None if timeout is None else time.monotonic() + timeout + self.grace
@@ -85,7 +91,7 @@ class Session:
         raise AgentError("the request ended without a final event")
 
     def ping(self) -> dict[str, Any]:
-        return self._final(self._client().request("ping"), self.timeout)
+        return self._final(self._request("ping"), self.timeout)
 
     def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """fn(*args, **kwargs) in a fresh process in the guest; its value, or its exception raised here."""
@@ -99,7 +105,7 @@ class Session:
         a handle for kill()."""
         timeout = self.timeout if timeout is None else checks.timeout(timeout)
         payload = dumps_call(fn, args, dict(kwargs or {}), self._importable())
-        channel = self._client().request("call", timeout=timeout)
+        channel = self._request("call", timeout=timeout)
         if on_start is not None:
             on_start(channel)
         channel.send_data(payload)
@@ -141,7 +147,7 @@ class Session:
         """Start argv in the guest; iterate the result for (fd, bytes) as the output comes."""
         argv = checks.argv(argv)
         timeout = self.timeout if timeout is None else checks.timeout(timeout)
-        channel = self._client().request("exec", argv=argv, env=checks.env(env), cwd=cwd, timeout=timeout,
+        channel = self._request("exec", argv=argv, env=checks.env(env), cwd=cwd, timeout=timeout,
                                          stdin=input is not None)
         if input is not None:
             channel.send_data(input)
@@ -153,7 +159,7 @@ class Session:
         tar = isinstance(source, str | os.PathLike) and os.path.isdir(source)
         if isinstance(source, str | os.PathLike) and not tar:
             mode = os.stat(source).st_mode & 0o7777
-        channel = self._client().request("put", path=dest, tar=tar, mode=mode)
+        channel = self._request("put", path=dest, tar=tar, mode=mode)
         if isinstance(source, bytes | bytearray):
             channel.send_data(bytes(source))
         elif tar:
@@ -168,7 +174,7 @@ class Session:
 
     def get(self, source: str, dest: str | Path | None = None) -> bytes | None:
         """A guest file's bytes (dest None), or copy a guest file or directory to dest on the host."""
-        channel = self._client().request("get", path=source)
+        channel = self._request("get", path=source)
         sink: Any = None
         buf = bytearray()
         tar_r: Any = None

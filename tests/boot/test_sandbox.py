@@ -109,6 +109,8 @@ def test_cancel_stops_a_running_call_and_its_process_is_gone(sb: Sandbox) -> Non
     future = sb.submit(linger)
     deadline = time.monotonic() + 60
     while sb.exec(["cat", "/tmp/linger.pid"]).returncode != 0:
+        if future.done():
+            pytest.fail(f"the call ended before it was cancelled: {future.exception()!r}")
         assert time.monotonic() < deadline
         time.sleep(0.1)
     pid = sb.exec(["cat", "/tmp/linger.pid"]).stdout.decode()
