@@ -60,6 +60,14 @@ def test_lambda_closure_and_module_function(sb: Sandbox) -> None:
     assert guest_boot == sb.boot_id != boot_id()  # it ran in the guest, not here
 
 
+def test_the_guest_has_entropy_from_the_host(sb: Sandbox) -> None:
+    current = sb.exec(["cat", "/sys/devices/virtual/misc/hw_random/rng_current"]).stdout
+    assert current.startswith(b"virtio_rng")
+    assert len(sb.exec(["head", "-c", "64", "/dev/hwrng"]).stdout) == 64
+    assert sb.vm.devices.stats()["rng"]["bytes"] >= 64
+    assert sb.call(os.urandom, 16) != sb.call(os.urandom, 16)
+
+
 def test_a_guest_exception_is_its_own_type_with_the_guest_traceback(sb: Sandbox) -> None:
     def fail(n: int) -> None:
         raise GuestError(f"failed with {n}")
@@ -162,3 +170,12 @@ def test_eight_sandboxes_through_the_executor(image) -> None:  # type: ignore[no
     assert len({b for _, b in results}) == 8
     assert {b for _, b in results} == {sb.boot_id for sb in live}
     assert not any(sb.alive or sb.vm.vm is not None for sb in live)  # shutdown closed every VM
+
+
+def test_a_killed_agent_is_sandbox_crashed(image) -> None:  # type: ignore[no-untyped-def]
+    with Sandbox(image=image, mem_mib=192, timeout=120) as sandbox:
+        agent = sandbox.ping()["pid"]
+        with pytest.raises(SandboxCrashed, match="connection ended"):
+            sandbox.exec(["kill", "-9", str(agent)])
+        with pytest.raises(SandboxCrashed):
+            sandbox.call(abs, -5)
