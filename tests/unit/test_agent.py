@@ -207,10 +207,8 @@ def test_a_garbled_agent_ends_the_session_with_a_named_error(send: bytes, why: s
 
 def test_an_agent_that_never_answers_is_a_timeout() -> None:
     session, guest = _hostile(b"")
-    t0 = time.monotonic()
-    with pytest.raises(CallTimeout, match="did not answer"):
+    with pytest.raises(CallTimeout, match=r"did not answer within 0.5 s \(\+0.5 s\)"):
         session.call(abs, 1)
-    assert time.monotonic() - t0 < 5
     guest.close()
 
 
@@ -222,10 +220,15 @@ def test_a_flood_nobody_reads_stays_bounded() -> None:
     channel = client.request("exec", argv=["true"])
     writer = threading.Thread(target=lambda: guest.sendall(stray + flood), daemon=True)
     writer.start()
-    time.sleep(1.0)
-    assert client.dropped == 100  # events for no request are dropped, not kept
-    assert channel.events.qsize() == QUEUED_EVENTS  # the reader waits; the agent's sends block
-    assert writer.is_alive()
+    deadline = time.monotonic() + 60
+    while channel.events.qsize() < QUEUED_EVENTS:  # the reader fills the queue, then waits
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert client.dropped == 100  # events for no request came first: dropped, not kept
+    for _ in range(20):  # and it stays full: nothing beyond the bound is taken in
+        time.sleep(0.01)
+        assert channel.events.qsize() == QUEUED_EVENTS
+    assert writer.is_alive()  # the agent's sends block instead (the socket's buffers are full)
     got = sum(1 for _ in range(1000) if channel.next_event(5)["ev"] == "out")
     assert got == 1000
     writer.join(5)
