@@ -160,10 +160,11 @@ def test_eight_sandboxes_through_the_executor(image) -> None:  # type: ignore[no
         time.sleep(2)
         return i, boot_id()
 
-    with Executor(max_workers=8, image=image, mem_mib=192) as ex:
+    # Eight boots at once share the lane's one emulated CPU: minutes, not seconds.
+    with Executor(max_workers=8, image=image, mem_mib=192, boot_timeout=900) as ex:
         pool: SandboxPool = ex.pool
-        pool.wait_ready(600)  # then each of the 8 calls takes one of them (first in, first out)
-        results = list(ex.map(slow_boot_id, range(8), timeout=600))
+        pool.wait_ready(900)  # then each of the 8 calls takes one of them (first in, first out)
+        results = list(ex.map(slow_boot_id, range(8), timeout=900))
         live = [sb for sb in list(pool._live) if sb.alive]
         assert len(live) == 8  # all eight up at once, each its own VM
     assert [i for i, _ in results] == list(range(8))
