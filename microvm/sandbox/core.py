@@ -158,6 +158,7 @@ class Sandbox(Session):
         while not self._ready.wait(0.05):
             if time.monotonic() > deadline:
                 raise SandboxError(f"the guest agent was not ready within {self.boot_timeout} s\n"
+                                   f"--- agent output ---\n{self._out[-2000:].decode(errors='replace')}\n"
                                    f"--- console tail ---\n{self.console_tail()}")
         if self._ended.is_set():
             raise self._crashed("the guest ended before its agent was ready")

@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from microvm import checks
@@ -47,10 +49,15 @@ class SandboxPool:
         self._live: set[Sandbox] = set()
         self._closed = False
         self.image = config.get("image")
-        if self.image is None:  # resolve (and build, once) before the first boot, for every sandbox
+        # Resolved (built, or read from its path) once, before the first boot, for every sandbox.
+        if self.image is None:
             from microvm.pyimage import python_image
 
             self.image = self.config["image"] = python_image()
+        elif isinstance(self.image, str | os.PathLike):
+            from microvm.pyimage import PythonImage
+
+            self.image = self.config["image"] = PythonImage.load(Path(self.image))
         for _ in range(self.size):
             self._boot()
 
