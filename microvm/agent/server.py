@@ -94,7 +94,10 @@ class Connection:
         self._lock = threading.Lock()
 
     def send(self, message: dict[str, Any]) -> None:
-        frame = encode(message)
+        self.send_many([message])
+
+    def send_many(self, messages: list[dict[str, Any]]) -> None:
+        frame = b"".join(encode(m) for m in messages)
         with self._send_lock:
             try:
                 self.sock.sendall(frame)
@@ -356,21 +359,17 @@ def do_call(request: Request) -> None:
 
 
 def _send_result(request: Request, result: bytearray) -> None:
+    """The value's (or exception's) pickle in chunks and the final event, in one write."""
     import msgpack
 
     kind, blob = result[:1], bytes(result[1:])
-    if kind == b"R":
-        _send_chunks(request, blob)
-        request.send(ev="return")
-    else:
+    final: dict[str, Any] = {"ev": "return"}
+    if kind != b"R":
         info = msgpack.unpackb(blob, raw=False)
-        _send_chunks(request, info.pop("pickled") or b"")
-        request.send(ev="raise", **info)
-
-
-def _send_chunks(request: Request, blob: bytes) -> None:
-    for i in range(0, len(blob), CHUNK):
-        request.send(ev="data", data=blob[i:i + CHUNK])
+        blob = info.pop("pickled") or b""
+        final = {"ev": "raise", **info}
+    messages = [{"id": request.id, "ev": "data", "data": blob[i:i + CHUNK]} for i in range(0, len(blob), CHUNK)]
+    request.conn.send_many([*messages, {"id": request.id, **final}])
 
 
 def _child(pay_r: int, out_w: int, err_w: int, res_w: int) -> None:

@@ -5,6 +5,7 @@
   rate.py       VMs booted, run and torn down per second
   blk.py        virtio-blk with fio, against QEMU     } the same guest script
   net.py        virtio-net over a tap, against QEMU   } on both sides: ab.py
+  call.py       a call into a running sandbox, against the agent under QEMU's vhost-vsock
   exits.py      one port-I/O exit, our loop against a bare C one (exits_raw.c)
 
 qemu.py is the one QEMU runner; guest.py our cached kernel and the error of a

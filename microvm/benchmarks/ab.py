@@ -67,10 +67,8 @@ class GuestScript:
     def qemu(self, initrd: Path, *, root: str, devices: Sequence[str] = ()) -> str:
         """The script's output under QEMU (initrd: qemu.initramfs(script)); root:
         the kernel's root= for the image, which is the first virtio-blk device."""
-        root_drive = ["-drive", f"id=root,file={self.image},format=raw,if=none,readonly=on",
-                      "-device", "virtio-blk-device,drive=root"]
         return qemu.run(self.kernel, initrd, mem_mib=self.mem_mib, cmdline=f"{qemu.CMDLINE} root={root}",
-                        devices=[*root_drive, *devices], timeout=self.timeout).text()
+                        devices=[*qemu.root_drive(self.image), *devices], timeout=self.timeout).text()
 
 
 @dataclass(frozen=True)

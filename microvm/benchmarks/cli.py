@@ -1,4 +1,4 @@
-"""`microvm bench ...`: boot, footprint, rate, blk, net, exits.
+"""`microvm bench ...`: boot, footprint, rate, blk, net, call, exits.
 
 Each command prints a table and writes its results under --out. On a PVM
 host the commands that boot Linux first re-run themselves inside the
@@ -102,7 +102,7 @@ def _compared(module: Any) -> Callable[[dict[str, Any]], Table]:
 
 @click.group()
 def bench() -> None:
-    """Benchmarks: boot timeline, footprint, VM rate; virtio-blk, virtio-net, exit cost."""
+    """Benchmarks: boot timeline, footprint, VM rate; virtio-blk, virtio-net, sandbox calls, exit cost."""
 
 
 @bench.command("boot")
@@ -237,6 +237,40 @@ def net_cmd(runtime: int, runs: int, with_qemu: bool, out: Path) -> None:
     _in_lane("net", out)
     _measure("net", "network runs", runs * (1 + with_qemu),
              lambda advance: net.run(runs, runtime, with_qemu, advance), _compared(net), out)
+
+
+@bench.command("call")
+@click.option("--calls", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Warm no-op calls, and as many `exec true`, per side.")
+@click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Calls and commands per side before those, not counted.")
+@click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Create -> first call -> close, per side.")
+@click.option("--mem", "mem_mib", type=click.IntRange(*MEM_MIB_RANGE), default=256, show_default=True,
+              help="Guest MiB.")
+@click.option("--image", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="A Python root image (.ext4 or its .json) from `microvm image python`.")
+@click.option("--venv", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Build (once) the image from this venv (default: a venv of the agent's packages).")
+@_qemu_option(True, "Also run the agent in QEMU's microvm machine, same kernel and image, with vhost-vsock.")
+@out_option
+@one_line_errors
+def call_cmd(calls: int, warmup: int, rounds: int, mem_mib: int, image: Path | None, venv: Path | None,
+             with_qemu: bool, out: Path) -> None:
+    """Sandbox call latency: a no-op call and `exec true` (p50, p99) and create -> call -> close, against QEMU."""
+    from microvm.benchmarks import call
+
+    if image is not None and venv is not None:
+        raise click.BadParameter("give --image or --venv, not both", param_hint="'--venv'")
+    kernel = _kernel("elf")
+    _need_qemu(with_qemu)
+    agent_image = call.agent_image(image, venv)  # built (once) here: the lane sees the host's cache
+    # Two lane CPUs: the VMM's threads and the host's client run beside the guest's vCPU. (That is
+    # multi-threaded TCG, where a rare guest triple fault was seen: see tests/boot/conftest.py.)
+    _in_lane("call", out, smp=2)
+    _measure("call", "sandbox calls", call.steps(rounds, with_qemu),
+             lambda advance: call.run(kernel, agent_image, calls=calls, warmup=warmup, rounds=rounds,
+                                      mem_mib=mem_mib, with_qemu=with_qemu, advance=advance), call.table, out)
 
 
 @bench.command("exits")

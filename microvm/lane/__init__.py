@@ -10,6 +10,7 @@ command inside, where /dev/kvm is nested KVM with hardware semantics.
   kernel.py  the lane's kernel, fetched with apt once and cached
   cli.py     the command line behind tests/hwvirt/run (main)
   rerun.py   a benchmark that re-runs itself in the lane on a PVM host
+  modules.py inside the lane: load a module of its kernel that /init did not (vhost_vsock)
 """
 
 from microvm.errors import LaneError, LaneTimeout

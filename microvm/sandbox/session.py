@@ -105,11 +105,9 @@ class Session:
         a handle for kill()."""
         timeout = self.timeout if timeout is None else checks.timeout(timeout)
         payload = dumps_call(fn, args, dict(kwargs or {}), self._importable())
-        channel = self._request("call", timeout=timeout)
+        channel = self._request("call", body=payload, timeout=timeout)
         if on_start is not None:
             on_start(channel)
-        channel.send_data(payload)
-        channel.end()
         data = bytearray()
         for event in self._events(channel, timeout):
             ev = event.get("ev")

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from rich.console import Console
 
 from microvm import lane
-from microvm.benchmarks import ab, blk, boot, exits, footprint, guest, net, qemu, rate, report, scripts
+from microvm.benchmarks import ab, blk, boot, call, exits, footprint, guest, net, qemu, rate, report, scripts
 from microvm.benchmarks.plot import boot_figure
 from microvm.benchmarks.workers import WorkerError, run_workers
 from microvm.cli import main
@@ -252,6 +252,12 @@ BAD_BENCH_OPTIONS = [
     (["exits", "--exits", "0"], "--exits"),
     (["exits", "--exits", str(2**32)], "--exits"),
     (["exits", "--runs", "0"], "--runs"),
+    (["call", "--calls", "0"], "--calls"),
+    (["call", "--rounds", "0"], "--rounds"),
+    (["call", "--warmup", "-1"], "--warmup"),
+    (["call", "--mem", "0"], "--mem"),
+    (["call", "--image", "/no/such/image.ext4"], "--image"),
+    (["call", "--venv", "/no/such/venv"], "--venv"),
 ]
 
 
@@ -278,7 +284,7 @@ def test_bench_boot_without_qemu_or_kernel_fails_on_the_host(monkeypatch: pytest
         raise ConfigError("no guest kernel built yet: run `microvm kernel build`")
 
     monkeypatch.setattr(guest, "kernel_path", no_kernel)
-    for command in ("boot", "footprint", "rate", "blk", "net"):
+    for command in ("boot", "footprint", "rate", "blk", "net", "call"):
         result = CliRunner().invoke(main, ["bench", command, "--out", str(out)])
         assert result.exit_code == 1 and result.stdout == ""
         assert result.stderr == "microvm: error: no guest kernel built yet: run `microvm kernel build`\n"
@@ -297,15 +303,19 @@ def test_bench_good_options_reach_the_lane(monkeypatch: pytest.MonkeyPatch, tmp_
     monkeypatch.setattr(ab, "kernel_and_image", lambda package: (Path("/k/elf"), Path(f"/i/{package}")))
     monkeypatch.setattr(net, "check_host", lambda: None)
     monkeypatch.setattr(qemu, "available", lambda: True)
+    images: list[tuple[Any, Any]] = []
+    monkeypatch.setattr(call, "agent_image", lambda image, venv: images.append((image, venv)) or "img")
     monkeypatch.setattr(sys, "argv", ["microvm", "bench", "..."])
     out = tmp_path / "bench"
     for args in (["boot", "--mem", "128,256,128", "--vcpus", "1,2", "--kernel-format", "elf,bzimage", "-n", "1"],
                  ["footprint", "--count", "2", "--processes", "0"], ["rate", "--count", "1", "--workers", "3"],
-                 ["blk", "--runs", "1", "--runtime", "1", "--size-mib", "1"], ["net", "--runs", "1", "--no-qemu"]):
+                 ["blk", "--runs", "1", "--runtime", "1", "--size-mib", "1"], ["net", "--runs", "1", "--no-qemu"],
+                 ["call", "--calls", "3", "--warmup", "0", "--rounds", "1", "--image", __file__]):
         result = CliRunner().invoke(main, ["bench", *args, "--out", str(out)])
         assert result.exit_code == 0, result.output
-    assert [k["out_dir"] for _, k in lanes] == [out] * 5
+    assert [k["out_dir"] for _, k in lanes] == [out] * 6
     assert lanes[2][1]["smp"] == 3
+    assert lanes[5][1]["smp"] == 2 and images == [(Path(__file__), None)]  # the image is made on the host
     assert lanes[0][0][1:] == ["-m", "microvm", "bench", "..."]  # this command line, again
     assert not out.exists()
 
@@ -329,6 +339,16 @@ def test_bench_blk_and_net_want_their_image_and_qemu_on_the_host(monkeypatch: py
     monkeypatch.setattr(net, "HOST_TOOLS", ("no-such-tool-here",))
     result = CliRunner().invoke(main, ["bench", "net", "--no-qemu", "--out", str(out)])
     assert result.exit_code == 1 and "needs no-such-tool-here" in result.stderr
+    assert not no_lane and not out.exists()
+
+
+def test_bench_call_takes_one_image_source(tmp_path: Path, no_lane: list[Any]) -> None:
+    image, venv = tmp_path / "python.ext4", tmp_path / "venv"
+    image.touch()
+    venv.mkdir()
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(main, ["bench", "call", "--image", str(image), "--venv", str(venv), "--out", str(out)])
+    assert result.exit_code == 2 and "--venv" in result.stderr and "not both" in result.stderr
     assert not no_lane and not out.exists()
 
 
@@ -367,6 +387,7 @@ BAD_SCRIPT_OPTIONS = [
     ("blk.py", ["--size-mib", "0"], "--size-mib"),
     ("exits.py", ["--exits", "0"], "--exits"),
     ("exits.py", ["--runs", "0"], "--runs"),
+    ("call.py", ["--calls", "0"], "--calls"),
 ]
 
 
@@ -522,3 +543,124 @@ def test_option_limits_are_microvms() -> None:
                 MicroVM(Path("/no/kernel"), **{field: value})
         MicroVM(Path("/no/kernel"), **{field: low})
         MicroVM(Path("/no/kernel"), **{field: high})
+
+
+# --- bench call: percentiles, ratios, turns ------------------------------------------
+
+def _call_samples() -> dict[str, dict[str, list[float]]]:
+    ms = [i / 1e3 for i in range(1, 101)]  # 1..100 ms
+    return {"microvm": {"call": ms, "exec": [2 * x for x in ms], "cold": [1.0, 3.0, 2.0]},
+            "qemu": {"call": [2 * x for x in ms], "exec": [2 * x for x in ms], "cold": []}}
+
+
+def test_call_summary_is_percentiles_in_ms() -> None:
+    summary = call.summarize(_call_samples())
+    assert summary["microvm"]["call_p50"] == pytest.approx(50.5)
+    assert summary["microvm"]["call_p99"] == pytest.approx(99.01)
+    assert summary["qemu"]["exec_p99"] == pytest.approx(198.02)
+    assert summary["microvm"]["cold_p50"] == pytest.approx(2000.0)
+    assert summary["qemu"]["cold_p50"] is None  # every cold round failed: no number, no ratio
+    ratio = call.ratios(summary)["microvm / qemu"]
+    assert ratio["call_p50"] == pytest.approx(0.5) and ratio["exec_p99"] == pytest.approx(1.0)
+    assert ratio["cold_p50"] is None
+    assert call.ratios({"microvm": summary["microvm"]}) == {}  # --no-qemu
+
+
+def test_call_table_and_json() -> None:
+    samples = _call_samples()
+    summary = call.summarize(samples)
+    result = {"calls": 100, "warmup": 5, "rounds": 3, "samples": samples, "summary_ms": summary,
+              "ratio": call.ratios(summary)}
+    out = Console(record=True, width=200)
+    out.print(call.table(result))
+    text = out.export_text()
+    assert "sandbox call latency: 100 warm requests, 3 cold rounds per side, host" in text
+    assert "no-op call(), p99" in text and "microvm / qemu" in text and "0.50" in text
+    assert "create -> first call -> close, p50" in text and "2000.0" in text
+    json.dumps(result)
+
+
+class _FakeSession:
+    def __init__(self, name: str, log: list[str]):
+        self.name, self.log = name, log
+
+    def call(self, fn: Any) -> None:
+        assert fn is call.noop
+        self.log.append(f"{self.name} call")
+
+    def exec(self, argv: list[str]) -> subprocess.CompletedProcess[bytes]:
+        self.log.append(f"{self.name} exec")
+        return subprocess.CompletedProcess(argv, 0 if argv == ["true"] else 1, b"", b"")
+
+
+def test_call_warm_takes_turns_and_skips_the_warmup() -> None:
+    log: list[str] = []
+    steps: list[str] = []
+    samples = call.warm({"microvm": _FakeSession("microvm", log), "qemu": _FakeSession("qemu", log)},
+                        calls=3, warmup=1, advance=steps.append)
+    assert log == ["microvm call", "qemu call",  # the warm-up
+                   "microvm call", "qemu call", "qemu call", "microvm call", "microvm call", "qemu call",
+                   "microvm exec", "qemu exec",
+                   "microvm exec", "qemu exec", "qemu exec", "microvm exec", "microvm exec", "qemu exec"]
+    assert {side: {k: len(v) for k, v in per.items()} for side, per in samples.items()} == {
+        "microvm": {"call": 3, "exec": 3}, "qemu": {"call": 3, "exec": 3}}
+    assert len(steps) == len(call.OPS) and steps[0].startswith("call: microvm p50 ")
+    assert call.steps(rounds=5, with_qemu=True) == 2 + 2 + 10
+
+
+def test_call_cold_closes_even_when_the_call_fails() -> None:
+    closed: list[bool] = []
+
+    class Side:
+        def __init__(self, fail: bool):
+            self.fail = fail
+
+        def open(self) -> Any:
+            if self.fail:
+                raise guest.RunFailed("no agent")
+            return _FakeSession("x", [])
+
+        def close(self) -> None:
+            closed.append(True)
+
+    times = call.cold(lambda: Side(False))
+    assert set(times) == {"cold", "create", "close"} and times["cold"] >= times["create"] + times["close"]
+    with pytest.raises(guest.RunFailed):
+        call.cold(lambda: Side(True))
+    assert closed == [True, True]
+
+
+def test_call_needs_vhost_vsock_outside_the_lane(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from microvm.errors import LaneError
+    from microvm.lane import modules
+
+    monkeypatch.delenv(rerun.IN_LANE_ENV, raising=False)
+    monkeypatch.setattr(call, "VHOST_VSOCK", tmp_path / "vhost-vsock")
+    with pytest.raises(ConfigError, match="modprobe vhost_vsock"):
+        call.vhost_vsock()
+    with pytest.raises(LaneError, match="only inside the lane"):
+        modules.load(["vhost_vsock"])
+    (tmp_path / "vhost-vsock").touch()
+    call.vhost_vsock()
+
+
+def test_qemu_machine_runs_until_killed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    args = _fake_qemu(tmp_path, monkeypatch, "printf 'agent ready\\r\\n'; exec sleep 30")
+    machine = qemu.start(Path("/k"), Path("/i"), mem_mib=256, devices=qemu.root_drive(Path("/img")))
+    try:
+        assert machine.wait_for(b"agent ready", 10)
+        assert machine.alive and machine.console_tail() == "agent ready\n"
+        assert not machine.wait_for(b"never", 0.1)
+        argv = args.read_text().split()
+        assert argv[argv.index("-m") + 1] == "256"
+        assert argv[-4:] == ["-drive", "id=root,file=/img,format=raw,if=none,readonly=on",
+                             "-device", "virtio-blk-device,drive=root"]
+    finally:
+        machine.kill()
+    assert not machine.alive
+    machine.kill()  # again: nothing left to do
+    _fake_qemu(tmp_path, monkeypatch, "echo 'no vhost' >&2; exit 1")
+    with qemu.start(Path("/k"), Path("/i")) as failed:
+        assert not failed.wait_for(b"agent ready", 30)  # QEMU ended: no waiting out the 30 s
+        failed.proc.wait()
+        assert "no agent (QEMU exited 1: no vhost)" in str(failed.failure("no agent"))

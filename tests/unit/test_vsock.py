@@ -336,6 +336,19 @@ def test_host_connect_and_bytes_both_ways(guest: Guest) -> None:
     s2.close()
 
 
+def test_short_read_takes_one_buffer_and_later_data_still_comes(guest: Guest) -> None:
+    """A read that left room drained the socket (MSG_PEEK says so): no receive
+    buffer is taken and held back just to meet EAGAIN, and the next write is a new edge."""
+    s, _ = host_connect(guest, 1234)
+    rx = guest.t.queues[RXQ]
+    for word in (b"one", b"two"):
+        s.sendall(word)
+        guest.pump()
+        assert [(p.op, p.payload) for p in guest.packets()] == [(RW, word)]
+        assert rx.chains_popped == rx.used_added  # every buffer taken went back used
+    s.close()
+
+
 def test_connect_line_followed_by_data_in_one_write(guest: Guest) -> None:
     """What the host sends right behind its CONNECT line waits for the guest's
     RESPONSE; no new edge comes for it, so the device must go back and read."""

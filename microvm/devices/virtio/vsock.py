@@ -209,7 +209,7 @@ class VirtioVsock(QueueState):
         """Fill receive buffers while the muxer has packets for the guest."""
         q, mem = self.queues[RX_QUEUE], self.mem
         assert mem is not None
-        if not q.ready:
+        if not q.ready or not self.muxer.has_rx():  # most transmit notifications leave nothing to receive
             return
         with self.used_batch(RX_QUEUE) as used:
             while self.muxer.has_rx():

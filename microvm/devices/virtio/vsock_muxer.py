@@ -40,7 +40,7 @@ import select
 import socket
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -91,6 +91,19 @@ def scatter(mem: GuestMemory, chain: DescriptorChain, data: bytes) -> int:
     return pos
 
 
+def _drained(sock: socket.socket) -> bool:
+    """Whether a stream socket that just gave a short read would block now (MSG_PEEK
+    takes nothing). Data arriving later is a new edge (epoll(7), EPOLLET); an end of
+    file or an error (not drained) is met by the next read."""
+    try:
+        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return True
+    except OSError:
+        pass
+    return False
+
+
 class IoLoop(Protocol):
     """What the muxer needs of an IoThread."""
 
@@ -122,10 +135,10 @@ class _Conn:
     host_eof: bool = False
     guest_shut: int = 0  # VIRTIO_VSOCK_SHUTDOWN_* from the guest
     write_shut: bool = False  # we passed the guest's SHUTDOWN(SEND) on
+    key: tuple[int, int] = field(init=False)  # (local_port, peer_port), fixed: looked up on every packet
 
-    @property
-    def key(self) -> tuple[int, int]:
-        return self.local_port, self.peer_port
+    def __post_init__(self) -> None:
+        self.key = self.local_port, self.peer_port
 
     def credit(self) -> int:
         """What the guest can take now (5.10.6.3.1)."""
@@ -502,6 +515,8 @@ class VsockMuxer:
             return 0
         conn.tx_cnt = (conn.tx_cnt + n) & U32
         self.counters["rx_bytes"] += n
+        if n < room and _drained(conn.stream.sock):
+            conn.readable = False  # saves a receive buffer and a read just to meet EAGAIN
         return self._send(mem, chain, conn, VIRTIO_VSOCK_OP_RW, 0, 0, n)
 
     def _send(self, mem: GuestMemory, chain: DescriptorChain, conn: _Conn, op: int, owed: int,
