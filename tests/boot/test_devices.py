@@ -71,7 +71,7 @@ def test_block_and_transport_counters_reach_the_result(tmp_path: Path) -> None:
 
 
 def _mmio(offset: int, value: int | None = None) -> str:
-    base = layout.VIRTIO_MMIO_BASE + layout.VIRTIO_MMIO_SIZE  # window 1: vda (window 0 is hvc0)
+    base = layout.VIRTIO_MMIO_BASE + 2 * layout.VIRTIO_MMIO_SIZE  # window 2: vda (0 is hvc0, 1 rng)
     return f"devmem {base + offset:#x} 32" + ("" if value is None else f" {value:#x}")
 
 
