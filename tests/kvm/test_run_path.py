@@ -6,7 +6,6 @@ out, or finished; and that nothing (fd, thread, mapping) outlives the VM.
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
@@ -19,6 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from microvm import _kvm
 from microvm.errors import ConfigError, LoaderError, MicroVMError
 from microvm.machine import GuestTimeoutError, MicroVM, VmStoppedError
 from microvm.specs import Drive
@@ -34,21 +34,10 @@ def vm(loops: int = 1, status: int = 0, **kw: object) -> MicroVM:
 GUEST_MIB = 32
 
 
-def resources() -> tuple[int, int, int]:
-    """Open fds, threads, and mappings the size of guest RAM or more, in this process.
-
-    (Smaller mappings come and go with the allocator and glibc's cache of
-    thread stacks; guest RAM is the one that matters, and is never that small.)
-    """
+def resources() -> tuple[int, int, tuple[int, int]]:
+    """Open fds, threads, and guest-RAM mappings (count, bytes) in this process."""
     me = psutil.Process()
-    big = 0
-    with open(f"/proc/{os.getpid()}/maps") as f:
-        for line in f:
-            span, perms = line.split()[:2]
-            start, end = (int(x, 16) for x in span.split("-"))
-            # ---p: address space glibc reserves for a thread's malloc arena, not memory.
-            big += perms != "---p" and end - start >= GUEST_MIB << 20
-    return me.num_fds(), me.num_threads(), big
+    return me.num_fds(), me.num_threads(), _kvm.live_mappings()
 
 
 def test_tiny_kernel_runs_and_reports_its_status() -> None:
