@@ -885,10 +885,16 @@ cdef class Mapping:
     cdef char *base
     cdef readonly size_t size
     cdef readonly int exports
+    cdef readonly int fd  # the backing file (not ours: the caller closes it), or -1
+    cdef readonly long offset
+    cdef readonly bint shared
 
     def __cinit__(self, size_t size, int fd=-1, long offset=0, bint shared=False,
                   bint hugepages=False, bint populate=False, bint thp=True):
         cdef int flags = s.MAP_SHARED if shared else s.MAP_PRIVATE
+        self.fd = fd
+        self.offset = offset
+        self.shared = shared
         cdef int err = 0
         cdef size_t slack = 0
         cdef uintptr_t start, aligned, tail
@@ -962,6 +968,35 @@ cdef class Mapping:
         if offset + length > self.size or offset + length < offset:
             raise ValueError("range outside mapping")
         _check(s.madvise(self.base + offset, length, s.MADV_DONTNEED), "madvise")
+
+    def prefetch(self, size_t offset, size_t length):
+        """Fault in a page-aligned range now (MADV_POPULATE_READ, Linux 5.14),
+        so the guest's first touches find the pages mapped; on older kernels
+        only start reading them (MADV_WILLNEED). Advice: failures are ignored."""
+        if self.base == NULL:
+            raise ValueError("mapping is closed")
+        if offset + length > self.size or offset + length < offset:
+            raise ValueError("range outside mapping")
+        # With the GIL held, so close() cannot unmap the range meanwhile.
+        if s.madvise(self.base + offset, length, s.MADV_POPULATE_READ) != 0:
+            s.madvise(self.base + offset, length, s.MADV_WILLNEED)
+
+    def remap(self, int fd, long offset=0, bint shared=False):
+        """Replace the mapping, in place, by one of `fd` at `offset`: same
+        address and size (views stay valid), new backing. Private over the
+        file a shared mapping used keeps the contents and stops writes from
+        reaching the file (a memfd that clones map too). KVM's MMU notifier
+        drops its translations of the old pages. The fd stays the caller's."""
+        cdef void *p
+        if self.base == NULL:
+            raise ValueError("mapping is closed")
+        p = s.mmap(self.base, self.size, s.PROT_READ | s.PROT_WRITE,
+                   (s.MAP_SHARED if shared else s.MAP_PRIVATE) | s.MAP_FIXED, fd, offset)
+        if p == s.MAP_FAILED:
+            _raise_errno(errno, "mmap(MAP_FIXED)")
+        self.fd = fd
+        self.offset = offset
+        self.shared = shared
 
     def close(self):
         cdef char *base = self.base

@@ -17,8 +17,18 @@ cdef extern from "<sys/mman.h>" nogil:
     int MAP_NORESERVE
     int MAP_HUGETLB
     int MAP_POPULATE
+    int MAP_FIXED
     int MADV_DONTNEED
     int MADV_HUGEPAGE
+    int MADV_WILLNEED
+
+cdef extern from *:
+    """
+    #ifndef MADV_POPULATE_READ
+    #define MADV_POPULATE_READ 22  /* Linux 5.14; older glibc headers lack it */
+    #endif
+    """
+    int MADV_POPULATE_READ
 
 cdef extern from "<sys/eventfd.h>" nogil:
     int eventfd(unsigned int initval, int flags)

@@ -104,3 +104,7 @@ class AgentError(SandboxError):
 
 class ConnectionLost(AgentError):
     """The connection to the agent ended before the request did."""
+
+
+class SnapshotError(MicroVMError):
+    """A snapshot cannot be taken, written or restored: the message names the mismatch."""

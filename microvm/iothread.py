@@ -39,6 +39,9 @@ class IoThread:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._exited = DoneFlag()  # not Thread.join: see doneflag.py
         self._closed = False
+        self._pause = False
+        self._paused = threading.Event()
+        self._resume = threading.Event()
         self.errors: list[DeviceError] = []
 
     def add(self, fd: int, handler: Callable[[], None], eventfd: bool = True, name: str = "") -> None:
@@ -82,6 +85,25 @@ class IoThread:
     def _loop(self) -> None:
         while not self._stop:
             self._dispatch(self._epoll.poll())
+            if self._pause and not self._stop:
+                self._paused.set()
+                self._resume.wait()
+
+    def pause(self, timeout: float = 5.0) -> bool:
+        """Park the thread between two handlers, so that no device request is
+        in flight; True once parked (or if the thread is not running).
+        Notifications that arrive meanwhile wait in their eventfds."""
+        if self._thread.ident is None or self._exited.is_set():
+            return True
+        self._resume.clear()
+        self._paused.clear()
+        self._pause = True
+        os.eventfd_write(self._wake, 1)
+        return self._paused.wait(timeout)
+
+    def resume(self) -> None:
+        self._pause = False
+        self._resume.set()
 
     def poll_once(self, timeout: float = 0) -> int:
         """Serve what is ready within `timeout` seconds on the caller's thread; the
@@ -95,6 +117,10 @@ class IoThread:
         called = 0
         for fd, _ in events:
             if fd == self._wake:
+                try:
+                    os.eventfd_read(fd)
+                except BlockingIOError:
+                    pass
                 continue
             entry = self._handlers.get(fd)
             if entry is None:  # removed by a handler earlier in this round, or by another thread
@@ -126,6 +152,7 @@ class IoThread:
         if self._closed:
             return
         self._stop = True
+        self._resume.set()  # a paused thread goes on, to see _stop
         os.eventfd_write(self._wake, 1)
         if self._thread.ident is not None:  # started
             if not self._exited.wait(5.0):

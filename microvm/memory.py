@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -66,6 +67,10 @@ class GuestMemory:
             self._regions.append(region)
         self._starts = [r.guest_addr for r in self._regions]
         self._first = self._regions[0] if self._regions else MemoryRegion(0, 0, bytearray())
+        self.fd = -1  # a memfd holding the RAM (memfd()), ours to close; else -1
+        # snapshot.fork(): None while mapped shared over fd; else the VM's
+        # run_stamp when its mapping became private over fd (the template).
+        self.template_stamp: int | None = None
 
     @classmethod
     def anonymous(cls, layout: Iterable[tuple[int, int]], hugepages: bool = False) -> GuestMemory:
@@ -81,6 +86,48 @@ class GuestMemory:
             except OSError as e:
                 raise GuestMemoryError(f"cannot map {size >> 20} MiB of guest memory: {e}") from e
         return cls(regions)
+
+    @classmethod
+    def from_file(cls, layout: Iterable[tuple[int, int]], fd: int, *, shared: bool = False,
+                  offset: int = 0) -> GuestMemory:
+        """Map (guest_addr, size) regions from consecutive offsets of a file.
+
+        Private (the default) is copy-on-write: pages come from the file (its
+        page cache, shared by every mapping of it) on first touch, and the
+        guest's writes stay ours. The fd stays the caller's.
+        """
+        from microvm._kvm import Mapping
+
+        regions = []
+        try:
+            for guest_addr, size in layout:
+                if size <= 0 or size % PAGE_SIZE or guest_addr % PAGE_SIZE:
+                    raise GuestMemoryError(f"region {guest_addr:#x}+{size:#x} is not page aligned")
+                regions.append((guest_addr, Mapping(size, fd=fd, offset=offset, shared=shared)))
+                offset += size
+        except BaseException:
+            for _, m in regions:
+                m.close()
+            raise
+        return cls(regions)
+
+    @classmethod
+    def memfd(cls, layout: Iterable[tuple[int, int]], name: str = "microvm-ram") -> GuestMemory:
+        """RAM in a memfd, mapped shared: what fork needs (clones map the same
+        file copy-on-write). Pages are only allocated when touched."""
+        layout = list(layout)
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, sum(size for _, size in layout))
+            mem = cls.from_file(layout, fd, shared=True)
+        except OSError as e:
+            os.close(fd)
+            raise GuestMemoryError(f"cannot map guest memory in a memfd: {e}") from e
+        except BaseException:
+            os.close(fd)
+            raise
+        mem.fd = fd
+        return mem
 
     @property
     def regions(self) -> list[MemoryRegion]:
@@ -160,6 +207,9 @@ class GuestMemory:
         self._regions = []
         self._starts = []
         self._first = MemoryRegion(0, 0, bytearray())
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def __enter__(self) -> GuestMemory:
         return self

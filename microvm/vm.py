@@ -57,7 +57,10 @@ class Vm:
     """A KVM virtual machine with its memory and vCPUs (not yet running)."""
 
     def __init__(self, memory: Iterable[tuple[int, int]], vcpus: int = 1, irqchip: bool = True,
-                 kvm_path: str = "/dev/kvm"):
+                 kvm_path: str = "/dev/kvm", *, ram: GuestMemory | None = None, forkable: bool = False):
+        """memory: (guest_addr, size) RAM regions. ram: mappings made already
+        for them (a snapshot's file), which the VM then owns and unmaps.
+        forkable: RAM in a memfd, so that snapshot.fork() can share it."""
         layout = list(memory)
         if vcpus < 1:
             raise ConfigError(f"vcpus must be at least 1, got {vcpus}")
@@ -76,6 +79,8 @@ class Vm:
         self.io = self.io_thread("virtio-io")  # shared by devices without one of their own
         self.timestamps: dict[str, int] = {}
         self._closed = False
+        self.paused = False
+        self.run_stamp = 0  # bumped each time the vCPUs (re)start: snapshot.fork's staleness check
         self._close_lock = threading.RLock()
         self.vcpus_open: list[Vcpu] = []  # vCPUs whose fd close() has yet to close
         try:
@@ -89,7 +94,12 @@ class Vm:
                 # Port 0x61 (speaker, PIT channel 2 gate) handled in the
                 # kernel too, as api.rst recommends: no exits for it.
                 self.fd.create_pit2(_kvm.PIT_SPEAKER_DUMMY)
-            self.memory = GuestMemory.anonymous(layout)
+            if ram is not None:
+                self.memory = ram
+            elif forkable:
+                self.memory = GuestMemory.memfd(layout)
+            else:
+                self.memory = GuestMemory.anonymous(layout)
             for slot, region in enumerate(self.memory.regions):
                 self.fd.set_user_memory_region(slot, region.guest_addr, region.size,
                                                region.host_address())
@@ -139,10 +149,42 @@ class Vm:
     # --- lifecycle -----------------------------------------------------------
 
     def start(self) -> None:
+        self.run_stamp += 1
         for thread in self.io_threads:
             thread.start()
         for vcpu in self.vcpus:
             vcpu.start()
+
+    def pause(self, timeout: float = 5.0) -> None:
+        """Stop every vCPU at an instruction boundary (out of KVM_RUN, its
+        last exit answered), then park the I/O threads between two requests:
+        no device request is in flight until resume()."""
+        with self._close_lock:
+            if self._closed:
+                raise MicroVMError("VM is closed")
+            if self.paused:
+                return
+            running = [v for v in self.vcpus if v.running]
+            stuck = [v.index for v in running if not v.pause(timeout)]
+            stuck_io = [t.name for t in self.io_threads if not t.pause(timeout)]
+            if stuck or stuck_io:
+                self._resume_all()
+                raise MicroVMError(f"could not pause within {timeout} s: vcpu(s) {stuck}, "
+                                   f"I/O thread(s) {stuck_io}")
+            self.paused = True
+
+    def resume(self) -> None:
+        with self._close_lock:
+            if self.paused and not self._closed:
+                self._resume_all()
+
+    def _resume_all(self) -> None:
+        self.paused = False
+        self.run_stamp += 1
+        for thread in self.io_threads:
+            thread.resume()
+        for vcpu in self.vcpus:
+            vcpu.resume()
 
     def _vcpu_stopped(self, vcpu: Vcpu) -> None:
         # The first vCPU to stop for a reason of its own decides how the VM
