@@ -1,4 +1,4 @@
-"""`microvm bench ...`: boot, footprint, rate, blk, net, call, exits.
+"""`microvm bench ...`: boot, footprint, rate, blk, net, call, exits, restore.
 
 Each command prints a table and writes its results under --out. On a PVM
 host the commands that boot Linux first re-run themselves inside the
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from rich.console import RenderableType
 from rich.table import Table
 
 from microvm.benchmarks.options import (
@@ -79,8 +80,8 @@ kernel_option = click.option("--kernel-format", type=click.Choice(KERNEL_FORMATS
                              show_default=True, help="Our cached kernel as vmlinux (elf) or bzImage.")
 
 
-def _measure(name: str, progress: str, total: int, measure: Measure, table: Callable[[dict[str, Any]], Table],
-             out: Path) -> None:
+def _measure(name: str, progress: str, total: int, measure: Measure,
+             table: Callable[[dict[str, Any]], RenderableType], out: Path) -> None:
     """Run measure(advance) under a progress bar, print its table and the
     runs that failed (stderr), write NAME.json."""
     from microvm.benchmarks import report
@@ -102,7 +103,7 @@ def _compared(module: Any) -> Callable[[dict[str, Any]], Table]:
 
 @click.group()
 def bench() -> None:
-    """Benchmarks: boot timeline, footprint, VM rate; virtio-blk, virtio-net, sandbox calls, exit cost."""
+    """Benchmarks: boot timeline, footprint, VM rate; virtio-blk, virtio-net, sandbox calls, exit cost, restore."""
 
 
 @bench.command("boot")
@@ -286,3 +287,20 @@ def exits_cmd(exits: int, runs: int, out: Path) -> None:
     exits_bench.compiler()
     _measure("exits", "exit loops", runs * len(exits_bench.VARIANTS),
              lambda advance: exits_bench.run(exits, runs, advance), _compared(exits_bench), out)
+
+
+@bench.command("restore")
+@click.option("--mem", "mem_mib", type=click.IntRange(*MEM_MIB_RANGE), default=128, show_default=True,
+              help="Guest MiB.")
+@click.option("--runs", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Restores and forks (each way) to first exit.")
+@out_option
+@one_line_errors
+def restore_cmd(mem_mib: int, runs: int, out: Path) -> None:
+    """Snapshot, restore and fork of a tiny guest to its first exit (median, p90); memory of N clones."""
+    from rich.console import Group
+
+    from microvm.benchmarks import restore
+
+    _measure("restore", "restores and forks", restore.steps(runs),
+             lambda advance: restore.run(mem_mib, runs, advance), lambda r: Group(*restore.tables(r)), out)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from microvm.devices.state import U64, Fields, State
+
 MAX_MARKS = 256
 
 REG_MARK = 0x0
@@ -48,6 +50,22 @@ class ControlDevice:
         self.on_fail = on_fail
         self.marks: list[tuple[int, int]] = []  # (mark, time.monotonic_ns())
         self.exit_status: int | None = None
+
+    def snapshot_state(self) -> State:
+        """The exit status the guest reads back, and the boot marks (their times are
+        CLOCK_MONOTONIC, which runs on across processes of one host boot)."""
+        return {"kind": "control", "exit_status": self.exit_status, "marks": [list(m) for m in self.marks]}
+
+    def restore_state(self, state: State) -> None:
+        f = Fields(state, "control")
+        exit_status = f.optional_integer("exit_status", hi=0xFF)
+        marks = f.sequence("marks")
+        if len(marks) > MAX_MARKS + 1 or not all(
+                isinstance(m, list) and len(m) == 2 and all(type(x) is int for x in m)
+                and -1 <= m[0] <= U64 for m in marks):
+            raise f.error(f"marks are not at most {MAX_MARKS + 1} [mark, time] integer pairs")
+        self.exit_status = exit_status
+        self.marks = [(m[0], m[1]) for m in marks]
 
     def read(self, offset: int, size: int) -> int:
         if offset == REG_EXIT and self.exit_status is not None:

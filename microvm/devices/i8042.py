@@ -10,14 +10,26 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from microvm.devices.state import Fields, State
+
 CMD_RESET_CPU = 0xFE
 STATUS_SYSTEM_FLAG = 0x04  # POST passed; input and output buffers stay empty
 
 
 class _Port:
-    def __init__(self, read: Callable[[], int], write: Callable[[int], None]):
+    """One of the controller's ports, as the bus and the device manager hold it;
+    its state is the controller's."""
+
+    def __init__(self, controller: I8042, read: Callable[[], int], write: Callable[[int], None]):
+        self.controller = controller
         self._read = read
         self._write = write
+
+    def snapshot_state(self) -> State:
+        return self.controller.snapshot_state()
+
+    def restore_state(self, state: State) -> None:
+        self.controller.restore_state(state)
 
     def read(self, offset: int, size: int) -> int:
         return self._read()
@@ -32,8 +44,15 @@ class I8042:
     def __init__(self, on_reset: Callable[[], None]):
         self.on_reset = on_reset
         self.resets = 0
-        self.data_port = _Port(lambda: 0, lambda value: None)
-        self.command_port = _Port(lambda: STATUS_SYSTEM_FLAG, self._command)
+        self.data_port = _Port(self, lambda: 0, lambda value: None)
+        self.command_port = _Port(self, lambda: STATUS_SYSTEM_FLAG, self._command)
+
+    def snapshot_state(self) -> State:
+        """Nothing: no command byte, the output buffer always empty, the status fixed."""
+        return {"kind": "i8042"}
+
+    def restore_state(self, state: State) -> None:
+        Fields(state, "i8042")
 
     def _command(self, value: int) -> None:
         if value == CMD_RESET_CPU:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from microvm.devices import Irq
 from microvm.devices.console_input import RX_OFFER_WINDOW, ConsoleInput
+from microvm.devices.state import U8, Fields, State
 
 # Register offsets (DLAB=0 unless noted).
 UART_RX = 0  # read: receive buffer
@@ -121,6 +122,28 @@ class Serial:
     def rx_pending(self) -> int:
         """Bytes queued that the guest has not read yet."""
         return len(self.rx)
+
+    # --- snapshots (devices/state.py) ----------------------------------------------
+
+    def snapshot_state(self) -> State:
+        """The registers, the interrupt the guest has not acknowledged (THRE; a
+        receive interrupt follows from IER and the FIFO) and the bytes it has not read.
+        Host input still held by `host_input` (interactive use) is not the UART's."""
+        with self._lock:
+            return {"kind": "serial", "ier": self.ier, "lcr": self.lcr, "mcr": self.mcr, "scr": self.scr,
+                    "dll": self.dll, "dlm": self.dlm, "fifo_enabled": self.fifo_enabled,
+                    "thri_pending": self.thri_pending, "rx": bytes(self.rx)}
+
+    def restore_state(self, state: State) -> None:
+        f = Fields(state, "serial")
+        ier, lcr, mcr = f.integer("ier", hi=0x0F), f.integer("lcr", hi=U8), f.integer("mcr", hi=0x1F)
+        scr, dll, dlm = f.integer("scr", hi=U8), f.integer("dll", hi=U8), f.integer("dlm", hi=U8)
+        fifo_enabled, thri_pending = f.flag("fifo_enabled"), f.flag("thri_pending")
+        rx = f.blob("rx", RX_FIFO_LIMIT)
+        with self._lock:
+            self.ier, self.lcr, self.mcr, self.scr, self.dll, self.dlm = ier, lcr, mcr, scr, dll, dlm
+            self.fifo_enabled, self.thri_pending = fifo_enabled, thri_pending
+            self.rx = deque(rx)
 
     # --- guest side (BusDevice) -------------------------------------------------
 

@@ -30,7 +30,7 @@ from microvm.memory import GuestMemory
 from microvm.snapshot import files, kvmstate
 from microvm.vm import Vm
 
-__all__ = ["Snapshot", "SnapshotError", "capture", "fork", "take"]
+__all__ = ["Snapshot", "SnapshotError", "capture", "fork", "shell", "take"]
 
 
 def _version() -> str:
@@ -55,7 +55,7 @@ def _apply(vm: Vm, machine: dict[str, Any]) -> None:
         saved = machine["vcpus"]
         if len(saved) != len(vm.vcpus):
             raise SnapshotError(f"the snapshot has {len(saved)} vCPUs, the VM {len(vm.vcpus)}")
-        kvmstate.check_cpuid(vm.kvm.get_supported_cpuid(), saved[0]["cpuid"])
+        kvmstate.check_cpuid(vm.kvm, saved[0]["cpuid"])
         kvmstate.apply_vm(vm.fd, machine["kvm"], vm.irqchip)
         for vcpu, state in zip(vm.vcpus, saved, strict=True):
             kvmstate.apply_vcpu(vcpu.fd, state, vcpu.index)
@@ -199,14 +199,15 @@ def read_pages(path: str | os.PathLike[str]) -> list[tuple[int, int]]:
             for i in range(0, len(raw) - len(raw) % 16, 16)]
 
 
-def fork(vm: Vm, n: int) -> list[Vm]:
+def fork(vm: Vm, n: int, shells: list[Vm] | None = None) -> list[Vm]:
     """n new Vms in the paused `vm`'s state, their vCPUs not yet started.
 
     They share its RAM copy-on-write through its memfd (Vm(forkable=True)).
     The parent, remapped private over that memfd, may resume: its later
     writes stay its own. Any other VM (anonymous RAM, a restored one, a
     clone, or a parent that ran since its last fork) first copies its RAM
-    into a new memfd: the cost of the pages it has touched.
+    into a new memfd: the cost of the pages it has touched. shells: VMs
+    from shell(vm), made ahead of time, used (and taken from the list) first.
     """
     if n < 1:
         raise SnapshotError(f"fork needs n >= 1, got {n}")
@@ -226,19 +227,49 @@ def fork(vm: Vm, n: int) -> list[Vm]:
     clones: list[Vm] = []
     try:
         for _ in range(n):
-            ram = GuestMemory.from_file(layout, mem.fd)
-            try:
-                clone = Vm(layout, vcpus=len(vm.vcpus), irqchip=vm.irqchip, ram=ram)
-            except BaseException:
-                ram.close()
-                raise
-            clones.append(clone)
+            if shells:
+                clone = shells.pop()
+                clones.append(clone)
+                _check_shell(clone, vm)
+                for region, (_, _, offset) in zip(clone.mem.regions, _file_layout(mem), strict=True):
+                    region.backing.remap(mem.fd, offset, False)  # type: ignore[attr-defined]
+            else:
+                ram = GuestMemory.from_file(layout, mem.fd)
+                try:
+                    clone = Vm(layout, vcpus=len(vm.vcpus), irqchip=vm.irqchip, ram=ram)
+                except BaseException:
+                    ram.close()
+                    raise
+                clones.append(clone)
             _apply(clone, state)
     except BaseException:
         for clone in clones:
             clone.close()
         raise
     return clones
+
+
+def shell(vm: Vm) -> Vm:
+    """An empty VM shaped like `vm` (RAM layout, vCPUs, irqchip), never run:
+    made ahead of time, fork(vm, n, shells=[...]) fills it in place of
+    creating a VM, which is most of a fork's cost."""
+    return Vm([(r.guest_addr, r.size) for r in vm.mem.regions], vcpus=len(vm.vcpus), irqchip=vm.irqchip)
+
+
+def _check_shell(clone: Vm, vm: Vm) -> None:
+    if (clone.run_stamp or [(r.guest_addr, r.size) for r in clone.mem.regions]
+            != [(r.guest_addr, r.size) for r in vm.mem.regions]
+            or len(clone.vcpus) != len(vm.vcpus) or clone.irqchip != vm.irqchip):
+        raise SnapshotError("a shell must be an unused VM shaped like the parent (snapshot.shell(vm))")
+
+
+def _file_layout(mem: GuestMemory) -> list[tuple[int, int, int]]:
+    out = []
+    offset = 0
+    for r in mem.regions:
+        out.append((r.guest_addr, r.size, offset))
+        offset += r.size
+    return out
 
 
 def _refresh_template(mem: GuestMemory) -> None:

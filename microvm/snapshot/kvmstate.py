@@ -121,10 +121,15 @@ def apply_vm(vm_fd: _kvm.VmFd, state: dict[str, Any], irqchip: bool) -> None:
         raise SnapshotError(f"KVM refused the saved {step}: {e}") from e
 
 
-def check_cpuid(supported: list[dict[str, int]], saved: list[dict[str, int]]) -> None:
+_supported: list[dict[str, int]] = []
+
+
+def check_cpuid(kvm: _kvm.Kvm, saved: list[dict[str, int]]) -> None:
     """Every feature bit the guest was given must be one this host's KVM offers,
     else the guest would execute instructions this CPU lacks."""
-    have = {(e["function"], e["index"]): e for e in supported}
+    if not _supported:  # the host's CPU and KVM do not change while we run
+        _supported.extend(kvm.get_supported_cpuid())
+    have = {(e["function"], e["index"]): e for e in _supported}
     # Leaves whose registers are feature bits (CPUID.1, CPUID.7.0/1, CPUID.0xD.1, extended 0x80000001).
     feature_leaves = {(1, 0): ("ecx", "edx"), (7, 0): ("ebx", "ecx", "edx"), (7, 1): ("eax",),
                       (0xD, 1): ("eax",), (0x80000001, 0): ("ecx", "edx")}

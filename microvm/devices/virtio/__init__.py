@@ -37,6 +37,8 @@ VIRTIO_ID_BLOCK = 2
 VIRTIO_ID_CONSOLE = 3
 VIRTIO_ID_RNG = 4
 VIRTIO_ID_VSOCK = 19
+VIRTIO_NAMES = {VIRTIO_ID_NET: "virtio-net", VIRTIO_ID_BLOCK: "virtio-blk", VIRTIO_ID_CONSOLE: "virtio-console",
+                VIRTIO_ID_RNG: "virtio-rng", VIRTIO_ID_VSOCK: "virtio-vsock"}
 
 # Which status bits the driver may set, and from where (2.1.1, 3.1.1). The
 # initialization steps are one bit each, in order; a step's bit may be set
@@ -86,6 +88,10 @@ def status_name(status: int) -> str:
 
 
 class VirtioDevice(Protocol):
+    """Optional besides: snapshot_state() / restore_state() (devices/state.py), which the
+    transport's own carry under "device", and chains_held() -> {queue: n}, the chains a
+    device popped but has not used, which a snapshot hands back to their ring."""
+
     device_type: int
     features: int  # device-specific feature bits offered (bits below 24)
     queue_sizes: tuple[int, ...]

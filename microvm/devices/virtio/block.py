@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from microvm.backends.disk import RawDisk
+from microvm.devices.state import Fields, State
 from microvm.devices.virtio import VIRTIO_ID_BLOCK, QueueState, config_read
 from microvm.devices.virtio.blk_abi import (
     DISCARD_SECTOR_ALIGNMENT,
@@ -149,6 +150,26 @@ class VirtioBlock(QueueState):
             raise ConfigError(f"disk image {self.path}: serial {serial!r} is not printable ASCII "
                               f"of at most {VIRTIO_BLK_ID_BYTES} characters")
         return serial.encode()
+
+    # --- snapshots (devices/state.py) ----------------------------------------------------
+
+    def snapshot_state(self) -> State:
+        """The disk as the guest knows it. The caller re-opens the image and checks it
+        is unchanged: path, size and read_only are here for that."""
+        return {"kind": "virtio-blk", "path": self.path, "size": self.disk.size, "read_only": self.read_only,
+                "features": self.features, "serial": self.serial}
+
+    def restore_state(self, state: State) -> None:
+        """The disk must have the size and mode the guest knows (a SnapshotError
+        otherwise); the GET_ID serial is the saved one, wherever the image is now."""
+        f = Fields(state, "virtio-blk")
+        f.same("size", self.disk.size)
+        f.same("read_only", self.read_only)
+        f.same("features", self.features)
+        serial = f.blob("serial", VIRTIO_BLK_ID_BYTES)
+        if not (serial.isascii() and serial.decode().isprintable()):
+            raise f.error(f"serial {serial!r} is not printable ASCII")
+        self.serial = serial
 
     # --- VirtioDevice -------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
+from microvm.devices.state import Fields, State
 from microvm.devices.virtio import VIRTIO_ID_CONSOLE, QueueState, config_read
 from microvm.devices.virtio.queue import Descriptor, DescriptorChain
 from microvm.memory import GuestMemory
@@ -37,6 +38,17 @@ class VirtioConsole(QueueState):
         self._lock = threading.Lock()
         self.dropped_input = 0
         self.bytes_out = 0
+
+    def snapshot_state(self) -> State:
+        """Host input the guest has not taken yet."""
+        with self._lock:
+            return {"kind": "virtio-console", "input": b"".join(self._input)}
+
+    def restore_state(self, state: State) -> None:
+        data = Fields(state, "virtio-console").blob("input", MAX_PENDING_INPUT)
+        with self._lock:
+            self._input = deque([data] if data else [])
+            self._input_len = len(data)
 
     def read_config(self, offset: int, size: int) -> int:
         return config_read(_CONFIG, offset, size)

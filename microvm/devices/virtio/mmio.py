@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 from microvm.devices import Irq
 from microvm.devices import virtio as v
+from microvm.devices.state import U8, U32, U64, Fields, State
 from microvm.devices.virtio.queue import QUEUE_COUNTERS, Queue, QueueError
-from microvm.errors import GuestMemoryError
+from microvm.errors import GuestMemoryError, SnapshotError
 from microvm.memory import GuestMemory
 
 log = logging.getLogger(__name__)
@@ -289,14 +290,18 @@ class MmioTransport:
             self._activate()
 
     def _activate(self) -> None:
-        event_idx = bool(self.driver_features >> v.VIRTIO_F_EVENT_IDX & 1)
         try:
-            for q in self.queues:
-                if q.ready:
-                    q.activate(self.mem, event_idx)
-            self.device.activate(self.mem, self.queues, self.driver_features, self.signal_used)
+            self._start_device()
         except QueueError as e:
             self._fail(str(e))
+
+    def _start_device(self) -> None:
+        """DRIVER_OK (3.1.1 step 8): the ready queues and the device go live. May raise QueueError."""
+        event_idx = bool(self.driver_features >> v.VIRTIO_F_EVENT_IDX & 1)
+        for q in self.queues:
+            if q.ready:
+                q.activate(self.mem, event_idx)
+        self.device.activate(self.mem, self.queues, self.driver_features, self.signal_used)
 
     def reset(self) -> None:
         """Device reset (status 0): the device forgets everything (2.4)."""
@@ -310,12 +315,15 @@ class MmioTransport:
         """The driver made buffers available in queue `index`."""
         with self._lock:
             self.counters.notifications += 1
-            if not self.active or index >= len(self.queues) or not self.queues[index].ready:
-                return
-            try:
-                self.device.process(index)
-            except (QueueError, GuestMemoryError) as e:  # the second would be a device bug; same answer
-                self._fail(f"queue {index}: {e}")
+            self._process(index)
+
+    def _process(self, index: int) -> None:
+        if not self.active or index >= len(self.queues) or not self.queues[index].ready:
+            return
+        try:
+            self.device.process(index)
+        except (QueueError, GuestMemoryError) as e:  # the second would be a device bug; same answer
+            self._fail(f"queue {index}: {e}")
 
     def signal_used(self, index: int) -> None:
         """The device used buffers in queue `index`: interrupt if the driver wants it."""
@@ -336,6 +344,90 @@ class MmioTransport:
             self.config_generation = (self.config_generation + 1) & 0xFFFFFFFF
             if self.status & v.STATUS_DRIVER_OK:
                 self._raise_interrupt(VIRTIO_MMIO_INT_CONFIG)
+
+    # --- snapshots (devices/state.py) -------------------------------------------------
+
+    def _label(self) -> str:
+        return f"virtio-mmio ({v.VIRTIO_NAMES.get(self.device.device_type, self.device.device_type)})"
+
+    def snapshot_state(self) -> State:
+        """Registers, status, negotiated features, every queue, and the device's own
+        state under "device" (None for a device without snapshot_state). Chains a
+        device holds popped but unused (its chains_held()) go back to their rings."""
+        with self._lock:
+            held_by = getattr(self.device, "chains_held", None)
+            held: dict[int, int] = held_by() if callable(held_by) else {}
+            device_state = getattr(self.device, "snapshot_state", None)
+            return {
+                "kind": "virtio-mmio", "device_type": self.device.device_type,
+                "device_features": self.device_features, "status": self.status,
+                "features_sel": self.features_sel, "driver_features_sel": self.driver_features_sel,
+                "driver_features": self.driver_features, "queue_sel": self.queue_sel,
+                "interrupt_status": self.interrupt_status, "config_generation": self.config_generation,
+                "queues": [q.snapshot_state(held.get(i, 0)) for i, q in enumerate(self.queues)],
+                "device": device_state() if callable(device_state) else None,
+            }
+
+    def restore_state(self, state: State) -> None:
+        """Take over a snapshot_state() on a fresh transport (with its new guest memory).
+
+        The device takes its own state first (its checks name what differs: a
+        disk's size, a CID). Queues are checked against the new memory as
+        QueueReady checks them. With DRIVER_OK the queues and the device go live
+        as at DRIVER_OK, at the saved ring positions; then every ready queue is
+        served once, as if notified: a notification the paused I/O thread had not
+        taken yet (an ioeventfd's count) died with the old process. So this may
+        write guest memory and trigger the interrupt line: restore the interrupt
+        controller first. After a SnapshotError the transport is reset and the
+        device is not to be used.
+        """
+        with self._lock:
+            try:
+                self._restore(state)
+            except SnapshotError:
+                self.device.reset()
+                self._reset_state()
+                raise
+
+    def _restore(self, state: State) -> None:
+        label = self._label()
+        f = Fields(state, "virtio-mmio", label)
+        f.same("device_type", self.device.device_type)
+        status, driver_features = f.integer("status", hi=U8), f.integer("driver_features", hi=U64)
+        registers = {key: f.integer(key, hi=U32) for key in ("features_sel", "driver_features_sel", "queue_sel",
+                                                             "interrupt_status", "config_generation")}
+        queues = f.sequence("queues")
+        if len(queues) != len(self.queues):
+            raise f.error(f"{len(queues)} queues, this device has {len(self.queues)}")
+        device_state = f.value("device")
+        restore = getattr(self.device, "restore_state", None)
+        if (device_state is None) == callable(restore):
+            raise f.error("the device state is missing" if device_state is None else "a device state for a "
+                          "device that keeps none")
+        if callable(restore):
+            restore(device_state)
+        f.same("device_features", self.device_features)
+        if status & v.STATUS_FEATURES_OK and driver_features & ~self.device_features:
+            raise f.error(f"driver features {driver_features:#x} were never offered ({self.device_features:#x})")
+        if status & v.STATUS_DRIVER_OK and not status & v.STATUS_FEATURES_OK:
+            raise f.error(f"status {v.status_name(status)} has DRIVER_OK without FEATURES_OK")
+        for i, (q, qs) in enumerate(zip(self.queues, queues, strict=True)):
+            try:
+                q.restore_state(qs, self.mem)
+            except SnapshotError as e:
+                raise SnapshotError(f"{label} state: queue {i}: {e}") from e
+        self.status, self.driver_features = status, driver_features
+        self.features_sel, self.driver_features_sel = registers["features_sel"], registers["driver_features_sel"]
+        self.queue_sel, self.config_generation = registers["queue_sel"], registers["config_generation"]
+        with self._irq_lock:
+            self.interrupt_status = registers["interrupt_status"]
+        if status & v.STATUS_DRIVER_OK:
+            try:
+                self._start_device()  # as _activate did; the queues keep their positions
+            except QueueError as e:  # the queues were checked above: this would be our bug
+                raise f.error(str(e)) from e
+        for i in range(len(self.queues)):
+            self._process(i)
 
     def _fail(self, why: str) -> None:
         """A broken driver: DEVICE_NEEDS_RESET and a config interrupt (2.1.2)."""

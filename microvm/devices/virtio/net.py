@@ -17,6 +17,10 @@ A guest's mistake never takes the VMM down: a frame that is too short or
 too long, a transmit chain with writable buffers, a frame the host kernel
 rejects, are dropped and counted in `counters` (stats()); a tap that disappears takes
 the link down (the guest sees a config change) and is counted.
+
+Snapshots keep the MAC, MTU and link status; frames in flight are dropped
+(a frame read from the tap and waiting for receive buffers), as a lossy
+network may, and the restored device runs over a new tap (restore_state).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Protocol
 
 from microvm.backends.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, VNET_HDR_SIZE
 from microvm.checks import parse_mac
+from microvm.devices.state import Fields, State
 from microvm.devices.virtio import VIRTIO_ID_NET, QueueState, config_read
 from microvm.devices.virtio.queue import DescriptorChain, Queue, QueueError
 from microvm.memory import GuestMemory
@@ -141,6 +146,32 @@ class VirtioNet(QueueState):
 
     def write_config(self, offset: int, size: int, value: int) -> None:
         pass  # the MAC is writable only with VIRTIO_NET_F_CTRL_MAC_ADDR... legacy; ignored (5.1.4.2)
+
+    # --- snapshots (devices/state.py) ----------------------------------------------------
+
+    def chains_held(self) -> dict[int, int]:
+        """Receive buffers popped for a frame not delivered yet go back to the ring."""
+        return {RX_QUEUE: len(self._stash)} if self._stash else {}
+
+    def snapshot_state(self) -> State:
+        """MAC, MTU and link status. Frames in flight are not state: one read from
+        the tap and waiting for receive buffers is dropped, as a lossy network may
+        (the guest's TCP resends), and the caller opens a new tap."""
+        return {"kind": "virtio-net", "features": self.features, "mac": self.mac, "mtu": self.mtu,
+                "link_up": self.link_up}
+
+    def restore_state(self, state: State) -> None:
+        """The guest keeps its MAC (the saved one, whatever this device was given) and
+        link status: a link that was down stays down (nothing brings one back up)."""
+        f = Fields(state, "virtio-net")
+        f.same("features", self.features)
+        f.same("mtu", self.mtu)
+        mac = f.blob("mac", 6)
+        if len(mac) != 6:
+            raise f.error(f"mac {mac.hex(':')} is not 6 bytes")
+        self.mac, self.link_up = mac, f.flag("link_up") and self.link_up  # this tap may have failed already
+        self._pending = 0
+        self._stash.clear()
 
     # --- lifecycle ------------------------------------------------------------------------
 

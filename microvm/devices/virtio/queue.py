@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from microvm.devices.state import U16, Fields, State
 from microvm.errors import GuestMemoryError, MicroVMError
 from microvm.memory import GuestMemory
 
@@ -149,6 +150,40 @@ class Queue:
         self.check_config(mem)
         self.mem = mem
         self.event_idx = event_idx
+
+    # --- snapshots (devices/state.py) ----------------------------------------------
+
+    def snapshot_state(self, held: int = 0) -> State:
+        """What the driver configured and where both sides are in the rings. `held`:
+        chains the device popped but has not used (the newest ones); they are handed
+        back to the ring, so the restored device pops them again from the same
+        entries, which the driver cannot have reused (it reuses an available slot only
+        once `size` later chains were made available, and this one is not used yet).
+        The ring memory (and so the event_idx avail_event we published) is the guest's."""
+        return {"kind": "virtqueue", "max_size": self.max_size, "size": self.size, "ready": self.ready,
+                "desc_table": self.desc_table, "avail_ring": self.avail_ring, "used_ring": self.used_ring,
+                "next_avail": (self._next_avail - held) & U16, "next_used": self.next_used,
+                "signalled_used": self.signalled_used}
+
+    def restore_state(self, state: State, mem: GuestMemory) -> None:
+        """Take over a snapshot_state(); a ready queue's rings are checked against `mem`
+        as QueueReady checks them. The transport activates it (event_idx, memory)."""
+        f = Fields(state, "virtqueue")
+        f.same("max_size", self.max_size)
+        size, ready = f.integer("size", hi=U32_MAX), f.flag("ready")
+        rings = f.integer("desc_table"), f.integer("avail_ring"), f.integer("used_ring")
+        next_avail, next_used = f.integer("next_avail", hi=U16), f.integer("next_used", hi=U16)
+        signalled_used = f.optional_integer("signalled_used", hi=U16)
+        self.reset()
+        self.size, (self.desc_table, self.avail_ring, self.used_ring) = size, rings
+        if ready:
+            try:
+                self.check_config(mem)
+            except QueueError as e:
+                self.reset()
+                raise f.error(str(e)) from e
+        self.ready = ready
+        self.next_avail, self.next_used, self.signalled_used = next_avail, next_used, signalled_used
 
     @property
     def next_avail(self) -> int:

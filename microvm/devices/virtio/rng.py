@@ -59,6 +59,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
+from microvm.devices.state import Fields, State
 from microvm.devices.virtio import VIRTIO_ID_RNG, QueueState
 from microvm.devices.virtio.queue import DescriptorChain
 from microvm.errors import ConfigError
@@ -122,6 +123,26 @@ class VirtioRng(QueueState):
         # outstanding wakeup stay: both are about time, not about the driver.
         super().reset()
         self._held = None
+
+    # --- snapshots (devices/state.py) ----------------------------------------------------------
+
+    def chains_held(self) -> dict[int, int]:
+        """A chain waiting for tokens goes back to the ring in a snapshot: restored, it is served first."""
+        return {REQUEST_QUEUE: 1} if self._held is not None else {}
+
+    def snapshot_state(self) -> State:
+        """The rate limiter's bucket, in whole bytes (its clock is this process's).
+        An outstanding wakeup is not kept: the restore serves the queue once anyway."""
+        self._refill(self._clock())
+        return {"kind": "virtio-rng", "tokens": int(self._tokens)}
+
+    def restore_state(self, state: State) -> None:
+        """The saved bucket, no fuller than this device's burst; the refill starts now."""
+        tokens = Fields(state, "virtio-rng").integer("tokens")
+        self._tokens = float(min(tokens, self.burst or 0))
+        self._refilled = self._clock()
+        self._held = None
+        self._wakeup_at = None
 
     def stats(self) -> dict[str, int]:
         """Requests, bytes, errors and waits (RNG_COUNTERS), for RunResult.stats."""

@@ -31,7 +31,11 @@ back for virtio-net) or on a vCPU thread (device reset). Wiring:
 and dev.close() at teardown, once the I/O thread has stopped. reset() (by the
 driver, and by DeviceManager.close) closes every connection; close() also the
 listener, and unlinks `uds_path`. reset_transport() drops every connection and
-posts VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (5.10.6.6), e.g. after a restore.
+posts VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (5.10.6.6).
+
+Snapshots: connections do not survive one (their host sockets are this
+process's). A restored device starts with none and, if the guest's driver was
+active, posts that same event, so the guest resets its sockets (restore_state).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+from microvm.devices.state import Fields, State
 from microvm.devices.virtio import VIRTIO_ID_VSOCK, QueueState, config_read
 from microvm.devices.virtio.queue import DescriptorChain, Queue, stream_views
 from microvm.devices.virtio.vsock_abi import (
@@ -109,6 +114,7 @@ class VirtioVsock(QueueState):
         self._rx_stash: DescriptorChain | None = None  # a receive buffer popped but not filled
         self._event_owed = False
         self._transport_reset = False
+        self._reset_on_activate = False  # restore_state: the guest's connections are gone
 
     # --- wiring and lifecycle ---------------------------------------------------------------
 
@@ -132,7 +138,8 @@ class VirtioVsock(QueueState):
 
     def activate(self, mem: GuestMemory, queues: list[Queue], features: int, signal: Callable[[int], None]) -> None:
         super().activate(mem, queues, features, signal)
-        self._transport_reset = False  # a driver just set up has no connections to reset
+        # A driver just set up has no connections to reset, unless it was restored with some.
+        self._transport_reset, self._reset_on_activate = self._reset_on_activate, False
         self.muxer.wake_listener()
         self.process(RX_QUEUE)
 
@@ -140,7 +147,7 @@ class VirtioVsock(QueueState):
         super().reset()
         self.muxer.drop_all()
         self._rx_stash = None
-        self._event_owed = self._transport_reset = False
+        self._event_owed = self._transport_reset = self._reset_on_activate = False
 
     def close(self) -> None:
         """Teardown, once the I/O thread has stopped: every fd closed, `uds_path` unlinked."""
@@ -155,6 +162,33 @@ class VirtioVsock(QueueState):
             self.notify_queue(EVENT_QUEUE)  # under the transport's lock
         else:
             self.process(EVENT_QUEUE)
+
+    # --- snapshots (devices/state.py) -------------------------------------------------------------
+
+    def chains_held(self) -> dict[int, int]:
+        """A receive buffer popped but not filled goes back to the ring."""
+        return {RX_QUEUE: 1} if self._rx_stash is not None else {}
+
+    def snapshot_state(self) -> State:
+        """The guest CID, and whether the driver is active. Connections are not state:
+        their host sockets belong to this process, so none survives (see restore_state)."""
+        return {"kind": "virtio-vsock", "guest_cid": self.guest_cid, "uds_path": self.uds_path,
+                "active": self.mem is not None}
+
+    def restore_state(self, state: State) -> None:
+        """Same guest CID (a SnapshotError otherwise); `uds_path` is the caller's to compare.
+
+        The restored device has no connections, while the guest's sockets think
+        they are still connected. So if the driver was active, the activation the
+        transport's restore does next owes VIRTIO_VSOCK_EVENT_TRANSPORT_RESET
+        (5.10.6.6), which goes out (as reset_transport() sends it) once the
+        transport has served the event queue, restored by then: the guest resets
+        every socket, and reads guest_cid again."""
+        f = Fields(state, "virtio-vsock")
+        f.same("guest_cid", self.guest_cid)
+        self._reset_on_activate = f.flag("active")
+        self.muxer.drop_all()
+        self._rx_stash = None
 
     def stats(self) -> dict[str, int]:
         """COUNTERS, and two gauges: connections_open (host and guest initiated, those
