@@ -55,7 +55,7 @@ def _apply(vm: Vm, machine: dict[str, Any]) -> None:
         saved = machine["vcpus"]
         if len(saved) != len(vm.vcpus):
             raise SnapshotError(f"the snapshot has {len(saved)} vCPUs, the VM {len(vm.vcpus)}")
-        kvmstate.check_cpuid(vm.kvm, saved[0]["cpuid"])
+        kvmstate.check_cpuid(vm.kvm, saved[0]["cpuid"], len(saved))
         kvmstate.apply_vm(vm.fd, machine["kvm"], vm.irqchip)
         for vcpu, state in zip(vm.vcpus, saved, strict=True):
             kvmstate.apply_vcpu(vcpu.fd, state, vcpu.index)

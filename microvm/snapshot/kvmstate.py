@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from microvm import _kvm
+from microvm.arch.x86_64 import cpuid
 from microvm.errors import SnapshotError
 
 # The irqchip's three parts (KVM_GET_IRQCHIP chip_id): master PIC, slave PIC, I/O APIC.
@@ -124,26 +125,27 @@ def apply_vm(vm_fd: _kvm.VmFd, state: dict[str, Any], irqchip: bool) -> None:
 _supported: list[dict[str, int]] = []
 
 
-def check_cpuid(kvm: _kvm.Kvm, saved: list[dict[str, int]]) -> None:
-    """Every feature bit the guest was given must be one this host's KVM offers,
-    else the guest would execute instructions this CPU lacks."""
+def check_cpuid(kvm: _kvm.Kvm, saved: list[dict[str, int]], vcpus: int) -> None:
+    """Every feature bit the guest was given must be one this host would give
+    it (KVM's supported list, as arch/x86_64/cpuid.py adjusts it), else the
+    guest would execute instructions this CPU lacks."""
     if not _supported:  # the host's CPU and KVM do not change while we run
         _supported.extend(kvm.get_supported_cpuid())
-    have = {(e["function"], e["index"]): e for e in _supported}
+    tsc_deadline = bool(kvm.check_extension(_kvm.CAPS["KVM_CAP_TSC_DEADLINE_TIMER"]))
+    host = {(e["function"], e["index"]): e for e in cpuid.vcpu_cpuid(_supported, 0, vcpus, tsc_deadline)}
     # Leaves whose registers are feature bits (CPUID.1, CPUID.7.0/1, CPUID.0xD.1, extended 0x80000001).
     feature_leaves = {(1, 0): ("ecx", "edx"), (7, 0): ("ebx", "ecx", "edx"), (7, 1): ("eax",),
                       (0xD, 1): ("eax",), (0x80000001, 0): ("ecx", "edx")}
+    # Bits that mirror the guest's own settings, not the CPU's: OSXSAVE (CR4), APIC (its enable bit).
+    dynamic = {(1, 0, "ecx"): 1 << 27, (1, 0, "edx"): 1 << 9}
     for e in saved:
-        regs = feature_leaves.get((e["function"], e["index"]))
+        key = (e["function"], e["index"])
+        regs = feature_leaves.get(key)
         if regs is None:
             continue
-        host = have.get((e["function"], e["index"]))
         for reg in regs:
-            missing = e[reg] & ~(host[reg] if host else 0)
-            if reg == "ecx" and e["function"] == 1:
-                missing &= ~(1 << 27)  # OSXSAVE mirrors the guest's CR4, not a CPU feature
-            if reg == "edx" and e["function"] == 1:
-                missing &= ~(1 << 9)  # APIC: the guest's APIC enable bit
+            offered = host[key][reg] if key in host else 0
+            missing = e[reg] & ~offered & ~dynamic.get((*key, reg), 0)
             if missing:
                 raise SnapshotError(
                     f"this host lacks CPUID features the guest was given: leaf {e['function']:#x}."
