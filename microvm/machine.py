@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from microvm import _kvm, checks, loader, snapshot
+from microvm import _kvm, checks, loader
+from microvm import snapshot as snapshots
 from microvm.arch.x86_64 import boot, layout, mptable
 from microvm.backends import Backends
 from microvm.devicemanager import MAX_USER_DEVICES, DeviceManager
@@ -189,7 +190,7 @@ class MicroVM:
                               f" are too many: a VM takes at most {MAX_USER_DEVICES} drives, NICs and vsock "
                               f"together (one interrupt line each)")
         self.backends = Backends(self.drives, self.nics)
-        self.forkable = bool(forkable)  # RAM in a memfd from boot: fork() shares it (snapshot.fork)
+        self.forkable = bool(forkable)  # RAM in a memfd from boot: fork() shares it (snapshots.fork)
         self.force = force
         self._console_sink = sink(console)
         self._stdout_sink = sink(stdout)
@@ -457,21 +458,23 @@ class MicroVM:
     def resume(self) -> None:
         self._require_vm().resume()
 
-    def snapshot(self, path: str | os.PathLike[str]) -> snapshot.Snapshot:
+    def snapshot(self, path: str | os.PathLike[str], *, meta: dict[str, Any] | None = None) -> snapshots.Snapshot:
         """Pause the guest and write a snapshot to the new directory `path`.
         The VM stays paused: resume() or close() it afterwards. Writable
-        disks are synced first; they must not change before a restore."""
+        disks are synced first; they must not change before a restore.
+        meta: the caller's own entries (plain data), kept as state["meta"]."""
         vm = self._require_vm()
         vm.pause()
         for disk in self.backends.disks:
             if not disk.read_only:
                 disk.flush()
         extra = {"kind": snapmachine.KIND, "config": self._snapshot_config(),
-                 "devices": snapmachine.capture_devices(self._require_devices()), "run": self._run_state()}
-        return snapshot.take(vm, path, extra)
+                 "devices": snapmachine.capture_devices(self._require_devices()), "run": self._run_state(),
+                 "meta": meta or {}}
+        return snapshots.take(vm, path, extra)
 
     @classmethod
-    def restore(cls, path: str | os.PathLike[str], *, vsock: str | Path | bool | None = True,
+    def restore(cls, path: str | os.PathLike[str] | snapshots.Snapshot, *, vsock: str | Path | bool | None = True,
                 nics: Sequence[Nic] | None = None, console: BinaryIO | Callable[[bytes], Any] | None = None,
                 stdout: BinaryIO | Callable[[bytes], Any] | None = None, prefetch: bool = False,
                 verify: bool = False, force: bool = False) -> MicroVM:
@@ -486,7 +489,7 @@ class MicroVM:
         RAM against its checksum first. Every check (format, checksum,
         CPU features, kernel and disk files) passes before a vCPU runs.
         """
-        snap = snapshot.Snapshot.load(path)
+        snap = path if isinstance(path, snapshots.Snapshot) else snapshots.Snapshot.load(path)
         state = snap.state
         if state.get("kind") != snapmachine.KIND:
             raise SnapshotError(f"{path} is a snapshot of a bare VM, not of a MicroVM")
@@ -502,7 +505,8 @@ class MicroVM:
         return m
 
     def fork(self, n: int, *, vsock: Sequence[str | Path] | None = None,
-             nics: Sequence[Sequence[Nic]] | None = None) -> list[MicroVM]:
+             nics: Sequence[Sequence[Nic]] | None = None,
+             stdout: Sequence[BinaryIO | Callable[[bytes], Any] | None] | None = None) -> list[MicroVM]:
         """n running clones of this guest, sharing its RAM copy-on-write
         (forkable=True makes that free; otherwise the touched RAM is copied
         once). This VM is left paused: resume() it, or keep it as a template.
@@ -510,6 +514,7 @@ class MicroVM:
         Each clone needs its own host ends: a vsock socket path (default:
         this one's with a suffix) and taps (nics, one list per clone). A
         writable disk cannot be shared: a clone of a VM with one is refused.
+        stdout: where each clone's command output goes (one per clone).
         """
         vm = self._require_vm()
         if n < 1:
@@ -522,10 +527,12 @@ class MicroVM:
             raise SnapshotError(f"each clone needs its own taps: nics=[[Nic(...), ...], ...] with {n} lists")
         if vsock is not None and len(vsock) != n:
             raise ConfigError(f"vsock: {n} socket paths needed, got {len(vsock)}")
+        if stdout is not None and len(stdout) != n:
+            raise ConfigError(f"stdout: {n} sinks needed, got {len(stdout)}")
         vm.pause()
         config = self._snapshot_config()
         devices, run = snapmachine.capture_devices(self._require_devices()), self._run_state()
-        vms = snapshot.fork(vm, n)
+        vms = snapshots.fork(vm, n)
         clones: list[MicroVM] = []
         try:
             for i, clone_vm in enumerate(vms):
@@ -533,7 +540,8 @@ class MicroVM:
                 if self.vsock is not None:
                     path = vsock[i] if vsock is not None else f"{self.vsock}.{os.getpid()}-{next(_fork_ids)}"
                 clone = self._from_config(config, vsock=path, nics=nics[i] if nics is not None else None,
-                                          console=None, stdout=None, force=self.force)
+                                          console=None, stdout=stdout[i] if stdout is not None else None,
+                                          force=self.force)
                 vms[i] = None  # type: ignore[call-overload]  # the clone owns it from here
                 clone._adopt(clone_vm, devices, run)
                 clones.append(clone)

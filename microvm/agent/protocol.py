@@ -5,7 +5,7 @@ map. Every map carries "id", the request it belongs to (a non-negative
 integer the host picks); many requests share one connection and interleave.
 
 Host to guest:
-    {"id", "op": "ping" | "exec" | "call" | "put" | "get" | "kill", ...fields}
+    {"id", "op": "ping" | "exec" | "call" | "put" | "get" | "kill" | "refresh" | "preload", ...fields}
     {"id", "data": bytes}   a chunk of the request's body (stdin, a file, a pickled call)
     {"id", "end": true}     the body is complete (for exec: stdin is closed)
 Guest to host:
@@ -15,7 +15,7 @@ Guest to host:
 Final events: "pong", "exit" (exec: code, signal, timed_out), "return"
 (call: the value is the "data" chunks, pickled), "raise" (call: type,
 message, traceback, and the pickled exception in the data chunks),
-"done" (put, get, kill), "timeout", "killed", "fail" (kind, message: the
+"done" (put, get, kill, refresh, preload), "timeout", "killed", "fail" (kind, message: the
 agent could not do what was asked).
 
 Limits: a frame is at most MAX_FRAME bytes (a larger length, a map that
@@ -37,7 +37,7 @@ CHUNK = 256 << 10
 HEADER = struct.Struct(">I")
 AGENT_VSOCK = 52  # the vsock port the agent listens on
 FINAL_EVENTS = frozenset({"pong", "exit", "return", "raise", "done", "timeout", "killed", "fail"})
-OPS = frozenset({"ping", "exec", "call", "put", "get", "kill"})
+OPS = frozenset({"ping", "exec", "call", "put", "get", "kill", "refresh", "preload"})
 
 
 class ProtocolError(Exception):

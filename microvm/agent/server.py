@@ -1,4 +1,4 @@
-"""The guest agent: serves exec, call, put, get and kill over vsock.
+"""The guest agent: serves exec, call, put, get, kill, refresh and preload over vsock.
 
 Started by the sandbox as the guest's command (`python3 -m microvm_agent`),
 it listens on vsock port AGENT_VSOCK (or, for tests on the host, a Unix
@@ -16,6 +16,8 @@ lock (protocol.py has the messages).
   is killed or calls os._exit leaves the agent serving.
 - put writes a file (or unpacks a tar into a directory) from the body's
   chunks; get sends a file, or a directory as a tar, in chunks.
+- refresh (after a restore or fork) and preload (before a snapshot): see
+  identity.py.
 
 The agent does not trust the host less than the host trusts it: the host
 side (sandbox/client.py) treats everything here as untrusted input.
@@ -38,6 +40,7 @@ import time
 import traceback
 from typing import Any
 
+from . import identity
 from .protocol import AGENT_VSOCK, CHUNK, MAX_FRAME, FrameReader, ProtocolError, encode
 
 READY_LINE = "microvm-agent ready"
@@ -173,6 +176,24 @@ def do_ping(request: Request) -> None:
     request.send(ev="pong", boot_id=boot_id(), pid=os.getpid(), python=sys.version.split()[0])
 
 
+def do_refresh(request: Request) -> None:
+    """After a restore or fork: fresh entropy and time (identity.py), and a
+    spare call process forked after them."""
+    msg = request.message
+    identity.refresh(bytes(msg.get("entropy") or b""), msg.get("time_ns"))
+    Worker.replace_spare()
+    request.send(ev="done", boot_id=boot_id())
+
+
+def do_preload(request: Request) -> None:
+    """Import modules into the agent, so calls (forked from it) start with them."""
+    failed = identity.preload([str(m) for m in request.message.get("modules") or ()])
+    Worker.replace_spare()
+    if failed:
+        raise ImportError("; ".join(failed))
+    request.send(ev="done")
+
+
 def _pump(request: Request, fds: dict[int, int], deadline: float | None,
           into: bytearray | None = None) -> bool:
     """Until every fd is at its end: output fds (-> 1 or 2) go to the host as
@@ -302,6 +323,20 @@ class Worker:
     def refill(cls) -> None:
         """Fork the next spare: after a call has answered, off its path."""
         threading.Thread(target=cls._refill, daemon=True, name="fork-spare").start()
+
+    @classmethod
+    def replace_spare(cls) -> None:
+        """Kill the spare (forked before a change the calls must see) and fork a new one now."""
+        with cls._lock:
+            old, cls._spare = cls._spare, None
+        if old is not None:
+            os.close(old.pay_w)
+            try:
+                os.kill(old.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            old.close()
+        cls._refill()
 
     @classmethod
     def _refill(cls) -> None:
@@ -504,7 +539,8 @@ def do_get(request: Request) -> None:
     request.send(ev="done")
 
 
-HANDLERS = {"ping": do_ping, "exec": do_exec, "call": do_call, "put": do_put, "get": do_get}
+HANDLERS = {"ping": do_ping, "exec": do_exec, "call": do_call, "put": do_put, "get": do_get,
+            "refresh": do_refresh, "preload": do_preload}
 
 
 def listen(port: int | None = None, unix: str | None = None) -> socket.socket:

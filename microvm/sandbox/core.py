@@ -37,14 +37,15 @@ from typing import Any, BinaryIO
 from microvm import checks
 from microvm.agent.protocol import AGENT_VSOCK
 from microvm.agent.server import READY_LINE
-from microvm.errors import AgentError, ConfigError, SandboxCrashed, SandboxError
+from microvm.errors import AgentError, ConfigError, SandboxCrashed, SandboxError, SnapshotError
 from microvm.sandbox.client import AgentClient
 from microvm.sandbox.session import GRACE, Session
+from microvm.snapshot import Snapshot
 from microvm.specs import Drive, Nic
 
 DEFAULT_MEM_MIB = 256
 BOOT_TIMEOUT = 120.0
-AGENT_FILES = ("__init__.py", "__main__.py", "protocol.py", "server.py")
+AGENT_FILES = ("__init__.py", "__main__.py", "identity.py", "protocol.py", "server.py")
 GUEST_LIB = "/run/microvm/lib"  # where init puts this boot's files (guestinit.py)
 
 
@@ -70,8 +71,10 @@ class Sandbox(Session):
         drives: Sequence[Drive | str | Path] = (),
         env: Mapping[str, str] | None = None,
         console: BinaryIO | Callable[[bytes], Any] | None = None,
+        forkable: bool = False,
         force: bool = False,
     ):
+        """forkable: guest RAM in a memfd from boot, so fork() shares it instead of copying it."""
         super().__init__(timeout=timeout)
         self.boot_timeout = checks.timeout(boot_timeout) or BOOT_TIMEOUT
         if isinstance(network, Nic):
@@ -82,7 +85,7 @@ class Sandbox(Session):
             raise ConfigError("network must be False or a Nic(...) (a tap to attach)")
         self.image = image
         self._config: dict[str, Any] = dict(kernel=kernel, mem_mib=mem_mib, vcpus=vcpus, drives=list(checks.path_list(
-            "drives", drives)), env=checks.env(env), console=console, force=force)
+            "drives", drives)), env=checks.env(env), console=console, forkable=forkable, force=force)
         self.vm: Any = None
         self.boot_id = ""
         self.timeline: dict[str, float] = {}
@@ -104,8 +107,7 @@ class Sandbox(Session):
         t0 = time.monotonic()
         image = self.image = self._image()
         self.importable = frozenset(getattr(image, "modules", ()) or ())
-        self._dir = tempfile.mkdtemp(prefix="microvm-sb-")
-        uds = os.path.join(self._dir, "vsock")
+        uds = self._new_dir()
         env = {"PYTHONPATH": GUEST_LIB, "HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1",
                **self._config["env"]}
         try:
@@ -113,16 +115,106 @@ class Sandbox(Session):
                 self._config["kernel"], mem_mib=self._config["mem_mib"], vcpus=self._config["vcpus"],
                 rootfs=Drive(image.path, read_only=True), drives=self._config["drives"], nics=self.nics,
                 env=env, vsock=uds, files=agent_files(), append="random.trust_cpu=on",
-                console=self._config["console"], stdout=self._on_output, force=self._config["force"])
+                console=self._config["console"], stdout=self._on_output, force=self._config["force"],
+                forkable=self._config["forkable"])
             self.vm.start([image.python, "-m", "microvm_agent"])
-            self._waiter = threading.Thread(target=self._wait_vm, name="sandbox-wait", daemon=True)
-            self._waiter.start()
+            self._watch()
             self._connect(uds, t0 + self.boot_timeout)
         except BaseException:
             self.close()
             raise
         self.timeline = {**self.vm.timeline(), "agent ready": time.monotonic() - t0}
         return self
+
+    # --- snapshots (microvm/snapshot) -------------------------------------------------
+
+    def snapshot(self, path: str | os.PathLike[str]) -> Snapshot:
+        """Write a snapshot of this sandbox to the new directory `path`; the
+        sandbox is paused meanwhile, then goes on. A request in flight goes
+        on here; a restore of the snapshot starts with no requests (its
+        connection is a new one). Sandbox.restore(path) brings it back."""
+        vm = self._running_vm()
+        try:
+            return vm.snapshot(path, meta={"sandbox": {"image": str(self.image.path)}})
+        finally:
+            vm.resume()
+
+    @classmethod
+    def restore(cls, path: str | os.PathLike[str] | Snapshot, *, timeout: float | None = None,
+                boot_timeout: float = BOOT_TIMEOUT, console: BinaryIO | Callable[[bytes], Any] | None = None,
+                prefetch: bool = False, force: bool = False) -> Sandbox:
+        """A running sandbox from a snapshot that Sandbox.snapshot() wrote: the
+        guest goes on where it was, with fresh entropy and the current time."""
+        from microvm.machine import MicroVM
+
+        snap = path if isinstance(path, Snapshot) else Snapshot.load(path)
+        meta = (snap.state.get("meta") or {}).get("sandbox")
+        if not isinstance(meta, dict) or not isinstance(meta.get("image"), str):
+            raise SnapshotError(f"{snap.path} is not a sandbox's snapshot (no sandbox section)")
+        sb = cls(image=meta["image"], timeout=timeout, boot_timeout=boot_timeout, console=console, force=force)
+        t0 = time.monotonic()
+        try:
+            sb.image = sb._image()
+            sb.importable = frozenset(getattr(sb.image, "modules", ()) or ())
+            uds = sb._new_dir()
+            sb.vm = MicroVM.restore(snap, vsock=uds, console=console, stdout=sb._on_output, prefetch=prefetch,
+                                    force=force)
+            sb._revive(uds, t0)
+        except BaseException:
+            sb.close()
+            raise
+        return sb
+
+    def fork(self, n: int, *, resume: bool = True) -> list[Sandbox]:
+        """n running copies of this sandbox, sharing its memory copy-on-write
+        (Sandbox(forkable=True) makes that free), each with its own vsock,
+        fresh entropy and the current time. This one is paused meanwhile,
+        and stays paused with resume=False: a template that has not run
+        since its last fork forks again without copying anything."""
+        vm = self._running_vm()
+        clones = [Sandbox(image=self.image, timeout=self.timeout, boot_timeout=self.boot_timeout,
+                          force=self._config["force"]) for _ in range(checks.integer("n", n, 1, 1024))]
+        t0 = time.monotonic()
+        try:
+            paths = [c._new_dir() for c in clones]
+            try:
+                vms = vm.fork(n, vsock=paths, stdout=[c._on_output for c in clones])
+            finally:
+                if resume:
+                    vm.resume()
+            for clone, clone_vm in zip(clones, vms, strict=True):
+                clone.importable = self.importable
+                clone.vm = clone_vm
+            for clone, path in zip(clones, paths, strict=True):
+                clone._revive(path, t0)
+        except BaseException:
+            for clone in clones:
+                clone.close()
+            raise
+        return clones
+
+    def _revive(self, uds: str, t0: float) -> None:
+        """Serve a restored or forked guest: its agent said it was ready before
+        the snapshot; connect anew, then give it its own entropy and time."""
+        self._ready.set()
+        self._watch()
+        self._connect(uds, t0 + self.boot_timeout)
+        self.refresh()
+        self.timeline = {"agent ready": time.monotonic() - t0}
+
+    def _running_vm(self) -> Any:
+        if self.vm is None or self._closed or self._ended.is_set():  # (a paused one counts)
+            raise SandboxError("the sandbox is not running")
+        return self.vm
+
+    def _new_dir(self) -> str:
+        """This sandbox's private directory, and its vsock socket's path in it."""
+        self._dir = tempfile.mkdtemp(prefix="microvm-sb-")
+        return os.path.join(self._dir, "vsock")
+
+    def _watch(self) -> None:
+        self._waiter = threading.Thread(target=self._wait_vm, name="sandbox-wait", daemon=True)
+        self._waiter.start()
 
     def _image(self) -> Any:
         if self.image is not None:

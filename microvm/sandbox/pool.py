@@ -27,22 +27,35 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from microvm import checks
-from microvm.errors import SandboxError
+from microvm.errors import ConfigError, SandboxError
 from microvm.sandbox.core import Sandbox
 from microvm.sandbox.pickling import dumps_call
 from microvm.sandbox.session import CallFuture
 
 
 class SandboxPool:
-    def __init__(self, size: int, *, reuse: bool = False, **config: Any):
+    def __init__(self, size: int, *, reuse: bool = False,
+                 from_snapshot: bool | str | os.PathLike[str] = False, preload: Sequence[str] = (),
+                 **config: Any):
+        """from_snapshot=True: boot one template sandbox (RAM forkable), import
+        `preload` into its agent, and hand out forks of it (the template stays
+        paused; each fork shares its memory copy-on-write). A snapshot
+        directory (Sandbox.snapshot): hand out restores of it. Either way a
+        sandbox starts with fresh entropy and the current time."""
         self.size = checks.integer("size", size, 1, 1024)
         self.reuse = reuse
         self.config = config
+        self.preload = [str(m) for m in preload]
+        if self.preload and from_snapshot is not True:
+            raise ConfigError("preload= needs from_snapshot=True (modules are imported once, then forked)")
+        self.from_snapshot = from_snapshot if from_snapshot is not False else None
+        self._template: Sandbox | None = None
+        self._template_lock = threading.Lock()
         self._ready: queue.Queue[Sandbox | BaseException] = queue.Queue()
         self._booting = concurrent.futures.ThreadPoolExecutor(self.size, thread_name_prefix="sandbox-boot")
         self._lock = threading.Lock()
@@ -68,24 +81,56 @@ class SandboxPool:
         self._booting.submit(self._boot_one)
 
     def _boot_one(self) -> None:
-        sb = Sandbox(**self.config)
-        with self._lock:
-            if self._closed:
-                return
-            self._live.add(sb)
         try:
-            sb.start()
+            sb = self._new_sandbox()
         except BaseException as e:
-            self._forget(sb)
             self._ready.put(e)
             return
         with self._lock:
             closed = self._closed
+            if not closed:
+                self._live.add(sb)
         if closed:
             self._forget(sb)
             sb.close()
         else:
             self._ready.put(sb)
+
+    def _new_sandbox(self) -> Sandbox:
+        """A started sandbox: booted, forked from the template, or restored."""
+        if self.from_snapshot is True:
+            with self._template_lock:
+                return self._template_sandbox().fork(1, resume=False)[0]
+        if self.from_snapshot is not None:
+            return Sandbox.restore(self.from_snapshot, **{k: v for k, v in self.config.items()
+                                                          if k in ("timeout", "boot_timeout", "console", "force")})
+        sb = Sandbox(**self.config)
+        with self._lock:
+            if self._closed:
+                raise SandboxError("the sandbox pool is closed")
+            self._live.add(sb)  # so that close() stops it while it boots
+        try:
+            return sb.start()
+        except BaseException:
+            self._forget(sb)
+            raise
+
+    def _template_sandbox(self) -> Sandbox:
+        """The paused template the pool forks from; booted (and preloaded) by the first caller."""
+        if self._template is None:
+            with self._lock:
+                if self._closed:
+                    raise SandboxError("the sandbox pool is closed")
+            template = Sandbox(**{**self.config, "forkable": True}).start()
+            try:
+                if self.preload:
+                    template.preload(self.preload)
+                template.vm.pause()
+            except BaseException:
+                template.close()
+                raise
+            self._template = template
+        return self._template
 
     def _forget(self, sb: Sandbox) -> None:
         with self._lock:
@@ -147,6 +192,10 @@ class SandboxPool:
             self._live.clear()
         for sb in live:
             sb.close()
+        with self._template_lock:
+            if self._template is not None:
+                self._template.close()
+                self._template = None
 
     def __enter__(self) -> SandboxPool:
         return self

@@ -93,6 +93,18 @@ class Session:
     def ping(self) -> dict[str, Any]:
         return self._final(self._request("ping"), self.timeout)
 
+    def refresh(self) -> None:
+        """Fresh host entropy and the host's time for the guest, and a call
+        process forked after them: what a restored or forked guest needs
+        before its first call (agent/identity.py)."""
+        self._final(self._request("refresh", entropy=os.urandom(64), time_ns=time.time_ns()), self.timeout)
+
+    def preload(self, modules: Sequence[str]) -> None:
+        """Import `modules` into the agent, so every later call starts with them
+        (before a snapshot: its restores and forks have them too). A module
+        that fails to import raises RemoteError (ImportError)."""
+        self._final(self._request("preload", modules=[str(m) for m in modules]), self.timeout)
+
     def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """fn(*args, **kwargs) in a fresh process in the guest; its value, or its exception raised here."""
         return self.call_with(fn, args, kwargs)

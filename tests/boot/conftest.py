@@ -29,7 +29,8 @@ LANE_TIMEOUT = float(os.environ.get("MICROVM_LANE_TIMEOUT", "1200"))
 # Files that run many VMs at once get more memory: (vCPUs, MiB); others (1, 2048). One
 # vCPU throughout: a 2-vCPU lane runs QEMU's multi-threaded TCG, and the one guest
 # triple fault we ever saw in the lane (1 boot of ~20, never reproduced in 48 more) was there.
-LANE_SIZE = {"test_sandbox": (1, 4096), "test_dask": (1, 4096), "test_pytest_plugin": (1, 3072)}
+LANE_SIZE = {"test_sandbox": (1, 4096), "test_snapshot": (1, 4096), "test_dask": (1, 4096),
+             "test_pytest_plugin": (1, 3072)}
 
 
 @functools.cache
