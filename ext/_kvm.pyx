@@ -990,6 +990,10 @@ cdef class Mapping:
         cdef void *p
         if self.base == NULL:
             raise ValueError("mapping is closed")
+        # As in __cinit__: a touch beyond the end of the file would be SIGBUS.
+        file_size = _os.fstat(fd).st_size
+        if offset < 0 or offset + self.size > file_size:
+            raise ValueError(f"mapping {offset}+{self.size} runs past the end of the file ({file_size} bytes)")
         p = s.mmap(self.base, self.size, s.PROT_READ | s.PROT_WRITE,
                    (s.MAP_SHARED if shared else s.MAP_PRIVATE) | s.MAP_FIXED, fd, offset)
         if p == s.MAP_FAILED:

@@ -102,6 +102,48 @@ def run(kernel: str | None, initrd: str | None, mem_mib: int, vcpus: int, append
     sys.exit(result.exit_code if result.exit_code is not None else 0)
 
 
+@main.command()
+@click.argument("directory", metavar="DIR", type=click.Path())
+@click.option("--timeout", type=float, default=None, callback=_timeout, help="Kill the guest after S seconds.")
+@click.option("--vsock", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+              help="Another host socket path than the snapshot's (the original may still hold it).")
+@click.option("--prefetch", is_flag=True, help="Fault in the pages an earlier restore recorded in DIR/pages "
+                   "(snapshot.record_pages) before the guest runs.")
+@click.option("--verify", is_flag=True, help="Check guest RAM against its checksum first.")
+@click.option("--force", is_flag=True, help="Restore even where the host cannot run Linux guests (PVM).")
+@click.option("--console", "show_console", is_flag=True,
+              help="Show the kernel's and init's console messages too, interleaved with the command's output.")
+@one_line_errors
+def restore(directory: str, timeout: float | None, vsock: str | None, prefetch: bool, verify: bool,
+            force: bool, show_console: bool) -> None:
+    """Restore a MicroVM snapshot from DIR and let its command finish.
+
+    Prints what the command writes from the snapshot on (its output before
+    the snapshot is not repeated) and exits with its exit status.
+    """
+    from pathlib import Path
+
+    from microvm.errors import SnapshotError
+    from microvm.machine import MicroVM
+    from microvm.snapshot import Snapshot
+
+    if not Path(directory).is_dir():
+        raise SnapshotError(f"{directory} is not a snapshot: "
+                            f"{'not a directory' if Path(directory).exists() else 'no such directory'}")
+    if vsock is not None:
+        # Checked before the guest runs: one that ran, even briefly, may have
+        # written to its disk, and the snapshot would no longer restore.
+        config = Snapshot.load(directory).state.get("config")
+        if isinstance(config, dict) and config.get("vsock") is None:
+            raise SnapshotError(f"{directory}: the snapshot's VM has no vsock device for --vsock")
+    out = sys.stdout.buffer
+    vm = MicroVM.restore(directory, vsock=vsock if vsock is not None else True, prefetch=prefetch, verify=verify,
+                         force=force, console=out if show_console else None, stdout=out)
+    result = vm.wait(timeout)  # result.stdout holds the output from before the snapshot too; not printed
+    out.flush()
+    sys.exit(result.exit_code if result.exit_code is not None else 0)
+
+
 @main.group()
 def image() -> None:
     """Disk images for --drive and --rootfs."""

@@ -95,6 +95,8 @@ class IoThread:
         Notifications that arrive meanwhile wait in their eventfds."""
         if self._thread.ident is None or self._exited.is_set():
             return True
+        if self._pause:  # asked already: parked, or on its way (clearing _paused would lose that)
+            return self._paused.wait(timeout)
         self._resume.clear()
         self._paused.clear()
         self._pause = True

@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 import ctypes
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -55,16 +55,18 @@ class GuestMemory:
 
     def __init__(self, regions: Iterable[tuple[int, object]]):
         """regions: (guest_addr, backing) pairs; backing is a writable buffer."""
-        self._regions: list[MemoryRegion] = []
+        checked: list[tuple[int, int, object]] = []
         for guest_addr, backing in sorted(regions, key=lambda r: r[0]):
             with memoryview(backing) as probe:  # type: ignore[arg-type]
                 if probe.readonly or probe.itemsize != 1:
                     raise GuestMemoryError("guest memory backing must be a writable byte buffer")
                 size = probe.nbytes
-            region = MemoryRegion(guest_addr, size, backing)
-            if self._regions and self._regions[-1].end > guest_addr:
+            if checked and checked[-1][0] + checked[-1][1] > guest_addr:
                 raise GuestMemoryError(f"memory region at {guest_addr:#x} overlaps the one before it")
-            self._regions.append(region)
+            checked.append((guest_addr, size, backing))
+        # Only now the regions' views: a refusal above leaves no export, so the
+        # caller can still close the backings.
+        self._regions = [MemoryRegion(*r) for r in checked]
         self._starts = [r.guest_addr for r in self._regions]
         self._first = self._regions[0] if self._regions else MemoryRegion(0, 0, bytearray())
         self.fd = -1  # a memfd holding the RAM (memfd()), ours to close; else -1
@@ -77,15 +79,7 @@ class GuestMemory:
         """Anonymous MAP_NORESERVE mappings for (guest_addr, size) pairs."""
         from microvm._kvm import Mapping
 
-        regions = []
-        for guest_addr, size in layout:
-            if size <= 0 or size % PAGE_SIZE or guest_addr % PAGE_SIZE:
-                raise GuestMemoryError(f"region {guest_addr:#x}+{size:#x} is not page aligned")
-            try:
-                regions.append((guest_addr, Mapping(size, hugepages=hugepages)))
-            except OSError as e:
-                raise GuestMemoryError(f"cannot map {size >> 20} MiB of guest memory: {e}") from e
-        return cls(regions)
+        return cls._mapped(layout, lambda size, _: Mapping(size, hugepages=hugepages))
 
     @classmethod
     def from_file(cls, layout: Iterable[tuple[int, int]], fd: int, *, shared: bool = False,
@@ -98,18 +92,31 @@ class GuestMemory:
         """
         from microvm._kvm import Mapping
 
-        regions = []
+        if offset < 0 or offset % PAGE_SIZE:  # mmap(2): EINVAL
+            raise GuestMemoryError(f"file offset {offset:#x} is not page aligned")
+        return cls._mapped(layout, lambda size, before: Mapping(size, fd=fd, offset=offset + before, shared=shared))
+
+    @classmethod
+    def _mapped(cls, layout: Iterable[tuple[int, int]], map_region: Callable[[int, int], object]) -> GuestMemory:
+        """GuestMemory over map_region(size, bytes of the regions before it) for
+        each (guest_addr, size). On any failure the regions mapped so far are
+        unmapped first: the exception's traceback would keep them alive."""
+        regions: list[tuple[int, object]] = []
+        before = 0
         try:
             for guest_addr, size in layout:
                 if size <= 0 or size % PAGE_SIZE or guest_addr % PAGE_SIZE:
                     raise GuestMemoryError(f"region {guest_addr:#x}+{size:#x} is not page aligned")
-                regions.append((guest_addr, Mapping(size, fd=fd, offset=offset, shared=shared)))
-                offset += size
+                try:
+                    regions.append((guest_addr, map_region(size, before)))
+                except (OSError, ValueError) as e:  # ValueError: past the end of the file
+                    raise GuestMemoryError(f"cannot map {size >> 20} MiB of guest memory: {e}") from e
+                before += size
+            return cls(regions)
         except BaseException:
-            for _, m in regions:
-                m.close()
+            for _, backing in regions:
+                backing.close()  # type: ignore[attr-defined]
             raise
-        return cls(regions)
 
     @classmethod
     def memfd(cls, layout: Iterable[tuple[int, int]], name: str = "microvm-ram") -> GuestMemory:

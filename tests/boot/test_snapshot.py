@@ -218,3 +218,17 @@ def test_fork_refuses_a_writable_disk(tmp_path: Path) -> None:
     finally:
         vm.close()
     os.unlink(disk)
+
+
+def test_microvm_restore_cli_finishes_the_command(tmp_path: Path) -> None:
+    if not boots_here():
+        return
+    snap, _, before = snapshot_mid_workload(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "microvm", "restore", "--timeout", "120", str(snap)],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    # Only what the command wrote after the snapshot: together with the
+    # output before it, the whole workload's, each line once.
+    after = out.stdout.split()
+    assert before.decode().split() + after == [f"n{i}" for i in range(1, 21)] + ["net-ok", "done"]
+    assert after[-2:] == ["net-ok", "done"] and "n20" in after and "n5" not in after

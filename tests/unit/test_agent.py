@@ -12,21 +12,26 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import os
+import random
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from microvm.agent import identity
 from microvm.agent.protocol import HEADER, encode
 from microvm.errors import AgentError, CallTimeout, RemoteError, SandboxError
 from microvm.sandbox import SerializationError, Session
 from microvm.sandbox.client import QUEUED_EVENTS, AgentClient
 from microvm.sandbox.core import agent_files
+from tests.support.local_agent import LocalAgent
 
 
 def module_level_square(x: int) -> int:
@@ -178,6 +183,108 @@ def test_many_requests_at_once(session: Session) -> None:
     for t in threads:
         t.join()
     assert sorted(results) == sorted((k * 100 + i) ** 2 for k in range(6) for i in range(10))
+
+
+# --- refresh and preload (agent/identity.py) ---------------------------------------------
+# Never Session.refresh() here: it sends the host's time, and this agent runs on the
+# host, where it would set the host's clock. The requests below send time_ns=0 (the
+# agent sets no time then) and a little entropy (credited to the host's pool: harmless).
+
+
+def _modules_loaded(names: list[str]) -> list[str]:
+    import sys
+
+    return [n for n in names if n in sys.modules]
+
+
+def _live_children(pid: int) -> set[int]:
+    """The child processes of `pid` that have not exited."""
+    children = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if int(ppid) == pid and state not in ("Z", "X"):
+            children.add(int(entry))
+    return children
+
+
+def _spare(agent: LocalAgent, last_call: int) -> int:
+    """The agent's spare call process: its only child, once the last call's process is gone."""
+    deadline = time.monotonic() + 10
+    while True:
+        children = _live_children(agent.proc.pid)
+        if len(children) == 1 and last_call not in children:
+            return children.pop()
+        assert time.monotonic() < deadline, f"the agent's children: {children}"
+        time.sleep(0.01)
+
+
+def _refresh(session: Session, entropy: bytes) -> dict[str, Any]:
+    return session._final(session._request("refresh", entropy=entropy, time_ns=0), 30)
+
+
+@pytest.fixture
+def fresh_agent() -> Iterator[LocalAgent]:
+    """An agent of its own: nothing preloaded, spares only this test's."""
+    agent = LocalAgent(timeout=30)
+    yield agent
+    agent.close()
+
+
+def test_preload_reaches_every_later_call(fresh_agent: LocalAgent) -> None:
+    names = ["decimal", "wave"]
+    last = fresh_agent.call(os.getpid)
+    assert fresh_agent.call(_modules_loaded, names) == []
+    _spare(fresh_agent, last)  # forked before the preload: it has to be replaced
+    fresh_agent.preload(["decimal"])
+    assert fresh_agent.call(_modules_loaded, names) == ["decimal"]
+    assert fresh_agent.call(_modules_loaded, names) == ["decimal"]  # the spare forked after it too
+
+
+def test_preload_of_a_missing_module_names_it(fresh_agent: LocalAgent) -> None:
+    with pytest.raises(RemoteError, match="no_such_module_for_microvm") as e:
+        fresh_agent.preload(["wave", "no_such_module_for_microvm"])
+    assert e.value.type_name == "ImportError"
+    assert "ModuleNotFoundError" in e.value.remote_message and "wave" not in e.value.remote_message
+    assert fresh_agent.call(_modules_loaded, ["wave"]) == ["wave"]  # what did import stays
+    assert fresh_agent.call(abs, -2) == 2
+
+
+def test_refresh_replaces_the_spare_call_process(fresh_agent: LocalAgent) -> None:
+    last = fresh_agent.call(os.getpid)
+    spare = _spare(fresh_agent, last)
+    done = _refresh(fresh_agent, os.urandom(16))
+    assert done["ev"] == "done" and "boot_id" in done
+    children = _live_children(fresh_agent.proc.pid)
+    assert spare not in children and len(children) == 1  # killed and reaped; the new one forked
+    first = fresh_agent.call(os.getpid)
+    assert first != spare and {first} == children
+    assert _refresh(fresh_agent, b"")["ev"] == "done"  # no entropy, no spare yet: fine too
+    assert fresh_agent.call(os.getpid) not in (first, spare)
+
+
+def test_refresh_reseeds_random_and_sets_the_time_only_when_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    # In this process, with the clock and the ioctls replaced: nothing of the host changes.
+    clock: list[tuple[int, int]] = []
+    ioctls: list[tuple[int, bytes | None]] = []
+    monkeypatch.setattr(identity.time, "clock_settime_ns", lambda which, ns: clock.append((which, ns)))
+    monkeypatch.setattr(identity.fcntl, "ioctl", lambda fd, op, arg=None: ioctls.append((op, arg)))
+    random.seed(1234)
+    seeded = random.random()
+    for time_ns in (0, None):
+        random.seed(1234)
+        identity.refresh(b"", time_ns)
+        assert random.random() != seeded
+    assert clock == [] and ioctls == []
+    identity.refresh(b"\x01" * (identity.MAX_ENTROPY + 10), 1_700_000_000_000_000_000)
+    assert clock == [(time.CLOCK_REALTIME, 1_700_000_000_000_000_000)]
+    info = struct.pack("ii", identity.MAX_ENTROPY * 8, identity.MAX_ENTROPY) + b"\x01" * identity.MAX_ENTROPY
+    assert ioctls == [(identity.RNDADDENTROPY, info), (identity.RNDRESEEDCRNG, None)]
 
 
 # --- a hostile agent ----------------------------------------------------------------------

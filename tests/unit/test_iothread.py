@@ -1,10 +1,12 @@
-"""The I/O thread's fd bookkeeping: remove, modify (EPOLLOUT), poll_once. No KVM needed."""
+"""The I/O thread's fd bookkeeping (remove, modify (EPOLLOUT), poll_once) and pause/resume. No KVM needed."""
 
 from __future__ import annotations
 
 import os
 import select
 import socket
+import threading
+import time
 
 import pytest
 
@@ -83,3 +85,81 @@ def test_poll_once_only_while_not_running_and_remove_after_close() -> None:
     io.remove(a.fileno())  # after close: only forgotten
     a.close()
     b.close()
+
+
+def _counting(io: IoThread) -> tuple[int, list[int], threading.Event]:
+    """An eventfd added to `io` whose handler counts its calls."""
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    calls: list[int] = []
+    called = threading.Event()
+
+    def handler() -> None:
+        calls.append(1)
+        called.set()
+
+    io.add(efd, handler)
+    return efd, calls, called
+
+
+def test_a_paused_thread_runs_no_handler_until_resumed() -> None:
+    io = IoThread("t-pause")
+    efd, calls, called = _counting(io)
+    io.start()
+    assert io.pause(5.0)
+    os.eventfd_write(efd, 1)
+    os.eventfd_write(efd, 1)  # two notifications while parked: one eventfd count
+    assert not called.wait(0.2)
+    assert calls == []
+    io.resume()
+    assert called.wait(5.0)
+    assert io.pause(5.0)  # parks only after a full round: nothing more is pending
+    assert calls == [1]
+    io.resume()
+    io.close()
+    os.close(efd)
+
+
+def test_pause_on_a_thread_never_started() -> None:
+    io = IoThread("t-idle")
+    assert io.pause(0.1)
+    io.resume()
+    io.close()
+
+
+def test_pause_twice_and_resume_twice_are_harmless() -> None:
+    io = IoThread("t-twice")
+    efd, calls, called = _counting(io)
+    io.start()
+    assert io.pause(5.0)
+    started = time.monotonic()
+    assert io.pause(5.0)  # already parked: says so at once
+    assert time.monotonic() - started < 1.0
+    os.eventfd_write(efd, 1)
+    assert not called.wait(0.2)
+    io.resume()
+    io.resume()
+    assert called.wait(5.0)
+    called.clear()
+    assert io.pause(5.0)  # and another round still works
+    os.eventfd_write(efd, 1)
+    assert not called.wait(0.2)
+    io.resume()
+    assert called.wait(5.0)
+    assert calls == [1, 1]
+    io.close()
+    os.close(efd)
+
+
+def test_close_while_paused_ends_the_thread_promptly() -> None:
+    io = IoThread("t-close-paused")
+    efd, calls, _ = _counting(io)
+    io.start()
+    assert io.pause(5.0)
+    os.eventfd_write(efd, 1)
+    started = time.monotonic()
+    io.close()
+    assert time.monotonic() - started < 1.0
+    assert calls == []  # it ended without another round
+    assert not any(t.name == "t-close-paused" for t in threading.enumerate())
+    assert io.pause(0.1)  # nothing left to park
+    os.close(efd)

@@ -883,6 +883,30 @@ def test_reset_transport_drops_connections_and_posts_the_event(guest: Guest) -> 
     s2.close()
 
 
+def test_host_connections_wait_until_the_guest_has_handled_the_reset(guest: Guest) -> None:
+    # Linux resets its sockets, then posts a fresh event buffer: a connection
+    # request delivered in between would be reset silently, and its host
+    # program would wait for ever. So requests wait for that buffer.
+    head = guest.ev.add_chain([(4, True)])
+    guest.ev.add_chain([(4, True)])  # a second one, posted before: not the sign
+    guest.dev.reset_transport()
+    assert guest.ev.used() == [(head, 4)]
+    s = host_client(guest)
+    s.sendall(b"CONNECT 40\n")
+    guest.pump()
+    assert guest.packets() == []
+    assert guest.stats()["connects_held"] >= 1
+    guest.send(20, 5000, RW, b"old")  # meanwhile an old connection's packet is still answered
+    [rst] = guest.packets()
+    assert rst.op == RST
+    guest.ev.add_chain([(4, True)])  # the guest handled the event and refilled
+    guest.t.notify(EVQ)
+    guest.pump()
+    [req] = guest.packets()
+    assert (req.op, req.dst_port) == (REQUEST, 40)
+    s.close()
+
+
 def test_device_reset_closes_connections_and_keeps_listening(guest: Guest) -> None:
     s1 = guest_connect(guest, 5000, src_port=30)
     s2, _ = host_connect(guest, 31)

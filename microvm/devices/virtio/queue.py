@@ -209,6 +209,15 @@ class Queue:
     def has_available(self) -> bool:
         return self.avail_idx() != self.next_avail
 
+    def notify_at(self, index: int) -> None:
+        """Ask the driver to notify us once it makes entry `index` available (with
+        event_idx, avail_event says so, 2.7.10; without, it notifies anyway): for a
+        device waiting on a buffer the driver adds beyond those it knows of. The
+        next pop() that has consumed everything it saw writes its own again."""
+        if self.event_idx:
+            self._mem().write_int(self.used_ring + 4 + VIRTQ_USED_ELEM_SIZE * self.size, 2, index & 0xFFFF)
+            full_barrier()  # before the avail idx load that follows in the caller
+
     def pop(self) -> DescriptorChain | None:
         """The next available chain, or None if the driver has offered none.
 

@@ -57,7 +57,7 @@ from microvm.devices.virtio.vsock_abi import (
     VIRTIO_VSOCK_TYPE_STREAM,
     VsockHdr,
 )
-from microvm.devices.virtio.vsock_muxer import IoLoop, VsockMuxer, count, scatter
+from microvm.devices.virtio.vsock_muxer import LOCAL_PORTS, IoLoop, VsockMuxer, count, scatter
 from microvm.errors import ConfigError
 from microvm.memory import GuestMemory
 
@@ -88,6 +88,7 @@ COUNTERS = (
     "rx_bad_buffer", "event_bad_buffer",  # buffers returned unused
     "host_errors",  # host socket errors (RST)
     "transport_resets",
+    "connects_held",  # host connections left in the backlog until the guest handled a transport reset
 )
 
 
@@ -115,6 +116,9 @@ class VirtioVsock(QueueState):
         self._event_owed = False
         self._transport_reset = False
         self._reset_on_activate = False  # restore_state: the guest's connections are gone
+        # The event queue's avail index when the reset event went out, until the guest
+        # has handled it (see _reset_handled); meanwhile nothing goes to its receive queue.
+        self._reset_mark: int | None = None
 
     # --- wiring and lifecycle ---------------------------------------------------------------
 
@@ -148,6 +152,8 @@ class VirtioVsock(QueueState):
         self.muxer.drop_all()
         self._rx_stash = None
         self._event_owed = self._transport_reset = self._reset_on_activate = False
+        self._reset_mark = None
+        self.muxer.hold_accept(False)
 
     def close(self) -> None:
         """Teardown, once the I/O thread has stopped: every fd closed, `uds_path` unlinked."""
@@ -173,7 +179,7 @@ class VirtioVsock(QueueState):
         """The guest CID, and whether the driver is active. Connections are not state:
         their host sockets belong to this process, so none survives (see restore_state)."""
         return {"kind": "virtio-vsock", "guest_cid": self.guest_cid, "uds_path": self.uds_path,
-                "active": self.mem is not None}
+                "active": self.mem is not None, "next_port": self.muxer.next_port}
 
     def restore_state(self, state: State) -> None:
         """Same guest CID (a SnapshotError otherwise); `uds_path` is the caller's to compare.
@@ -187,6 +193,10 @@ class VirtioVsock(QueueState):
         f = Fields(state, "virtio-vsock")
         f.same("guest_cid", self.guest_cid)
         self._reset_on_activate = f.flag("active")
+        # Host ports go on from where they were: the guest's reset sockets stay in
+        # its connected table until their programs close them, and a new connection
+        # with an old one's ports would reach that socket, and get an RST.
+        self.muxer.next_port = f.integer("next_port", LOCAL_PORTS.start, LOCAL_PORTS.stop - 1)
         self.muxer.drop_all()
         self._rx_stash = None
 
@@ -200,6 +210,7 @@ class VirtioVsock(QueueState):
     def process(self, queue_index: int) -> None:
         if self.mem is None or not self.queues:
             return
+        self._check_reset()
         if queue_index == EVENT_QUEUE:
             if self._transport_reset:
                 self._transport_reset = False
@@ -207,6 +218,10 @@ class VirtioVsock(QueueState):
                 self._event_owed = True
                 self.counters["transport_resets"] += 1
             self._post_event()
+            self._check_reset()
+            if self._reset_mark is None:
+                self.muxer.host_events()  # connections that waited for the guest's reset
+                self._fill_rx()
             return
         if queue_index == TX_QUEUE:
             self.drain(TX_QUEUE, self._tx_packet)
@@ -239,12 +254,25 @@ class VirtioVsock(QueueState):
                     view.release()
         return 0
 
+    def _check_reset(self) -> None:
+        """Once the guest has handled our last transport-reset event, let host
+        connections in again. Linux resets its sockets in the work item that
+        then posts a fresh event buffer (virtio_transport_event_work): a buffer
+        added after ours was taken says so. A connection request delivered
+        before that would be reset with the rest, silently, and the host would
+        wait for an answer that never comes; until then they wait in the
+        listener's backlog."""
+        if self._reset_mark is not None and self.queues[EVENT_QUEUE].avail_idx() != self._reset_mark:
+            self._reset_mark = None
+            self.muxer.hold_accept(False)
+
     def _fill_rx(self) -> None:
         """Fill receive buffers while the muxer has packets for the guest."""
         q, mem = self.queues[RX_QUEUE], self.mem
         assert mem is not None
         if not q.ready or not self.muxer.has_rx():  # most transmit notifications leave nothing to receive
             return
+
         with self.used_batch(RX_QUEUE) as used:
             while self.muxer.has_rx():
                 if self._rx_stash is not None:
@@ -277,3 +305,6 @@ class VirtioVsock(QueueState):
                     event = VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_bytes(EVENT_SIZE, "little")  # virtio_vsock_event
                     used(chain.head, scatter(mem, chain, event))
                     self._event_owed = False
+                    self._reset_mark = q.avail_idx()
+                    q.notify_at(self._reset_mark)  # the guest's refill is our sign: have it notify us
+                    self.muxer.hold_accept(True)

@@ -176,6 +176,8 @@ class VsockMuxer:
         self._rx_wanted: dict[tuple[int, int], None] = {}  # connections with something for the guest, in turn
         self._rsts: dict[tuple[int, int], None] = {}  # (local, peer) owed an RST, for no connection
         self._next_port = LOCAL_PORTS.start
+        self._holding = False  # hold_accept(): new host connections wait in the backlog
+        self._accept_held = False  # and one came meanwhile
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -232,10 +234,22 @@ class VsockMuxer:
 
     # --- host socket events -----------------------------------------------------------------------
 
+    def hold_accept(self, hold: bool) -> None:
+        """Leave new host connections in the listener's backlog (hold), or take
+        them again, those that came meanwhile first (at the next host_events)."""
+        self._holding = hold
+        if not hold and self._accept_held and self._listener is not None:
+            self._accept_held = False
+            self._ready.add(self._listener.fd)
+
     def host_events(self) -> None:
         while self._ready:
             fd = self._ready.pop()
             if self._listener is not None and fd == self._listener.fd:
+                if self._holding:
+                    self._accept_held = True
+                    self.counters["connects_held"] += 1
+                    continue
                 self._accept()
             elif fd in self._greeting:
                 self._greet(fd)
@@ -273,6 +287,17 @@ class VsockMuxer:
         self._by_fd[fd] = conn
         self.counters["host_connects"] += 1
         self._want_rx(conn)
+
+    @property
+    def next_port(self) -> int:
+        """The host port the next host-initiated connection tries first."""
+        return self._next_port
+
+    @next_port.setter
+    def next_port(self, port: int) -> None:
+        if port not in LOCAL_PORTS:
+            raise ValueError(f"host port {port} outside {LOCAL_PORTS.start}..{LOCAL_PORTS.stop - 1}")
+        self._next_port = port
 
     def _local_port(self, peer_port: int) -> int:
         # At most len(self._conns) ports can be taken with this peer port.
