@@ -7,6 +7,7 @@ MICROVM_REQUIRE_KVM=1 (set by .ci/run): then the missing device fails it.
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -38,6 +39,15 @@ def hypothesis_profile() -> str:
 
 settings.load_profile(hypothesis_profile())
 # --- end of hypothesis profiles -----------------------------------------------------------
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The Ctrl-C tests need Python's SIGINT handler, here and in the processes
+    # they start. A shell that runs us in the background (`cmd &` without job
+    # control) hands SIGINT down ignored, and Python then never installs it:
+    # those tests would fail however the code behaves.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def kvm_usable() -> str | None:
