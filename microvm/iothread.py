@@ -39,6 +39,8 @@ class IoThread:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._exited = DoneFlag()  # not Thread.join: see doneflag.py
         self._closed = False
+        self._start_wanted = False  # start() was called: the first add() starts the thread
+        self._start_lock = threading.Lock()
         self._pause = False
         self._paused = threading.Event()
         self._resume = threading.Event()
@@ -53,6 +55,8 @@ class IoThread:
         """
         self._handlers[fd] = (handler, eventfd, name or getattr(handler, "__qualname__", "a device"))
         self._epoll.register(fd, select.EPOLLIN if eventfd else select.EPOLLIN | select.EPOLLET)
+        if self._start_wanted and self._thread.ident is None:
+            self._start_thread()
 
     def modify(self, fd: int, events: int) -> None:
         """Wait for `events` (select.EPOLLIN, EPOLLOUT) on a pollable fd added with
@@ -74,7 +78,16 @@ class IoThread:
             pass
 
     def start(self) -> None:
-        self._thread.start()
+        """Serve from now on. A thread with nothing to serve yet starts with its
+        first add() instead (a VM without such devices never pays for it)."""
+        self._start_wanted = True
+        if self._handlers:
+            self._start_thread()
+
+    def _start_thread(self) -> None:
+        with self._start_lock:
+            if self._thread.ident is None and self._start_wanted:
+                self._thread.start()
 
     def _run(self) -> None:
         try:
@@ -156,6 +169,8 @@ class IoThread:
         self._stop = True
         self._resume.set()  # a paused thread goes on, to see _stop
         os.eventfd_write(self._wake, 1)
+        with self._start_lock:  # no add() starts it from here on
+            self._start_wanted = False
         if self._thread.ident is not None:  # started
             if not self._exited.wait(5.0):
                 raise MicroVMError("the I/O thread did not stop within 5 s (a device handler is stuck)")

@@ -16,6 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from microvm import _kvm
 from microvm.arch.x86_64.layout import KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR
@@ -81,6 +82,7 @@ class Vm:
         self._closed = False
         self.paused = False
         self.run_stamp = 0  # bumped each time the vCPUs (re)start: snapshot.fork's staleness check
+        self.captured: tuple[int, Any] | None = None  # (run_stamp, state): snapshot.fork's, while paused
         self._close_lock = threading.RLock()
         self.vcpus_open: list[Vcpu] = []  # vCPUs whose fd close() has yet to close
         try:

@@ -3,7 +3,9 @@
 The guest (CPL3, long mode: native speed on any KVM, PVM included, so no
 lane) loops on `out 0x80, al`. It is paused in that loop and snapshotted;
 then, taking turns, each variant makes a VM in that state and runs it to
-its first exit (the next `out`), timed from the call to that exit:
+its first exit (the next `out`), timed from the call to that exit (the VMs
+are paused and closed in batches between timings: on this kind of host a
+VM's teardown keeps the kernel busy for milliseconds after close()):
 
     restore        Snapshot.load + restore_vm + start: nothing made in advance
     fork           snapshot.fork(parent, 1) + start
@@ -34,6 +36,8 @@ LOOP = bytes.fromhex("e680ebfc")  # l: out 0x80, al; jmp l
 PORT = 0x80
 VARIANTS = ("restore", "fork", "fork (shell)")
 CLONE_COUNTS = (1, 10, 50)
+BATCH = 30  # VMs kept (paused) before they are closed together, outside the timings
+SETTLE = 0.2  # seconds after a batch's teardown before the next timing
 MIB = 1 << 20
 
 
@@ -81,23 +85,35 @@ def _run_to_first_exit(vm: Vm, t0: int) -> float:
     return (first.at - t0) / 1e9
 
 
-def time_restore(path: Path) -> float:
+def _timed(make: Callable[[], Vm], done: list[Vm]) -> float:
+    """make() -> running to its first exit, timed; the VM paused and kept in
+    `done`, closed later in a batch: a VM's teardown (milliseconds of the
+    host kernel's time) is not part of the next one's start."""
     t0 = time.perf_counter_ns()
-    vm = snapshot.Snapshot.load(path).restore_vm()
+    vm = make()
     try:
-        return _run_to_first_exit(vm, t0)
-    finally:
+        seconds = _run_to_first_exit(vm, t0)
+        vm.pause()
+    except BaseException:
         vm.close()
+        raise
+    done.append(vm)
+    return seconds
 
 
-def time_fork(vm: Vm, shell: Vm | None = None) -> float:
+def time_restore(path: Path, done: list[Vm]) -> float:
+    return _timed(lambda: snapshot.Snapshot.load(path).restore_vm(), done)
+
+
+def time_fork(vm: Vm, done: list[Vm], shell: Vm | None = None) -> float:
     shells = [shell] if shell is not None else None
-    t0 = time.perf_counter_ns()
-    (clone,) = snapshot.fork(vm, 1, shells=shells)
-    try:
-        return _run_to_first_exit(clone, t0)
-    finally:
-        clone.close()
+    return _timed(lambda: snapshot.fork(vm, 1, shells=shells)[0], done)
+
+
+def _close_all(vms: list[Vm]) -> None:
+    while vms:
+        vms.pop().close()
+    time.sleep(SETTLE)
 
 
 def time_snapshot(vm: Vm, path: Path) -> float:
@@ -132,26 +148,33 @@ def run(mem_mib: int, runs: int, advance: Callable[[str], None] = lambda _: None
     snapshots: list[float] = []
     tmp = Path(tempfile.mkdtemp(prefix="microvm-bench-restore-"))
     vm = parent(mem_mib)
+    done: list[Vm] = []
     try:
         for i in range(3):
             snapshots.append(time_snapshot(vm, tmp / f"snap{i}"))
         path = tmp / "snap0"
         for _ in range(3):  # warm-up, not counted: imports, the MSR probe, the page cache
-            time_restore(path)
-            time_fork(vm)
+            time_restore(path, done)
+            time_fork(vm, done)
+        _close_all(done)
         for i in range(runs):
             shell = snapshot.shell(vm)  # made ahead, outside the timing
             for variant in VARIANTS:  # taking turns, so drift hits every variant alike
                 if variant == "restore":
-                    samples[variant].append(time_restore(path))
+                    samples[variant].append(time_restore(path, done))
                 elif variant == "fork":
-                    samples[variant].append(time_fork(vm))
+                    samples[variant].append(time_fork(vm, done))
                 else:
-                    samples[variant].append(time_fork(vm, shell))
+                    samples[variant].append(time_fork(vm, done, shell))
             advance(f"run {i + 1}: " + ", ".join(f"{v} {samples[v][-1] * 1e3:.2f} ms" for v in VARIANTS))
+            if len(done) >= BATCH:
+                _close_all(done)
+        _close_all(done)
         memory = clone_memory(vm)
         advance("clones: " + ", ".join(f"{r['clones']}: {r['pss_mib']:.1f} MiB" for r in memory))
     finally:
+        for v in done:
+            v.close()
         vm.close()
         shutil.rmtree(tmp, ignore_errors=True)
     stats = {v: report.summarize(s).to_dict() for v, s in samples.items()}

@@ -222,7 +222,11 @@ def fork(vm: Vm, n: int, shells: list[Vm] | None = None) -> list[Vm]:
         for region in mem.regions:
             region.backing.remap(mem.fd, region.backing.offset, False)  # type: ignore[attr-defined]
     mem.template_stamp = vm.run_stamp
-    state = capture(vm)
+    # A paused VM's state does not change: taken once per stretch of not running.
+    cached = vm.captured
+    if cached is None or cached[0] != vm.run_stamp:
+        cached = vm.captured = (vm.run_stamp, capture(vm))
+    state = cached[1]
     layout = [(r.guest_addr, r.size) for r in mem.regions]
     clones: list[Vm] = []
     try:

@@ -122,30 +122,38 @@ def apply_vm(vm_fd: _kvm.VmFd, state: dict[str, Any], irqchip: bool) -> None:
         raise SnapshotError(f"KVM refused the saved {step}: {e}") from e
 
 
-_supported: list[dict[str, int]] = []
+# Leaves whose registers are feature bits (CPUID.1, CPUID.7.0/1, CPUID.0xD.1, extended 0x80000001).
+FEATURE_LEAVES = {(1, 0): ("ecx", "edx"), (7, 0): ("ebx", "ecx", "edx"), (7, 1): ("eax",),
+                  (0xD, 1): ("eax",), (0x80000001, 0): ("ecx", "edx")}
+# Bits that mirror the guest's own settings, not the CPU's: OSXSAVE (CR4), APIC (its enable bit).
+GUEST_SET_BITS = {(1, 0, "ecx"): 1 << 27, (1, 0, "edx"): 1 << 9}
+# What this host gives a guest of N vCPUs, by (function, index): the host's CPU
+# and KVM do not change while we run, so it is made once per vCPU count.
+_offered: dict[int, dict[tuple[int, int], dict[str, int]]] = {}
+
+
+def _host_cpuid(kvm: _kvm.Kvm, vcpus: int) -> dict[tuple[int, int], dict[str, int]]:
+    host = _offered.get(vcpus)
+    if host is None:
+        tsc_deadline = bool(kvm.check_extension(_kvm.CAPS["KVM_CAP_TSC_DEADLINE_TIMER"]))
+        entries = cpuid.vcpu_cpuid(kvm.get_supported_cpuid(), 0, vcpus, tsc_deadline)
+        host = _offered[vcpus] = {(e["function"], e["index"]): e for e in entries}
+    return host
 
 
 def check_cpuid(kvm: _kvm.Kvm, saved: list[dict[str, int]], vcpus: int) -> None:
     """Every feature bit the guest was given must be one this host would give
     it (KVM's supported list, as arch/x86_64/cpuid.py adjusts it), else the
     guest would execute instructions this CPU lacks."""
-    if not _supported:  # the host's CPU and KVM do not change while we run
-        _supported.extend(kvm.get_supported_cpuid())
-    tsc_deadline = bool(kvm.check_extension(_kvm.CAPS["KVM_CAP_TSC_DEADLINE_TIMER"]))
-    host = {(e["function"], e["index"]): e for e in cpuid.vcpu_cpuid(_supported, 0, vcpus, tsc_deadline)}
-    # Leaves whose registers are feature bits (CPUID.1, CPUID.7.0/1, CPUID.0xD.1, extended 0x80000001).
-    feature_leaves = {(1, 0): ("ecx", "edx"), (7, 0): ("ebx", "ecx", "edx"), (7, 1): ("eax",),
-                      (0xD, 1): ("eax",), (0x80000001, 0): ("ecx", "edx")}
-    # Bits that mirror the guest's own settings, not the CPU's: OSXSAVE (CR4), APIC (its enable bit).
-    dynamic = {(1, 0, "ecx"): 1 << 27, (1, 0, "edx"): 1 << 9}
+    host = _host_cpuid(kvm, vcpus)
     for e in saved:
         key = (e["function"], e["index"])
-        regs = feature_leaves.get(key)
+        regs = FEATURE_LEAVES.get(key)
         if regs is None:
             continue
         for reg in regs:
             offered = host[key][reg] if key in host else 0
-            missing = e[reg] & ~offered & ~dynamic.get((*key, reg), 0)
+            missing = e[reg] & ~offered & ~GUEST_SET_BITS.get((*key, reg), 0)
             if missing:
                 raise SnapshotError(
                     f"this host lacks CPUID features the guest was given: leaf {e['function']:#x}."

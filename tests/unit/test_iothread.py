@@ -163,3 +163,30 @@ def test_close_while_paused_ends_the_thread_promptly() -> None:
     assert not any(t.name == "t-close-paused" for t in threading.enumerate())
     assert io.pause(0.1)  # nothing left to park
     os.close(efd)
+
+
+def test_a_thread_with_nothing_to_serve_starts_with_its_first_fd() -> None:
+    io = IoThread("lazy")
+    threads = threading.active_count()
+    io.start()
+    assert threading.active_count() == threads  # nothing to serve: no thread yet
+    assert io.pause(0.1)  # pausing a thread that never started is immediate
+    io.resume()
+    efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    served = threading.Event()
+    try:
+        io.add(efd, served.set)
+        assert threading.active_count() == threads + 1
+        os.eventfd_write(efd, 1)
+        assert served.wait(5)
+    finally:
+        io.close()
+        os.close(efd)
+    assert threading.active_count() == threads
+
+
+def test_a_closed_thread_that_never_started_stays_unstarted() -> None:
+    io = IoThread("never")
+    io.start()
+    io.close()
+    assert io._thread.ident is None
