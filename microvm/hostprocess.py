@@ -45,6 +45,25 @@ def interrupts_deferred() -> Iterator[None]:
             raise KeyboardInterrupt
 
 
+def raise_fd_limit() -> None:
+    """Raise this process's soft limit on open files to its hard limit (once).
+
+    A VM holds a few dozen fds (KVM's, eventfds per queue and interrupt line,
+    its disks, taps and sockets), and this process may run many VMs: the
+    usual soft limit of 1024 ends a pool of forty sandboxes with EMFILE. The
+    hard limit, the administrator's, is left as it is.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass  # not ours to insist on
+
+
 def tune_switch_interval() -> None:
     """Shorten the GIL switch interval, unless the program already chose one."""
     wanted = os.environ.get("MICROVM_SWITCH_INTERVAL", str(VMM_SWITCH_INTERVAL))

@@ -55,7 +55,7 @@ from microvm.errors import (
     SnapshotError,
     VcpuError,
 )
-from microvm.hostprocess import interrupts_deferred, sink, tune_switch_interval
+from microvm.hostprocess import interrupts_deferred, raise_fd_limit, sink, tune_switch_interval
 from microvm.kernellog import KernelLog
 from microvm.snapshot import machine as snapmachine
 from microvm.specs import Drive, Nic, guest_ip_args
@@ -230,6 +230,7 @@ class MicroVM:
         self._started = True
         check_host(self.force)  # measured once per process, not part of the boot
         tune_switch_interval()
+        raise_fd_limit()
         try:
             self._start(argv)
         except KeyboardInterrupt:  # held off until the VM was whole; now undo it
@@ -592,6 +593,7 @@ class MicroVM:
         give them their saved states, start the vCPUs. Closes vm on failure."""
         self._started = True
         tune_switch_interval()
+        raise_fd_limit()
         with self._close_lock, interrupts_deferred():
             self._t0 = time.monotonic_ns()
             try:

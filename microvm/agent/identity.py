@@ -10,8 +10,9 @@ right after restore or fork (sandbox/core.py):
   getrandom() and /dev/urandom differ from the first byte on;
 - the wall clock is set to the host's (the KVM clock only kept counting
   from where the snapshot stopped);
-- Python's random is reseeded here, and the spare call process (forked
-  before the snapshot, with the old state) is replaced.
+- Python's random is reseeded here; a call process reseeds its own (and
+  numpy's global generator, if loaded) when its call comes
+  (reseed_process), since the spare one was forked before the snapshot.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import importlib
 import os
 import random
 import struct
+import sys
 import time
 
 RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2])
@@ -46,6 +48,18 @@ def refresh(entropy: bytes, time_ns: int | None) -> None:
     if time_ns:
         time.clock_settime_ns(time.CLOCK_REALTIME, time_ns)
     random.seed()
+
+
+def reseed_process() -> None:
+    """Fresh random state for this process from the kernel's pool: Python's
+    random, and numpy's legacy global generator if numpy is loaded."""
+    random.seed()
+    np_random = sys.modules.get("numpy.random")
+    if np_random is not None:
+        try:
+            np_random.seed()
+        except Exception:  # a numpy without it: nothing to reseed
+            pass
 
 
 def preload(modules: list[str]) -> list[str]:

@@ -177,11 +177,11 @@ def do_ping(request: Request) -> None:
 
 
 def do_refresh(request: Request) -> None:
-    """After a restore or fork: fresh entropy and time (identity.py), and a
-    spare call process forked after them."""
+    """After a restore or fork: fresh entropy and time (identity.py). The spare
+    call process, forked before the snapshot, reseeds itself when its call
+    comes (_child), from the kernel's pool as it is by then."""
     msg = request.message
     identity.refresh(bytes(msg.get("entropy") or b""), msg.get("time_ns"))
-    Worker.replace_spare()
     request.send(ev="done", boot_id=boot_id())
 
 
@@ -424,6 +424,9 @@ def _child(pay_r: int, out_w: int, err_w: int, res_w: int) -> None:
         os.close(err_w)
         sys.stdout = open(1, "w", buffering=1, closefd=False)
         sys.stderr = open(2, "w", buffering=1, closefd=False)
+        # Forked before its call, perhaps before a snapshot that clones restore:
+        # the random generators start from the kernel's entropy as it is now.
+        identity.reseed_process()
         import cloudpickle
         import msgpack
 

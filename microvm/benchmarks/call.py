@@ -109,37 +109,75 @@ class QemuSide:
     the same initramfs (our init, the agent's files, its environment), the
     same command line additions, a ping once connected."""
 
-    def __init__(self, kernel: Path, image: Any, mem_mib: int, cid: int = QEMU_CID):
+    def __init__(self, kernel: Path, image: Any, mem_mib: int, cid: int = QEMU_CID, *,
+                 initrd: Path | None = None, extra: Sequence[str] = (), wait_ready: bool = True):
+        """initrd: one made already (the same boot again: a migration's
+        destination needs its source's); extra: more QEMU arguments;
+        wait_ready=False: connect at once (an incoming migration's guest
+        said it was ready before it was saved)."""
         self.kernel, self.image, self.mem_mib, self.cid = kernel, image, mem_mib, cid
+        self.initrd, self.extra, self.wait_ready = initrd, list(extra), wait_ready
         self.machine: qemu.Machine | None = None
         self.session: Any = None
         self._dir: str | None = None
 
     def open(self) -> Any:
         from microvm.agent.server import READY_LINE
-        from microvm.guestinit import initramfs_for
-        from microvm.sandbox.core import GUEST_LIB, agent_files
 
         try:
-            self._dir = tempfile.mkdtemp(prefix="microvm-bench-call-")
-            initrd = Path(self._dir, "initrd.cpio")
-            env = {"PYTHONPATH": GUEST_LIB, "HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1"}
-            initrd.write_bytes(initramfs_for([self.image.python, "-m", "microvm_agent"], env=env,
-                                             files=agent_files()))
+            initrd = self.initrd or self.make_initrd()
             self.machine = qemu.start(
                 self.kernel, initrd, mem_mib=self.mem_mib, cmdline=f"{qemu.CMDLINE} root=/dev/vda random.trust_cpu=on",
                 devices=[*qemu.root_drive(self.image.path), "-device", "virtio-rng-device",
-                         "-device", f"vhost-vsock-device,guest-cid={self.cid}"])
+                         "-device", f"vhost-vsock-device,guest-cid={self.cid}", *self.extra])
             # As a Sandbox does: connect once the agent says it listens (connecting
             # sooner waits out vsock's connect timeout, or interrupts the guest with RSTs).
-            if not self.machine.wait_for(READY_LINE.encode(), BOOT_TIMEOUT):
+            if self.wait_ready and not self.machine.wait_for(READY_LINE.encode(), BOOT_TIMEOUT):
                 raise self.machine.failure(f"the guest agent was not ready within {BOOT_TIMEOUT:.0f} s")
+            if not self.wait_ready:
+                return self.reconnect(BOOT_TIMEOUT)
             self.session = self._connect(time.monotonic() + 10)
             self.session.ping()
         except BaseException:
             self.close()
             raise
         return self.session
+
+    def reconnect(self, timeout: float) -> Any:
+        """A new connection whose ping is answered, retried while the guest resets
+        the ones made too early: a guest just loaded from a migration resets every
+        connection when it handles vhost-vsock's transport-reset event, which may
+        come after our connect."""
+        from microvm.errors import AgentError
+
+        assert self.machine is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.session is not None and self.session.client is not None:
+                self.session.client.close()
+            self.session = self._connect(deadline)
+            try:
+                self.session.ping()
+                return self.session
+            except AgentError:
+                if time.monotonic() > deadline or not self.machine.alive:
+                    raise
+                time.sleep(RETRY)
+
+    def make_initrd(self, directory: Path | None = None) -> Path:
+        """The initramfs a Sandbox would boot (our init, the agent's files, its
+        environment), in `directory` (kept) or this side's own (removed at close)."""
+        from microvm.guestinit import initramfs_for
+        from microvm.sandbox.core import GUEST_LIB, agent_files
+
+        if directory is None:
+            if self._dir is None:
+                self._dir = tempfile.mkdtemp(prefix="microvm-bench-call-")
+            directory = Path(self._dir)
+        initrd = directory / "initrd.cpio"
+        env = {"PYTHONPATH": GUEST_LIB, "HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1"}
+        initrd.write_bytes(initramfs_for([self.image.python, "-m", "microvm_agent"], env=env, files=agent_files()))
+        return initrd
 
     def _connect(self, deadline: float) -> Any:
         from microvm.agent.protocol import AGENT_VSOCK

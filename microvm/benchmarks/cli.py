@@ -36,13 +36,13 @@ Measure = Callable[[Callable[[str], None]], dict[str, Any]]
 DEFAULT_OUT = "build/bench"
 
 
-def _in_lane(command: str, out: Path, smp: int | None = None) -> None:
+def _in_lane(command: str, out: Path, smp: int | None = None, mem_mib: int = 2048) -> None:
     """On a PVM host: run this same command line in the lane, then exit.
     (bench/*.py set sys.argv to `microvm bench ...` first: see scripts.py.)"""
     from microvm.lane import rerun_in_lane_if_pvm
 
     rerun_in_lane_if_pvm([sys.executable, "-m", "microvm", *sys.argv[1:]], what=f"`microvm bench {command}`",
-                         out_dir=out, smp=smp)
+                         out_dir=out, smp=smp, mem_mib=mem_mib)
 
 
 def _kernel(kernel_format: str) -> Path:
@@ -290,17 +290,38 @@ def exits_cmd(exits: int, runs: int, out: Path) -> None:
 
 
 @bench.command("restore")
-@click.option("--mem", "mem_mib", type=click.IntRange(*MEM_MIB_RANGE), default=128, show_default=True,
-              help="Guest MiB.")
+@click.option("--mem", "mem_mib", type=click.IntRange(*MEM_MIB_RANGE), default=None,
+              help="Guest MiB.  [default: 128, with --sandbox 256]")
 @click.option("--runs", type=click.IntRange(min=1), default=50, show_default=True,
-              help="Restores and forks (each way) to first exit.")
+              help="Restores and forks (each way) of the tiny guest to its first exit.")
+@click.option("--sandbox", is_flag=True,
+              help="Instead: Linux sandboxes in the lane, cold boot, restore, restore with prefetch and fork to "
+                   "the first call, against QEMU's own restore from a file; memory of 1, 10 and 50 forks.")
+@click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True,
+              help="With --sandbox: first calls per side.")
+@click.option("--image", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="With --sandbox: a Python root image (.ext4 or its .json) from `microvm image python`.")
+@_qemu_option(True, "With --sandbox: also QEMU microvm's restore (-incoming from its migration to a file).")
 @out_option
 @one_line_errors
-def restore_cmd(mem_mib: int, runs: int, out: Path) -> None:
-    """Snapshot, restore and fork of a tiny guest to its first exit (median, p90); memory of N clones."""
+def restore_cmd(mem_mib: int | None, runs: int, sandbox: bool, rounds: int, image: Path | None, with_qemu: bool,
+                out: Path) -> None:
+    """Snapshot, restore and fork to the first exit (tiny guest) or the first call (--sandbox)."""
     from rich.console import Group
 
-    from microvm.benchmarks import restore
+    if not sandbox:
+        from microvm.benchmarks import restore
 
-    _measure("restore", "restores and forks", restore.steps(runs),
-             lambda advance: restore.run(mem_mib, runs, advance), lambda r: Group(*restore.tables(r)), out)
+        _measure("restore", "restores and forks", restore.steps(runs),
+                 lambda advance: restore.run(mem_mib or 128, runs, advance), lambda r: Group(*restore.tables(r)), out)
+        return
+    from microvm.benchmarks import call, sandbox_restore
+
+    kernel = _kernel("elf")
+    _need_qemu(with_qemu)
+    agent_image = call.agent_image(image, None)  # built (once) here: the lane sees the host's cache
+    _in_lane("restore", out, mem_mib=6144)  # the template, a restore or two, 50 forks
+    _measure("restore-sandbox", "first calls", sandbox_restore.steps(rounds, with_qemu),
+             lambda advance: sandbox_restore.run(kernel, agent_image, rounds=rounds, mem_mib=mem_mib or 256,
+                                                 with_qemu=with_qemu, advance=advance),
+             lambda r: Group(*sandbox_restore.tables(r)), out)

@@ -128,12 +128,13 @@ def tag_stderr() -> None:
 
 def rerun_in_lane_if_pvm(argv: Sequence[str] | None = None, *, what: str = "this benchmark",
                          out_dir: Path | None = None, smp: int | None = None,
-                         timeout: float = 3600) -> None:
+                         timeout: float = 3600, mem_mib: int = 2048) -> None:
     """On a PVM host, run argv (default: this script's command line) in the
     lane and exit with its status; elsewhere return at once.
 
     out_dir is shared read-write with the lane at the same path, so results
-    written there survive; smp is the lane's CPU count (for parallel runs).
+    written there survive; smp is the lane's CPU count (for parallel runs),
+    mem_mib its memory.
     """
     if in_lane():
         tag_stderr()
@@ -151,7 +152,8 @@ def rerun_in_lane_if_pvm(argv: Sequence[str] | None = None, *, what: str = "this
     try:
         # run_in_lane copies the command's output to sys.stdout: the router sorts it.
         with contextlib.redirect_stdout(router), contextlib.closing(router):
-            result = run_in_lane(command, cwd=os.getcwd(), env=env, out_dir=out_dir, smp=smp, timeout=timeout)
+            result = run_in_lane(command, cwd=os.getcwd(), env=env, out_dir=out_dir, smp=smp, timeout=timeout,
+                                 mem_mib=mem_mib)
     except LaneError as e:
         print(f"the hardware-virtualization lane failed: {str(e).replace(STDERR_TAG, '')}", file=sys.stderr)
         sys.exit(125)

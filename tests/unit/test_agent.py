@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -255,17 +256,25 @@ def test_preload_of_a_missing_module_names_it(fresh_agent: LocalAgent) -> None:
     assert fresh_agent.call(abs, -2) == 2
 
 
-def test_refresh_replaces_the_spare_call_process(fresh_agent: LocalAgent) -> None:
+def test_refresh_keeps_the_spare_which_reseeds_itself_when_its_call_comes(fresh_agent: LocalAgent) -> None:
     last = fresh_agent.call(os.getpid)
     spare = _spare(fresh_agent, last)
     done = _refresh(fresh_agent, os.urandom(16))
     assert done["ev"] == "done" and "boot_id" in done
-    children = _live_children(fresh_agent.proc.pid)
-    assert spare not in children and len(children) == 1  # killed and reaped; the new one forked
-    first = fresh_agent.call(os.getpid)
-    assert first != spare and {first} == children
-    assert _refresh(fresh_agent, b"")["ev"] == "done"  # no entropy, no spare yet: fine too
-    assert fresh_agent.call(os.getpid) not in (first, spare)
+    assert _live_children(fresh_agent.proc.pid) == {spare}  # no fork on the refresh's path
+    assert fresh_agent.call(os.getpid) == spare
+    assert _refresh(fresh_agent, b"")["ev"] == "done"  # no entropy: fine too
+
+
+def test_a_call_process_reseeds_python_and_numpy_generators(monkeypatch: pytest.MonkeyPatch) -> None:
+    seeded: list[str] = []
+    fake_numpy_random = types.SimpleNamespace(seed=lambda: seeded.append("numpy"))
+    monkeypatch.setitem(sys.modules, "numpy.random", fake_numpy_random)
+    random.seed(99)
+    before = random.random()
+    random.seed(99)
+    identity.reseed_process()
+    assert random.random() != before and seeded == ["numpy"]
 
 
 def test_refresh_reseeds_random_and_sets_the_time_only_when_given(monkeypatch: pytest.MonkeyPatch) -> None:
