@@ -505,6 +505,12 @@ class MicroVM:
         m._adopt(snap.restore_vm(verify=verify, prefetch=prefetch), devices, run)
         return m
 
+    def record_pages(self, path: str | os.PathLike[str]) -> int:
+        """For a VM restored from the snapshot `path`: write down the guest pages it
+        has touched so far, which restore(path, prefetch=True) faults in first
+        from then on (as REAP does: record once, prefetch after). Pages written."""
+        return snapshots.record_pages(self._require_vm(), path)
+
     def fork(self, n: int, *, vsock: Sequence[str | Path] | None = None,
              nics: Sequence[Sequence[Nic]] | None = None,
              stdout: Sequence[BinaryIO | Callable[[bytes], Any] | None] | None = None) -> list[MicroVM]:

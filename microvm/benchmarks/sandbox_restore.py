@@ -5,6 +5,8 @@ answer (a no-op call; restored and forked sandboxes first get their fresh
 entropy and time, Session.refresh, and so does QEMU's, for parity):
 
     cold             Sandbox(...).start(): boot, agent ready, connect
+    cold (forkable)  the same with RAM in a memfd (what fork needs; no
+                     transparent huge pages for it on this kind of host)
     restore          Sandbox.restore(snapshot)
     restore+prefetch the same, faulting in first the pages a restore touched
                      (recorded once, snapshot.record_pages)
@@ -35,7 +37,7 @@ from microvm.benchmarks import ab, report
 from microvm.benchmarks.call import BOOT_TIMEOUT, REQUEST_TIMEOUT, QemuSide, noop, vhost_vsock
 from microvm.errors import AgentError, MicroVMError
 
-SIDES = ("cold", "restore", "restore+prefetch", "fork", "qemu-restore")
+SIDES = ("cold", "cold (forkable)", "restore", "restore+prefetch", "fork", "qemu-restore")
 METRIC = "first_call"
 CLONE_COUNTS = (1, 10, 50)
 MIB = 1 << 20
@@ -183,7 +185,6 @@ def steps(rounds: int, with_qemu: bool) -> int:
 def run(kernel: Path, image: Any, *, rounds: int, mem_mib: int, with_qemu: bool,
         clone_counts: Sequence[int] = CLONE_COUNTS, advance: Callable[[str], None] = lambda _: None
         ) -> dict[str, Any]:
-    from microvm import snapshot
     from microvm.sandbox import Sandbox
 
     if with_qemu:
@@ -201,11 +202,13 @@ def run(kernel: Path, image: Any, *, rounds: int, mem_mib: int, with_qemu: bool,
         # One restore records the pages a restore and first call touch, for the prefetching side.
         first = Sandbox.restore(snap, timeout=REQUEST_TIMEOUT)
         first.call(noop)
-        pages = snapshot.record_pages(first.vm.vm, snap)
+        pages = first.record_pages(snap)
         first.close()
         advance(f"template up, snapshot in {snapshot_seconds:.2f} s, {pages} pages recorded")
         sides: dict[str, Callable[[], ab.Metrics]] = {
             "cold": lambda: {METRIC: _first_call(lambda: _sandbox(kernel, image, mem_mib).start())},
+            "cold (forkable)": lambda: {METRIC: _first_call(
+                lambda: _sandbox(kernel, image, mem_mib, forkable=True).start())},
             "restore": lambda: {METRIC: _first_call(lambda: Sandbox.restore(snap, timeout=REQUEST_TIMEOUT))},
             "restore+prefetch": lambda: {METRIC: _first_call(
                 lambda: Sandbox.restore(snap, timeout=REQUEST_TIMEOUT, prefetch=True))},

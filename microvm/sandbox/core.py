@@ -193,6 +193,11 @@ class Sandbox(Session):
             raise
         return clones
 
+    def record_pages(self, path: str | os.PathLike[str]) -> int:
+        """After the first calls of a sandbox restored from `path`: record the
+        pages it touched, for restore(path, prefetch=True) (MicroVM.record_pages)."""
+        return int(self._running_vm().record_pages(path))
+
     def _revive(self, uds: str, t0: float) -> None:
         """Serve a restored or forked guest: its agent said it was ready before
         the snapshot; connect anew, then give it its own entropy and time."""

@@ -21,7 +21,9 @@ import pytest
 
 from microvm import MicroVM
 from microvm.errors import SnapshotError
+from microvm.memory import GuestMemory
 from microvm.sandbox import Sandbox, SandboxPool
+from microvm.snapshot import Snapshot
 from microvm.specs import Drive, Nic
 from tests.boot.conftest import boots_here
 from tests.support import pyenv
@@ -167,6 +169,37 @@ def test_a_restored_sandbox_answers_calls_with_its_own_entropy(sb: Sandbox, tmp_
     assert len({mine[2], *(s[2] for s in seen)}) == 3
     for _, when, _ in seen:
         assert abs(when - time.time()) < 30
+
+
+def test_pages_recorded_once_are_prefetched_by_later_restores(sb: Sandbox, tmp_path: Path) -> None:
+    if sb is None:
+        return
+    sb.snapshot(tmp_path / "snap")
+    with Sandbox.restore(tmp_path / "snap", timeout=120) as first:
+        assert first.call(lambda: 6 * 7) == 42
+        pages = first.record_pages(tmp_path / "snap")
+    assert pages > 100  # the agent, the call's process, the kernel's paths for both
+    assert (tmp_path / "snap" / "pages").stat().st_size > 0
+    snap = Snapshot.load(tmp_path / "snap")
+    cold, warm = snap.map_memory(), snap.map_memory(prefetch=True)
+    try:  # before any guest runs: only the prefetched mapping has its pages in place
+        assert _resident_pages(cold) < pages // 10
+        assert _resident_pages(warm) >= pages
+    finally:
+        cold.close()
+        warm.close()
+    with Sandbox.restore(tmp_path / "snap", timeout=120, prefetch=True) as again:
+        assert again.call(lambda: 6 * 7) == 42
+
+
+def _resident_pages(mem: GuestMemory) -> int:
+    """Pages of `mem` mapped in this process (what prefetch faults in), from /proc/self/smaps."""
+    starts = {region.host_address() for region in mem.regions}
+    rss = 0
+    for m in psutil.Process().memory_maps(grouped=False):
+        if int(m.addr.split("-")[0], 16) in starts:
+            rss += m.rss
+    return rss // 4096
 
 
 def test_ten_forks_each_answer_with_their_own_entropy_and_the_time(sb: Sandbox) -> None:
