@@ -14,9 +14,7 @@ device, timeout).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import itertools
 import os
 import threading
 import time
@@ -26,7 +24,6 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from microvm import _kvm, checks, loader
-from microvm import snapshot as snapshots
 from microvm.arch.x86_64 import boot, layout, mptable
 from microvm.backends import Backends
 from microvm.devicemanager import MAX_USER_DEVICES, DeviceManager
@@ -52,12 +49,11 @@ from microvm.errors import (
     GuestMemoryTooSmallError,
     LoaderError,
     MicroVMError,
-    SnapshotError,
     VcpuError,
 )
 from microvm.hostprocess import interrupts_deferred, raise_fd_limit, sink, tune_switch_interval
 from microvm.kernellog import KernelLog
-from microvm.snapshot import machine as snapmachine
+from microvm.snapshot.machine import MicroVMSnapshots
 from microvm.specs import Drive, Nic, guest_ip_args
 from microvm.vcpu import StopReason
 from microvm.vm import Vm
@@ -68,7 +64,6 @@ MIB = layout.MIB
 DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet 8250.nr_uarts=1"
 CONSOLE_TAIL = 4000
 WAIT_SLICE = 0.25  # how often wait() looks at a panic in progress
-_fork_ids = itertools.count(1)  # vsock socket paths of clones
 
 
 class GuestPanicError(GuestCrashError):
@@ -129,7 +124,7 @@ def check_host(force: bool = False) -> None:
         )
 
 
-class MicroVM:
+class MicroVM(MicroVMSnapshots):
     """A Linux micro-VM: our kernel, busybox, one command (or a shell)."""
 
     def __init__(
@@ -190,7 +185,7 @@ class MicroVM:
                               f" are too many: a VM takes at most {MAX_USER_DEVICES} drives, NICs and vsock "
                               f"together (one interrupt line each)")
         self.backends = Backends(self.drives, self.nics)
-        self.forkable = bool(forkable)  # RAM in a memfd from boot: fork() shares it (snapshots.fork)
+        self.forkable = bool(forkable)  # RAM in a memfd from boot: fork() shares it (snapshot.fork)
         self.force = force
         self._console_sink = sink(console)
         self._stdout_sink = sink(stdout)
@@ -228,15 +223,18 @@ class MicroVM:
             raise MicroVMError("a MicroVM runs once and this one has already been started; "
                                "make a new MicroVM for another run")
         self._started = True
-        check_host(self.force)  # measured once per process, not part of the boot
-        tune_switch_interval()
-        raise_fd_limit()
+        self._prepare_host()
         try:
             self._start(argv)
         except KeyboardInterrupt:  # held off until the VM was whole; now undo it
             self.close()
             raise
         return self
+
+    def _prepare_host(self) -> None:
+        check_host(self.force)  # measured once per process, not part of the boot
+        tune_switch_interval()
+        raise_fd_limit()
 
     def _start(self, argv: Sequence[str] | None) -> None:
         # Under the close lock: a kill() from another thread waits for a
@@ -448,187 +446,6 @@ class MicroVM:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # --- snapshots (microvm/snapshot) --------------------------------------------
-
-    def pause(self) -> None:
-        """Stop the guest at an instruction boundary with its devices quiet
-        (no request in flight); resume() goes on."""
-        self._require_vm().pause()
-
-    def resume(self) -> None:
-        self._require_vm().resume()
-
-    def snapshot(self, path: str | os.PathLike[str], *, meta: dict[str, Any] | None = None) -> snapshots.Snapshot:
-        """Pause the guest and write a snapshot to the new directory `path`.
-        The VM stays paused: resume() or close() it afterwards. Writable
-        disks are synced first; they must not change before a restore.
-        meta: the caller's own entries (plain data), kept as state["meta"]."""
-        vm = self._require_vm()
-        vm.pause()
-        for disk in self.backends.disks:
-            if not disk.read_only:
-                disk.flush()
-        extra = {"kind": snapmachine.KIND, "config": self._snapshot_config(),
-                 "devices": snapmachine.capture_devices(self._require_devices()), "run": self._run_state(),
-                 "meta": meta or {}}
-        return snapshots.take(vm, path, extra)
-
-    @classmethod
-    def restore(cls, path: str | os.PathLike[str] | snapshots.Snapshot, *, vsock: str | Path | bool | None = True,
-                nics: Sequence[Nic] | None = None, console: BinaryIO | Callable[[bytes], Any] | None = None,
-                stdout: BinaryIO | Callable[[bytes], Any] | None = None, prefetch: bool = False,
-                verify: bool = False, force: bool = False) -> MicroVM:
-        """A running MicroVM from a snapshot directory: the guest goes on
-        where it was; wait() for its command as after start().
-
-        vsock: True keeps the snapshot's socket path, or give another (the
-        original may still hold it); connections are reset, and the guest
-        hears so (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET). nics: other taps
-        than the snapshot's, one per NIC. prefetch: fault in the pages the
-        last restore touched (snapshot.record_pages). verify: check guest
-        RAM against its checksum first. Every check (format, checksum,
-        CPU features, kernel and disk files) passes before a vCPU runs.
-        """
-        snap = path if isinstance(path, snapshots.Snapshot) else snapshots.Snapshot.load(path)
-        state = snap.state
-        if state.get("kind") != snapmachine.KIND:
-            raise SnapshotError(f"{path} is a snapshot of a bare VM, not of a MicroVM")
-        try:
-            config = state["config"]
-            devices, run = state["devices"], state["run"]
-        except KeyError as e:
-            raise SnapshotError(f"{path}: the state has no {e.args[0]!r}") from e
-        snapmachine.check_config(config)
-        m = cls._from_config(config, vsock=vsock, nics=nics, console=console, stdout=stdout, force=force)
-        check_host(m.force)
-        m._adopt(snap.restore_vm(verify=verify, prefetch=prefetch), devices, run)
-        return m
-
-    def record_pages(self, path: str | os.PathLike[str]) -> int:
-        """For a VM restored from the snapshot `path`: write down the guest pages it
-        has touched so far, which restore(path, prefetch=True) faults in first
-        from then on (as REAP does: record once, prefetch after). Pages written."""
-        return snapshots.record_pages(self._require_vm(), path)
-
-    def fork(self, n: int, *, vsock: Sequence[str | Path] | None = None,
-             nics: Sequence[Sequence[Nic]] | None = None,
-             stdout: Sequence[BinaryIO | Callable[[bytes], Any] | None] | None = None) -> list[MicroVM]:
-        """n running clones of this guest, sharing its RAM copy-on-write
-        (forkable=True makes that free; otherwise the touched RAM is copied
-        once). This VM is left paused: resume() it, or keep it as a template.
-
-        Each clone needs its own host ends: a vsock socket path (default:
-        this one's with a suffix) and taps (nics, one list per clone). A
-        writable disk cannot be shared: a clone of a VM with one is refused.
-        stdout: where each clone's command output goes (one per clone).
-        """
-        vm = self._require_vm()
-        if n < 1:
-            raise ConfigError(f"fork needs n >= 1, got {n}")
-        writable = [str(d.path) for d in self.drives if not d.read_only]
-        if writable:
-            raise SnapshotError(f"clones would share the writable disk(s) {writable}: give the VM read-only "
-                                f"drives (an overlay per clone is not supported)")
-        if self.nics and (nics is None or len(nics) != n):
-            raise SnapshotError(f"each clone needs its own taps: nics=[[Nic(...), ...], ...] with {n} lists")
-        if vsock is not None and len(vsock) != n:
-            raise ConfigError(f"vsock: {n} socket paths needed, got {len(vsock)}")
-        if stdout is not None and len(stdout) != n:
-            raise ConfigError(f"stdout: {n} sinks needed, got {len(stdout)}")
-        vm.pause()
-        config = self._snapshot_config()
-        devices, run = snapmachine.capture_devices(self._require_devices()), self._run_state()
-        vms = snapshots.fork(vm, n)
-        clones: list[MicroVM] = []
-        try:
-            for i, clone_vm in enumerate(vms):
-                path: str | Path | bool = False
-                if self.vsock is not None:
-                    path = vsock[i] if vsock is not None else f"{self.vsock}.{os.getpid()}-{next(_fork_ids)}"
-                clone = self._from_config(config, vsock=path, nics=nics[i] if nics is not None else None,
-                                          console=None, stdout=stdout[i] if stdout is not None else None,
-                                          force=self.force)
-                vms[i] = None  # type: ignore[call-overload]  # the clone owns it from here
-                clone._adopt(clone_vm, devices, run)
-                clones.append(clone)
-        except BaseException:
-            for c in clones:
-                c.close()
-            for rest in vms:
-                if rest is not None:
-                    rest.close()
-            raise
-        return clones
-
-    @classmethod
-    def _from_config(cls, config: dict[str, Any], *, vsock: str | Path | bool | None,
-                     nics: Sequence[Nic] | None, console: Any, stdout: Any, force: bool) -> MicroVM:
-        try:
-            saved_vsock = config["vsock"]
-            path: str | Path | None = saved_vsock if vsock is True else vsock or None
-            if saved_vsock is None:
-                path = None
-            m = cls(config["kernel"]["path"], mem_mib=config["mem_mib"], vcpus=config["vcpus"],
-                    cmdline=config["cmdline"], append=config["append"],
-                    drives=[Drive(d["path"], read_only=d["read_only"], direct=d["direct"]) for d in config["drives"]],
-                    nics=nics if nics is not None else [Nic(**spec) for spec in config["nics"]],
-                    vsock=path, vsock_cid=config["vsock_cid"], console=console, stdout=stdout, force=force)
-            if len(m.nics) != len(config["nics"]):
-                raise SnapshotError(f"the snapshot has {len(config['nics'])} NICs, {len(m.nics)} given")
-            m.rootfs = bool(config["rootfs"])
-        except (KeyError, TypeError) as e:
-            raise SnapshotError(f"the snapshot's machine configuration is malformed: {e!r}") from e
-        return m
-
-    def _snapshot_config(self) -> dict[str, Any]:
-        kernel = self.kernel or _default_kernel()
-        return {"kernel": snapmachine.file_identity(kernel), "mem_mib": self.mem_mib, "vcpus": self.vcpus,
-                "cmdline": self.cmdline, "append": self.append, "rootfs": self.rootfs,
-                "drives": [{**snapmachine.file_identity(d.path), "read_only": d.read_only, "direct": d.direct}
-                           for d in self.drives],
-                "nics": [dataclasses.asdict(n) for n in self.nics],
-                "vsock": None if self.vsock is None else str(self.vsock), "vsock_cid": self.vsock_cid}
-
-    def _run_state(self) -> dict[str, Any]:
-        return {"in_command": self._in_command, "command_on_console": self._command_on_console,
-                "stdout": bytes(self.stdout), "console": bytes(self.console[-CONSOLE_TAIL:])}
-
-    def _adopt(self, vm: Vm, devices: Any, run: Any) -> None:
-        """Run `vm` (KVM state applied) as this MicroVM: wire the same devices,
-        give them their saved states, start the vCPUs. Closes vm on failure."""
-        self._started = True
-        tune_switch_interval()
-        raise_fd_limit()
-        with self._close_lock, interrupts_deferred():
-            self._t0 = time.monotonic_ns()
-            try:
-                self.backends.open()
-            except BaseException:
-                vm.close()
-                raise
-            self.vm = vm
-            try:
-                self._wire_devices(vm)
-                snapmachine.apply_devices(self._require_devices(), devices)
-                self._in_command = bool(run["in_command"])
-                self._command_on_console = bool(run["command_on_console"])
-                self.stdout += run["stdout"]
-                self.console += run["console"]
-                if self._in_command:
-                    self._times["command started"] = self._t0
-                vm.start()
-            except (KeyError, TypeError) as e:
-                self.close()
-                raise SnapshotError(f"the snapshot's run state is malformed: {e!r}") from e
-            except BaseException:
-                self.close()
-                raise
-
-    def _require_devices(self) -> DeviceManager:
-        if self.devices is None:
-            raise MicroVMError("the VM is not running")
-        return self.devices
 
     # --- results ---------------------------------------------------------------
 
