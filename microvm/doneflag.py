@@ -6,8 +6,9 @@ Condition.wait can release a lock another thread holds ("release unlocked
 lock" in the thread that set the event), and an interrupted Thread.join
 marks a running thread as stopped (CPython 3.11, bpo-45274's fix). A VMM is
 waited on from the main thread, where Ctrl-C lands, so its threads signal
-their end through an eventfd instead: select() on it is interrupted with no
-state changed anywhere, and the flag, once set, stays readable.
+their end through an eventfd instead: poll() on it is interrupted with no
+state changed anywhere, and the flag, once set, stays readable. (poll, not
+select: a process with many VMs has fds past select()'s 1024.)
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ class DoneFlag:
         """True once set; False after `timeout` seconds (None: no limit)."""
         if self._set:
             return True
-        ready, _, _ = select.select([self._efd], [], [], timeout)
+        poller = select.poll()
+        poller.register(self._efd, select.POLLIN)
+        ready = poller.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999)))
         return bool(ready) or self._set
 
     def close(self) -> None:

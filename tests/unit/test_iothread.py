@@ -190,3 +190,27 @@ def test_a_closed_thread_that_never_started_stays_unstarted() -> None:
     io.start()
     io.close()
     assert io._thread.ident is None
+
+
+def test_a_done_flag_past_fd_1024_is_waited_on() -> None:
+    # A process with many VMs has fds beyond select()'s limit.
+    import resource
+
+    from microvm.doneflag import DoneFlag
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1100:
+        pytest.skip(f"the hard limit on open files is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1100), hard))
+    filler = [os.open("/dev/null", os.O_RDONLY) for _ in range(1100)]
+    try:
+        flag = DoneFlag()
+        assert flag._efd >= 1024
+        assert not flag.wait(0.01)
+        threading.Timer(0.05, flag.set).start()
+        assert flag.wait(5)
+        flag.close()
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
