@@ -125,6 +125,9 @@ def test_a_changed_disk_or_kernel_is_refused_before_anything_runs(tmp_path: Path
     kernel.unlink()
     with pytest.raises(SnapshotError, match=f"the kernel {kernel} the snapshot uses is gone"):
         MicroVM.restore(snap)
+    deadline = time.monotonic() + 2.0  # an exiting thread may be listed for a moment more
+    while (me.num_fds(), me.num_threads()) != (fds, threads) and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert (me.num_fds(), me.num_threads()) == (fds, threads)
     assert "mvsnap0" not in os.listdir("/sys/class/net")
 
