@@ -988,16 +988,27 @@ cdef class Mapping:
         reaching the file (a memfd that clones map too). KVM's MMU notifier
         drops its translations of the old pages. The fd stays the caller's."""
         cdef void *p
+        cdef int err
+        # As in __cinit__: a touch beyond the end of the file would be SIGBUS.
+        # (fstat first: it may release the GIL; nothing below does.)
+        file_size = _os.fstat(fd).st_size
         if self.base == NULL:
             raise ValueError("mapping is closed")
-        # As in __cinit__: a touch beyond the end of the file would be SIGBUS.
-        file_size = _os.fstat(fd).st_size
         if offset < 0 or offset + self.size > file_size:
             raise ValueError(f"mapping {offset}+{self.size} runs past the end of the file ({file_size} bytes)")
         p = s.mmap(self.base, self.size, s.PROT_READ | s.PROT_WRITE,
                    (s.MAP_SHARED if shared else s.MAP_PRIVATE) | s.MAP_FIXED, fd, offset)
         if p == s.MAP_FAILED:
-            _raise_errno(errno, "mmap(MAP_FIXED)")
+            err = errno
+            # A failed MAP_FIXED may have unmapped the old pages already: put
+            # zero pages there, so that no view or vCPU ever touches a hole
+            # (or someone else's mapping). The contents are gone: the caller
+            # must close this VM (the error says so).
+            s.mmap(self.base, self.size, s.PROT_READ | s.PROT_WRITE,
+                   s.MAP_PRIVATE | s.MAP_ANONYMOUS | s.MAP_NORESERVE | s.MAP_FIXED, -1, 0)
+            self.fd = -1
+            self.shared = False
+            _raise_errno(err, "mmap(MAP_FIXED): guest memory lost, close the VM")
         self.fd = fd
         self.offset = offset
         self.shared = shared

@@ -177,11 +177,19 @@ class Vcpu:
                 # Clear first, then look at the flags: a kick that lands in
                 # between sets immediate_exit again and is not lost.
                 self.fd.immediate_exit = False
+                if (self._stop or self._pause) and self._control():
+                    return StopReason.STOPPED
+                continue
             else:
                 self.last_exit = ex
                 return self._final_exit(ex)
-            if (self._stop or self._pause) and self._control():
-                return StopReason.STOPPED
+            if self._stop or self._pause:
+                # KVM completes an I/O exit's instruction (an IN's register, an
+                # MMIO access, the step past it) only at the next KVM_RUN
+                # (api.rst, immediate_exit): enter once more, out again at once
+                # with Intr, and only then stop or park. A snapshot taken now
+                # would otherwise run that instruction, and its I/O, again.
+                self.fd.immediate_exit = True
 
     def _control(self) -> bool:
         """Honour stop/pause requests; True if the loop must end."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,7 +185,7 @@ def record_pages(vm: Vm, path: str | os.PathLike[str]) -> int:
             if start >= 0:
                 runs.append((offset + start * 4096, (pages - start) * 4096))
             offset += region.size
-    tmp = Path(path) / f".{files.PAGES}.tmp"
+    tmp = Path(path) / f".{files.PAGES}.{os.getpid()}-{threading.get_ident()}.tmp"
     tmp.write_bytes(b"".join(o.to_bytes(8, "little") + n.to_bytes(8, "little") for o, n in runs))
     os.replace(tmp, Path(path) / files.PAGES)
     return sum(n for _, n in runs) // 4096
@@ -219,6 +220,7 @@ def fork(vm: Vm, n: int, shells: list[Vm] | None = None) -> list[Vm]:
     elif mem.template_stamp is None:
         # Still the shared mapping from boot: from now on the parent's
         # writes go to pages of its own, and the memfd is the template.
+        mem.template_stamp = -1  # if a remap fails part-way, the next fork copies afresh
         for region in mem.regions:
             region.backing.remap(mem.fd, region.backing.offset, False)  # type: ignore[attr-defined]
     mem.template_stamp = vm.run_stamp

@@ -26,14 +26,16 @@ MSR_IA32_TSC = 0x10
 MSR_IA32_TSC_DEADLINE = 0x6E0
 
 # Readable MSRs, per KVM index list (the same for every vCPU with the same CPUID).
-_readable: dict[tuple[int, ...], list[int]] = {}
+_readable: dict[tuple[object, ...], list[int]] = {}
 
 
 def readable_msrs(kvm: _kvm.Kvm, vcpu: _kvm.VcpuFd) -> list[int]:
     """The MSRs from KVM's index list that this vCPU reads: KVM_GET_MSRS stops at
     the first it cannot (one the CPUID does not give the guest), so probe once."""
     listed = tuple(kvm.get_msr_index_list())
-    found = _readable.get(listed)
+    # Which MSRs a vCPU reads depends on the CPUID it was given, too.
+    key = listed + tuple(tuple(sorted(e.items())) for e in vcpu.get_cpuid2())
+    found = _readable.get(key)
     if found is None:
         found = []
         try:
@@ -48,7 +50,7 @@ def readable_msrs(kvm: _kvm.Kvm, vcpu: _kvm.VcpuFd) -> list[int]:
                 found.append(index)
         # The TSC first and its deadline last: KVM_SET_MSRS sets them in order.
         found.sort(key=lambda i: (i == MSR_IA32_TSC_DEADLINE, i != MSR_IA32_TSC, i))
-        _readable[listed] = found
+        _readable[key] = found
     return found
 
 

@@ -164,15 +164,16 @@ class MicroVMSnapshots:
         The VM stays paused: resume() or close() it afterwards. Writable
         disks are synced first; they must not change before a restore.
         meta: the caller's own entries (plain data), kept as state["meta"]."""
-        vm = self._require_vm()
-        vm.pause()
-        for disk in self.backends.disks:
-            if not disk.read_only:
-                disk.flush()
-        extra = {"kind": KIND, "config": self._snapshot_config(),
-                 "devices": capture_devices(self._require_devices()), "run": self._run_state(),
-                 "meta": meta or {}}
-        return snapshots.take(vm, path, extra)
+        with self._close_lock:  # no close() (the waiter's, a user's) under the snapshot
+            vm = self._require_vm()
+            vm.pause()
+            for disk in self.backends.disks:
+                if not disk.read_only:
+                    disk.flush()
+            extra = {"kind": KIND, "config": self._snapshot_config(),
+                     "devices": capture_devices(self._require_devices()), "run": self._run_state(),
+                     "meta": meta or {}}
+            return snapshots.take(vm, path, extra)
 
     @classmethod
     def restore(cls, path: str | os.PathLike[str] | snapshots.Snapshot, *, vsock: str | Path | bool | None = True,
@@ -202,7 +203,9 @@ class MicroVMSnapshots:
         check_config(config)
         m = cls._from_config(config, vsock=vsock, nics=nics, console=console, stdout=stdout, force=force)
         m._prepare_host()
-        m._adopt(snap.restore_vm(verify=verify, prefetch=prefetch), devices, run)
+        with interrupts_deferred():  # a Ctrl-C between the two would leave the VM to nobody
+            vm = snap.restore_vm(verify=verify, prefetch=prefetch)
+            m._adopt(vm, devices, run)  # closes vm if it fails
         return m
 
     def record_pages(self, path: str | os.PathLike[str]) -> int:
@@ -236,10 +239,12 @@ class MicroVMSnapshots:
             raise ConfigError(f"vsock: {n} socket paths needed, got {len(vsock)}")
         if stdout is not None and len(stdout) != n:
             raise ConfigError(f"stdout: {n} sinks needed, got {len(stdout)}")
-        vm.pause()
-        config = self._snapshot_config()
-        devices, run = capture_devices(self._require_devices()), self._run_state()
-        vms = snapshots.fork(vm, n)
+        with self._close_lock:  # no close() (the waiter's, a user's) under the fork
+            vm = self._require_vm()
+            vm.pause()
+            config = self._snapshot_config()
+            devices, run = capture_devices(self._require_devices()), self._run_state()
+            vms = snapshots.fork(vm, n)
         clones: list[Any] = []
         try:
             for i, clone_vm in enumerate(vms):
@@ -249,8 +254,8 @@ class MicroVMSnapshots:
                 clone = self._from_config(config, vsock=path, nics=nics[i] if nics is not None else None,
                                           console=None, stdout=stdout[i] if stdout is not None else None,
                                           force=self.force)
+                clone._adopt(clone_vm, devices, run)  # closes clone_vm if it fails
                 vms[i] = None  # type: ignore[call-overload]  # the clone owns it from here
-                clone._adopt(clone_vm, devices, run)
                 clones.append(clone)
         except BaseException:
             for c in clones:
@@ -299,10 +304,10 @@ class MicroVMSnapshots:
         """Run `vm` (KVM state applied) as this MicroVM: wire the same devices,
         give them their saved states, start the vCPUs. Closes vm on failure."""
         self._started = True
-        self._prepare_host()
         with self._close_lock, interrupts_deferred():
             self._t0 = time.monotonic_ns()
             try:
+                self._prepare_host()
                 self.backends.open()
             except BaseException:
                 vm.close()

@@ -907,6 +907,65 @@ def test_host_connections_wait_until_the_guest_has_handled_the_reset(guest: Gues
     s.close()
 
 
+def test_connections_wait_from_the_reset_even_before_the_guest_has_an_event_buffer(guest: Guest) -> None:
+    guest.dev.reset_transport()  # no event buffer: the event waits, and so do connections
+    s = host_client(guest)
+    s.sendall(b"CONNECT 41\n")
+    guest.pump()
+    assert guest.packets() == []
+    head = guest.ev.add_chain([(4, True)])
+    guest.t.notify(EVQ)
+    assert guest.ev.used() == [(head, 4)]
+    guest.pump()
+    assert guest.packets() == []  # delivered, not yet handled
+    guest.ev.add_chain([(4, True)])
+    guest.t.notify(EVQ)
+    guest.pump()
+    [req] = guest.packets()
+    assert (req.op, req.dst_port) == (REQUEST, 41)
+    s.close()
+
+
+def test_two_resets_need_two_fresh_event_buffers(guest: Guest) -> None:
+    guest.ev.add_chain([(4, True)])
+    guest.ev.add_chain([(4, True)])
+    guest.dev.reset_transport()
+    guest.dev.reset_transport()
+    assert len(guest.ev.used()) == 2
+    s = host_client(guest)
+    s.sendall(b"CONNECT 42\n")
+    guest.ev.add_chain([(4, True)])  # the first handled
+    guest.t.notify(EVQ)
+    guest.pump()
+    assert guest.packets() == []
+    guest.ev.add_chain([(4, True)])  # and the second
+    guest.t.notify(EVQ)
+    guest.pump()
+    [req] = guest.packets()
+    assert (req.op, req.dst_port) == (REQUEST, 42)
+    s.close()
+
+
+def test_a_guest_that_never_handles_the_reset_keeps_its_host_out_only_so_long(
+        guest: Guest, monkeypatch: pytest.MonkeyPatch) -> None:
+    from microvm.devices.virtio import vsock_muxer
+
+    monkeypatch.setattr(vsock_muxer, "HOLD_LIMIT", 0.05)
+    guest.ev.add_chain([(4, True)])
+    guest.dev.reset_transport()
+    s = host_client(guest)
+    s.sendall(b"CONNECT 43\n")
+    guest.pump()
+    assert guest.packets() == []
+    time.sleep(0.1)
+    late = host_client(guest)  # any host event after the limit lets them in
+    late.sendall(b"CONNECT 44\n")
+    guest.pump()
+    assert sorted(p.dst_port for p in guest.packets() if p.op == REQUEST) == [43, 44]
+    s.close()
+    late.close()
+
+
 def test_device_reset_closes_connections_and_keeps_listening(guest: Guest) -> None:
     s1 = guest_connect(guest, 5000, src_port=30)
     s2, _ = host_connect(guest, 31)

@@ -119,6 +119,7 @@ class VirtioVsock(QueueState):
         # The event queue's avail index when the reset event went out, until the guest
         # has handled it (see _reset_handled); meanwhile nothing goes to its receive queue.
         self._reset_mark: int | None = None
+        self._resets_unhandled = 0  # reset events posted since _reset_mark, each to be followed by a refill
 
     # --- wiring and lifecycle ---------------------------------------------------------------
 
@@ -153,6 +154,7 @@ class VirtioVsock(QueueState):
         self._rx_stash = None
         self._event_owed = self._transport_reset = self._reset_on_activate = False
         self._reset_mark = None
+        self._resets_unhandled = 0
         self.muxer.hold_accept(False)
 
     def close(self) -> None:
@@ -216,6 +218,7 @@ class VirtioVsock(QueueState):
                 self._transport_reset = False
                 self.muxer.drop_all()
                 self._event_owed = True
+                self.muxer.hold_accept(True)  # from now: even before the guest has a buffer for it
                 self.counters["transport_resets"] += 1
             self._post_event()
             self._check_reset()
@@ -262,8 +265,12 @@ class VirtioVsock(QueueState):
         before that would be reset with the rest, silently, and the host would
         wait for an answer that never comes; until then they wait in the
         listener's backlog."""
-        if self._reset_mark is not None and self.queues[EVENT_QUEUE].avail_idx() != self._reset_mark:
+        if self._reset_mark is None or self._event_owed:
+            return
+        refilled = (self.queues[EVENT_QUEUE].avail_idx() - self._reset_mark) & 0xFFFF
+        if refilled >= self._resets_unhandled:  # one fresh buffer per event it handled
             self._reset_mark = None
+            self._resets_unhandled = 0
             self.muxer.hold_accept(False)
 
     def _fill_rx(self) -> None:
@@ -305,6 +312,9 @@ class VirtioVsock(QueueState):
                     event = VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_bytes(EVENT_SIZE, "little")  # virtio_vsock_event
                     used(chain.head, scatter(mem, chain, event))
                     self._event_owed = False
-                    self._reset_mark = q.avail_idx()
-                    q.notify_at(self._reset_mark)  # the guest's refill is our sign: have it notify us
+                    if self._reset_mark is None:
+                        self._reset_mark = q.avail_idx()
+                    self._resets_unhandled += 1
+                    # The guest's refill is our sign: have it notify us of the last one due.
+                    q.notify_at(self._reset_mark + self._resets_unhandled - 1)
                     self.muxer.hold_accept(True)

@@ -38,6 +38,7 @@ import functools
 import logging
 import select
 import socket
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,6 +69,7 @@ log = logging.getLogger(__name__)
 
 U32 = 0xFFFF_FFFF
 MAX_OWED_RSTS = 1024  # RSTs waiting for receive buffers; past this they are dropped (counted)
+HOLD_LIMIT = 5.0  # seconds a hold_accept() lasts at most
 LOCAL_PORTS = range(1 << 30, 1 << 31)  # host ports for host-initiated connections, as Firecracker
 
 # What a connection owes the guest besides data, sent in this order.
@@ -177,6 +179,7 @@ class VsockMuxer:
         self._rsts: dict[tuple[int, int], None] = {}  # (local, peer) owed an RST, for no connection
         self._next_port = LOCAL_PORTS.start
         self._holding = False  # hold_accept(): new host connections wait in the backlog
+        self._hold_deadline = 0.0
         self._accept_held = False  # and one came meanwhile
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -236,8 +239,11 @@ class VsockMuxer:
 
     def hold_accept(self, hold: bool) -> None:
         """Leave new host connections in the listener's backlog (hold), or take
-        them again, those that came meanwhile first (at the next host_events)."""
+        them again, those that came meanwhile first (at the next host_events).
+        A hold ends by itself after HOLD_LIMIT seconds (at the next host event):
+        a guest that never acknowledges must not keep its host out for ever."""
         self._holding = hold
+        self._hold_deadline = time.monotonic() + HOLD_LIMIT if hold else 0.0
         if not hold and self._accept_held and self._listener is not None:
             self._accept_held = False
             self._ready.add(self._listener.fd)
@@ -246,10 +252,11 @@ class VsockMuxer:
         while self._ready:
             fd = self._ready.pop()
             if self._listener is not None and fd == self._listener.fd:
-                if self._holding:
+                if self._holding and time.monotonic() < self._hold_deadline:
                     self._accept_held = True
                     self.counters["connects_held"] += 1
                     continue
+                self._holding = self._accept_held = False
                 self._accept()
             elif fd in self._greeting:
                 self._greet(fd)
