@@ -128,14 +128,15 @@ class Sandbox(Session):
 
     # --- snapshots (microvm/snapshot) -------------------------------------------------
 
-    def snapshot(self, path: str | os.PathLike[str]) -> Snapshot:
+    def snapshot(self, path: str | os.PathLike[str], *, checksum: bool = True) -> Snapshot:
         """Write a snapshot of this sandbox to the new directory `path`; the
         sandbox is paused meanwhile, then goes on. A request in flight goes
         on here; a restore of the snapshot starts with no requests (its
-        connection is a new one). Sandbox.restore(path) brings it back."""
+        connection is a new one). Sandbox.restore(path) brings it back.
+        checksum: as MicroVM.snapshot (False: no RAM hash, a faster snapshot)."""
         vm = self._running_vm()
         try:
-            return vm.snapshot(path, meta={"sandbox": {"image": str(self.image.path)}})
+            return vm.snapshot(path, meta={"sandbox": {"image": str(self.image.path)}}, checksum=checksum)
         finally:
             vm.resume()
 

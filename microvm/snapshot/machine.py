@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from microvm import snapshot as snapshots
+from microvm.arch.x86_64 import layout
 from microvm.backends import Backends
 from microvm.devicemanager import DeviceManager
 from microvm.errors import ConfigError, MicroVMError, SnapshotError
@@ -85,6 +86,11 @@ def apply_devices(devices: DeviceManager, saved: Any) -> None:
         if restore is None:
             raise SnapshotError(f"device {a.name} keeps no state, but the snapshot has one")
         restore(state)
+    # Only now, every state checked and taken: queues with work waiting are served.
+    for a in devices.devices:
+        serve = getattr(a.transport, "serve_restored", None)
+        if serve is not None:
+            serve()
 
 
 def check_config(config: dict[str, Any]) -> None:
@@ -106,6 +112,18 @@ def check_config(config: dict[str, Any]) -> None:
                 check_file(drive, "writable disk image")
     except (KeyError, TypeError) as e:
         raise SnapshotError(f"the snapshot's machine configuration is malformed: {e!r}") from e
+
+
+def _check_layout(snap: snapshots.Snapshot, config: dict[str, Any]) -> None:
+    """Guest RAM must be what the configuration's memory size lays out: the
+    devices' windows and the guest's memory map assume it."""
+    try:
+        expected = [tuple(r) for r in layout.ram_ranges(int(config["mem_mib"]) * layout.MIB)]
+    except (KeyError, TypeError, ValueError) as e:
+        raise SnapshotError(f"the snapshot's machine configuration is malformed: {e!r}") from e
+    if [tuple(r) for r in snap.layout] != expected:
+        raise SnapshotError(f"{snap.path}: guest RAM {snap.layout} is not the layout of "
+                            f"mem_mib={config['mem_mib']} ({expected})")
 
 
 RUN_CONSOLE_TAIL = 4000  # of the console, kept in a snapshot (the guest's output is all kept)
@@ -159,11 +177,14 @@ class MicroVMSnapshots:
     def resume(self) -> None:
         self._require_vm().resume()
 
-    def snapshot(self, path: str | os.PathLike[str], *, meta: dict[str, Any] | None = None) -> snapshots.Snapshot:
+    def snapshot(self, path: str | os.PathLike[str], *, meta: dict[str, Any] | None = None,
+                 checksum: bool = True) -> snapshots.Snapshot:
         """Pause the guest and write a snapshot to the new directory `path`.
         The VM stays paused: resume() or close() it afterwards. Writable
         disks are synced first; they must not change before a restore.
-        meta: the caller's own entries (plain data), kept as state["meta"]."""
+        meta: the caller's own entries (plain data), kept as state["meta"].
+        checksum: record a sha256 of guest RAM for restore(verify=True);
+        False saves hashing all of RAM (the state file has its own always)."""
         with self._close_lock:  # no close() (the waiter's, a user's) under the snapshot
             vm = self._require_vm()
             vm.pause()
@@ -173,7 +194,7 @@ class MicroVMSnapshots:
             extra = {"kind": KIND, "config": self._snapshot_config(),
                      "devices": capture_devices(self._require_devices()), "run": self._run_state(),
                      "meta": meta or {}}
-            return snapshots.take(vm, path, extra)
+            return snapshots.take(vm, path, extra, checksum=checksum)
 
     @classmethod
     def restore(cls, path: str | os.PathLike[str] | snapshots.Snapshot, *, vsock: str | Path | bool | None = True,
@@ -201,6 +222,7 @@ class MicroVMSnapshots:
         except KeyError as e:
             raise SnapshotError(f"{path}: the state has no {e.args[0]!r}") from e
         check_config(config)
+        _check_layout(snap, config)
         m = cls._from_config(config, vsock=vsock, nics=nics, console=console, stdout=stdout, force=force)
         m._prepare_host()
         with interrupts_deferred():  # a Ctrl-C between the two would leave the VM to nobody

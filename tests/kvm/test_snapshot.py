@@ -395,6 +395,17 @@ def test_corrupted_memory_is_caught_when_verified(snap: Path) -> None:
     _restore_fails(snap, "memory is corrupted", verify=True)
 
 
+def test_a_snapshot_without_a_memory_checksum_cannot_be_verified(tmp_path: Path) -> None:
+    vm, _ = counting_vm()
+    try:
+        taken = snapshot.take(vm, tmp_path / "snap", checksum=False)
+    finally:
+        vm.close()
+    assert taken.state["memory"]["sha256"] is None
+    _restore_fails(tmp_path / "snap", "taken without a memory checksum; cannot verify", verify=True)
+    snapshot.Snapshot.load(tmp_path / "snap").restore_vm().close()  # unverified, it restores
+
+
 def test_cpuid_features_this_host_lacks_are_named(snap: Path) -> None:
     def claim_everything(state: dict[str, Any]) -> None:
         for entry in state["vm"]["vcpus"][0]["cpuid"]:

@@ -128,6 +128,7 @@ def restore(state: dict[str, Any], device: Any, mem: GuestMemory) -> tuple[m.Mmi
     irq = FakeIrq()
     t = m.MmioTransport(device, mem, irq)
     t.restore_state(roundtrip(state))
+    t.serve_restored()
     return t, irq
 
 
@@ -347,6 +348,7 @@ def test_block_continues_where_it_stopped(images: tuple[Path, Path], event_idx: 
     shutil.copyfile(a, b_)  # the caller's copy of the disk, unchanged since the pause
     y = Blk(b_, copy_memory(x.d.mem))
     y.t.restore_state(roundtrip(state))
+    y.t.serve_restored()
     assert y.dev.serial == x.dev.serial  # GET_ID stays the guest's, though the image moved
     d2 = fork(x.d, y.t, y.t.mem)
     assert registers(d2) == registers(x.d)
@@ -381,6 +383,42 @@ def test_block_refuses_a_different_disk(images: tuple[Path, Path], size: int, re
     y = Blk(b_, copy_memory(x.d.mem), read_only=read_only)
     with pytest.raises(SnapshotError, match=message):
         y.t.restore_state(state)
+    x.raw.close()
+    y.raw.close()
+
+
+def test_a_request_waiting_at_the_snapshot_is_served_only_once_every_device_is_restored(
+        images: tuple[Path, Path]) -> None:
+    """The notification for a request made available just before the pause died
+    with the old process: the restore serves it, but not before every device's
+    state has passed its checks (a later device's bad state means nothing ran)."""
+    from types import SimpleNamespace
+
+    from microvm.snapshot.machine import apply_devices
+
+    a, b_ = images
+    x = blk_original(a, event_idx=False)
+    blk_request(x.d, [(hdr(b.VIRTIO_BLK_T_GET_ID), False), (b.VIRTIO_BLK_ID_BYTES, True), (1, True)])
+    state = roundtrip(x.t.snapshot_state())  # made available, never notified
+    shutil.copyfile(a, b_)
+
+    def machine(second_state: object) -> tuple[Blk, Any, list[list[Any]]]:
+        y = Blk(b_, copy_memory(x.d.mem))
+        control = ControlDevice(on_exit=lambda code: None, on_power=lambda what: None)
+        devices = SimpleNamespace(devices=[SimpleNamespace(name="blk", transport=y.t, device=y.dev),
+                                           SimpleNamespace(name="control", transport=None, device=control)])
+        return y, devices, [["blk", state], ["control", second_state]]
+
+    y, devices, saved = machine({"kind": "serial"})  # the control device's state is wrong
+    with pytest.raises(SnapshotError):
+        apply_devices(devices, saved)
+    assert fork(x.d, y.t, y.t.mem).queues[0].used_idx() == 2 and y.irq.count == 0  # nothing served
+    y.raw.close()
+
+    y, devices, saved = machine(ControlDevice(on_exit=lambda code: None, on_power=lambda what: None).snapshot_state())
+    apply_devices(devices, saved)
+    d2 = fork(x.d, y.t, y.t.mem)
+    assert d2.queues[0].used_idx() == 3 and y.irq.count == 1
     x.raw.close()
     y.raw.close()
 

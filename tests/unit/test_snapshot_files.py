@@ -297,3 +297,17 @@ def test_record_pages_round_trip(tmp_path: Path) -> None:
                                              (23 * PAGE_SIZE, PAGE_SIZE)]
     assert os.listdir(tmp_path) == [files.PAGES]
     mem.close()
+
+
+def test_guest_ram_must_be_the_layout_of_the_configured_memory(tmp_path: Path) -> None:
+    from microvm.snapshot import Snapshot
+    from microvm.snapshot.machine import _check_layout
+
+    def snap(regions: list[list[int]]) -> Snapshot:
+        return Snapshot(tmp_path, {"memory": {"size": sum(r[1] for r in regions), "regions": regions}})
+
+    _check_layout(snap([[0, 256 << 20, 0]]), {"mem_mib": 256})
+    with pytest.raises(SnapshotError, match=r"guest RAM \[\(0, 134217728\)\] is not the layout of mem_mib=256"):
+        _check_layout(snap([[0, 128 << 20, 0]]), {"mem_mib": 256})
+    with pytest.raises(SnapshotError, match="malformed"):
+        _check_layout(snap([[0, 128 << 20, 0]]), {"mem_mib": None})

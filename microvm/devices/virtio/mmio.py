@@ -374,12 +374,10 @@ class MmioTransport:
         The device takes its own state first (its checks name what differs: a
         disk's size, a CID). Queues are checked against the new memory as
         QueueReady checks them. With DRIVER_OK the queues and the device go live
-        as at DRIVER_OK, at the saved ring positions; then every ready queue is
-        served once, as if notified: a notification the paused I/O thread had not
-        taken yet (an ioeventfd's count) died with the old process. So this may
-        write guest memory and trigger the interrupt line: restore the interrupt
-        controller first. After a SnapshotError the transport is reset and the
-        device is not to be used.
+        as at DRIVER_OK, at the saved ring positions. Nothing is served yet:
+        serve_restored() does that once every device of the VM has taken its
+        state. After a SnapshotError the transport is reset and the device is
+        not to be used.
         """
         with self._lock:
             try:
@@ -426,8 +424,16 @@ class MmioTransport:
                 self._start_device()  # as _activate did; the queues keep their positions
             except QueueError as e:  # the queues were checked above: this would be our bug
                 raise f.error(str(e)) from e
-        for i in range(len(self.queues)):
-            self._process(i)
+
+    def serve_restored(self) -> None:
+        """After restore_state: serve every ready queue once, as if notified. A
+        notification the paused I/O thread had not taken yet (an ioeventfd's
+        count) died with the old process. This may write guest memory and
+        trigger the interrupt line: the interrupt controller is restored first,
+        and every other device's state has passed its checks."""
+        with self._lock:
+            for i in range(len(self.queues)):
+                self._process(i)
 
     def _fail(self, why: str) -> None:
         """A broken driver: DEVICE_NEEDS_RESET and a config interrupt (2.1.2)."""
