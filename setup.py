@@ -27,6 +27,11 @@ extensions = [
         sources=["ext/_kvm.pyx"],
         extra_compile_args=["-O2", "-Wno-unused-function"],
     ),
+    Extension(
+        "microvm._virtq",
+        sources=["ext/_virtq.pyx"],
+        extra_compile_args=["-O2", "-Wno-unused-function"],
+    ),
 ]
 
 setup(

@@ -72,6 +72,7 @@ class DeviceManager:
         self.irqs = Pool("interrupt lines for virtio devices (I/O APIC pins "
                          f"{VIRTIO_IRQS.start}-{VIRTIO_IRQS.stop - 1})", VIRTIO_IRQS)
         self.devices: list[Attached] = []
+        vm.before_unmap.append(self.release_memory)
 
     def add_pio(self, name: str, device: BusDevice, base: int, size: int, gsi: int | None = None) -> None:
         self.vm.pio.register(base, size, device, name)
@@ -111,6 +112,13 @@ class DeviceManager:
         parses them (drivers/virtio/virtio_mmio.c): size@base:irq."""
         return " ".join(f"virtio_mmio.device={a.size >> 10}K@{a.base:#x}:{a.gsi}"
                         for a in self.devices if a.transport is not None)
+
+    def release_memory(self) -> None:
+        """Once the VM's threads are gone, before its RAM is unmapped (Vm.close):
+        every queue lets go of the guest memory it holds."""
+        for a in self.devices:
+            if a.transport is not None:
+                a.transport.release_memory()
 
     def close(self) -> None:
         """Once the VM's threads are gone: each device lets go of guest memory

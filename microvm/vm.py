@@ -85,6 +85,9 @@ class Vm:
         self.captured: tuple[int, Any] | None = None  # (run_stamp, state): snapshot.fork's, while paused
         self._close_lock = threading.RLock()
         self.vcpus_open: list[Vcpu] = []  # vCPUs whose fd close() has yet to close
+        # Called by close() once no vCPU or I/O thread runs, before guest RAM is
+        # unmapped: whoever holds a buffer of it (a virtqueue) lets go.
+        self.before_unmap: list[Callable[[], None]] = []
         try:
             self.fd = self.kvm.create_vm()
             self.timestamps["vm created"] = time.monotonic_ns()
@@ -264,6 +267,8 @@ class Vm:
                 self.ioeventfds.pop()
             if getattr(self, "fd", None) is not None:
                 self.fd.close()  # the VM, its memslots and the PIT thread go with the last fd
+            while self.before_unmap:
+                self.before_unmap.pop()()
             if self.memory is not None:
                 self.memory.close()
                 self.memory = None

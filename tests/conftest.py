@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -77,3 +78,29 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("kvm"):
         require_kvm()
+
+
+# --- both virtqueues ----------------------------------------------------------------------
+# A test module marked `pytestmark = pytest.mark.usefixtures("virtqueue")` runs
+# once with each implementation (queue.py: the Cython default and the Python
+# reference). The transport and tests/support look up queue.Queue when they
+# make a queue, so swapping the module's name swaps every queue made meanwhile.
+# Module scope: hypothesis refuses function-scoped fixtures under @given.
+VIRTQUEUES = ("cython", "python")
+
+
+@pytest.fixture(scope="module", params=VIRTQUEUES)
+def virtqueue(request: pytest.FixtureRequest) -> Iterator[str]:
+    from microvm.devices.virtio import queue as vq
+
+    before = vq.Queue
+    if request.param == "python":
+        vq.Queue = vq.PyQueue
+    else:
+        from microvm._virtq import Queue as CQueue
+
+        vq.Queue = CQueue  # type: ignore[misc]
+    try:
+        yield request.param
+    finally:
+        vq.Queue = before  # type: ignore[misc]

@@ -11,6 +11,12 @@ rule is counted and printed, and the exit status is 1.
 
 Iteration i uses its own random.Random("seed:i"), so `--seed S --only I`
 replays one failure.
+
+By default (--queues both) every ring goes through both implementations, the
+Python reference (queue.PyQueue) and the Cython queue (microvm._virtq), with
+the same choices replayed for the second: any difference in the chains, the
+notification answers, the errors or the guest memory they leave is a finding
+(tests/support/virtio_driver.run_differential). --queues python|cython runs one.
 """
 
 from __future__ import annotations
@@ -26,11 +32,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
+from microvm.devices.virtio.queue import PyQueue
 from tests.support.virtio_driver import (
+    Divergence,
     InvariantError,
+    Outcome,
     RandomPicker,
     hostile_ring,
     mutate_ring,
+    run_differential,
     run_hostile,
 )
 
@@ -48,7 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", type=int, help="run just this iteration (to replay a failure)")
+    parser.add_argument("--queues", choices=["both", "python", "cython"], default="both",
+                        help="both (the default): each ring through both queues, compared")
     args = parser.parse_args(argv)
+    from microvm._virtq import Queue as CQueue
+
+    single = {"python": PyQueue, "cython": CQueue}.get(args.queues)
 
     counts: Counter[str] = Counter()
     errors: Counter[str] = Counter()
@@ -61,12 +76,19 @@ def main(argv: list[str] | None = None) -> int:
         pick = RandomPicker(random.Random(f"{args.seed}:{i}"))
         counts["rings run"] += 1
         try:
-            ring = hostile_ring(pick)
-            mutate = pick.boolean(MUTATE_RATE)
+            if single is None:
+                result, mutate = run_differential(pick, (PyQueue, CQueue), mutate_rate=MUTATE_RATE)
+                if not isinstance(result, Outcome):  # both raised the same: still a finding
+                    raise InvariantError(f"both queues raised {result[0]}: {result[1]}")  # type: ignore[index]
+                outcome = result
+            else:
+                ring = hostile_ring(pick)
+                mutate = pick.boolean(MUTATE_RATE)
+                outcome = run_hostile(ring, pick, mutate_ring if mutate else None, single)
             counts["rings rewritten between pops"] += mutate
-            outcome = run_hostile(ring, pick, mutate_ring if mutate else None)
         except Exception as e:  # anything but QueueError (which run_hostile catches) is a finding
-            label = "invariant broken" if isinstance(e, InvariantError) else f"{type(e).__name__}"
+            label = ("difference between the queues" if isinstance(e, Divergence)
+                     else "invariant broken" if isinstance(e, InvariantError) else f"{type(e).__name__}")
             failures[f"{label}: {kind(str(e))}"] += 1
             if shown < SHOW:
                 shown += 1
@@ -86,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             counts["rings drained without error"] += 1
     elapsed = time.monotonic() - start
 
-    print(f"seed {args.seed}, {counts['rings run']} rings in {elapsed:.1f} s "
+    print(f"queues: {args.queues}; seed {args.seed}, {counts['rings run']} rings in {elapsed:.1f} s "
           f"({counts['rings run'] / max(elapsed, 1e-9):.0f}/s)")
     for name in ("rings activated", "rings rewritten between pops", "rings drained without error",
                  "chains returned", "descriptors returned", "zero-length descriptors outside memory"):

@@ -67,7 +67,10 @@ def test_timeouts_must_be_finite_and_positive(timeout: object) -> None:
     assert settled(before) == before  # refused before anything was made
 
 
-def _interrupt_main_after(delay: float) -> threading.Thread:
+def _interrupter(delay: float) -> threading.Thread:
+    """A thread (not started: start it inside the try that expects the
+    interrupt, which may land while start() still waits for it) that sends
+    SIGINT to the main thread `delay` seconds after it starts."""
     main = threading.main_thread().ident
     assert main is not None
 
@@ -75,9 +78,7 @@ def _interrupt_main_after(delay: float) -> threading.Thread:
         time.sleep(delay)
         signal.pthread_kill(main, signal.SIGINT)
 
-    t = threading.Thread(target=fire)
-    t.start()
-    return t
+    return threading.Thread(target=fire)
 
 
 def test_ctrl_c_in_wait_frees_everything_and_reraises() -> None:
@@ -86,8 +87,9 @@ def test_ctrl_c_in_wait_frees_everything_and_reraises() -> None:
     with vm(SPIN * 1000) as m:  # minutes of guest time: only the interrupt ends it
         m.start(["true"])
         assert resources() != before
-        t = _interrupt_main_after(0.2)
+        t = _interrupter(0.2)
         with pytest.raises(KeyboardInterrupt):
+            t.start()
             m.wait(None)
         t.join()
         assert m.vm is None
@@ -127,7 +129,7 @@ def test_memory_minimum_is_checked_against_the_kernel() -> None:
 
 
 ACTIONS: dict[str, Callable[[MicroVM], None]] = {
-    "sigint": lambda m: None,  # handled by _interrupt_main_after
+    "sigint": lambda m: None,  # sent by _interrupter
     "stop": MicroVM.stop,
     "kill": MicroVM.kill,
     "none": lambda m: None,
@@ -144,13 +146,12 @@ def test_random_interrupts_leave_nothing_behind() -> None:
         action = rng.choice(list(ACTIONS))
         delay = rng.uniform(0, 0.15)
         m = vm(SPIN)
-        if action == "sigint":
-            t = _interrupt_main_after(delay)
-        else:
-            t = threading.Timer(delay, ACTIONS[action], (m,))
-            t.start()
+        t = _interrupter(delay) if action == "sigint" else threading.Timer(delay, ACTIONS[action], (m,))
         try:
             try:
+                # A short delay may land the interrupt in start() itself, while
+                # it waits for the new thread: inside the try, too.
+                t.start()
                 m.run(["true"], timeout=30)
                 outcome = "ok"
             finally:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from microvm.devices.virtio import queue as vq
 from microvm.devices.virtio.queue import DescriptorChain, Queue, QueueError
 from microvm.memory import GuestMemory
 
@@ -194,9 +195,11 @@ class VirtqDriver:
         return out
 
 
-def make_queue(driver: VirtqDriver, event_idx: bool = False, max_size: int | None = None) -> Queue:
-    """A Queue configured over `driver`'s rings, as the transport would leave it."""
-    queue = Queue(max_size or driver.size)
+def make_queue(driver: VirtqDriver, event_idx: bool = False, max_size: int | None = None,
+               queue_class: Callable[[int], Queue] | None = None) -> Queue:
+    """A Queue (the one in use, or queue_class) configured over `driver`'s rings, as
+    the transport would leave it."""
+    queue = (queue_class or vq.Queue)(max_size or driver.size)
     queue.size = driver.size
     queue.desc_table, queue.avail_ring, queue.used_ring = driver.desc_table, driver.avail_ring, driver.used_ring
     queue.ready = True
@@ -289,6 +292,9 @@ class Outcome:
     chains: int = 0
     descriptors: int = 0
     zero_len_outside: int = 0  # zero-length descriptors whose address is outside memory
+    # What the device saw, in order: each chain (head, descriptors) and each
+    # needs_notification() answer: the differential run compares these.
+    trace: list[object] = field(default_factory=list)
 
 
 class InvariantError(AssertionError):
@@ -448,12 +454,13 @@ def _check_chain(ring: HostileRing, chain: DescriptorChain, outcome: Outcome) ->
 
 
 def run_hostile(ring: HostileRing, pick: Picker, mutate: Callable[[HostileRing, Picker], None] | None = None,
-                ) -> Outcome:
-    """Drive a Queue over `ring`: pop, add_used and needs_notification until the ring is empty
-    or the queue raises QueueError. Any other exception propagates; a broken rule raises
-    InvariantError. `mutate`, if given, plays a guest rewriting its rings between pops."""
+                queue_class: Callable[[int], Queue] | None = None) -> Outcome:
+    """Drive a Queue (the one in use, or queue_class) over `ring`: pop, add_used and
+    needs_notification until the ring is empty or the queue raises QueueError. Any other
+    exception propagates; a broken rule raises InvariantError. `mutate`, if given, plays
+    a guest rewriting its rings between pops."""
     outcome = Outcome()
-    queue = Queue(ring.max_size)
+    queue = (queue_class or vq.Queue)(ring.max_size)
     queue.size = ring.size
     queue.desc_table, queue.avail_ring, queue.used_ring = ring.desc_table, ring.avail_ring, ring.used_ring
     queue.ready = True
@@ -487,9 +494,10 @@ def run_hostile(ring: HostileRing, pick: Picker, mutate: Callable[[HostileRing, 
             break
         outcome.chains += 1
         outcome.descriptors += len(chain.descriptors)
+        outcome.trace.append((chain.head, tuple(chain.descriptors)))
         _check_chain(ring, chain, outcome)
         queue.add_used(chain.head, pick.integer(0, 0xFFFF_FFFF))
-        queue.needs_notification()
+        outcome.trace.append(queue.needs_notification())
         if mutate is not None:
             check_untouched()
             mutate(ring, pick)
@@ -512,3 +520,96 @@ def mutate_ring(ring: HostileRing, pick: Picker) -> None:
         addr, entries = pick.choice(ring.tables)
         _try_write(ring.mem, addr + VRING_DESC.size * pick.integer(0, entries - 1),
                    _hostile_desc(pick, ring, entries, indirect=False))
+
+
+# --- the differential run: both queues on the same hostile ring --------------------------
+
+
+class RecordingPicker(Picker):
+    """Every choice `inner` makes, kept in order for a ReplayPicker."""
+
+    def __init__(self, inner: Picker):
+        self.inner = inner
+        self.log: list[object] = []
+
+    def _keep(self, value: T) -> T:
+        self.log.append(value)
+        return value
+
+    def integer(self, lo: int, hi: int) -> int:
+        return self._keep(self.inner.integer(lo, hi))
+
+    def boolean(self, p: float = 0.5) -> bool:
+        return self._keep(self.inner.boolean(p))
+
+    def raw(self, n: int) -> bytes:
+        return self._keep(self.inner.raw(n))
+
+    def noise(self, n: int) -> bytes:
+        return self._keep(self.inner.noise(n))
+
+
+class Divergence(AssertionError):
+    """The two queues behaved differently on the same ring."""
+
+
+class ReplayPicker(Picker):
+    """The choices a RecordingPicker kept, again: the same ring, the same guest.
+    A second run that asks for something else (or more) has diverged."""
+
+    def __init__(self, log: list[object]):
+        self.log = log
+        self.at = 0
+
+    def _next(self, kind: type) -> object:
+        if self.at >= len(self.log) or not isinstance(self.log[self.at], kind):
+            raise Divergence(f"the second queue made the driver choose differently at choice {self.at}")
+        self.at += 1
+        return self.log[self.at - 1]
+
+    def integer(self, lo: int, hi: int) -> int:
+        return self._next(int)  # type: ignore[return-value]
+
+    def boolean(self, p: float = 0.5) -> bool:
+        return self._next(bool)  # type: ignore[return-value]
+
+    def raw(self, n: int) -> bytes:
+        return self._next(bytes)  # type: ignore[return-value]
+
+    def noise(self, n: int) -> bytes:
+        return self._next(bytes)  # type: ignore[return-value]
+
+
+def _observed(pick: Picker, sizes: Sequence[int], mutate_rate: float,
+              queue_class: Callable[[int], Queue]) -> tuple[object, ...]:
+    """What one queue did to one hostile ring: its outcome (or the exception it
+    raised, by type and message) and the guest memory it left."""
+    ring = hostile_ring(pick, sizes)
+    mutate = pick.boolean(mutate_rate)
+    try:
+        outcome: object = run_hostile(ring, pick, mutate_ring if mutate else None, queue_class)
+    except Divergence:
+        raise
+    except Exception as e:  # compared, not judged: run_hostile's own checks judge
+        outcome = (type(e).__name__, str(e))
+    return outcome, mutate, [bytes(b) for b in ring.backings]
+
+
+def run_differential(pick: Picker, queues: Sequence[Callable[[int], Queue]], sizes: Sequence[int] = SIZES,
+                     mutate_rate: float = 0.2) -> tuple[object, bool]:
+    """The same hostile ring (and the same racing guest) for each queue class in
+    turn: Divergence unless every one returns the same chains, notifications and
+    errors, raises the same exceptions and leaves the same guest memory. The first
+    queue's outcome (an Outcome, or (exception type, message)) and whether the
+    guest rewrote the ring between pops."""
+    recorder = RecordingPicker(pick)
+    first = _observed(recorder, sizes, mutate_rate, queues[0])
+    for other in queues[1:]:
+        replay = ReplayPicker(recorder.log)
+        again = _observed(replay, sizes, mutate_rate, other)
+        if replay.at != len(recorder.log):
+            raise Divergence(f"{other} made the driver stop at choice {replay.at} of {len(recorder.log)}")
+        for what, a, b in zip(("outcome", "rewritten", "guest memory"), first, again, strict=True):
+            if a != b:
+                raise Divergence(f"{queues[0]} and {other} differ in {what}: {str(a)[:300]} vs {str(b)[:300]}")
+    return first[0], bool(first[1])

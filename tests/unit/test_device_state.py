@@ -59,6 +59,8 @@ from tests.unit.test_virtio_net import MAC, FakeTap, frame
 from tests.unit.test_virtio_rng import Clock
 from tests.unit.test_vsock import CID, Guest, host_connect
 
+pytestmark = pytest.mark.usefixtures("virtqueue")  # every test here runs with both queues
+
 MEM = 4 << 20
 
 

@@ -35,6 +35,8 @@ from tests.support.fakes import FakeIrq
 from tests.support.virtio_driver import VirtqDriver, make_queue, used_ring_size
 from tests.unit.test_virtio_mmio import Driver
 
+pytestmark = pytest.mark.usefixtures("virtqueue")  # every test here runs with both queues
+
 # struct virtio_blk_outhdr { __virtio32 type; __virtio32 ioprio; __virtio64 sector; };
 OUTHDR = struct.Struct("<IIQ")
 # struct virtio_blk_discard_write_zeroes { __le64 sector; __le32 num_sectors; __le32 flags; };

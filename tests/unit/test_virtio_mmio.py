@@ -15,6 +15,8 @@ from microvm.memory import GuestMemory
 from tests.support.fakes import FakeIrq
 from tests.support.virtio_driver import VirtqDriver
 
+pytestmark = pytest.mark.usefixtures("virtqueue")  # every test here runs with both queues
+
 ACK, DRIVER, FEATURES_OK, DRIVER_OK = v.STATUS_ACKNOWLEDGE, v.STATUS_DRIVER, v.STATUS_FEATURES_OK, v.STATUS_DRIVER_OK
 FAILED, NEEDS_RESET = v.STATUS_FAILED, v.STATUS_DEVICE_NEEDS_RESET
 

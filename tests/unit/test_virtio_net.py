@@ -28,6 +28,8 @@ from tests.support.fakes import FakeIrq
 from tests.support.virtio_driver import VirtqDriver
 from tests.unit.test_virtio_mmio import Driver
 
+pytestmark = pytest.mark.usefixtures("virtqueue")  # every test here runs with both queues
+
 # flags u8, gso_type u8, hdr_len le16, gso_size le16, csum_start le16, csum_offset le16, num_buffers le16
 HDR = struct.Struct("<BBHHHHH")
 MEM = 4 << 20

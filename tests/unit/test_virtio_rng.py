@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import time
 from random import Random
+from typing import Any
 
 import pytest
 
 from microvm.devices import virtio as v
 from microvm.devices.virtio import mmio as m
+from microvm.devices.virtio import queue as vq
 from microvm.devices.virtio import rng as r
 from microvm.devices.virtio.queue import DescriptorChain, Queue, QueueError
 from microvm.devices.virtio.rng import TimerWakeup, VirtioRng
@@ -29,6 +31,8 @@ from tests.support.virtio_driver import (
     hostile_ring,
 )
 from tests.unit.test_virtio_mmio import Driver
+
+pytestmark = pytest.mark.usefixtures("virtqueue")  # every test here runs with both queues
 
 MEM = 4 << 20
 DATA = (0x100000, MEM)
@@ -242,20 +246,25 @@ def test_broken_rings_need_reset_and_leave_memory_alone(case: str) -> None:
     assert n == 32 and looks_random(bufs[0])
 
 
-class RecordingQueue(Queue):
-    def __init__(self, max_size: int):
-        super().__init__(max_size)
-        self.popped: list[DescriptorChain] = []
+def recording_queue(max_size: int) -> Queue:
+    """A queue of the implementation in use that keeps every chain it pops."""
 
-    def pop(self) -> DescriptorChain | None:
-        chain = super().pop()
-        if chain is not None:
-            self.popped.append(chain)
-        return chain
+    class RecordingQueue(vq.Queue):  # type: ignore[valid-type,misc]
+        def __init__(self, max_size: int):
+            super().__init__(max_size)
+            self.popped: list[DescriptorChain] = []
+
+        def pop(self) -> DescriptorChain | None:
+            chain = super().pop()
+            if chain is not None:
+                self.popped.append(chain)
+            return chain
+
+    return RecordingQueue(max_size)
 
 
 def run_device_on(ring: HostileRing) -> None:
-    queue = RecordingQueue(ring.max_size)
+    queue: Any = recording_queue(ring.max_size)
     queue.size = ring.size
     queue.desc_table, queue.avail_ring, queue.used_ring = ring.desc_table, ring.avail_ring, ring.used_ring
     queue.ready = True

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from microvm.devices.virtio import queue as vq
 from microvm.devices.virtio.queue import DescriptorChain, Queue, QueueError
 from microvm.memory import GuestMemory
 from tests.support.virtio_driver import (
@@ -36,6 +37,8 @@ from tests.support.virtio_driver import (
     run_hostile,
     used_ring_size,
 )
+
+pytestmark = pytest.mark.usefixtures("virtqueue")  # every test here runs with both queues
 
 # Rings in the low region, buffers in the high one, a hole between them.
 LOW = (0x0, 0x10000)
@@ -317,7 +320,7 @@ def test_driver_adding_during_a_batch_is_not_missed() -> None:
 
 
 def configured(size: int = 8, desc: int = 0x1000, avail: int = 0x2000, used: int = 0x3000) -> Queue:
-    queue = Queue(8)
+    queue = vq.Queue(8)
     queue.size, queue.desc_table, queue.avail_ring, queue.used_ring = size, desc, avail, used
     return queue
 
@@ -353,7 +356,7 @@ def test_config_rejects_bad_sizes(size: int) -> None:
 @pytest.mark.parametrize("max_size", [0, 3, 65536])
 def test_max_size_is_host_config(max_size: int) -> None:
     with pytest.raises(ValueError):
-        Queue(max_size)
+        vq.Queue(max_size)
 
 
 # --- hostile rings, one rule at a time ------------------------------------------------------

@@ -35,6 +35,8 @@ from tests.support.fakes import FakeIrq
 from tests.support.virtio_driver import VirtqDriver
 from tests.unit.test_virtio_mmio import Driver
 
+pytestmark = pytest.mark.usefixtures("virtqueue")  # every test here runs with both queues
+
 # le64 src_cid, le64 dst_cid, le32 src_port, le32 dst_port, le32 len, le16 type, le16 op,
 # le32 flags, le32 buf_alloc, le32 fwd_cnt
 HDR = struct.Struct("<QQIIIHHIII")

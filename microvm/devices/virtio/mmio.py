@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from microvm.devices import Irq
 from microvm.devices import virtio as v
 from microvm.devices.state import U8, U32, U64, Fields, State
+from microvm.devices.virtio import queue as vq
 from microvm.devices.virtio.queue import QUEUE_COUNTERS, Queue, QueueError
 from microvm.errors import GuestMemoryError, SnapshotError
 from microvm.memory import GuestMemory
@@ -94,7 +95,7 @@ class MmioTransport:
         self.device = device
         self.mem = mem
         self.irq = irq
-        self.queues = [Queue(n) for n in device.queue_sizes]
+        self.queues = [vq.Queue(n) for n in device.queue_sizes]  # looked up now: the one in use
         self.device_features = device.features | TRANSPORT_FEATURES
         # vCPU threads (registers, status changes) vs. the I/O thread (queue
         # processing): a reset never runs in the middle of a batch.
@@ -308,6 +309,12 @@ class MmioTransport:
         self.counters.resets += 1
         self.device.reset()
         self._reset_state()
+
+    def release_memory(self) -> None:
+        """The VM is closing: every queue lets go of guest memory (no thread serves them now)."""
+        with self._lock:
+            for q in self.queues:
+                q.release()
 
     # --- queues (I/O thread) ------------------------------------------------------
 

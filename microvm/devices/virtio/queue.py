@@ -5,104 +5,65 @@ addresses, lengths, flags) is untrusted. Every access goes through
 GuestMemory, chains are bounded (a loop is detected by counting: no chain
 can be longer than the queue, plus one indirect table), and any violation
 raises QueueError, which the transport turns into DEVICE_NEEDS_RESET.
+
+Two implementations with one API and one behaviour, down to the error
+messages: PyQueue here, the reference, and microvm._virtq.Queue, the same
+rules in Cython over raw pointers (bounds checked against the region table
+in C), the default. `Queue` is the one in use: the Cython one unless
+MICROVM_VIRTQUEUE=python (or the extension is missing). The transport looks
+it up at each queue's creation (queue.Queue), so tests can run both.
 """
 
 from __future__ import annotations
 
-import struct
-import threading
+import os
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING
 
-from microvm.devices.state import U16, Fields, State
-from microvm.errors import GuestMemoryError, MicroVMError
+from microvm.devices.state import State
+from microvm.devices.virtio.ring import (
+    DESC,
+    MAX_CHAIN_BYTES,
+    MAX_QUEUE_SIZE,
+    QUEUE_COUNTERS,
+    U32_MAX,
+    USED_ELEM,
+    VIRTQ_DESC_SIZE,
+    VIRTQ_USED_ELEM_SIZE,
+    VRING_AVAIL_F_NO_INTERRUPT,
+    VRING_DESC_F_INDIRECT,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    VRING_USED_F_NO_NOTIFY,
+    Descriptor,
+    DescriptorChain,
+    QueueError,
+    check_config,
+    full_barrier,
+    queue_state,
+    reset_queue,
+    restore_queue,
+    stream_views,
+)
+from microvm.errors import GuestMemoryError
 from microvm.memory import GuestMemory
 
-VRING_DESC_F_NEXT = 1
-VRING_DESC_F_WRITE = 2
-VRING_DESC_F_INDIRECT = 4
-VRING_USED_F_NO_NOTIFY = 1
-VRING_AVAIL_F_NO_INTERRUPT = 1
-
-VIRTQ_DESC_SIZE = 16  # struct virtq_desc { le64 addr; le32 len; le16 flags; le16 next; }
-VIRTQ_USED_ELEM_SIZE = 8  # struct virtq_used_elem { le32 id; le32 len; }
-MAX_QUEUE_SIZE = 32768  # 2.7: Queue Size is a power of 2, at most 32768
-MAX_CHAIN_BYTES = 1 << 32  # total length a chain may describe
-_DESC = struct.Struct("<QIHH")  # addr, len, flags, next
-_USED_ELEM = struct.Struct("<II")  # id, len
-U32_MAX = 0xFFFF_FFFF
-
-# Queue counters, summed over a device's queues in MmioTransport.stats().
-QUEUE_COUNTERS = ("chains_popped", "used_added", "interrupts_suppressed")
+__all__ = ["MAX_QUEUE_SIZE", "QUEUE_COUNTERS", "VIRTQ_DESC_SIZE", "VIRTQ_USED_ELEM_SIZE",
+           "VRING_AVAIL_F_NO_INTERRUPT", "VRING_DESC_F_INDIRECT", "VRING_DESC_F_NEXT", "VRING_DESC_F_WRITE",
+           "VRING_USED_F_NO_NOTIFY", "Descriptor", "DescriptorChain", "PyQueue", "Queue", "QueueError",
+           "full_barrier", "implementation", "stream_views"]
 
 
-_FENCE = threading.Lock()
+class PyQueue:
+    """One split virtqueue as the transport configures it (the reference implementation)."""
 
-
-def full_barrier() -> None:
-    """A full memory barrier between our stores and later loads.
-
-    The driver runs on another CPU; x86 may let a load pass an earlier store
-    (store-buffer forwarding), which is exactly the order virtio's
-    notification suppression must not see reordered (2.7.7.2, 2.7.10: write
-    used idx / avail_event, then read used_event / avail idx). Taking an
-    uncontended lock executes a LOCK-prefixed atomic, which is a full fence
-    on x86, and Python has no bare fence.
-    """
-    _FENCE.acquire()
-    _FENCE.release()
-
-
-class QueueError(MicroVMError):
-    """The driver broke the virtqueue rules; the device needs a reset."""
-
-
-class Descriptor(NamedTuple):
-    addr: int
-    len: int
-    write: bool  # device-writable (VRING_DESC_F_WRITE)
-
-
-@dataclass(slots=True)
-class DescriptorChain:
-    """One available buffer: its head index and its descriptors, in order,
-    with indirect tables already expanded."""
-
-    head: int
-    descriptors: list[Descriptor]
-
-    @property
-    def readable(self) -> list[Descriptor]:
-        return [d for d in self.descriptors if not d.write]
-
-    @property
-    def writable(self) -> list[Descriptor]:
-        return [d for d in self.descriptors if d.write]
-
-    def readable_len(self) -> int:
-        return sum(d.len for d in self.descriptors if not d.write)
-
-    def writable_len(self) -> int:
-        return sum(d.len for d in self.descriptors if d.write)
-
-
-def stream_views(mem: GuestMemory, descs: list[Descriptor], start: int, end: int) -> list[memoryview]:
-    """Views of bytes [start, end) of the stream the descriptors form, one per descriptor
-    touched (2.7.4: a device assumes nothing about how the driver splits a message).
-    The descriptors come from pop(), so every view is inside guest memory."""
-    out: list[memoryview] = []
-    pos = 0
-    for d in descs:
-        lo, hi = max(start, pos), min(end, pos + d.len)
-        if lo < hi:
-            out.append(mem.view(d.addr + lo - pos, hi - lo))
-        pos += d.len
-    return out
-
-
-class Queue:
-    """One split virtqueue as the transport configures it."""
+    # What the transport configures (reset_queue() sets them all).
+    size: int
+    ready: bool
+    desc_table: int
+    avail_ring: int
+    used_ring: int
+    next_used: int
 
     def __init__(self, max_size: int):
         if not 1 <= max_size <= MAX_QUEUE_SIZE or max_size & (max_size - 1):
@@ -117,34 +78,22 @@ class Queue:
         self.reset()
 
     def reset(self) -> None:
-        self.size = self.max_size
-        self.ready = False
-        self.desc_table = 0
-        self.avail_ring = 0
-        self.used_ring = 0
-        self.event_idx = False
         self.mem: GuestMemory | None = None
-        self.next_avail = 0  # our position in the available ring (free running, mod 2^16)
-        self.next_used = 0  # the used ring's idx we publish next
+        self.event_idx = False
         self.signalled_used: int | None = None  # used idx at our last interrupt
+        # next_avail: our position in the available ring (free running, mod 2^16);
+        # next_used: the used ring's idx we publish next.
+        reset_queue(self)
+
+    def release(self) -> None:
+        """Let go of guest memory (the VM is closing); the queue is not ready from here."""
+        self.mem = None
 
     # --- setup -----------------------------------------------------------------
 
     def check_config(self, mem: GuestMemory) -> None:
         """Validate what the driver configured before it may set QueueReady."""
-        n = self.size
-        if not 1 <= n <= self.max_size or n & (n - 1):
-            raise QueueError(f"queue size {n} is not a power of 2 up to {self.max_size}")
-        # 2.7: alignment 16 for the table, 2 for the available ring, 4 for the used ring.
-        for name, addr, align, length in (
-            ("descriptor table", self.desc_table, 16, VIRTQ_DESC_SIZE * n),
-            ("available ring", self.avail_ring, 2, 6 + 2 * n),
-            ("used ring", self.used_ring, 4, 6 + VIRTQ_USED_ELEM_SIZE * n),
-        ):
-            if addr % align:
-                raise QueueError(f"{name} at {addr:#x} is not {align}-byte aligned")
-            if not mem.contains(addr, length):
-                raise QueueError(f"{name} at {addr:#x}+{length:#x} is outside guest memory")
+        check_config(self, mem)
 
     def activate(self, mem: GuestMemory, event_idx: bool) -> None:
         self.check_config(mem)
@@ -154,36 +103,10 @@ class Queue:
     # --- snapshots (devices/state.py) ----------------------------------------------
 
     def snapshot_state(self, held: int = 0) -> State:
-        """What the driver configured and where both sides are in the rings. `held`:
-        chains the device popped but has not used (the newest ones); they are handed
-        back to the ring, so the restored device pops them again from the same
-        entries, which the driver cannot have reused (it reuses an available slot only
-        once `size` later chains were made available, and this one is not used yet).
-        The ring memory (and so the event_idx avail_event we published) is the guest's."""
-        return {"kind": "virtqueue", "max_size": self.max_size, "size": self.size, "ready": self.ready,
-                "desc_table": self.desc_table, "avail_ring": self.avail_ring, "used_ring": self.used_ring,
-                "next_avail": (self._next_avail - held) & U16, "next_used": self.next_used,
-                "signalled_used": self.signalled_used}
+        return queue_state(self, held)
 
     def restore_state(self, state: State, mem: GuestMemory) -> None:
-        """Take over a snapshot_state(); a ready queue's rings are checked against `mem`
-        as QueueReady checks them. The transport activates it (event_idx, memory)."""
-        f = Fields(state, "virtqueue")
-        f.same("max_size", self.max_size)
-        size, ready = f.integer("size", hi=U32_MAX), f.flag("ready")
-        rings = f.integer("desc_table"), f.integer("avail_ring"), f.integer("used_ring")
-        next_avail, next_used = f.integer("next_avail", hi=U16), f.integer("next_used", hi=U16)
-        signalled_used = f.optional_integer("signalled_used", hi=U16)
-        self.reset()
-        self.size, (self.desc_table, self.avail_ring, self.used_ring) = size, rings
-        if ready:
-            try:
-                self.check_config(mem)
-            except QueueError as e:
-                self.reset()
-                raise f.error(str(e)) from e
-        self.ready = ready
-        self.next_avail, self.next_used, self.signalled_used = next_avail, next_used, signalled_used
+        restore_queue(self, state, mem)
 
     @property
     def next_avail(self) -> int:
@@ -260,7 +183,7 @@ class Queue:
             if seen > table_size:
                 raise QueueError("descriptor chain loops or is longer than its table")
             try:
-                addr, length, flags, nxt = _DESC.unpack(mem.view(table + VIRTQ_DESC_SIZE * index, VIRTQ_DESC_SIZE))
+                addr, length, flags, nxt = DESC.unpack(mem.view(table + VIRTQ_DESC_SIZE * index, VIRTQ_DESC_SIZE))
             except GuestMemoryError as e:
                 raise QueueError(f"descriptor {index} is outside guest memory") from e
             if flags & VRING_DESC_F_INDIRECT:
@@ -313,7 +236,7 @@ class Queue:
             if not (0 <= head < size and 0 <= length <= U32_MAX):
                 raise QueueError(f"used element ({head}, {length}) out of range (queue size {size})")
             elem = self.used_ring + 4 + VIRTQ_USED_ELEM_SIZE * (n % size)
-            _USED_ELEM.pack_into(mem.view(elem, VIRTQ_USED_ELEM_SIZE), 0, head, length)
+            USED_ELEM.pack_into(mem.view(elem, VIRTQ_USED_ELEM_SIZE), 0, head, length)
             n += 1
         self.used_added += n - start
         n &= 0xFFFF
@@ -339,3 +262,24 @@ class Queue:
         if not wanted:
             self.interrupts_suppressed += 1
         return wanted
+
+
+def _chosen() -> type[PyQueue]:
+    if os.environ.get("MICROVM_VIRTQUEUE", "cython") == "python":
+        return PyQueue
+    try:
+        from microvm._virtq import Queue as CQueue
+    except ImportError:  # a source tree without the extension built
+        return PyQueue
+    return CQueue  # type: ignore[return-value]  # the same API (microvm/_virtq.pyi)
+
+
+if TYPE_CHECKING:
+    Queue = PyQueue
+else:
+    Queue = _chosen()
+
+
+def implementation() -> str:
+    """Which virtqueue new queues get: "cython" or "python"."""
+    return "python" if Queue is PyQueue else "cython"

@@ -1,0 +1,364 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The split virtqueue, device side, in Cython (virtio 1.2, section 2.7).
+
+The same API and the same rules as microvm.devices.virtio.queue.PyQueue,
+the reference, down to the order of the checks and the error messages (a
+differential fuzz run compares the two on the same hostile rings). What
+changes is how guest memory is reached: activate() takes a buffer of every
+region of guest RAM (held until reset(), so GuestMemory.close() refuses to
+unmap RAM under a live queue) and the rings' host addresses, checked once
+there; a descriptor's buffer or an indirect table is bounds-checked against
+that region table here in C before any access.
+
+Everything the driver writes is read exactly once: a descriptor is copied
+out of guest memory whole and a compiler barrier keeps the compiler from
+reading it again. The GIL is held throughout: the transport's lock already
+orders every caller, and no call takes long enough to be worth releasing it.
+"""
+
+from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.mem cimport PyMem_Calloc, PyMem_Free
+from libc.stdint cimport uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy
+
+from microvm.devices.virtio import ring as _ring
+from microvm.errors import GuestMemoryError
+
+cdef extern from *:
+    """
+    /* x86 keeps stores in order and loads in order; a load may pass an
+       earlier store, which is what virtio's notification suppression must
+       not see (2.7.7.2, 2.7.10): a full fence there. Elsewhere the fences
+       only stop the compiler from reordering or re-reading. */
+    static inline void vq_full_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+    static inline void vq_release_fence(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
+    static inline void vq_acquire_fence(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
+    static inline void vq_compiler_barrier(void) { __asm__ __volatile__("" ::: "memory"); }
+    /* Ring fields are 2-aligned (activate() checked the ring addresses) and so,
+       in a host buffer at least 8-aligned, single loads and stores. */
+    static inline uint16_t vq_load16(const char *p) { return __atomic_load_n((const uint16_t *)p, __ATOMIC_RELAXED); }
+    static inline void vq_store16(char *p, uint16_t v) { __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELAXED); }
+    """
+    void vq_full_fence() nogil
+    void vq_release_fence() nogil
+    void vq_acquire_fence() nogil
+    void vq_compiler_barrier() nogil
+    uint16_t vq_load16(const char *p) nogil
+    void vq_store16(char *p, uint16_t v) nogil
+
+# struct virtq_desc { le64 addr; le32 len; le16 flags; le16 next; } (2.7.5): 16 bytes, no padding.
+cdef struct virtq_desc:
+    uint64_t addr
+    uint32_t len
+    uint16_t flags
+    uint16_t next
+
+cdef struct Region:
+    uint64_t start
+    uint64_t size
+    char *host
+
+cdef uint16_t F_NEXT = _ring.VRING_DESC_F_NEXT
+cdef uint16_t F_WRITE = _ring.VRING_DESC_F_WRITE
+cdef uint16_t F_INDIRECT = _ring.VRING_DESC_F_INDIRECT
+cdef uint16_t AVAIL_F_NO_INTERRUPT = _ring.VRING_AVAIL_F_NO_INTERRUPT
+cdef uint64_t MAX_CHAIN_BYTES = _ring.MAX_CHAIN_BYTES
+cdef unsigned int MAX_QUEUE_SIZE = _ring.MAX_QUEUE_SIZE
+
+QueueError = _ring.QueueError
+cdef object Descriptor = _ring.Descriptor
+cdef object DescriptorChain = _ring.DescriptorChain
+cdef object _tuple_new = tuple.__new__
+cdef object _check_config = _ring.check_config
+cdef object _queue_state = _ring.queue_state
+cdef object _restore_queue = _ring.restore_queue
+cdef object _reset_queue = _ring.reset_queue
+
+
+cdef class Queue:
+    """One split virtqueue as the transport configures it (see PyQueue for the rules)."""
+
+    cdef readonly unsigned int max_size
+    # What the transport writes (Python ints, any value a register or a state gives).
+    cdef public object size, desc_table, avail_ring, used_ring, signalled_used
+    cdef public bint ready, event_idx
+    cdef public unsigned int next_used
+    cdef public unsigned long long chains_popped, used_added, interrupts_suppressed
+    cdef object _mem_obj
+    cdef uint16_t _next_avail, _avail_seen
+    # Set by activate() from the checked configuration; the transport changes
+    # none of it while the queue is in use (4.2.2.3: not while ready).
+    cdef uint32_t _size
+    cdef char *_desc
+    cdef char *_avail
+    cdef char *_used
+    cdef Py_buffer *_buffers
+    cdef Region *_regions
+    cdef int _nregions
+
+    def __cinit__(self, *args, **kwargs):
+        self._buffers = NULL
+        self._regions = NULL
+        self._nregions = 0
+
+    def __init__(self, max_size):
+        if not 1 <= max_size <= MAX_QUEUE_SIZE or max_size & (max_size - 1):
+            raise ValueError(f"queue size must be a power of 2 up to {MAX_QUEUE_SIZE}")
+        self.max_size = max_size
+        self.chains_popped = 0
+        self.used_added = 0
+        self.interrupts_suppressed = 0
+        self.reset()
+
+    def __dealloc__(self):
+        self._release()
+
+    def reset(self):
+        _reset_queue(self)  # and mem = None: lets go of guest memory
+
+    def release(self):
+        """Let go of guest memory (the VM is closing); the queue is not ready from here."""
+        self.mem = None
+
+    # --- guest memory: the region table -----------------------------------------
+
+    @property
+    def mem(self):
+        return self._mem_obj
+
+    @mem.setter
+    def mem(self, value):
+        self._release()
+        self._mem_obj = None
+        if value is None:
+            return
+        regions = value.regions
+        cdef int n = len(regions)
+        cdef int i
+        self._buffers = <Py_buffer *>PyMem_Calloc(max(n, 1), sizeof(Py_buffer))
+        self._regions = <Region *>PyMem_Calloc(max(n, 1), sizeof(Region))
+        if self._buffers == NULL or self._regions == NULL:
+            self._release()
+            raise MemoryError()
+        try:
+            for i in range(n):
+                # A buffer of the backing itself: its export count makes
+                # GuestMemory.close() refuse while this queue holds it.
+                PyObject_GetBuffer(regions[i].backing, &self._buffers[i], PyBUF_WRITABLE)
+                self._nregions = i + 1
+                if <uint64_t>self._buffers[i].len != <uint64_t>regions[i].size:
+                    raise GuestMemoryError("a guest memory region's buffer is not the region's size")
+                self._regions[i].start = regions[i].guest_addr
+                self._regions[i].size = regions[i].size
+                self._regions[i].host = <char *>self._buffers[i].buf
+        except BaseException:
+            self._release()
+            raise
+        self._mem_obj = value
+
+    cdef void _release(self) noexcept:
+        cdef int i
+        if self._buffers != NULL:
+            for i in range(self._nregions):
+                PyBuffer_Release(&self._buffers[i])
+            PyMem_Free(self._buffers)
+            self._buffers = NULL
+        if self._regions != NULL:
+            PyMem_Free(self._regions)
+            self._regions = NULL
+        self._nregions = 0
+        self._desc = self._avail = self._used = NULL
+
+    cdef char *_at(self, uint64_t addr, uint64_t length) noexcept:
+        """The host address of guest [addr, addr+length), or NULL unless it lies
+        in one region (GuestMemory's rule: the address itself inside)."""
+        cdef int i
+        cdef uint64_t offset
+        for i in range(self._nregions):
+            if addr >= self._regions[i].start:
+                offset = addr - self._regions[i].start
+                if offset < self._regions[i].size and length <= self._regions[i].size - offset:
+                    return self._regions[i].host + offset
+        return NULL
+
+    # --- setup -------------------------------------------------------------------
+
+    def check_config(self, mem):
+        """Validate what the driver configured before it may set QueueReady."""
+        _check_config(self, mem)
+
+    def activate(self, mem, bint event_idx):
+        self.check_config(mem)
+        self.mem = mem
+        self.event_idx = event_idx
+        cdef uint32_t n = self.size
+        self._size = n
+        # check_config found each ring inside one region: these cannot be NULL.
+        self._desc = self._at(self.desc_table, 16 * <uint64_t>n)
+        self._avail = self._at(self.avail_ring, 6 + 2 * <uint64_t>n)
+        self._used = self._at(self.used_ring, 6 + 8 * <uint64_t>n)
+        if self._desc == NULL or self._avail == NULL or self._used == NULL:
+            self.mem = None
+            raise GuestMemoryError("a checked ring is not in the region table")
+
+    # --- snapshots (devices/state.py) --------------------------------------------
+
+    def snapshot_state(self, int held=0):
+        return _queue_state(self, held)
+
+    def restore_state(self, state, mem):
+        _restore_queue(self, state, mem)
+
+    @property
+    def next_avail(self):
+        return self._next_avail
+
+    @next_avail.setter
+    def next_avail(self, value):
+        self._next_avail = value & 0xFFFF
+        self._avail_seen = self._next_avail  # nothing known to be pending: the next pop reads avail idx
+
+    # --- ring access -----------------------------------------------------------
+
+    cdef int _check_ready(self) except -1:
+        # (_avail is NULL unless activate() found the rings: memory set another way is no use)
+        if self._mem_obj is None or not self.ready or self._avail == NULL:
+            raise QueueError("queue is not ready")
+        return 0
+
+    def avail_idx(self):
+        self._check_ready()
+        vq_full_fence()  # our avail_event store (in pop) before this load
+        return vq_load16(self._avail + 2)
+
+    def has_available(self):
+        return self.avail_idx() != self._next_avail
+
+    def notify_at(self, index):
+        """As PyQueue.notify_at: with event_idx, avail_event = index (2.7.10)."""
+        if self.event_idx:
+            self._check_ready()
+            vq_store16(self._used + 4 + 8 * self._size, index & 0xFFFF)
+            vq_full_fence()  # before the avail idx load that follows in the caller
+
+    def pop(self):
+        """The next available chain, or None (see PyQueue.pop)."""
+        self._check_ready()
+        cdef uint16_t nxt = self._next_avail
+        cdef uint16_t avail, head
+        cdef unsigned int pending
+        if nxt == self._avail_seen:
+            if self.event_idx:
+                vq_store16(self._used + 4 + 8 * self._size, nxt)  # avail_event, after the used elements
+            vq_full_fence()  # our avail_event store comes before the avail idx load
+            avail = vq_load16(self._avail + 2)
+            pending = <uint16_t>(avail - nxt)
+            if pending == 0:
+                return None
+            if pending > self._size:
+                raise QueueError(f"available index jumped by {pending}, more than the queue size {self._size}")
+            self._avail_seen = avail
+        vq_acquire_fence()  # the ring entry after the index that published it
+        head = vq_load16(self._avail + 4 + 2 * (nxt % self._size))
+        descriptors = self._walk(head)
+        chain = DescriptorChain.__new__(DescriptorChain)
+        chain.head = head
+        chain.descriptors = descriptors
+        self._next_avail = nxt + 1
+        self.chains_popped += 1
+        return chain
+
+    cdef list _walk(self, uint16_t head):
+        """Follow a chain from head, expanding at most one indirect table (PyQueue._walk)."""
+        cdef uint32_t size = self._size
+        if head >= size:
+            raise QueueError(f"descriptor index {head} out of range (queue size {size})")
+        cdef const char *table = self._desc
+        cdef uint32_t table_size = size
+        cdef uint32_t index = head
+        cdef uint32_t seen = 0
+        cdef uint64_t total = 0
+        cdef bint indirect = False
+        cdef virtq_desc d
+        cdef list out = []
+        while True:
+            seen += 1
+            if seen > table_size:
+                raise QueueError("descriptor chain loops or is longer than its table")
+            # index < table_size, and the whole table was checked: inside guest memory.
+            memcpy(&d, table + 16 * <uint64_t>index, 16)
+            vq_compiler_barrier()  # each field read once, from this copy
+            if d.flags & F_INDIRECT:
+                # 2.7.5.3.1: not in an indirect table, not with NEXT, a whole
+                # number of descriptors, at least one, no more than the queue.
+                if indirect:
+                    raise QueueError("indirect descriptor inside an indirect table")
+                if d.flags & F_NEXT:
+                    raise QueueError("indirect descriptor with the NEXT flag")
+                if d.len == 0 or d.len % 16 or d.len // 16 > size:
+                    raise QueueError(f"indirect table length {d.len} is invalid")
+                table = self._at(d.addr, d.len)
+                if table == NULL:
+                    raise QueueError(f"indirect table at {d.addr:#x}+{d.len:#x} is outside guest memory")
+                indirect = True
+                table_size = d.len // 16
+                index = 0
+                seen = 0
+                continue
+            if d.len:
+                # An empty buffer carries nothing (and may point anywhere): it
+                # is followed, never handed to a device.
+                if self._at(d.addr, d.len) == NULL:
+                    raise QueueError(f"buffer {d.addr:#x}+{d.len:#x} is outside guest memory")
+                total += d.len
+                if total > MAX_CHAIN_BYTES:
+                    raise QueueError("descriptor chain describes more than 4 GiB")
+                out.append(_tuple_new(Descriptor, (d.addr, d.len, (d.flags & F_WRITE) != 0)))
+            if not d.flags & F_NEXT:
+                return out
+            if d.next >= table_size:
+                raise QueueError(f"next descriptor {d.next} out of range ({table_size})")
+            index = d.next
+
+    def add_used(self, head, length):
+        """Return a chain to the driver with `length` bytes written into it."""
+        self.add_used_many(((head, length),))
+
+    def add_used_many(self, used):
+        """Return several chains (head, bytes written), published with one index
+        update; a head or length out of range publishes nothing (PyQueue's rule)."""
+        self._check_ready()
+        cdef uint32_t size = self._size
+        cdef unsigned long n = self.next_used
+        cdef unsigned long start = n
+        cdef uint32_t elem[2]
+        for head, length in used:
+            if not (0 <= head < size and 0 <= length <= 0xFFFF_FFFF):
+                raise QueueError(f"used element ({head}, {length}) out of range (queue size {size})")
+            elem[0] = head
+            elem[1] = length
+            memcpy(self._used + 4 + 8 * (n % size), elem, 8)  # struct virtq_used_elem, little-endian on x86
+            n += 1
+        self.used_added += n - start
+        self.next_used = n & 0xFFFF
+        vq_release_fence()  # the elements before the index that publishes them (2.7.8.2)
+        vq_store16(self._used + 2, <uint16_t>n)
+
+    def needs_notification(self):
+        """Whether to interrupt the driver for what we just used (2.7.7.2, 2.7.10)."""
+        self._check_ready()
+        vq_full_fence()  # the used idx we published before the flags/used_event we read
+        cdef uint16_t used_event
+        cdef bint wanted
+        if not self.event_idx:
+            wanted = not (vq_load16(self._avail) & AVAIL_F_NO_INTERRUPT)
+        else:
+            used_event = vq_load16(self._avail + 4 + 2 * self._size)
+            old = self.signalled_used
+            new = self.next_used
+            self.signalled_used = new
+            # vring_need_event(): did we cross used_event since the last signal?
+            wanted = old is None or ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+        if not wanted:
+            self.interrupts_suppressed += 1
+        return wanted
