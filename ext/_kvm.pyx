@@ -469,6 +469,53 @@ cdef class MmioRead(VmExit):
         return f"MmioRead(addr={self.addr:#x}, length={self.length})"
 
 
+cdef int _port_write(dict ports, object pio, unsigned int port, unsigned int size, uint64_t value) except -1:
+    entry = ports.get(port)
+    if entry is None:
+        pio.write(port, size, value)  # nobody's port: the bus counts it
+        return 0
+    base, device = entry
+    try:
+        device.write(port - base, size, value)
+    except Exception as e:
+        wrapped = pio.device_error(base, "write", port, e)
+        if wrapped is e:
+            raise
+        raise wrapped from e
+    return 0
+
+
+cdef uint64_t _port_read(dict ports, object pio, unsigned int port, unsigned int size) except? 0xFFFFFFFFFFFFFFFF:
+    entry = ports.get(port)
+    if entry is None:
+        return _fits(pio.read(port, size), size, port)
+    base, device = entry
+    try:
+        return _fits(device.read(port - base, size), size, port)
+    except Exception as e:
+        wrapped = pio.device_error(base, "read", port, e)
+        if wrapped is e:
+            raise
+        raise wrapped from e
+
+
+cdef uint64_t _mmio_read(object mmio, uint64_t addr, unsigned int size) except? 0xFFFFFFFFFFFFFFFF:
+    value = mmio.read(addr, size)  # the bus names a device that raises
+    try:
+        return _fits(value, size, addr)
+    except ValueError as e:  # the device answered more than the access holds
+        hit = mmio.find(addr)
+        raise mmio.device_error(hit[0] if hit is not None else addr, "read", addr, e) from e
+
+
+cdef uint64_t _fits(object value, unsigned int size, uint64_t addr) except? 0xFFFFFFFFFFFFFFFF:
+    """A read's answer as the access's bytes: an int of at most `size` bytes."""
+    cdef object bits = 8 * size  # a Python int: the shift below is Python's, never C's
+    if not isinstance(value, int) or value < 0 or value >> bits:
+        raise ValueError(f"a {size}-byte read at {addr:#x} was answered with {value!r}")
+    return value
+
+
 cdef int _stale(VmExit ex, VcpuFd vcpu) except -1:
     raise StaleExitError(f"{ex!r} is stale: vCPU {vcpu.vcpu_id} has entered KVM_RUN again since, "
                          f"so its answer can no longer reach the guest")
@@ -531,6 +578,8 @@ cdef class VcpuFd(_Fd):
     cdef readonly bint in_run
     # KVM_RUN entries so far; read and written only with the GIL held.
     cdef readonly uint64_t run_seq
+    # Returns from KVM_RUN in run_dispatch (each exit, answered there or not).
+    cdef public uint64_t exits
 
     cdef _map_run(self, size_t size):
         cdef void *p = s.mmap(NULL, size, s.PROT_READ | s.PROT_WRITE, s.MAP_SHARED, self.fd, 0)
@@ -592,6 +641,78 @@ cdef class VcpuFd(_Fd):
                 return Intr.__new__(Intr)
             _raise_errno(err, "KVM_RUN")
         return self._decode_exit()
+
+    def run_dispatch(self, dict ports, object pio, object mmio):
+        """KVM_RUN, again and again, answering the common exits here, until one
+        it leaves to the caller, which it returns as run() would.
+
+        Answered here, with no exit object: port I/O of one item of 1, 2 or 4
+        bytes, and MMIO of 1, 2, 4 or 8 bytes, values as little-endian ints.
+        A port found in `ports` (port -> (base, device)) goes straight to
+        device.read(offset, size) / device.write(offset, size, value); any
+        other port to pio.read(port, size) / pio.write(port, size, value);
+        MMIO to mmio.read(addr, size) / mmio.write(addr, size, value). A
+        device's exception e is replaced by pio.device_error(base, what, port, e)
+        (the bus names the device; e itself if it needs no wrapping): the
+        policy stays in Python.
+        A value read that does not fit the access is a ValueError.
+
+        Returned: Intr (a signal or immediate_exit: the caller looks at its
+        flags), string or rep port I/O, and every other exit. Exits counts
+        every return from KVM_RUN, answered here or not.
+        """
+        cdef k.kvm_run *r
+        cdef uint32_t reason
+        cdef uint64_t value
+        cdef unsigned int size
+        cdef char *data
+        cdef int ret, err = 0, fd
+        while True:
+            self._check_run()
+            if self.in_run:
+                raise RuntimeError(f"vCPU {self.vcpu_id} is already running in another thread")
+            self.in_run = True
+            self.run_seq += 1  # as in run(): every exit of an earlier entry is stale
+            fd = self.fd
+            with nogil:
+                ret = s.ioctl(fd, k.KVM_RUN, 0)
+                if ret < 0:
+                    err = errno
+            self.in_run = False
+            self.exits += 1
+            if ret < 0:
+                if err == EINTR or err == EAGAIN:
+                    return Intr.__new__(Intr)
+                _raise_errno(err, "KVM_RUN")
+            r = self.run_page
+            reason = r.exit_reason
+            if reason == k.KVM_EXIT_IO:
+                size = r.io.size
+                if (r.io.count != 1 or (size != 1 and size != 2 and size != 4)
+                        or r.io.data_offset > self.run_size or size > self.run_size - r.io.data_offset):
+                    return self._decode_exit()  # the caller's (and _decode_exit's checks)
+                data = <char *>r + r.io.data_offset
+                if r.io.direction == k.KVM_EXIT_IO_OUT:
+                    value = 0
+                    memcpy(&value, data, size)  # x86: little-endian
+                    _port_write(ports, pio, r.io.port, size, value)
+                else:
+                    value = _port_read(ports, pio, r.io.port, size)
+                    memcpy(data, &value, size)
+                continue
+            if reason == k.KVM_EXIT_MMIO:
+                size = r.mmio.len
+                if size != 1 and size != 2 and size != 4 and size != 8:
+                    return self._decode_exit()
+                if r.mmio.is_write:
+                    value = 0
+                    memcpy(&value, r.mmio.data, size)
+                    mmio.write(r.mmio.phys_addr, size, value)
+                else:
+                    value = _mmio_read(mmio, r.mmio.phys_addr, size)
+                    memcpy(r.mmio.data, &value, size)
+                continue
+            return self._decode_exit()
 
     cdef object _decode_exit(self):
         cdef k.kvm_run *r = self.run_page

@@ -85,7 +85,7 @@ class Bus:
         except DeviceError:
             raise
         except Exception as e:  # free when nothing is raised (3.11's zero-cost try)
-            raise self._device_error(hit[0], "read", addr, e) from e
+            raise self.device_error(hit[0], "read", addr, e) from e
 
     def write(self, addr: int, size: int, value: int) -> None:
         hit = self.find(addr)
@@ -97,9 +97,13 @@ class Bus:
         except DeviceError:
             raise
         except Exception as e:
-            raise self._device_error(hit[0], "write", addr, e) from e
+            raise self.device_error(hit[0], "write", addr, e) from e
 
-    def _device_error(self, base: int, what: str, addr: int, e: Exception) -> DeviceError:
+    def device_error(self, base: int, what: str, addr: int, e: Exception) -> DeviceError:
+        """What a device's exception becomes: a DeviceError naming the device
+        (a DeviceError already is one, and stays as it is)."""
+        if isinstance(e, DeviceError):
+            return e
         return DeviceError(f"device {self.names.get(base, '?')} failed on a {self.name} {what} at {addr:#x}: "
                            f"{type(e).__name__}: {e}")
 
@@ -134,6 +138,11 @@ class PioBus(Bus):
 
     def find(self, addr: int) -> tuple[int, BusDevice] | None:
         return self._ports.get(addr)
+
+    @property
+    def ports(self) -> dict[int, tuple[int, BusDevice]]:
+        """port -> (base, device) for every claimed port: VcpuFd.run_dispatch's table."""
+        return self._ports
 
 
 class MmioBus(Bus):

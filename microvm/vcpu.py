@@ -54,7 +54,6 @@ class Vcpu:
         self.pio = pio
         self.mmio = mmio
         self.on_stop = on_stop
-        self.exits = 0
         self.stop_reason: StopReason | None = None
         self.error: BaseException | None = None
         self.last_exit: _kvm.VmExit | None = None
@@ -69,6 +68,11 @@ class Vcpu:
         self._ident: int | None = None
         self._ident_lock = threading.Lock()  # _ident is cleared when the thread ends
         self.first_entry_ns: int | None = None
+
+    @property
+    def exits(self) -> int:
+        """Exits so far (every return from KVM_RUN)."""
+        return self.fd.exits
 
     # --- control, from any thread ------------------------------------------------
 
@@ -142,7 +146,10 @@ class Vcpu:
 
     def run_loop(self) -> StopReason:
         """Run until the guest stops this vCPU or stop() is called."""
-        run = self.fd.run
+        # Port I/O of one item and MMIO are answered inside run_dispatch (the
+        # ext calls the devices' read/write with ints, no exit object); what
+        # comes back here is the rest: string I/O, interruptions, the end.
+        run, ports, pio, mmio = self.fd.run_dispatch, getattr(self.pio, "ports", {}), self.pio, self.mmio
         pio_read, pio_write = self.pio.read, self.pio.write
         mmio_read, mmio_write = self.mmio.read, self.mmio.write
         IoOut, IoIn, MmioRead, MmioWrite, Intr = (
@@ -152,8 +159,7 @@ class Vcpu:
             return StopReason.STOPPED
         self.first_entry_ns = time.monotonic_ns()
         while True:
-            ex: Any = run()  # dispatched on its exact type below, for speed
-            self.exits += 1
+            ex: Any = run(ports, pio, mmio)  # dispatched on its exact type below
             t = type(ex)
             if t is IoOut:
                 size = ex.size

@@ -105,3 +105,71 @@ def test_accesses_nobody_claims_reach_the_stats() -> None:
         vm.stop()
         vm.wait(30)
         assert devices.stats()["bus"] == {"pio_unhandled": 0, "mmio_unhandled": 1}
+
+
+OUT_THEN_SPIN = """
+    mov al, 1
+    out 0x80, al
+spin:
+    pause
+    jmp spin
+"""
+
+IN_THEN_SPIN = """
+    in al, 0x80
+spin:
+    pause
+    jmp spin
+"""
+
+
+def test_a_port_device_that_raises_is_named() -> None:
+    """Port I/O is answered inside the ext (VcpuFd.run_dispatch); errors still name the device."""
+    with long_mode_vm(OUT_THEN_SPIN) as vm:
+        vm.pio.register(0x80, 1, Broken(), "post0")
+        vm.start()
+        with pytest.raises(DeviceError, match=r"device post0 failed on a pio write at 0x80: ZeroDivisionError") as info:
+            vm.wait(30)
+        assert isinstance(info.value.__cause__, ZeroDivisionError)
+
+
+class Overflowing:
+    """A device with a bug: a 1-byte read answered with 256."""
+
+    def read(self, offset: int, size: int) -> int:
+        return 256
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        pass
+
+
+def test_a_read_answered_with_more_than_the_access_holds_ends_the_vm() -> None:
+    with long_mode_vm(IN_THEN_SPIN) as vm:
+        vm.pio.register(0x80, 1, Overflowing(), "post0")
+        vm.start()
+        with pytest.raises(DeviceError, match=r"device post0 failed on a pio read at 0x80: ValueError: "
+                                              r"a 1-byte read at 0x80 was answered with 256"):
+            vm.wait(30)
+
+
+MMIO_READ_THEN_SPIN = f"""
+    mov rax, {WINDOW:#x}
+    mov ebx, dword ptr [rax]
+spin:
+    pause
+    jmp spin
+"""
+
+
+class Negative(Overflowing):
+    def read(self, offset: int, size: int) -> int:
+        return -1
+
+
+def test_an_mmio_read_answered_with_a_negative_value_names_the_device() -> None:
+    with long_mode_vm(MMIO_READ_THEN_SPIN, map_gib=4) as vm:
+        vm.mmio.register(WINDOW, 0x1000, Negative(), "gpu0")
+        vm.start()
+        with pytest.raises(DeviceError, match=r"device gpu0 failed on a mmio read at 0xc0000000: ValueError: "
+                                              r"a 4-byte read at 0xc0000000 was answered with -1"):
+            vm.wait(30)
