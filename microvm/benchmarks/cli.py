@@ -1,4 +1,4 @@
-"""`microvm bench ...`: boot, footprint, rate, blk, net, call, exits, restore.
+"""`microvm bench ...`: boot, footprint, rate, blk, net, call, exits, virtqueue, restore.
 
 Each command prints a table and writes its results under --out. On a PVM
 host the commands that boot Linux first re-run themselves inside the
@@ -287,6 +287,20 @@ def exits_cmd(exits: int, runs: int, out: Path) -> None:
     exits_bench.compiler()
     _measure("exits", "exit loops", runs * len(exits_bench.VARIANTS),
              lambda advance: exits_bench.run(exits, runs, advance), _compared(exits_bench), out)
+
+
+@bench.command("virtqueue")
+@click.option("--chains", type=click.IntRange(min=1000), default=100_000, show_default=True,
+              help="Chains through the queue per run.")
+@click.option("--runs", type=click.IntRange(min=1), default=7, show_default=True, help="Runs per variant.")
+@out_option
+@one_line_errors
+def virtqueue_cmd(chains: int, runs: int, out: Path) -> None:
+    """Cost of a virtqueue request, device side: the Python queue against the Cython one (no VM)."""
+    from microvm.benchmarks import virtqueue
+
+    _measure("virtqueue", "queue runs", runs * len(virtqueue.SHAPES) * len(virtqueue.VARIANTS),
+             lambda advance: virtqueue.run(chains, runs, advance), _compared(virtqueue), out)
 
 
 @bench.command("restore")

@@ -664,3 +664,19 @@ def test_qemu_machine_runs_until_killed(tmp_path: Path, monkeypatch: pytest.Monk
         assert not failed.wait_for(b"agent ready", 30)  # QEMU ended: no waiting out the 30 s
         failed.proc.wait()
         assert "no agent (QEMU exited 1: no vhost)" in str(failed.failure("no agent"))
+
+
+def test_virtqueue_bench_times_both_queues_on_every_shape(tmp_path: Path) -> None:
+    from microvm.benchmarks import virtqueue
+
+    result = virtqueue.run(chains=1000, runs=1)
+    assert set(result["summary"]) == {"python", "cython"}
+    for side in ("python", "cython"):
+        assert set(result["summary"][side]) == set(virtqueue.SHAPES)
+        assert all(st.median > 0 for st in result["summary"][side].values())
+    assert set(result["ratio"]["python / cython"]) == set(virtqueue.SHAPES)
+    out = CliRunner().invoke(main, ["bench", "virtqueue", "--chains", "1000", "--runs", "1", "--out", str(tmp_path)])
+    assert out.exit_code == 0, out.output
+    assert (tmp_path / "virtqueue.json").exists()
+    bad = CliRunner().invoke(main, ["bench", "virtqueue", "--chains", "10"])
+    assert bad.exit_code != 0 and "--chains" in bad.output
