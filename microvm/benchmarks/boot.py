@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from microvm.benchmarks import guest, qemu, report
+from microvm.benchmarks import guest, initcalls, qemu, report
 from microvm.benchmarks.guest import RunFailed
 from microvm.benchmarks.options import CMDLINE_VARIANTS, KERNEL_FORMATS, VMMS
 from microvm.benchmarks.report import Stats, summarize_metrics
@@ -109,14 +109,25 @@ def printk_times(console: bytes) -> dict[str, float]:
     return {PRINTK_METRICS[0]: first, PRINTK_METRICS[1]: last}
 
 
-def boot_ours(config: BootConfig, timeout: float) -> dict[str, float]:
+def boot_ours(config: BootConfig, timeout: float, calls: list[list[tuple[str, int]]] | None = None,
+              ) -> dict[str, float]:
+    """One boot running `true`; with `calls`, one with initcall_debug running
+    `dmesg`, whose initcalls (initcalls.parse) are appended to `calls`."""
     from microvm.machine import MicroVM
 
+    cmdline, command = config.cmdline(), ["true"]
+    if calls is not None:
+        cmdline, command = f"{cmdline} {initcalls.CMDLINE_ARG}", initcalls.COMMAND
     vm = MicroVM(guest.kernel_path(config.kernel_format), mem_mib=config.mem_mib, vcpus=config.vcpus,
-                 cmdline=config.cmdline())
-    r = vm.run(["true"], timeout=timeout)
+                 cmdline=cmdline)
+    r = vm.run(command, timeout=timeout)
     if r.exit_code != 0:
-        raise RunFailed(f"{config.label}: `true` exited {r.exit_code}\n{vm.console_tail()}")
+        raise RunFailed(f"{config.label}: `{' '.join(command)}` exited {r.exit_code}\n{vm.console_tail()}")
+    if calls is not None:
+        found = initcalls.parse(r.stdout)
+        if not found:
+            raise RunFailed(f"{config.label}: dmesg shows no initcall times (initcall_debug)")
+        calls.append(found)
     return {**r.timeline, **printk_times(r.console)}
 
 
@@ -151,17 +162,21 @@ def boot_qemu(config: BootConfig, initrd: Path, timeout: float) -> dict[str, flo
 
 
 def run(configs: Sequence[BootConfig], runs: int, *, timeout: float = 300,
-        on_run: Callable[[str], None] | None = None) -> dict[str, Any]:
+        on_run: Callable[[str], None] | None = None, with_initcalls: bool = False) -> dict[str, Any]:
     """Boot every configuration `runs` times; returns the raw runs, the
     stats per configuration and metric and, with more than one VMM, their
-    comparison (JSON-ready apart from Stats)."""
+    comparison (JSON-ready apart from Stats). with_initcalls: microvm's
+    boots run with initcall_debug and `dmesg` (so "command done" includes
+    printing the log), and "initcalls" has each configuration's slowest."""
     if runs < 1:
         raise ConfigError(f"runs must be at least 1, got {runs}")
     if any(c.vmm == "qemu" for c in configs) and not qemu.available():
         raise ConfigError(f"--qemu: {qemu.QEMU} is not installed")
     records: list[dict[str, Any]] = []
+    calls: dict[str, list[list[tuple[str, int]]]] = {c.label: [] for c in configs if c.vmm == "microvm"}
     boots: dict[str, Callable[[BootConfig], dict[str, float]]] = {
-        "microvm": lambda c: boot_ours(c, timeout), "microvm run": lambda c: boot_cli(c, timeout)}
+        "microvm": lambda c: boot_ours(c, timeout, calls[c.label] if with_initcalls else None),
+        "microvm run": lambda c: boot_cli(c, timeout)}
     with qemu.initramfs() as initrd:
         boots["qemu"] = lambda c: boot_qemu(c, initrd, timeout)
         # One boot nobody counts: imports, the cached initramfs, the page cache.
@@ -175,10 +190,16 @@ def run(configs: Sequence[BootConfig], runs: int, *, timeout: float = 300,
                 on_run(f"{config.label}: {(metrics.get(TOTAL) or metrics.get('vm ended', 0)) * 1000:.0f} ms")
     summary = {c.label: summarize_metrics([r for r in records if r["configuration"] == c.label], METRICS)
                for c in configs}
-    return {"benchmark": "boot", "runs_per_configuration": runs, "metrics": list(METRICS),
-            "kernels": {f: str(guest.kernel_path(f)) for f in {c.kernel_format for c in configs}},
-            "configurations": [asdict(c) | {"label": c.label, "cmdline": c.cmdline()} for c in configs],
-            "runs": records, "summary": summary, "comparison": comparison(configs, records)}
+    result = {"benchmark": "boot", "runs_per_configuration": runs, "metrics": list(METRICS),
+              "kernels": {f: str(guest.kernel_path(f)) for f in {c.kernel_format for c in configs}},
+              "configurations": [asdict(c) | {"label": c.label, "cmdline": c.cmdline()} for c in configs],
+              "runs": records, "summary": summary, "comparison": comparison(configs, records)}
+    if with_initcalls:
+        symbols = initcalls.Symbols.of(guest.kernel_path("elf"))  # the bzImage's kernel too
+        result["initcalls"] = {label: initcalls.slowest(runs_of, symbols) for label, runs_of in calls.items()}
+        result["initcalls_total_ms"] = {label: [initcalls.total_us(r) / 1000 for r in runs_of]
+                                        for label, runs_of in calls.items()}
+    return result
 
 
 def compared_metrics(configs: Sequence[BootConfig]) -> dict[str, tuple[str, str]]:

@@ -120,12 +120,14 @@ def bench() -> None:
               help="Boots per configuration.")
 @_qemu_option(False, "Also boot QEMU's microvm machine, same kernel and initramfs.")
 @click.option("--cli", "with_cli", is_flag=True, help="Also time `microvm run -- true`, a whole process.")
+@click.option("--initcalls", "with_initcalls", is_flag=True,
+              help="Also list the slowest initcalls (initcall_debug; microvm's boots then run `dmesg`).")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=300, show_default=True,
               help="Seconds allowed per boot.")
 @out_option
 @one_line_errors
 def boot_cmd(formats: list[str], mems: list[int], vcpus: list[int], variants: list[str], runs: int,
-             with_qemu: bool, with_cli: bool, timeout: float, out: Path) -> None:
+             with_qemu: bool, with_cli: bool, with_initcalls: bool, timeout: float, out: Path) -> None:
     """Boot each configuration N times: phase timeline table, JSON, CSV, PNG."""
     from microvm.benchmarks import boot, report
     from microvm.benchmarks.plot import boot_figure, pyplot
@@ -138,9 +140,15 @@ def boot_cmd(formats: list[str], mems: list[int], vcpus: list[int], variants: li
         _kernel(kernel_format)
     _in_lane("boot", out)
     with report.progress("booting", len(configs) * runs) as advance:
-        result = boot.run(configs, runs, timeout=timeout, on_run=advance)
+        result = boot.run(configs, runs, timeout=timeout, on_run=advance, with_initcalls=with_initcalls)
     report.console().print(report.stats_table(f"boot timeline, {runs} runs each (ms since start)",
                                               result["summary"]))
+    if with_initcalls:
+        from microvm.benchmarks import initcalls
+
+        report.console().print(report.rows_table(
+            f"slowest initcalls (initcall_debug), median of {runs} runs",
+            ["configuration", "initcall", "median ms", "max ms", "runs"], initcalls.table_rows(result["initcalls"])))
     if result["comparison"] is not None:
         report.console().print(report.compare_table("boot, ms from start() (microvm) or from spawning the process",
                                                     boot.compared_metrics(configs), result["comparison"]))

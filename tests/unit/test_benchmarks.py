@@ -680,3 +680,37 @@ def test_virtqueue_bench_times_both_queues_on_every_shape(tmp_path: Path) -> Non
     assert (tmp_path / "virtqueue.json").exists()
     bad = CliRunner().invoke(main, ["bench", "virtqueue", "--chains", "10"])
     assert bad.exit_code != 0 and "--chains" in bad.output
+
+
+def test_initcalls_are_parsed_named_and_ranked() -> None:
+    from microvm.benchmarks import initcalls
+
+    dmesg = (b"[    0.100000] calling  0xffffffff81001000 @ 1\n"
+             b"[    0.100100] initcall 0xffffffff81001000 returned 0 after 100 usecs\n"
+             b"[    0.200000] initcall 0xffffffff81002010 returned -19 after 2500 usecs\n"
+             b"[    0.300000] initcall some_named_fn+0x0/0x40 returned 0 after 7 usecs\n"
+             b"[    0.400000] initcall 0xffffffff81009000 returned 0 after 30 usecs\n")
+    runs = [initcalls.parse(dmesg), [("0xffffffff81001000", 300)]]
+    assert runs[0][:2] == [("0xffffffff81001000", 100), ("0xffffffff81002010", 2500)]
+    symbols = initcalls.Symbols([(0xffffffff81001000, 0x20, "first_init"), (0xffffffff81002000, 0x40, "slow_init"),
+                                 (0xffffffff81008000, 0x10, "small_fn")])
+    assert symbols.name("0xffffffff81002010") == "slow_init+0x10"
+    assert symbols.name("0xffffffff81009000") == "0xffffffff81009000"  # past small_fn's end: unnamed
+    assert symbols.name("some_named_fn+0x0/0x40") == "some_named_fn+0x0/0x40"
+    rows = initcalls.slowest(runs, symbols, n=2)
+    assert [(r["initcall"], r["median_us"], r["max_us"], r["runs"]) for r in rows] == [
+        ("slow_init+0x10", 2500, 2500, 1), ("first_init", 200, 300, 2)]
+    assert initcalls.total_us(runs[0]) == 2637
+
+
+def test_initcall_addresses_name_our_kernels_functions() -> None:
+    from microvm.benchmarks import initcalls
+    from microvm.kernelbuild import find_default_kernel
+
+    art = find_default_kernel()
+    if art is None:
+        pytest.skip("no guest kernel built")
+    symbols = initcalls.Symbols.of(art.vmlinux)
+    probe = subprocess.run(["nm", str(art.vmlinux)], capture_output=True, text=True, check=True).stdout
+    addr = next(int(line.split()[0], 16) for line in probe.splitlines() if line.endswith(" virtio_mmio_init"))
+    assert symbols.name(f"{addr:#x}") == "virtio_mmio_init"
