@@ -10,7 +10,9 @@ ordered list of devices that stats, teardown and snapshots walk.
 How many virtio devices fit: one per interrupt line in layout.VIRTIO_IRQS
 (19: I/O APIC pins 5-23). The virtio console and the entropy device take
 one each, so a VM takes at most MAX_USER_DEVICES drives, NICs and vsock
-together.
+together. (The kernel's own console, hvc1, shares hvc0's line: Linux's
+virtio_mmio asks for its interrupt IRQF_SHARED and reads each device's
+interrupt status, so a pulse on a shared line reaches both handlers.)
 """
 
 from __future__ import annotations
@@ -83,15 +85,21 @@ class DeviceManager:
         self.devices.append(Attached(name, device, "mmio", base, size))
 
     def add_virtio(self, name: str, device: Any, *, ioeventfd: bool = True,
-                   own_thread: bool = False) -> MmioTransport:
+                   own_thread: bool = False, share_line_of: str | None = None) -> MmioTransport:
         """Put a virtio device behind a transport in the next window, on the next line.
 
         ioeventfd: queue notifications wake an I/O thread without a vCPU exit
         (else the vCPU serves them in its exit); own_thread: that thread is
         the device's own, so its slow host calls (a disk's fdatasync) never
-        hold up another device.
+        hold up another device. share_line_of: the interrupt line of that
+        (virtio) device instead of a new one.
         """
-        gsi = self.irqs.take()
+        if share_line_of is None:
+            gsi = self.irqs.take()
+        else:
+            shared = next(a.gsi for a in self.devices if a.name == share_line_of and a.transport is not None)
+            assert shared is not None  # a virtio device always has its line
+            gsi = shared
         base = self.windows.take()
         vm = self.vm
         transport = MmioTransport(device, vm.mem, vm.irq_line(gsi))

@@ -52,6 +52,22 @@ class GuestCrashError(VcpuError):
     """The guest crashed: triple fault, failed entry, emulation failure."""
 
 
+class GuestPanicError(GuestCrashError):
+    """The guest kernel panicked."""
+
+
+class GuestTimeoutError(MicroVMError, TimeoutError):
+    """The guest did not finish in time; it was killed."""
+
+
+class UnsupportedHostError(MicroVMError):
+    """This host cannot run an ordinary Linux guest (PVM)."""
+
+
+class VmStoppedError(MicroVMError):
+    """The host stopped the VM (stop() or kill()) before the guest finished."""
+
+
 class GuestError(MicroVMError):
     """The guest could not run the command (e.g. its root filesystem would not mount)."""
 

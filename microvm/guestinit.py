@@ -49,7 +49,7 @@ hostname microvm
 
 power() {{
     # busybox halt/poweroff/reboot signal PID 1: tell the host, which ends the VM.
-    stty -F /dev/console -echo 2>/dev/null
+    stty -F /dev/ttyS0 -echo 2>/dev/null
     sync
     devmem {CONTROL_BASE + REG_POWER:#x} 32 $1
     while :; do sleep 1; done
@@ -101,7 +101,8 @@ if [ -f /microvm/cmd ]; then
     # The command's output goes to virtio-console (hvc0) when there is one:
     # whole buffers, and hvc returns from write() only once the host took
     # them, so nothing is in flight when we report the status.
-    out=/dev/console mark={MARK_COMMAND_ON_CONSOLE}
+    # (Else the serial port: /dev/console may be the kernel's log, hvc1.)
+    out=/dev/ttyS0 mark={MARK_COMMAND_ON_CONSOLE}
     [ -c /dev/hvc0 ] && out=/dev/hvc0 mark={MARK_COMMAND}
     # fd 3 holds the tty open, so the settings below last for the whole run
     # (a tty forgets them when its last fd closes). -opost: exact bytes, no
@@ -118,11 +119,12 @@ if [ -f /microvm/cmd ]; then
     status=$(cat /run/status)
     exec 3>&-
 else
-    # A shell on the console. Hardware flow control: when the tty's input
+    # A shell on the serial port (ttyS0: /dev/console may be hvc1, where the
+    # kernel's messages go). Hardware flow control: when the tty's input
     # buffer fills, the guest drops RTS and the host holds its input back
     # (Serial.offer), so piped input of any size arrives whole. The host
     # sends input only after this mark, once the port is set up.
-    stty -F /dev/console crtscts 2>/dev/null
+    stty -F /dev/ttyS0 crtscts 2>/dev/null
     devmem {CONTROL_BASE + REG_MARK:#x} 32 {MARK_COMMAND_ON_CONSOLE}
     # The shell must not lead the session: when a session leader exits, Linux
     # hangs up its terminal (drivers/tty/tty_jobctrl.c, disassociate_ctty),
@@ -132,13 +134,14 @@ else
     shell="/bin/sh -l"
     [ "$run" != /bin/sh ] && shell="chroot /newroot /bin/sh -l"
     # (TTOU ignored: should the shell leave another process group in the
-    # foreground, stty from ours would otherwise be stopped.)
-    setsid cttyhack /bin/sh -c "$shell; s=\\$?; trap '' TTOU; stty -echo 2>/dev/null; exit \\$s"
+    # foreground, stty from ours would otherwise be stopped.) The leader
+    # opens ttyS0 itself, which makes it the session's controlling tty.
+    setsid /bin/sh -c "exec 0<>/dev/ttyS0 1>&0 2>&0; $shell; s=\\$?; trap '' TTOU; stty -echo 2>/dev/null; exit \\$s"
     status=$?
 fi
 sync
 [ -n "$root" ] && mount -o remount,ro /newroot 2>/dev/null
-stty -F /dev/console -echo
+stty -F /dev/ttyS0 -echo
 devmem {CONTROL_BASE + REG_EXIT:#x} 32 $status
 while :; do sleep 1; done
 """

@@ -47,9 +47,13 @@ from microvm.errors import (
     GuestCrashError,
     GuestError,
     GuestMemoryTooSmallError,
+    GuestPanicError,
+    GuestTimeoutError,
     LoaderError,
     MicroVMError,
+    UnsupportedHostError,
     VcpuError,
+    VmStoppedError,
 )
 from microvm.hostprocess import interrupts_deferred, raise_fd_limit, sink, tune_switch_interval
 from microvm.kernellog import KernelLog
@@ -61,25 +65,13 @@ from microvm.vm import Vm
 __all__ = ["Drive", "GuestPanicError", "GuestTimeoutError", "MicroVM", "Nic", "RunResult", "VmStoppedError"]
 
 MIB = layout.MIB
-DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet 8250.nr_uarts=1"
+# The kernel's console is hvc1, a virtio-console of its own (a buffer per 16
+# bytes, where ttyS0 costs two exits per byte); it registers at virtio init and
+# replays the log from the boot's start. ttyS0 serves the interactive shell.
+DEFAULT_CMDLINE = "console=hvc1 reboot=k panic=-1 quiet 8250.nr_uarts=1"
+KERNEL_CONSOLE = "console=hvc1"
 CONSOLE_TAIL = 4000
 WAIT_SLICE = 0.25  # how often wait() looks at a panic in progress
-
-
-class GuestPanicError(GuestCrashError):
-    """The guest kernel panicked."""
-
-
-class GuestTimeoutError(MicroVMError, TimeoutError):
-    """The guest did not finish in time; it was killed."""
-
-
-class UnsupportedHostError(MicroVMError):
-    """This host cannot run an ordinary Linux guest (PVM)."""
-
-
-class VmStoppedError(MicroVMError):
-    """The host stopped the VM (stop() or kill()) before the guest finished."""
 
 
 @dataclass
@@ -519,6 +511,11 @@ class MicroVM(MicroVMSnapshots):
         # until the host has taken each buffer, so the notify is served right
         # in the vCPU's exit, never waiting for the I/O thread to be scheduled.
         devices.add_virtio("hvc0", self.hvc, ioeventfd=False)
+        if KERNEL_CONSOLE in f"{self.cmdline} {self.append}".split():
+            # The kernel's messages: the second virtio console the guest
+            # probes is hvc1 (the virtio-mmio devices probe in this order).
+            devices.add_virtio("hvc1", VirtioConsole(self._on_kernel_console), ioeventfd=False,
+                               share_line_of="hvc0")
         # Entropy from the host (/dev/hwrng), so the guest's getrandom() never
         # waits for its own pool (slow to fill in a quiet VM).
         devices.add_virtio("rng", VirtioRng())
@@ -551,6 +548,12 @@ class MicroVM(MicroVMSnapshots):
             self.console += data
             if self._console_sink is not None:
                 self._console_sink(data)
+        self.kernel_log.feed(data)
+
+    def _on_kernel_console(self, data: bytes) -> None:  # hvc1: the kernel's, and init's /dev/console
+        self.console += data
+        if self._console_sink is not None:
+            self._console_sink(data)
         self.kernel_log.feed(data)
 
     def _on_mark(self, mark: int) -> None:

@@ -95,6 +95,20 @@ def test_the_device_manager_refuses_a_virtio_device_past_the_last_interrupt_line
         assert len(line) == 19
 
 
+def test_a_device_may_share_another_ones_interrupt_line() -> None:
+    """hvc1 (the kernel's console) rides on hvc0's line: no line of the pool is spent."""
+    with Vm([(0, 2 << 20)], irqchip=True) as vm:
+        devices = DeviceManager(vm)
+        devices.add_virtio("hvc0", NullVirtio())
+        devices.add_virtio("hvc1", NullVirtio(), share_line_of="hvc0")
+        devices.add_virtio("rng", NullVirtio())
+        base = layout.VIRTIO_MMIO_BASE
+        assert devices.cmdline().split() == [f"virtio_mmio.device=4K@{base:#x}:5",
+                                             f"virtio_mmio.device=4K@{base + 0x1000:#x}:5",
+                                             f"virtio_mmio.device=4K@{base + 0x2000:#x}:6"]
+        assert devices.irqs.left == len(layout.VIRTIO_IRQS) - 2
+
+
 def test_accesses_nobody_claims_reach_the_stats() -> None:
     with long_mode_vm(WRITE_THEN_SPIN, map_gib=4) as vm:
         devices = DeviceManager(vm)
