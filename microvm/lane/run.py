@@ -216,17 +216,44 @@ def run_in_lane(argv: Sequence[str], *, cwd: str | None = None, env: Mapping[str
     return LaneResult(returncode, "".join(console.output), time.monotonic() - t0)
 
 
-def _run_qemu(cmd: list[str], console: _Console, timeout: float) -> int:
+# The lane (nested SVM under TCG) now and then freezes outright: QEMU's main
+# loop and its vCPU thread both asleep, for good. A running lane, even an idle
+# one, uses CPU (its guest's timers tick), so a QEMU that used none for this
+# long is frozen: a LaneTimeout now, not at the end of the timeout.
+FREEZE_AFTER = 60.0
+FREEZE_CPU = 0.05  # seconds of CPU below which a window counts as none
+_CHECK_EVERY = 5.0
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User and system CPU time of process `pid` (all its threads), or None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (stat(5) 14, 15)
+
+
+def _run_qemu(cmd: list[str], console: _Console, timeout: float, freeze_after: float = FREEZE_AFTER) -> int:
     deadline = time.monotonic() + timeout
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
+    busy_at, busy_cpu = time.monotonic(), 0.0  # when QEMU last used CPU, and its total then
     try:
         while True:
-            left = deadline - time.monotonic()
+            now = time.monotonic()
+            left = deadline - now
             if left <= 0:
                 raise LaneTimeout(f"no result after {timeout:.0f} s; console tail:\n{console.tail()}")
-            if select.select([fd], [], [], left)[0]:
+            cpu = _cpu_seconds(proc.pid)
+            if cpu is not None and cpu - busy_cpu >= FREEZE_CPU:
+                busy_at, busy_cpu = now, cpu
+            elif now - busy_at >= freeze_after:
+                raise LaneTimeout(f"the lane froze: QEMU used no CPU for {now - busy_at:.0f} s; "
+                                  f"console tail:\n{console.tail()}")
+            if select.select([fd], [], [], min(left, _CHECK_EVERY, freeze_after / 4))[0]:
                 chunk = os.read(fd, 65536)
                 console.feed(chunk, final=not chunk)
                 if not chunk:

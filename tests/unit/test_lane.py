@@ -9,6 +9,7 @@ import shlex
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -256,3 +257,16 @@ def test_real_lane_round_trip(tmp_path: Path) -> None:
     assert result.returncode == 3, result.output
     assert "hello-from-lane" in result.output
     assert (out / "proof").read_text() == "it's a b\n"
+
+
+def test_a_frozen_lane_is_caught_by_its_idle_cpu_not_its_timeout() -> None:
+    """QEMU asleep for good (seen now and then under nested SVM): a process using no CPU."""
+    t0 = time.monotonic()
+    with pytest.raises(lane.LaneTimeout, match="the lane froze: QEMU used no CPU for"):
+        run._run_qemu(["sleep", "60"], run._Console(stream=False), timeout=60, freeze_after=1.5)
+    assert time.monotonic() - t0 < 10
+
+
+def test_a_busy_lane_is_not_taken_for_a_frozen_one() -> None:
+    spin = [sys.executable, "-c", "import time\nt = time.monotonic() + 3\nwhile time.monotonic() < t: pass"]
+    assert run._run_qemu(spin, run._Console(stream=False), timeout=60, freeze_after=1.5) == 0

@@ -423,3 +423,47 @@ def test_receive_property(sizes: list[int], buffers: list[int], mergeable: bool)
         assert x.t.active
     finally:
         x.close()
+
+
+# --- receive straight into the guest's buffers ------------------------------------------
+
+
+def test_receive_reads_straight_into_the_posted_buffers_when_they_hold_the_largest_frame(nic: Nic) -> None:
+    sizes = [1536] * 60  # 90 KiB: room for a 64 KiB segment, and one more
+    small, big = frame(5000), frame(60000, seed=3)
+    nic.tap.peer.send(small)
+    nic.tap.peer.send(big)
+    got = post_and_collect(nic, sizes)
+    assert stats(nic)["rx_frames"] == 2 and not stats(nic).get("rx_copied")  # no frame went through our buffer
+    first, second = b"".join(got[:4]), b"".join(got[4:])
+    assert HDR.unpack(first[:12])[6] == 4 and first[12:] == small[12:]
+    assert HDR.unpack(second[:12])[6] == -(-len(big) // 1536) and second[12:] == big[12:]
+    assert len(got) == 4 + -(-len(big) // 1536)
+    # What is left (16 buffers, 24 KiB) cannot take a 64 KiB frame: the next one is copied.
+    nic.tap.peer.send(frame(100, seed=4))
+    nic.t.notify(RXQ)
+    assert [length for _, length in nic.rx.used()] == [len(frame(100))]
+    assert stats(nic)["rx_copied"] == 1
+
+
+def test_a_frame_longer_than_the_largest_leaves_the_direct_buffers_for_the_next(nic: Nic) -> None:
+    nic.tap.peer.send(b"\0" * (n.MAX_FRAME + 500))
+    nic.tap.peer.send(frame(300))
+    got = post_and_collect(nic, [1536] * 60)
+    assert stats(nic)["rx_oversized"] == 1
+    assert len(got) == 1 and got[0][12:] == frame(300)[12:]
+
+
+def test_the_views_of_stashed_buffers_are_let_go_before_guest_memory_goes(nic: Nic) -> None:
+    for _ in range(60):
+        nic.rx.add_chain([(1536, True)])
+    nic.t.notify(RXQ)  # nothing to read: the device stashes buffers (and views of them) for the next frame
+    assert nic.dev.chains_held() == {RXQ: 43}  # 43 * 1536 bytes hold the largest frame and a spare byte
+    backing = nic.mem.regions[0].backing
+    assert isinstance(backing, bytearray)
+    with pytest.raises(BufferError):
+        backing.extend(b"x")  # exported: views of it are alive
+    nic.t.release_memory()  # Vm.close does this before it unmaps guest memory
+    assert nic.dev.chains_held() == {}
+    nic.mem.close()
+    backing.extend(b"x")  # no view of it is left (the queues' included)

@@ -315,6 +315,9 @@ class MmioTransport:
         with self._lock:
             for q in self.queues:
                 q.release()
+            release = getattr(self.device, "release_memory", None)  # views a device keeps (net's)
+            if release is not None:
+                release()
 
     # --- queues (I/O thread) ------------------------------------------------------
 

@@ -7,11 +7,14 @@ guest and the host kernel as is, and checksum and segmentation offloads
 (CSUM, TSO4/6, ECN) need no work here: a 64 KiB TCP segment is one frame.
 
 Transmit gathers a chain's readable buffers into one writev() on the tap,
-straight from guest memory. Receive reads one frame into a host buffer and
-spreads it over as many receive buffers as it needs (mergeable receive
-buffers, 5.1.6.3.2) or into one big buffer; if the guest has not posted
-enough, the frame waits and the tap is not read again until the guest adds
-buffers (its notification resumes us).
+straight from guest memory. Receive reads each frame straight into the
+guest's receive buffers, one readv() over the buffers it has popped, when
+they hold the largest frame the tap may give (mergeable receive buffers,
+5.1.6.3.2, or one big buffer): then nothing is copied, and the header's
+fields are fixed up in place. With fewer buffers posted, a frame is read
+into a host buffer and spread over as many as it needs once they are
+there; the tap is not read again until the guest adds buffers (its
+notification resumes us).
 
 A guest's mistake never takes the VMM down: a frame that is too short or
 too long, a transmit chain with writable buffers, a frame the host kernel
@@ -81,6 +84,8 @@ FEATURES = (
     | (1 << VIRTIO_NET_F_HOST_ECN) | (1 << VIRTIO_NET_F_MRG_RXBUF) | (1 << VIRTIO_NET_F_STATUS)
 )
 
+# _receive_direct's answers besides a count of chains used.
+_NO_FRAME, _DROPPED = -1, -2
 # Errors from the tap that mean it is gone (deleted, or its netns went away).
 TAP_GONE = (errno.EBADFD, errno.EIO, errno.ENXIO, errno.ENODEV)
 
@@ -132,7 +137,11 @@ class VirtioNet(QueueState):
         self.guest_csum = self.guest_tso4 = self.guest_tso6 = self.guest_ecn = False
         self._rx_view = memoryview(bytearray(MAX_FRAME + 1))  # one spare byte shows truncation
         self._pending = 0  # length of a frame read from the tap, waiting for buffers
-        self._stash: deque[tuple[DescriptorChain, int]] = deque()  # popped receive chains, unused yet
+        # Receive chains popped and not used yet: (chain, capacity, views), the
+        # views of their descriptors also in one list (readv's), and their room.
+        self._stash: deque[tuple[DescriptorChain, int, int]] = deque()
+        self._stash_views: list[memoryview] = []
+        self._room = 0
 
     # --- config space (5.1.4) ---------------------------------------------------------
 
@@ -171,7 +180,7 @@ class VirtioNet(QueueState):
             raise f.error(f"mac {mac.hex(':')} is not 6 bytes")
         self.mac, self.link_up = mac, f.flag("link_up") and self.link_up  # this tap may have failed already
         self._pending = 0
-        self._stash.clear()
+        self._clear_stash()
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -191,8 +200,12 @@ class VirtioNet(QueueState):
     def reset(self) -> None:
         super().reset()
         self._pending = 0
-        self._stash.clear()
+        self._clear_stash()
         self._set_offload(0)
+
+    def release_memory(self) -> None:
+        """The VM is closing: let go of the views of receive buffers."""
+        self._clear_stash()
 
     def _set_offload(self, flags: int) -> None:
         if not self.link_up:
@@ -261,10 +274,23 @@ class VirtioNet(QueueState):
         mem = self.mem
         assert mem is not None and self.signal is not None
         used = 0
+        errors = 0
         try:
             while self.link_up:
                 if not self._pending:
-                    self._pending = self._read_frame()
+                    got = self._receive_direct(mem)
+                    if got == _NO_FRAME:
+                        break
+                    if got == _DROPPED:
+                        errors += 1
+                        if errors >= MAX_READ_ERRORS:
+                            break  # errors in a row: leave the rest for the next wake-up
+                        continue
+                    if got is not None:
+                        used += got
+                        errors = 0
+                        continue
+                    self._pending = self._read_frame()  # too few buffers for the direct path
                     if not self._pending:
                         break
                 frame = self._rx_view[:self._pending]
@@ -276,6 +302,81 @@ class VirtioNet(QueueState):
         finally:
             if used:
                 self.signal(RX_QUEUE)
+
+    def _receive_direct(self, mem: GuestMemory) -> int | None:
+        """Read one frame from the tap straight into the stashed receive buffers:
+        the chains used, _NO_FRAME (nothing to read, or the tap is gone),
+        _DROPPED (a bad frame: its buffers stay for the next), or None when the
+        buffers posted cannot take the largest frame (the copy path's turn)."""
+        q = self.queues[RX_QUEUE]
+        most = min(MAX_RX_CHAINS, q.size) if self.mergeable else 1
+        while self._room <= MAX_FRAME:  # one spare byte: a frame that filled them all was cut
+            if len(self._stash) >= most:
+                return None
+            chain = q.pop()
+            if chain is None:
+                return None
+            self._stash_push(mem, chain)
+        if self._stash[0][0].descriptors[0].len < VNET_HDR_SIZE:
+            return None  # a header split over descriptors: fixed up in the host buffer instead
+        try:
+            n = os.readv(self.backend.fd, self._stash_views)
+        except BlockingIOError:
+            return _NO_FRAME
+        except OSError as e:
+            if e.errno in TAP_GONE:
+                self._backend_failed("read", e)
+                return _NO_FRAME
+            self._drop("rx_error", f"reading the tap failed: {e.strerror}")
+            return _DROPPED
+        if n == 0:
+            self._backend_failed("read", OSError(errno.EIO, "end of file"))
+            return _NO_FRAME
+        if n > MAX_FRAME:
+            self._drop("rx_oversized", "a frame from the tap is longer than the largest we accept")
+            return _DROPPED
+        if n < VNET_HDR_SIZE + ETH_HLEN:
+            self._drop("rx_malformed", f"a {n}-byte frame from the tap")
+            return _DROPPED
+        with self._stash_views[0][:VNET_HDR_SIZE] as header:
+            if not self._offloads_ok(header):
+                return _DROPPED
+            chosen, room = 0, 0
+            for _, capacity, _ in self._stash:
+                chosen += 1
+                room += capacity
+                if room >= n:
+                    break
+            header[NUM_BUFFERS_OFFSET:NUM_BUFFERS_OFFSET + 2] = chosen.to_bytes(2, "little")
+        used, pos = [], 0
+        for _ in range(chosen):
+            chain, capacity = self._stash_pop()
+            take = min(capacity, n - pos)
+            used.append((chain.head, take))
+            pos += take
+        q.add_used_many(used)
+        self.counters["rx_frames"] += 1
+        self.counters["rx_bytes"] += n - VNET_HDR_SIZE
+        return chosen
+
+    def _stash_push(self, mem: GuestMemory, chain: DescriptorChain) -> None:
+        capacity = self._rx_capacity(chain)
+        views = [mem.view(d.addr, d.len) for d in chain.descriptors]
+        self._stash.append((chain, capacity, len(views)))
+        self._stash_views.extend(views)
+        self._room += capacity
+
+    def _stash_pop(self) -> tuple[DescriptorChain, int]:
+        chain, capacity, nviews = self._stash.popleft()
+        for view in self._stash_views[:nviews]:
+            view.release()
+        del self._stash_views[:nviews]
+        self._room -= capacity
+        return chain, capacity
+
+    def _clear_stash(self) -> None:
+        while self._stash:
+            self._stash_pop()
 
     def _read_frame(self) -> int:
         for _ in range(MAX_READ_ERRORS):
@@ -317,7 +418,7 @@ class VirtioNet(QueueState):
                         self._drop("rx_no_room", f"a {need}-byte frame is larger than the whole receive ring")
                         return 0
                     return None
-                self._stash.append((chain, self._rx_capacity(chain)))
+                self._stash_push(mem, chain)
             room += self._stash[chosen][1]
             chosen += 1
             if room >= need:
@@ -336,13 +437,14 @@ class VirtioNet(QueueState):
         pos = 0
         used = []
         for _ in range(chosen):
-            chain, capacity = self._stash.popleft()
+            chain, capacity = self._stash_pop()
             take = min(capacity, need - pos)
             self._scatter(mem, chain, frame[pos:pos + take])
             used.append((chain.head, take))
             pos += take
         q.add_used_many(used)
         self.counters["rx_frames"] += 1
+        self.counters["rx_copied"] += 1  # read into our buffer first (too few posted for the direct path)
         self.counters["rx_bytes"] += need - VNET_HDR_SIZE
         return chosen
 
