@@ -1098,9 +1098,16 @@ cdef class Mapping:
             raise ValueError("mapping is closed")
         if offset + length > self.size or offset + length < offset:
             raise ValueError("range outside mapping")
-        # With the GIL held, so close() cannot unmap the range meanwhile.
-        if s.madvise(self.base + offset, length, s.MADV_POPULATE_READ) != 0:
-            s.madvise(self.base + offset, length, s.MADV_WILLNEED)
+        cdef char *start = self.base + offset
+        # Faulting in many pages takes long: without the GIL, counted as an
+        # export meanwhile, so close() refuses (and cannot unmap the range).
+        self.exports += 1
+        try:
+            with nogil:
+                if s.madvise(start, length, s.MADV_POPULATE_READ) != 0:
+                    s.madvise(start, length, s.MADV_WILLNEED)
+        finally:
+            self.exports -= 1
 
     def remap(self, int fd, long offset=0, bint shared=False):
         """Replace the mapping, in place, by one of `fd` at `offset`: same
