@@ -19,6 +19,7 @@ import psutil
 import pytest
 
 from microvm import _kvm
+from microvm.doneflag import DoneFlag
 from microvm.errors import ConfigError, LoaderError, MicroVMError
 from microvm.machine import GuestTimeoutError, MicroVM, VmStoppedError
 from microvm.specs import Drive
@@ -67,18 +68,50 @@ def test_timeouts_must_be_finite_and_positive(timeout: object) -> None:
     assert settled(before) == before  # refused before anything was made
 
 
-def _interrupter(delay: float) -> threading.Thread:
-    """A thread (not started: start it inside the try that expects the
-    interrupt, which may land while start() still waits for it) that sends
-    SIGINT to the main thread `delay` seconds after it starts."""
-    main = threading.main_thread().ident
-    assert main is not None
+class Interrupter:
+    """Sends SIGINT to the main thread `delay` seconds after start().
 
-    def fire() -> None:
-        time.sleep(delay)
-        signal.pthread_kill(main, signal.SIGINT)
+    Where the interrupt lands must be a place that survives it: never inside
+    Thread.start()'s handshake or a Thread.join() (CPython 3.11's locks can
+    then raise "release unlocked lock", bpo-45274; doneflag.py). So the
+    thread waits to be armed until start() has returned, and wait() is a
+    DoneFlag's poll, which an interrupt leaves clean."""
 
-    return threading.Thread(target=fire)
+    def __init__(self, delay: float):
+        main = threading.main_thread().ident
+        assert main is not None
+        self.armed, self.fired = DoneFlag(), DoneFlag()
+
+        def fire() -> None:
+            self.armed.wait()
+            time.sleep(delay)
+            signal.pthread_kill(main, signal.SIGINT)
+            self.fired.set()
+
+        self.thread = threading.Thread(target=fire)
+
+    def start(self) -> None:
+        self.thread.start()
+        self.armed.set()
+
+    def wait(self) -> None:
+        """Until the signal is sent (it may land in here: call it inside the try)."""
+        self.fired.wait()
+
+    def join(self) -> None:
+        """After wait(), outside the try: nothing is left to interrupt it."""
+        self.fired.wait()
+        self.thread.join()
+        self.armed.close()
+        self.fired.close()
+
+
+class Later:
+    """`action(m)` after `delay` seconds, in a timer thread (no signals: joins are safe)."""
+
+    def __init__(self, delay: float, action: Callable[[MicroVM], None], m: MicroVM):
+        self.timer = threading.Timer(delay, action, (m,))
+        self.start, self.wait, self.join = self.timer.start, self.timer.join, self.timer.join
 
 
 def test_ctrl_c_in_wait_frees_everything_and_reraises() -> None:
@@ -87,9 +120,9 @@ def test_ctrl_c_in_wait_frees_everything_and_reraises() -> None:
     with vm(SPIN * 1000) as m:  # minutes of guest time: only the interrupt ends it
         m.start(["true"])
         assert resources() != before
-        t = _interrupter(0.2)
+        t = Interrupter(0.2)
+        t.start()
         with pytest.raises(KeyboardInterrupt):
-            t.start()
             m.wait(None)
         t.join()
         assert m.vm is None
@@ -129,7 +162,7 @@ def test_memory_minimum_is_checked_against_the_kernel() -> None:
 
 
 ACTIONS: dict[str, Callable[[MicroVM], None]] = {
-    "sigint": lambda m: None,  # sent by _interrupter
+    "sigint": lambda m: None,  # sent by an Interrupter
     "stop": MicroVM.stop,
     "kill": MicroVM.kill,
     "none": lambda m: None,
@@ -146,20 +179,19 @@ def test_random_interrupts_leave_nothing_behind() -> None:
         action = rng.choice(list(ACTIONS))
         delay = rng.uniform(0, 0.15)
         m = vm(SPIN)
-        t = _interrupter(delay) if action == "sigint" else threading.Timer(delay, ACTIONS[action], (m,))
+        t = Interrupter(delay) if action == "sigint" else Later(delay, ACTIONS[action], m)
+        t.start()
         try:
             try:
-                # A short delay may land the interrupt in start() itself, while
-                # it waits for the new thread: inside the try, too.
-                t.start()
                 m.run(["true"], timeout=30)
                 outcome = "ok"
             finally:
-                t.join()  # a late signal lands in here, still inside the try
+                t.wait()  # a late signal lands in here, still inside the try
         except KeyboardInterrupt:
             outcome = "KeyboardInterrupt"
         except MicroVMError as e:
             outcome = type(e).__name__
+        t.join()
         outcomes[f"{action}:{outcome}"] = outcomes.get(f"{action}:{outcome}", 0) + 1
         assert m.vm is None
     assert settled(before) == before, outcomes
