@@ -1,8 +1,9 @@
 """What the guest kernel's console lines tell the host: a panic (and when
 its report is complete), an initrd that would not unpack, a power-down.
 
-Fed the serial console's bytes as they come (from a vCPU thread); it keeps
-one line at a time and calls on_end(reason) when the guest is finished.
+Fed the console's bytes as they come (from a vCPU thread), a byte or a
+buffer at a time; it keeps one line at a time and calls on_end(reason) when
+the guest is finished.
 """
 
 from __future__ import annotations
@@ -31,19 +32,26 @@ class KernelLog:
         self._line = bytearray()
 
     def feed(self, data: bytes) -> None:
-        self._line += data
-        if data == b"\n" or len(self._line) > MAX_LINE:
-            line, self._line = bytes(self._line), bytearray()
-            self._look_at(line)
+        """Bytes as they come: one at a time (the UART) or in pieces of any size
+        (a virtio console's buffers), lines split anywhere."""
+        while data:
+            end = data.find(b"\n")
+            piece, data = (data, b"") if end < 0 else (data[:end + 1], data[end + 1:])
+            self._line += piece
+            if end >= 0 or len(self._line) > MAX_LINE:
+                line, self._line = bytes(self._line), bytearray()
+                self._look_at(line)
 
     def _look_at(self, line: bytes) -> None:
-        if PANIC_MARKER in line:
+        # The end line repeats the marker ("---[ end Kernel panic - not syncing: ..."):
+        # looked for first, or the report would only end by PANIC_GRACE.
+        if PANIC_END_MARKER in line or PANIC_MARKER in line:
             if not self.panicked:
                 self.panicked = True
                 self.panic_line = printk_text(line)
                 self.panic_deadline = time.monotonic() + PANIC_GRACE
-        elif PANIC_END_MARKER in line and self.panicked:
-            self.on_end("panic")
+            if PANIC_END_MARKER in line:
+                self.on_end("panic")
         elif not self.initrd_failure and any(m in line for m in INITRD_FAILURE_MARKERS):
             self.initrd_failure = printk_text(line)
         elif any(m in line for m in POWER_DOWN_MARKERS):
