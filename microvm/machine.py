@@ -58,7 +58,7 @@ from microvm.errors import (
 from microvm.hostprocess import interrupts_deferred, raise_fd_limit, sink, tune_switch_interval
 from microvm.kernellog import KernelLog
 from microvm.snapshot.machine import MicroVMSnapshots
-from microvm.specs import Drive, Nic, guest_ip_args
+from microvm.specs import Drive, Nic, as_drive, disk_name, guest_ip_args
 from microvm.vcpu import StopReason
 from microvm.vm import Vm
 
@@ -71,7 +71,8 @@ MIB = layout.MIB
 DEFAULT_CMDLINE = "console=hvc1 reboot=k panic=-1 quiet 8250.nr_uarts=1"
 KERNEL_CONSOLE = "console=hvc1"
 CONSOLE_TAIL = 4000
-WAIT_SLICE = 0.25  # how often wait() looks at a panic in progress
+WAIT_SLICE = 0.25  # how often wait() looks at a panic or a shutdown in progress
+SHUTDOWN_GRACE = 2.0  # seconds from the kernel console's reset to a power-off (_on_kernel_console_reset)
 
 
 @dataclass
@@ -155,10 +156,10 @@ class MicroVM(MicroVMSnapshots):
         if cmdline is not None:
             checks.kernel_arguments("cmdline", cmdline)
         self.env = checks.env(env)
-        self.drives = [_drive(d) for d in checks.path_list("drives", drives)]
+        self.drives = [as_drive(d) for d in checks.path_list("drives", drives)]
         if rootfs is not None:
             # The root image is /dev/vda; the command runs chrooted into it.
-            self.drives.insert(0, _drive(rootfs, "rootfs"))
+            self.drives.insert(0, as_drive(rootfs, "rootfs"))
         self.rootfs = rootfs is not None
         self.nics = checks.path_list("nics", nics)
         if not all(isinstance(n, Nic) for n in self.nics):
@@ -190,6 +191,7 @@ class MicroVM(MicroVMSnapshots):
         self.console = bytearray()
         self.stdout = bytearray()
         self._in_command = False
+        self._shutdown_deadline: float | None = None  # set when the guest shuts its devices down
         self._command_on_console = False  # the command writes to the serial console (no hvc0)
         self.kernel_log = KernelLog(self._end)
         self._failure: int | None = None  # init's FAIL_* code
@@ -300,6 +302,8 @@ class MicroVM(MicroVMSnapshots):
             deadline_of_panic = self.kernel_log.panic_deadline
             if deadline_of_panic is not None and now >= deadline_of_panic:
                 self._end("panic")
+            if self._shutdown_deadline is not None and now >= self._shutdown_deadline:
+                self._end("poweroff")
             step = WAIT_SLICE if deadline is None else min(WAIT_SLICE, deadline - now)
             reason = vm.wait(max(step, 0.0))
             if reason is not None:
@@ -514,15 +518,15 @@ class MicroVM(MicroVMSnapshots):
         if KERNEL_CONSOLE in f"{self.cmdline} {self.append}".split():
             # The kernel's messages: the second virtio console the guest
             # probes is hvc1 (the virtio-mmio devices probe in this order).
-            devices.add_virtio("hvc1", VirtioConsole(self._on_kernel_console), ioeventfd=False,
-                               share_line_of="hvc0")
+            devices.add_virtio("hvc1", VirtioConsole(self._on_kernel_console, self._on_kernel_console_reset),
+                               ioeventfd=False, share_line_of="hvc0")
         # Entropy from the host (/dev/hwrng), so the guest's getrandom() never
         # waits for its own pool (slow to fill in a quiet VM).
         devices.add_virtio("rng", VirtioRng())
         # Disks first (vda, vdb, ...: the kernel names them in probe order),
         # each with its own I/O thread; then eth0, ...
         for i, disk in enumerate(self.backends.disks):
-            devices.add_virtio(_disk_name(i), VirtioBlock(disk), own_thread=True)
+            devices.add_virtio(disk_name(i), VirtioBlock(disk), own_thread=True)
         for i, tap in enumerate(self.backends.taps):
             transport = devices.add_virtio(f"eth{i}", VirtioNet(tap, mac=self.nics[i].mac))
             # A frame waiting on the tap is like a receive-queue notification.
@@ -549,6 +553,12 @@ class MicroVM(MicroVMSnapshots):
             if self._console_sink is not None:
                 self._console_sink(data)
         self.kernel_log.feed(data)
+
+    def _on_kernel_console_reset(self) -> None:
+        """The kernel shuts its devices down (reboot(2), Debian's virtio_dev_shutdown),
+        hvc1 with them: `poweroff -f` and `halt -f` then end with no word the host
+        can hear. A reboot ends the VM well within the grace; else it is a power-off."""
+        self._shutdown_deadline = time.monotonic() + SHUTDOWN_GRACE
 
     def _on_kernel_console(self, data: bytes) -> None:  # hvc1: the kernel's, and init's /dev/console
         self.console += data
@@ -580,21 +590,3 @@ class MicroVM(MicroVMSnapshots):
                 self.reason = reason
         if self.vm is not None:
             self.vm.request_stop(StopReason.REQUESTED)
-
-
-def _disk_name(index: int) -> str:
-    """The kernel's name for the index-th virtio disk: vda ... vdz, vdaa, ... (sd.c's scheme)."""
-    name = ""
-    index += 1
-    while index:
-        index, rem = divmod(index - 1, 26)
-        name = chr(ord("a") + rem) + name
-    return "vd" + name
-
-
-def _drive(value: Any, field: str = "drives") -> Drive:
-    if isinstance(value, Drive):
-        return value
-    if isinstance(value, str | os.PathLike):
-        return Drive(Path(value))
-    raise ConfigError(f"{field}: expected a Drive or a path, got {value!r}")

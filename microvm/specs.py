@@ -7,6 +7,7 @@ value is a ConfigError naming the option before any VM or tap exists.
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,3 +123,22 @@ def guest_ip_args(nics: list[Nic] | tuple[Nic, ...]) -> str:
         else:
             args.append(f"microvm.ip=eth{i},{n.guest_interface}")
     return " ".join(args)
+
+
+def as_drive(value: object, field: str = "drives") -> Drive:
+    """A Drive, or a path taken as a writable Drive; else a ConfigError naming `field`."""
+    if isinstance(value, Drive):
+        return value
+    if isinstance(value, str | os.PathLike):
+        return Drive(Path(value))
+    raise ConfigError(f"{field}: expected a Drive or a path, got {value!r}")
+
+
+def disk_name(index: int) -> str:
+    """The kernel's name for the index-th virtio disk: vda ... vdz, vdaa, ... (sd.c's scheme)."""
+    name = ""
+    index += 1
+    while index:
+        index, rem = divmod(index - 1, 26)
+        name = chr(ord("a") + rem) + name
+    return "vd" + name

@@ -8,8 +8,8 @@ import pytest
 
 from microvm.backends import Backends
 from microvm.errors import ConfigError
-from microvm.machine import MicroVM, _disk_name
-from microvm.specs import Drive, Nic
+from microvm.machine import MicroVM
+from microvm.specs import Drive, Nic, disk_name
 
 
 @pytest.mark.parametrize(("kwargs", "field"), [
@@ -92,5 +92,5 @@ def test_more_devices_than_interrupt_lines_are_refused_naming_the_limit() -> Non
 
 
 def test_disks_are_named_as_the_kernel_names_them() -> None:
-    assert [_disk_name(i) for i in (0, 1, 25, 26, 27, 701, 702)] == \
+    assert [disk_name(i) for i in (0, 1, 25, 26, 27, 701, 702)] == \
         ["vda", "vdb", "vdz", "vdaa", "vdab", "vdzz", "vdaaa"]

@@ -127,6 +127,22 @@ def test_console_receive() -> None:
     assert irq.count == 1
 
 
+def test_console_tells_when_a_driver_that_set_it_up_resets_it() -> None:
+    """How the host hears a guest's shutdown (machine.py: the kernel console's reset)."""
+    resets: list[str] = []
+    dev = VirtioConsole(lambda _: None, on_reset=lambda: resets.append("reset"))
+    mem = GuestMemory([(0, bytearray(1 << 20))])
+    d = Driver(m.MmioTransport(dev, mem, FakeIrq()), mem)
+    d.w(m.VIRTIO_MMIO_STATUS, 0)  # a reset before any setup: nothing to tell
+    assert resets == []
+    assert d.negotiate(1 << v.VIRTIO_F_VERSION_1)
+    d.setup_queue(RX_QUEUE, 16, 0x10000)
+    d.setup_queue(TX_QUEUE, 16, 0x20000)
+    d.driver_ok()
+    d.w(m.VIRTIO_MMIO_STATUS, 0)
+    assert resets == ["reset"]
+
+
 def test_broken_ring_sets_needs_reset_and_keeps_running() -> None:
     d, _dev, out, _irq = console_setup()
     tx = d.queues[TX_QUEUE]

@@ -30,8 +30,10 @@ class VirtioConsole(QueueState):
     features = 0
     queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)
 
-    def __init__(self, output: Callable[[bytes], None]):
+    def __init__(self, output: Callable[[bytes], None], on_reset: Callable[[], None] | None = None):
+        """on_reset: called when a driver that had set the device up resets it."""
         self.output = output
+        self.on_reset = on_reset
         super().__init__()
         self._input: deque[bytes] = deque()
         self._input_len = 0
@@ -49,6 +51,12 @@ class VirtioConsole(QueueState):
         with self._lock:
             self._input = deque([data] if data else [])
             self._input_len = len(data)
+
+    def reset(self) -> None:
+        live = self.mem is not None
+        super().reset()
+        if live and self.on_reset is not None:
+            self.on_reset()
 
     def read_config(self, offset: int, size: int) -> int:
         return config_read(_CONFIG, offset, size)
