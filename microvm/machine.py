@@ -65,10 +65,11 @@ from microvm.vm import Vm
 __all__ = ["Drive", "GuestPanicError", "GuestTimeoutError", "MicroVM", "Nic", "RunResult", "VmStoppedError"]
 
 MIB = layout.MIB
-# The kernel's console is hvc1, a virtio-console of its own (a buffer per 16
-# bytes, where ttyS0 costs two exits per byte); it registers at virtio init and
-# replays the log from the boot's start. ttyS0 serves the interactive shell.
-DEFAULT_CMDLINE = "console=hvc1 reboot=k panic=-1 quiet 8250.nr_uarts=1"
+# The kernel's console is the UART (ttyS0): two exits per byte, but every line
+# from the first. console=hvc1 gives the kernel a virtio-console of its own (a
+# buffer per 16 bytes), but Linux 6.1 loses its replay of the earlier lines
+# (virtio_console's port is not findable until hvc_alloc has returned).
+DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet 8250.nr_uarts=1"
 KERNEL_CONSOLE = "console=hvc1"
 CONSOLE_TAIL = 4000
 WAIT_SLICE = 0.25  # how often wait() looks at a panic or a shutdown in progress
