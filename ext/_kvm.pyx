@@ -618,9 +618,10 @@ cdef class VcpuFd(_Fd):
         self._check_run()
         self.run_page.immediate_exit = 1 if value else 0
 
-    def run(self):
-        """KVM_RUN with the GIL released; returns the exit as a VmExit."""
-        cdef int ret, err, fd = self.fd
+    cdef int _enter(self) except -1:
+        """One KVM_RUN with the GIL released: 1 for an exit to decode, 0 when
+        a signal or immediate_exit interrupted it; raises on other errors."""
+        cdef int ret, err = 0, fd
         self._check_run()
         if self.in_run:
             raise RuntimeError(f"vCPU {self.vcpu_id} is already running in another thread")
@@ -629,6 +630,7 @@ cdef class VcpuFd(_Fd):
         # run is stale, whatever thread holds it (KVM takes the pending
         # answer on this entry, even one that ends at once with EINTR).
         self.run_seq += 1
+        fd = self.fd
         with nogil:
             # The run page and fd stay valid: close() refuses while in_run,
             # and in_run is only read and written with the GIL held.
@@ -636,10 +638,17 @@ cdef class VcpuFd(_Fd):
             if ret < 0:
                 err = errno
         self.in_run = False
-        if ret < 0:
-            if err == EINTR or err == EAGAIN:
-                return Intr.__new__(Intr)
-            _raise_errno(err, "KVM_RUN")
+        self.exits += 1
+        if ret >= 0:
+            return 1
+        if err == EINTR or err == EAGAIN:
+            return 0
+        return _raise_errno(err, "KVM_RUN")
+
+    def run(self):
+        """KVM_RUN with the GIL released; returns the exit as a VmExit."""
+        if not self._enter():
+            return Intr.__new__(Intr)
         return self._decode_exit()
 
     def run_dispatch(self, dict ports, object pio, object mmio):
@@ -666,24 +675,9 @@ cdef class VcpuFd(_Fd):
         cdef uint64_t value
         cdef unsigned int size
         cdef char *data
-        cdef int ret, err = 0, fd
         while True:
-            self._check_run()
-            if self.in_run:
-                raise RuntimeError(f"vCPU {self.vcpu_id} is already running in another thread")
-            self.in_run = True
-            self.run_seq += 1  # as in run(): every exit of an earlier entry is stale
-            fd = self.fd
-            with nogil:
-                ret = s.ioctl(fd, k.KVM_RUN, 0)
-                if ret < 0:
-                    err = errno
-            self.in_run = False
-            self.exits += 1
-            if ret < 0:
-                if err == EINTR or err == EAGAIN:
-                    return Intr.__new__(Intr)
-                _raise_errno(err, "KVM_RUN")
+            if not self._enter():
+                return Intr.__new__(Intr)
             r = self.run_page
             reason = r.exit_reason
             if reason == k.KVM_EXIT_IO:

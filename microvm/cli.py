@@ -71,12 +71,16 @@ def _timeout(ctx: click.Context, param: click.Parameter, value: float | None) ->
 @click.option("--force", is_flag=True, help="Run even where the host cannot run Linux guests (PVM).")
 @click.option("--console", "show_console", is_flag=True,
               help="Show the kernel's and init's console messages too, interleaved with the command's output.")
+@click.option("--full-log", is_flag=True,
+              help="Show every kernel message, as --console does, but printed once the guest is done: "
+                   "cheap (live, only warnings and worse cross the serial port).")
 @click.option("--timeline", "show_timeline", is_flag=True, help="Print the boot timeline to stderr.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @one_line_errors
 def run(kernel: str | None, initrd: str | None, mem_mib: int, vcpus: int, append: str,
         drives: tuple[str, ...], rootfs: str | None, nets: tuple[str, ...], cmdline: str | None,
-        timeout: float | None, force: bool, show_console: bool, show_timeline: bool, command: tuple[str, ...]) -> None:
+        timeout: float | None, force: bool, show_console: bool, full_log: bool, show_timeline: bool,
+        command: tuple[str, ...]) -> None:
     """Boot a micro-VM and run COMMAND in it (no COMMAND: an interactive shell).
 
     Prints the command's output and exits with its exit status.
@@ -86,15 +90,19 @@ def run(kernel: str | None, initrd: str | None, mem_mib: int, vcpus: int, append
 
     out = sys.stdout.buffer
     # The command's output always; the console (kernel, init) with --console
-    # and in a shell, where it is the session itself.
+    # and in a shell, where it is the session itself; with --full-log, at the end.
+    full_log = full_log and bool(command)
     vm = MicroVM(kernel, initrd=initrd, mem_mib=mem_mib, vcpus=vcpus, append=append,
                  cmdline=cmdline, force=force, drives=[Drive.parse(d) for d in drives],
                  rootfs=Drive.parse(rootfs) if rootfs else None, nics=[Nic.parse(n) for n in nets],
-                 console=out if show_console or not command else None, stdout=out)
+                 console=out if (show_console and not full_log) or not command else None, stdout=out,
+                 full_log=full_log)
     if command:
         result = vm.run(list(command), timeout=timeout)
     else:
         result = interactive(vm, timeout)
+    if full_log:
+        out.write(result.console)
     out.flush()
     if show_timeline:
         for phase, t in result.timeline.items():

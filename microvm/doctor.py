@@ -21,7 +21,7 @@ from typing import Any
 
 from microvm import _kvm
 from microvm.arch.x86_64 import flat
-from microvm.errors import KvmError
+from microvm.errors import KvmError, UnsupportedHostError
 from microvm.kvm import KVM_PATH, REQUIRED_CAPS, capabilities, open_kvm
 from microvm.memory import GuestMemory
 
@@ -207,3 +207,16 @@ def host_verdict() -> Verdict:
         except OSError:
             pass  # a read-only home only costs a measurement per process
     return verdict
+
+
+def check_host(force: bool = False) -> None:
+    """Refuse at once where an ordinary Linux guest cannot run (PVM)."""
+    if force or os.environ.get("MICROVM_FORCE") == "1":
+        return
+    if not plainly_hardware() and host_verdict() is Verdict.PVM:
+        raise UnsupportedHostError(
+            "this host's /dev/kvm is PVM, not hardware virtualization: guest kernel mode is "
+            "emulated and an unmodified Linux kernel cannot run here (it needs minutes, then fails). "
+            "Use a PVM-enabled guest kernel with --force, or run inside the hardware-virtualization "
+            "lane: tests/hwvirt/run microvm run -- CMD"
+        )

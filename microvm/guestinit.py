@@ -32,6 +32,7 @@ from microvm.devices.control import (
     REG_POWER,
 )
 from microvm.initramfs import Cpio, add_busybox, busybox_path
+from microvm.kernellog import FULL_LOG_ARG
 
 INIT_SCRIPT = f"""#!/bin/sh
 # microvm guest init (PID 1): mount, tell the host we are here, run the
@@ -47,10 +48,21 @@ mount -t tmpfs tmpfs /run
 devmem {CONTROL_BASE + REG_MARK:#x} 32 {MARK_INIT}
 hostname microvm
 
+sendlog() {{
+    # MicroVM(full_log=True): the kernel's whole log to the host, over hvc1,
+    # before init reports (hvc's write returns once the host has the data).
+    [ -n "$fulllog" ] && [ -c /dev/hvc1 ] || return 0
+    exec 4>/dev/hvc1
+    stty -F /dev/hvc1 -opost 2>/dev/null
+    dmesg >&4
+    exec 4>&-
+}}
+
 power() {{
     # busybox halt/poweroff/reboot signal PID 1: tell the host, which ends the VM.
     stty -F /dev/ttyS0 -echo 2>/dev/null
     sync
+    sendlog
     devmem {CONTROL_BASE + REG_POWER:#x} 32 $1
     while :; do sleep 1; done
 }}
@@ -71,6 +83,7 @@ for arg in $(cat /proc/cmdline); do
         root=LABEL=*|root=UUID=*) root=$(findfs "${{arg#root=}}") ;;
         rootfstype=*) rootfstype=${{arg#rootfstype=}} ;;
         # A second and further NIC's address (the kernel's ip= serves only one).
+        {FULL_LOG_ARG}) fulllog=1 ;;
         microvm.ip=*) v=${{arg#microvm.ip=}}; ip link set "${{v%%,*}}" up; ip addr add "${{v#*,}}" dev "${{v%%,*}}" ;;
     esac
 done
@@ -92,6 +105,7 @@ if [ -n "$root" ]; then
     else
         # Never fall back to the initramfs: the host reports this line.
         echo "microvm: cannot mount root $root (${{rootfstype:-ext4}}): $(cat /run/mount-error)" >/dev/console
+        sendlog
         devmem {CONTROL_BASE + REG_FAIL:#x} 32 {FAIL_ROOT_MOUNT}
         while :; do sleep 1; done
     fi
@@ -142,6 +156,7 @@ fi
 sync
 [ -n "$root" ] && mount -o remount,ro /newroot 2>/dev/null
 stty -F /dev/ttyS0 -echo
+sendlog
 devmem {CONTROL_BASE + REG_EXIT:#x} 32 $status
 while :; do sleep 1; done
 """

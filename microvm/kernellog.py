@@ -8,6 +8,8 @@ the guest is finished.
 
 from __future__ import annotations
 
+import bisect
+import re
 import time
 from collections.abc import Callable
 
@@ -19,6 +21,10 @@ PANIC_GRACE = 2.0  # seconds for the panic report to reach its end line
 # init/initramfs.c, without and with CONFIG_BLK_DEV_RAM.
 INITRD_FAILURE_MARKERS = (b"Initramfs unpacking failed", b"rootfs image is not initramfs")
 POWER_DOWN_MARKERS = (b"reboot: Power down", b"reboot: System halted")
+# On the kernel command line: init sends the kernel's whole log (dmesg) over
+# hvc1 before it reports to the host (MicroVM(full_log=True), merge_log).
+FULL_LOG_ARG = "microvm.dmesg=1"
+PRINTK_TIME = re.compile(rb"\[\s*(\d+\.\d+)\] ")
 MAX_LINE = 512  # a longer "line" is looked at in pieces: a guest cannot grow our memory
 
 
@@ -65,3 +71,45 @@ def printk_text(line: bytes) -> str:
     if text.startswith("[") and "]" in text:
         text = text[text.index("]") + 1:].strip()
     return text
+
+
+def merge_log(console: bytes, dmesg: bytes) -> bytes:
+    """The console's text with the kernel's whole log (`dmesg`, taken at the
+    end) in it: every log line once, in the kernel's order, with the console's
+    line endings. A console line that is in the log (one printed live: under
+    `quiet`, warnings and worse) stands where the log has it; a kernel line the
+    log lacks (printed after it was taken) follows the log's lines printed
+    before it; any other line (init's) keeps its place after the lines that
+    came before it on the console. What follows the last such line is the rest
+    of the log."""
+    log = [line.rstrip(b"\r") for line in dmesg.split(b"\n")]
+    if log and not log[-1]:
+        log.pop()
+    where: dict[bytes, list[int]] = {}
+    times, t = [], 0.0  # each log line's printk time (a line without one: the last seen)
+    for i, line in enumerate(log):
+        where.setdefault(line, []).append(i)
+        m = PRINTK_TIME.match(line)
+        t = float(m.group(1)) if m else t
+        times.append(t)
+    out, done = bytearray(), 0
+
+    def log_upto(end: int) -> None:
+        nonlocal done
+        for line in log[done:end]:
+            out.extend(line + b"\r\n")
+        done = max(done, end)
+
+    for line in console.splitlines(keepends=True):
+        key = line.rstrip(b"\r\n")
+        hits = where.get(key, ())
+        i = bisect.bisect_left(hits, done)
+        if i < len(hits):
+            log_upto(hits[i] + 1)
+            continue
+        m = PRINTK_TIME.match(key)
+        if m:
+            log_upto(bisect.bisect_right(times, float(m.group(1)), lo=done))
+        out.extend(line)
+    log_upto(len(log))
+    return bytes(out)

@@ -41,6 +41,7 @@ from microvm.devices.virtio.console import VirtioConsole
 from microvm.devices.virtio.net import RX_QUEUE, VirtioNet
 from microvm.devices.virtio.rng import VirtioRng
 from microvm.devices.virtio.vsock import VirtioVsock
+from microvm.doctor import check_host
 from microvm.errors import (
     ConfigError,
     DeviceError,
@@ -51,12 +52,11 @@ from microvm.errors import (
     GuestTimeoutError,
     LoaderError,
     MicroVMError,
-    UnsupportedHostError,
     VcpuError,
     VmStoppedError,
 )
 from microvm.hostprocess import interrupts_deferred, raise_fd_limit, sink, tune_switch_interval
-from microvm.kernellog import KernelLog
+from microvm.kernellog import FULL_LOG_ARG, KernelLog, merge_log
 from microvm.snapshot.machine import MicroVMSnapshots
 from microvm.specs import Drive, Nic, as_drive, disk_name, guest_ip_args
 from microvm.vcpu import StopReason
@@ -65,12 +65,12 @@ from microvm.vm import Vm
 __all__ = ["Drive", "GuestPanicError", "GuestTimeoutError", "MicroVM", "Nic", "RunResult", "VmStoppedError"]
 
 MIB = layout.MIB
-# The kernel's console is the UART (ttyS0): two exits per byte, but every line
-# from the first. console=hvc1 gives the kernel a virtio-console of its own (a
-# buffer per 16 bytes), but Linux 6.1 loses its replay of the earlier lines
-# (virtio_console's port is not findable until hvc_alloc has returned).
+# The kernel's console is the UART (ttyS0): two exits per byte, every line from
+# the first. console=hvc1 (a buffer per 16 bytes) loses the early lines on Linux
+# 6.1 (virtio_console's port is not findable until hvc_alloc has returned).
 DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet 8250.nr_uarts=1"
 KERNEL_CONSOLE = "console=hvc1"
+FULL_LOG_ARGS = f"quiet {FULL_LOG_ARG}"  # (the user's loglevel=, later on the line, wins over quiet)
 CONSOLE_TAIL = 4000
 WAIT_SLICE = 0.25  # how often wait() looks at a panic or a shutdown in progress
 SHUTDOWN_GRACE = 2.0  # seconds from the kernel console's reset to a power-off (_on_kernel_console_reset)
@@ -103,21 +103,6 @@ def _default_kernel() -> Path:
     return art.vmlinux
 
 
-def check_host(force: bool = False) -> None:
-    """Refuse at once where an ordinary Linux guest cannot run (PVM)."""
-    if force or os.environ.get("MICROVM_FORCE") == "1":
-        return
-    from microvm.doctor import Verdict, host_verdict, plainly_hardware
-
-    if not plainly_hardware() and host_verdict() is Verdict.PVM:
-        raise UnsupportedHostError(
-            "this host's /dev/kvm is PVM, not hardware virtualization: guest kernel mode is "
-            "emulated and an unmodified Linux kernel cannot run here (it needs minutes, then fails). "
-            "Use a PVM-enabled guest kernel with --force, or run inside the hardware-virtualization "
-            "lane: tests/hwvirt/run microvm run -- CMD"
-        )
-
-
 class MicroVM(MicroVMSnapshots):
     """A Linux micro-VM: our kernel, busybox, one command (or a shell)."""
 
@@ -140,6 +125,7 @@ class MicroVM(MicroVMSnapshots):
         vsock_cid: int = 3,
         files: Mapping[str, bytes] | None = None,
         forkable: bool = False,
+        full_log: bool = False,
         force: bool = False,
     ):
         self.mem_mib = checks.integer("mem_mib", mem_mib, checks.MIN_MEM_MIB, checks.MAX_MEM_MIB)
@@ -180,6 +166,10 @@ class MicroVM(MicroVMSnapshots):
                               f"together (one interrupt line each)")
         self.backends = Backends(self.drives, self.nics)
         self.forkable = bool(forkable)  # RAM in a memfd from boot: fork() shares it (snapshot.fork)
+        self.full_log = bool(full_log)  # every kernel message, cheaply (kernellog.merge_log)
+        if self.full_log and KERNEL_CONSOLE in f"{self.cmdline} {self.append}".split():
+            raise ConfigError(f"full_log and {KERNEL_CONSOLE} both want hvc1: choose one")
+        self._dmesg = bytearray()  # what init sent over hvc1 (full_log)
         self.force = force
         self._console_sink = sink(console)
         self._stdout_sink = sink(stdout)
@@ -328,7 +318,7 @@ class MicroVM(MicroVMSnapshots):
         return RunResult(
             exit_code=self.control.exit_status if self.reason == "exit" else None,
             stdout=bytes(self.stdout),
-            console=bytes(self.console),
+            console=self._console(),
             reason=self.reason,
             timeline=self.timeline(),
             stats=self.devices.stats() if self.devices is not None else {},
@@ -456,7 +446,10 @@ class MicroVM(MicroVMSnapshots):
         return {k: (t[k] - self._t0) / 1e9 for k in order if k in t}
 
     def console_tail(self, n: int = CONSOLE_TAIL) -> str:
-        return bytes(self.console[-n:]).decode(errors="replace")
+        return self._console()[-n:].decode(errors="replace")
+
+    def _console(self) -> bytes:  # with init's copy of the kernel's log in it (full_log)
+        return merge_log(bytes(self.console), bytes(self._dmesg)) if self._dmesg else bytes(self.console)
 
     # --- setup -------------------------------------------------------------------
 
@@ -488,7 +481,7 @@ class MicroVM(MicroVMSnapshots):
         # Ours first: the kernel reads left to right, so nothing in the
         # user's text (checked for `--` and open quotes too) can hide it.
         ours = " ".join(filter(None, (self.devices.cmdline(), guest_ip_args(self.nics),
-                                      "root=/dev/vda" if self.rootfs else "")))
+                                      "root=/dev/vda" if self.rootfs else "", FULL_LOG_ARGS * self.full_log)))
         cmdline = " ".join(filter(None, (ours, self.cmdline, self.append)))
         try:
             self.boot = loader.load_linux(vm.mem, kernel, cmdline=cmdline,
@@ -516,11 +509,14 @@ class MicroVM(MicroVMSnapshots):
         # until the host has taken each buffer, so the notify is served right
         # in the vCPU's exit, never waiting for the I/O thread to be scheduled.
         devices.add_virtio("hvc0", self.hvc, ioeventfd=False)
+        # The kernel's messages (console=hvc1), or init's copy of them (full_log):
+        # the second virtio console the guest probes is hvc1 (the virtio-mmio
+        # devices probe in this order).
         if KERNEL_CONSOLE in f"{self.cmdline} {self.append}".split():
-            # The kernel's messages: the second virtio console the guest
-            # probes is hvc1 (the virtio-mmio devices probe in this order).
-            devices.add_virtio("hvc1", VirtioConsole(self._on_kernel_console, self._on_kernel_console_reset),
-                               ioeventfd=False, share_line_of="hvc0")
+            hvc1 = VirtioConsole(self._on_log, self._on_kernel_console_reset)
+            devices.add_virtio("hvc1", hvc1, ioeventfd=False, share_line_of="hvc0")
+        elif self.full_log:
+            devices.add_virtio("hvc1", VirtioConsole(self._dmesg.extend), ioeventfd=False, share_line_of="hvc0")
         # Entropy from the host (/dev/hwrng), so the guest's getrandom() never
         # waits for its own pool (slow to fill in a quiet VM).
         devices.add_virtio("rng", VirtioRng())
@@ -549,11 +545,9 @@ class MicroVM(MicroVMSnapshots):
         whose output has no hvc0 runs, that command's output."""
         if self._in_command and self._command_on_console:
             self._on_command_output(data)
+            self.kernel_log.feed(data)
         else:
-            self.console += data
-            if self._console_sink is not None:
-                self._console_sink(data)
-        self.kernel_log.feed(data)
+            self._on_log(data)
 
     def _on_kernel_console_reset(self) -> None:
         """The kernel shuts its devices down (reboot(2), Debian's virtio_dev_shutdown),
@@ -561,7 +555,7 @@ class MicroVM(MicroVMSnapshots):
         can hear. A reboot ends the VM well within the grace; else it is a power-off."""
         self._shutdown_deadline = time.monotonic() + SHUTDOWN_GRACE
 
-    def _on_kernel_console(self, data: bytes) -> None:  # hvc1: the kernel's, and init's /dev/console
+    def _on_log(self, data: bytes) -> None:  # the serial's, or hvc1 as the kernel's console
         self.console += data
         if self._console_sink is not None:
             self._console_sink(data)

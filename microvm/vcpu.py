@@ -161,20 +161,15 @@ class Vcpu:
         while True:
             ex: Any = run(ports, pio, mmio)  # dispatched on its exact type below
             t = type(ex)
-            if t is IoOut:
-                size = ex.size
-                data = ex.data
-                port = ex.port
-                if ex.count == 1:
-                    pio_write(port, size, from_bytes(data, "little"))
-                else:
-                    for i in range(0, len(data), size):
-                        pio_write(port, size, from_bytes(data[i:i + size], "little"))
+            if t is IoOut:  # string (rep) I/O: one write per item
+                size, data, port = ex.size, ex.data, ex.port
+                for i in range(0, len(data), size):
+                    pio_write(port, size, from_bytes(data[i:i + size], "little"))
             elif t is IoIn:
                 size = ex.size
                 ex.respond(b"".join(pio_read(ex.port, size).to_bytes(size, "little")
                                     for _ in range(ex.count)))
-            elif t is MmioWrite:
+            elif t is MmioWrite:  # an access of a length run_dispatch leaves to us
                 data = ex.data
                 mmio_write(ex.addr, len(data), from_bytes(data, "little"))
             elif t is MmioRead:

@@ -55,7 +55,7 @@ class BootConfig:
     kernel_format: str  # "elf" (vmlinux, PVH entry) or "bzimage"
     mem_mib: int
     vcpus: int
-    cmdline_variant: str  # "quiet" or "verbose"
+    cmdline_variant: str  # "quiet", "verbose" or "full-log" (quiet, with MicroVM(full_log=True))
 
     @property
     def guest(self) -> str:
@@ -119,7 +119,7 @@ def boot_ours(config: BootConfig, timeout: float, calls: list[list[tuple[str, in
     if calls is not None:
         cmdline, command = f"{cmdline} {initcalls.CMDLINE_ARG}", initcalls.COMMAND
     vm = MicroVM(guest.kernel_path(config.kernel_format), mem_mib=config.mem_mib, vcpus=config.vcpus,
-                 cmdline=cmdline)
+                 cmdline=cmdline, full_log=config.cmdline_variant == "full-log")
     r = vm.run(command, timeout=timeout)
     if r.exit_code != 0:
         raise RunFailed(f"{config.label}: `{' '.join(command)}` exited {r.exit_code}\n{vm.console_tail()}")
@@ -140,7 +140,7 @@ def boot_cli(config: BootConfig, timeout: float) -> dict[str, float]:
     env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     argv = [sys.executable, "-m", "microvm", "run", "--kernel", str(guest.kernel_path(config.kernel_format)),
             "--mem", str(config.mem_mib), "--vcpus", str(config.vcpus), "--cmdline", config.cmdline(),
-            "--timeout", str(timeout), "--", "true"]
+            "--timeout", str(timeout), *["--full-log"] * (config.cmdline_variant == "full-log"), "--", "true"]
     t0 = time.monotonic()
     try:  # the guest's timeout is the child's; this one is for a child stuck before its guest
         proc = subprocess.run(argv, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL,
@@ -173,7 +173,8 @@ def run(configs: Sequence[BootConfig], runs: int, *, timeout: float = 300,
     if any(c.vmm == "qemu" for c in configs) and not qemu.available():
         raise ConfigError(f"--qemu: {qemu.QEMU} is not installed")
     records: list[dict[str, Any]] = []
-    calls: dict[str, list[list[tuple[str, int]]]] = {c.label: [] for c in configs if c.vmm == "microvm"}
+    calls: dict[str, list[list[tuple[str, int]]]] = {
+        c.label: [] for c in configs if with_initcalls and c.vmm == "microvm"}
     boots: dict[str, Callable[[BootConfig], dict[str, float]]] = {
         "microvm": lambda c: boot_ours(c, timeout, calls[c.label] if with_initcalls else None),
         "microvm run": lambda c: boot_cli(c, timeout)}

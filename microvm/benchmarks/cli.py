@@ -115,7 +115,9 @@ def bench() -> None:
               callback=ints(*VCPUS_RANGE), help="vCPU counts, comma-separated.")
 @click.option("--cmdline-variant", "variants", default="quiet", show_default=True, metavar="VARIANT[,VARIANT...]",
               callback=choices(CMDLINE_VARIANTS),
-              help="Comma-separated: quiet (our default command line), verbose (without `quiet`).")
+              help="Comma-separated: quiet (our default command line), verbose (without `quiet`), "
+                   "full-log (quiet, and every kernel message collected at the end: MicroVM(full_log=True); "
+                   "QEMU boots quiet for it).")
 @click.option("-n", "--runs", type=click.IntRange(min=1), default=10, show_default=True,
               help="Boots per configuration.")
 @_qemu_option(False, "Also boot QEMU's microvm machine, same kernel and initramfs.")

@@ -48,6 +48,27 @@ def test_cli_console_flag_shows_the_console_and_the_output(vmlinux: str) -> None
     assert b"hi\n" in p.stdout and b"Linux version" in p.stdout
 
 
+def test_full_log_puts_every_kernel_message_in_the_console_once(vmlinux: str) -> None:
+    r = MicroVM(vmlinux, full_log=True).run(["dmesg"], timeout=120)
+    assert r.exit_code == 0
+    log = r.stdout.splitlines()  # the log as the command saw it; the console's is taken later
+    assert len(log) > 50 and b"Linux version" in log[0], r.stdout[:500]
+    console = [line.rstrip(b"\r") for line in r.console.splitlines()]
+    rest = iter(console)
+    assert all(line in rest for line in log), "a dmesg line is missing from the console, or out of order"
+    assert all(console.count(line) == log.count(line) for line in log), "a dmesg line is in the console twice"
+    assert b"Linux version" not in r.stdout.replace(log[0], b"")  # stdout is still the command's alone
+
+
+def test_full_log_after_a_poweroff_and_from_the_cli(vmlinux: str) -> None:
+    r = MicroVM(vmlinux, full_log=True).run(["poweroff"], timeout=120)
+    assert r.reason == "poweroff" and b"Linux version" in r.console
+    p = subprocess.run([sys.executable, "-m", "microvm", "run", "--kernel", vmlinux, "--full-log", "--",
+                        "echo", "hi"], capture_output=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith(b"hi\n") and b"Linux version" in p.stdout and b"Run /init" in p.stdout
+
+
 def test_devices_survive_whatever_append_says(vmlinux: str, tmp_path: Path) -> None:
     disk = tmp_path / "d.img"
     disk.write_bytes(bytes(MIB))

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from microvm.doctor import Verdict, host_verdict
-from microvm.machine import UnsupportedHostError, check_host
+from microvm.doctor import Verdict, check_host, host_verdict
+from microvm.errors import UnsupportedHostError
 
 
 def test_run_on_this_host() -> None:

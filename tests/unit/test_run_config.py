@@ -38,6 +38,7 @@ from microvm.specs import Drive, Nic, disk_name
     ({"kernel": 3}, "kernel"),
     ({"initrd": 3}, "initrd"),
     ({"nics": "tap0"}, "nics"),
+    ({"full_log": True, "append": "console=hvc1"}, "full_log"),
 ])
 def test_bad_values_name_their_field(kwargs: dict[str, object], field: str) -> None:
     with pytest.raises(ConfigError, match=field):

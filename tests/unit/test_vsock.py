@@ -885,6 +885,16 @@ def test_reset_transport_drops_connections_and_posts_the_event(guest: Guest) -> 
     s2.close()
 
 
+def refill_then_connected(guest: Guest, s: socket.socket, port: int) -> None:
+    """The guest handled the reset event and refilled: the held connection goes on."""
+    guest.ev.add_chain([(4, True)])
+    guest.t.notify(EVQ)
+    guest.pump()
+    [req] = guest.packets()
+    assert (req.op, req.dst_port) == (REQUEST, port)
+    s.close()
+
+
 def test_host_connections_wait_until_the_guest_has_handled_the_reset(guest: Guest) -> None:
     # Linux resets its sockets, then posts a fresh event buffer: a connection
     # request delivered in between would be reset silently, and its host
@@ -901,12 +911,7 @@ def test_host_connections_wait_until_the_guest_has_handled_the_reset(guest: Gues
     guest.send(20, 5000, RW, b"old")  # meanwhile an old connection's packet is still answered
     [rst] = guest.packets()
     assert rst.op == RST
-    guest.ev.add_chain([(4, True)])  # the guest handled the event and refilled
-    guest.t.notify(EVQ)
-    guest.pump()
-    [req] = guest.packets()
-    assert (req.op, req.dst_port) == (REQUEST, 40)
-    s.close()
+    refill_then_connected(guest, s, 40)
 
 
 def test_connections_wait_from_the_reset_even_before_the_guest_has_an_event_buffer(guest: Guest) -> None:
@@ -920,12 +925,7 @@ def test_connections_wait_from_the_reset_even_before_the_guest_has_an_event_buff
     assert guest.ev.used() == [(head, 4)]
     guest.pump()
     assert guest.packets() == []  # delivered, not yet handled
-    guest.ev.add_chain([(4, True)])
-    guest.t.notify(EVQ)
-    guest.pump()
-    [req] = guest.packets()
-    assert (req.op, req.dst_port) == (REQUEST, 41)
-    s.close()
+    refill_then_connected(guest, s, 41)
 
 
 def test_two_resets_need_two_fresh_event_buffers(guest: Guest) -> None:

@@ -319,25 +319,9 @@ class VirtioNet(QueueState):
             self._stash_push(mem, chain)
         if self._stash[0][0].descriptors[0].len < VNET_HDR_SIZE:
             return None  # a header split over descriptors: fixed up in the host buffer instead
-        try:
-            n = os.readv(self.backend.fd, self._stash_views)
-        except BlockingIOError:
-            return _NO_FRAME
-        except OSError as e:
-            if e.errno in TAP_GONE:
-                self._backend_failed("read", e)
-                return _NO_FRAME
-            self._drop("rx_error", f"reading the tap failed: {e.strerror}")
-            return _DROPPED
-        if n == 0:
-            self._backend_failed("read", OSError(errno.EIO, "end of file"))
-            return _NO_FRAME
-        if n > MAX_FRAME:
-            self._drop("rx_oversized", "a frame from the tap is longer than the largest we accept")
-            return _DROPPED
-        if n < VNET_HDR_SIZE + ETH_HLEN:
-            self._drop("rx_malformed", f"a {n}-byte frame from the tap")
-            return _DROPPED
+        n = self._tap_readv(self._stash_views)
+        if n < 0:
+            return n
         with self._stash_views[0][:VNET_HDR_SIZE] as header:
             if not self._offloads_ok(header):
                 return _DROPPED
@@ -378,28 +362,39 @@ class VirtioNet(QueueState):
         while self._stash:
             self._stash_pop()
 
+    def _tap_readv(self, views: list[memoryview]) -> int:
+        """Read one frame from the tap into views: its length, _NO_FRAME
+        (nothing to read, or the tap is gone) or _DROPPED (counted, reported)."""
+        try:
+            n = os.readv(self.backend.fd, views)
+        except BlockingIOError:
+            return _NO_FRAME
+        except OSError as e:
+            if e.errno in TAP_GONE:
+                self._backend_failed("read", e)
+                return _NO_FRAME
+            # EINVAL: the tap could not express a frame in a virtio-net
+            # header (and dropped it); the next one may be fine.
+            self._drop("rx_error", f"reading the tap failed: {e.strerror}")
+            return _DROPPED
+        if n == 0:
+            self._backend_failed("read", OSError(errno.EIO, "end of file"))
+            return _NO_FRAME
+        if n > MAX_FRAME:
+            self._drop("rx_oversized", "a frame from the tap is longer than the largest we accept")
+            return _DROPPED
+        if n < VNET_HDR_SIZE + ETH_HLEN:
+            self._drop("rx_malformed", f"a {n}-byte frame from the tap")
+            return _DROPPED
+        return n
+
     def _read_frame(self) -> int:
+        """One frame into the host buffer: its length, or 0 for none."""
         for _ in range(MAX_READ_ERRORS):
-            try:
-                n = os.readv(self.backend.fd, [self._rx_view])
-            except BlockingIOError:
+            n = self._tap_readv([self._rx_view])
+            if n == _NO_FRAME:
                 return 0
-            except OSError as e:
-                if e.errno in TAP_GONE:
-                    self._backend_failed("read", e)
-                    return 0
-                # EINVAL: the tap could not express a frame in a virtio-net
-                # header (and dropped it); the next one may be fine.
-                self._drop("rx_error", f"reading the tap failed: {e.strerror}")
-                continue
-            if n == 0:
-                self._backend_failed("read", OSError(errno.EIO, "end of file"))
-                return 0
-            if n > MAX_FRAME:
-                self._drop("rx_oversized", "a frame from the tap is longer than the largest we accept")
-            elif n < VNET_HDR_SIZE + ETH_HLEN:
-                self._drop("rx_malformed", f"a {n}-byte frame from the tap")
-            else:
+            if n != _DROPPED:
                 return n
         return 0  # errors in a row: leave the rest for the next wake-up
 
