@@ -3,26 +3,38 @@ errors exit 2, an interrupt 130, as a shell reports SIGINT)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 
 import click
 
-from microvm.benchmarks.cli import bench
 from microvm.clierrors import one_line_errors
 from microvm.errors import MicroVMError
-from microvm.sandbox import cli as sandbox_cli
+
+# Commands of other modules, imported only when asked for (or listed): `microvm
+# run` need not pay for the benchmarks' and the sandbox's imports (rich,
+# asyncio, ...), a fifth of its start-up (`microvm bench startup`).
+LAZY_COMMANDS = {"bench": "microvm.benchmarks.cli:bench", "call": "microvm.sandbox.cli:call",
+                 "exec": "microvm.sandbox.cli:exec_"}
 
 
-@click.group()
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in LAZY_COMMANDS:
+            module, _, attr = LAZY_COMMANDS[name].partition(":")
+            command: click.Command = getattr(importlib.import_module(module), attr)
+            return command
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=LazyGroup)
 @click.version_option(package_name="microvm")
 def main() -> None:
     """Hardware-isolated micro-VMs, straight over /dev/kvm."""
-
-
-main.add_command(bench)
-main.add_command(sandbox_cli.call)
-main.add_command(sandbox_cli.exec_)
 
 
 @main.command()

@@ -49,8 +49,10 @@ devmem {CONTROL_BASE + REG_MARK:#x} 32 {MARK_INIT}
 hostname microvm
 
 sendlog() {{
-    # MicroVM(full_log=True): the kernel's whole log to the host, over hvc1,
-    # before init reports (hvc's write returns once the host has the data).
+    # MicroVM(full_log=True) with a kernel whose log the host cannot find in
+    # its memory (printk.FullLog): the whole log over hvc1, before init reports
+    # (hvc's write returns once the host has the data). -opost: whole blocks,
+    # not a write per line end.
     [ -n "$fulllog" ] && [ -c /dev/hvc1 ] || return 0
     exec 4>/dev/hvc1
     stty -F /dev/hvc1 -opost 2>/dev/null

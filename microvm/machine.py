@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from microvm import _kvm, checks, loader
 from microvm.arch.x86_64 import boot, layout, mptable
@@ -36,11 +36,8 @@ from microvm.devices.control import (
 )
 from microvm.devices.i8042 import I8042
 from microvm.devices.serial import Serial
-from microvm.devices.virtio.block import VirtioBlock
 from microvm.devices.virtio.console import VirtioConsole
-from microvm.devices.virtio.net import RX_QUEUE, VirtioNet
 from microvm.devices.virtio.rng import VirtioRng
-from microvm.devices.virtio.vsock import VirtioVsock
 from microvm.doctor import check_host
 from microvm.errors import (
     ConfigError,
@@ -56,11 +53,15 @@ from microvm.errors import (
     VmStoppedError,
 )
 from microvm.hostprocess import interrupts_deferred, raise_fd_limit, sink, tune_switch_interval
-from microvm.kernellog import FULL_LOG_ARG, KernelLog, merge_log
+from microvm.kernellog import KernelLog
+from microvm.printk import FullLog
 from microvm.snapshot.machine import MicroVMSnapshots
 from microvm.specs import Drive, Nic, as_drive, disk_name, guest_ip_args
 from microvm.vcpu import StopReason
 from microvm.vm import Vm
+
+if TYPE_CHECKING:  # the user's devices are imported when a VM has them: `microvm run` starts faster
+    from microvm.devices.virtio.vsock import VirtioVsock
 
 __all__ = ["Drive", "GuestPanicError", "GuestTimeoutError", "MicroVM", "Nic", "RunResult", "VmStoppedError"]
 
@@ -70,7 +71,6 @@ MIB = layout.MIB
 # 6.1 (virtio_console's port is not findable until hvc_alloc has returned).
 DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet 8250.nr_uarts=1"
 KERNEL_CONSOLE = "console=hvc1"
-FULL_LOG_ARGS = f"quiet {FULL_LOG_ARG}"  # (the user's loglevel=, later on the line, wins over quiet)
 CONSOLE_TAIL = 4000
 WAIT_SLICE = 0.25  # how often wait() looks at a panic or a shutdown in progress
 SHUTDOWN_GRACE = 2.0  # seconds from the kernel console's reset to a power-off (_on_kernel_console_reset)
@@ -166,10 +166,9 @@ class MicroVM(MicroVMSnapshots):
                               f"together (one interrupt line each)")
         self.backends = Backends(self.drives, self.nics)
         self.forkable = bool(forkable)  # RAM in a memfd from boot: fork() shares it (snapshot.fork)
-        self.full_log = bool(full_log)  # every kernel message, cheaply (kernellog.merge_log)
-        if self.full_log and KERNEL_CONSOLE in f"{self.cmdline} {self.append}".split():
+        self.full_log = FullLog() if full_log else None  # every kernel message, cheaply (printk.py)
+        if full_log and KERNEL_CONSOLE in f"{self.cmdline} {self.append}".split():
             raise ConfigError(f"full_log and {KERNEL_CONSOLE} both want hvc1: choose one")
-        self._dmesg = bytearray()  # what init sent over hvc1 (full_log)
         self.force = force
         self._console_sink = sink(console)
         self._stdout_sink = sink(stdout)
@@ -448,8 +447,8 @@ class MicroVM(MicroVMSnapshots):
     def console_tail(self, n: int = CONSOLE_TAIL) -> str:
         return self._console()[-n:].decode(errors="replace")
 
-    def _console(self) -> bytes:  # with init's copy of the kernel's log in it (full_log)
-        return merge_log(bytes(self.console), bytes(self._dmesg)) if self._dmesg else bytes(self.console)
+    def _console(self) -> bytes:  # with the kernel's whole log in it (full_log)
+        return self.full_log.merged(bytes(self.console)) if self.full_log else bytes(self.console)
 
     # --- setup -------------------------------------------------------------------
 
@@ -481,7 +480,8 @@ class MicroVM(MicroVMSnapshots):
         # Ours first: the kernel reads left to right, so nothing in the
         # user's text (checked for `--` and open quotes too) can hide it.
         ours = " ".join(filter(None, (self.devices.cmdline(), guest_ip_args(self.nics),
-                                      "root=/dev/vda" if self.rootfs else "", FULL_LOG_ARGS * self.full_log)))
+                                      "root=/dev/vda" if self.rootfs else "",
+                                      self.full_log.cmdline() if self.full_log else "")))
         cmdline = " ".join(filter(None, (ours, self.cmdline, self.append)))
         try:
             self.boot = loader.load_linux(vm.mem, kernel, cmdline=cmdline,
@@ -492,6 +492,8 @@ class MicroVM(MicroVMSnapshots):
                 f"mem_mib={self.mem_mib} is too small for kernel {kernel}: with its initrd it needs "
                 f"at least {need} MiB of guest memory") from e
         mptable.write(vm.mem, self.vcpus, layout.MPTABLE_START)
+        if self.full_log is not None:
+            self.full_log.watch(vm, self.boot)
 
     def _wire_devices(self, vm: Vm) -> None:
         self.devices = devices = DeviceManager(vm)
@@ -515,20 +517,27 @@ class MicroVM(MicroVMSnapshots):
         if KERNEL_CONSOLE in f"{self.cmdline} {self.append}".split():
             hvc1 = VirtioConsole(self._on_log, self._on_kernel_console_reset)
             devices.add_virtio("hvc1", hvc1, ioeventfd=False, share_line_of="hvc0")
-        elif self.full_log:
-            devices.add_virtio("hvc1", VirtioConsole(self._dmesg.extend), ioeventfd=False, share_line_of="hvc0")
+        elif self.full_log is not None and not self.full_log.plan(self.kernel or _default_kernel()):
+            devices.add_virtio("hvc1", VirtioConsole(self.full_log.dmesg.extend), ioeventfd=False,
+                               share_line_of="hvc0")
         # Entropy from the host (/dev/hwrng), so the guest's getrandom() never
         # waits for its own pool (slow to fill in a quiet VM).
         devices.add_virtio("rng", VirtioRng())
         # Disks first (vda, vdb, ...: the kernel names them in probe order),
         # each with its own I/O thread; then eth0, ...
+        if self.backends.disks:
+            from microvm.devices.virtio.block import VirtioBlock
         for i, disk in enumerate(self.backends.disks):
             devices.add_virtio(disk_name(i), VirtioBlock(disk), own_thread=True)
+        if self.backends.taps:
+            from microvm.devices.virtio.net import RX_QUEUE, VirtioNet
         for i, tap in enumerate(self.backends.taps):
             transport = devices.add_virtio(f"eth{i}", VirtioNet(tap, mac=self.nics[i].mac))
             # A frame waiting on the tap is like a receive-queue notification.
             devices.watch_fd(f"eth{i}", tap.fd, functools.partial(transport.notify, RX_QUEUE))
         if self.vsock is not None:
+            from microvm.devices.virtio.vsock import VirtioVsock
+
             self.vsock_device = VirtioVsock(self.vsock_cid, self.vsock)
             devices.add_virtio("vsock", self.vsock_device)
             self.vsock_device.attach(vm.io)  # its host sockets are served by the same I/O thread

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from microvm.backends.disk import RawDisk
-from microvm.backends.tap import HostConfig, Tap
 from microvm.errors import ConfigError
 from microvm.specs import Drive, Nic
+
+if TYPE_CHECKING:  # imported when a VM has disks or NICs: `microvm run` starts faster
+    from microvm.backends.disk import RawDisk
+    from microvm.backends.tap import Tap
 
 
 class Backends:
@@ -30,6 +33,10 @@ class Backends:
     def open(self) -> None:
         self.close()  # a second start() after a failed one begins afresh
         self._check_distinct()
+        if self.drives:
+            from microvm.backends.disk import RawDisk
+        if self.nic_specs:
+            from microvm.backends.tap import HostConfig, Tap
         try:
             for d in self.drives:
                 self.disks.append(RawDisk(d.path, read_only=d.read_only, direct=d.direct))

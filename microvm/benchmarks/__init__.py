@@ -7,6 +7,7 @@
   net.py        virtio-net over a tap, against QEMU   } on both sides: ab.py
   call.py       a call into a running sandbox, against the agent under QEMU's vhost-vsock
   exits.py      one port-I/O exit, our loop against a bare C one (exits_raw.c)
+  startup.py    the VMM's own start-up, a tiny PVH guest, against QEMU
 
 qemu.py is the one QEMU runner; guest.py our cached kernel and the error of a
 failed run; report.py statistics, tables (the A/B table among them), JSON,

@@ -103,7 +103,8 @@ def _compared(module: Any) -> Callable[[dict[str, Any]], Table]:
 
 @click.group()
 def bench() -> None:
-    """Benchmarks: boot timeline, footprint, VM rate; virtio-blk, virtio-net, sandbox calls, exit cost, restore."""
+    """Benchmarks: boot timeline, footprint, VM rate; virtio-blk, virtio-net, sandbox calls, exit cost, restore,
+    VMM start-up."""
 
 
 @bench.command("boot")
@@ -297,6 +298,19 @@ def exits_cmd(exits: int, runs: int, out: Path) -> None:
     exits_bench.compiler()
     _measure("exits", "exit loops", runs * len(exits_bench.VARIANTS),
              lambda advance: exits_bench.run(exits, runs, advance), _compared(exits_bench), out)
+
+
+@bench.command("startup")
+@click.option("--runs", type=click.IntRange(min=1), default=7, show_default=True, help="Runs per variant.")
+@out_option
+@one_line_errors
+def startup_cmd(runs: int, out: Path) -> None:
+    """Start-up of the VMM, like with like: microvm and QEMU booting a tiny PVH guest that ends at once."""
+    from microvm.benchmarks import startup
+
+    _in_lane("startup", out)
+    _measure("startup", "start-ups", runs * len(startup.VARIANTS),
+             lambda advance: startup.run(runs, advance), _compared(startup), out)
 
 
 @bench.command("virtqueue")

@@ -62,6 +62,10 @@ class BootInfo:
     kernel_end: int
     initrd: tuple[int, int] | None  # (addr, size)
     cmdline_addr: int
+    # PVH from a vmlinux with symbols: where the kernel's log buffer is found
+    # (printk.py), and its image's (vaddr, paddr, size) to find it in guest RAM.
+    log_pointer: int | None = None
+    kernel_map: tuple[tuple[int, int, int], ...] = ()
 
 
 def load_linux(
@@ -139,7 +143,14 @@ def _load_pvh(
     loaded = elf.load(mem, image)
     initrd = _place_cmdline_and_initrd(mem, raw_cmdline, initrd_data, ram, loaded.end, FOUR_GIB)
     params = elf.write_start_info(mem, cmdline_addr=CMDLINE, initrd=initrd, memmap=e820)
-    return BootInfo("pvh", loaded.entry, params, loaded.start, loaded.end, initrd, CMDLINE)
+    return BootInfo("pvh", loaded.entry, params, loaded.start, loaded.end, initrd, CMDLINE, image.log_pointer,
+                    tuple((seg.vaddr, seg.paddr, seg.memsz) for seg in image.segments))
+
+
+def has_log_symbol(kernel: Path | str) -> bool:
+    """Whether the host can read this kernel's log from guest memory (a
+    vmlinux whose symbol table locates it; that table is read once per file)."""
+    return _file_magic(kernel) == ELF_MAGIC and elf.parse_file(kernel).log_pointer is not None
 
 
 def _load_bzimage(

@@ -9,15 +9,10 @@ XEN_ELFNOTE_PHYS32_ENTRY, with %ebx holding the address of struct hvm_start_info
 from __future__ import annotations
 
 import ctypes
-import io
 import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, BinaryIO
-
-from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
 
 from microvm.arch.x86_64.layout import HIMEM_START, PVH_MEMMAP, PVH_MODLIST, START_INFO
 from microvm.errors import LoaderError
@@ -45,6 +40,16 @@ DEFAULT_COMMAND_LINE_SIZE = 2048
 # struct Elf64_Sym { Elf64_Word st_name; unsigned char st_info, st_other;
 #                    Elf64_Half st_shndx; Elf64_Addr st_value; Elf64_Xword st_size; }
 ELF64_SYM = struct.Struct("<IBBHQQ")
+# Elf64_Ehdr (e_ident, then e_type ... e_shstrndx), Elf64_Phdr, Elf64_Shdr: read
+# with struct, not pyelftools, whose import alone was a tenth of `microvm run`'s.
+EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
+PHDR = struct.Struct("<IIQQQQQQ")  # p_type, p_flags, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_align
+SHDR = struct.Struct("<IIQQQQIIQQ")  # sh_name, sh_type, sh_flags, sh_addr, sh_offset, sh_size, sh_link, ...
+ELFCLASS64, ELFDATA2LSB, ET_EXEC, EM_X86_64 = 2, 1, 2, 62
+PT_LOAD, PT_NOTE, SHT_SYMTAB, SHT_NOTE = 1, 4, 2, 7
+ET_NAMES = {0: "ET_NONE", 1: "ET_REL", 2: "ET_EXEC", 3: "ET_DYN", 4: "ET_CORE"}
+EM_NAMES = {3: "EM_386", 8: "EM_MIPS", 20: "EM_PPC", 21: "EM_PPC64", 40: "EM_ARM", 62: "EM_X86_64",
+            183: "EM_AARCH64", 243: "EM_RISCV"}
 
 
 class HvmStartInfo(ctypes.LittleEndianStructure):
@@ -126,6 +131,7 @@ class Segment:
     offset: int
     filesz: int
     memsz: int
+    vaddr: int = 0  # where the kernel sees it (its image mapping)
 
 
 @dataclass(frozen=True)
@@ -139,6 +145,15 @@ class ElfImage:
     segments: list[Segment]
     path: str | None = None
     command_line_size: int = DEFAULT_COMMAND_LINE_SIZE  # NUL included
+    log_pointer: int | None = None  # the address (virtual) of `prb`, the kernel's log buffer (printk.py)
+
+
+@dataclass(frozen=True)
+class KernelSymbols:
+    """What the loader and the host take from a vmlinux's symbol table."""
+
+    command_line_size: int = DEFAULT_COMMAND_LINE_SIZE
+    log_pointer: int | None = None
 
 
 Reader = Callable[[int, int], bytes]  # (offset, length) -> bytes of the file
@@ -146,8 +161,8 @@ Reader = Callable[[int, int], bytes]  # (offset, length) -> bytes of the file
 
 def parse(data: bytes) -> ElfImage:
     """Check a vmlinux given as bytes and find its segments and PVH entry point."""
-    entry, segments, cl_size = _checked(io.BytesIO(data), len(data), lambda offset, n: data[offset:offset + n], None)
-    return ElfImage(data, entry, segments, command_line_size=cl_size)
+    entry, segments, syms = _checked(len(data), lambda offset, n: data[offset:offset + n], None)
+    return ElfImage(data, entry, segments, command_line_size=syms.command_line_size, log_pointer=syms.log_pointer)
 
 
 def parse_file(path: str | os.PathLike[str]) -> ElfImage:
@@ -158,104 +173,124 @@ def parse_file(path: str | os.PathLike[str]) -> ElfImage:
             fd = f.fileno()
             st = os.fstat(fd)
             identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-            entry, segments, cl_size = _checked(f, st.st_size, lambda offset, n: os.pread(fd, n, offset), identity)
+            entry, segments, syms = _checked(st.st_size, lambda offset, n: os.pread(fd, n, offset), identity)
     except OSError as e:
         raise LoaderError(f"cannot read kernel {path}: {e.strerror or e}") from e
-    return ElfImage(None, entry, segments, path=os.fspath(path), command_line_size=cl_size)
+    return ElfImage(None, entry, segments, path=os.fspath(path), command_line_size=syms.command_line_size,
+                    log_pointer=syms.log_pointer)
 
 
-def _checked(stream: BinaryIO, size: int, read: Reader,
-             identity: tuple[int, ...] | None) -> tuple[int, list[Segment], int]:
+def _checked(size: int, read: Reader,
+             identity: tuple[int, ...] | None) -> tuple[int, list[Segment], KernelSymbols]:
     try:
-        return _parse(stream, size, read, identity)
-    except (ELFError, struct.error, ValueError, KeyError, IndexError, OverflowError) as e:
-        # pyelftools reports a cut or mangled header as whichever of these its
-        # parser trips over first.
+        return _parse(size, read, identity)
+    except (struct.error, ValueError, OverflowError) as e:  # a header cut short or mangled past our checks
         raise LoaderError(f"vmlinux is truncated or corrupt: {e}") from e
 
 
-def _parse(stream: BinaryIO, size: int, read: Reader,
-           identity: tuple[int, ...] | None) -> tuple[int, list[Segment], int]:
-    elf = ELFFile(stream)
-    if elf.elfclass != 64:
-        raise LoaderError(f"kernel is ELFCLASS{elf.elfclass}, need an ELFCLASS64 x86_64 vmlinux")
-    if not elf.little_endian:
+def _parse(size: int, read: Reader, identity: tuple[int, ...] | None) -> tuple[int, list[Segment], KernelSymbols]:
+    ident = read(0, min(size, EHDR.size))
+    if len(ident) < 6 or ident[:4] != b"\x7fELF":
+        raise LoaderError("vmlinux is truncated or corrupt: no ELF header")
+    if ident[4] != ELFCLASS64:
+        raise LoaderError(f"kernel is ELFCLASS{ {1: 32}.get(ident[4], ident[4])}, need an ELFCLASS64 x86_64 vmlinux")
+    if ident[5] != ELFDATA2LSB:
         raise LoaderError("kernel is big-endian, need a little-endian x86_64 vmlinux")
-    if elf["e_machine"] != "EM_X86_64":
-        raise LoaderError(f"kernel is for e_machine {elf['e_machine']}, need EM_X86_64")
-    if elf["e_type"] != "ET_EXEC":
-        raise LoaderError(f"kernel is {elf['e_type']}, need ET_EXEC (a vmlinux)")
-    ph_end = elf["e_phoff"] + elf["e_phnum"] * elf["e_phentsize"]
+    if len(ident) < EHDR.size:
+        raise LoaderError(f"vmlinux is truncated: its ELF header needs {EHDR.size} bytes, file is {size}")
+    (_, e_type, e_machine, _, _, e_phoff, e_shoff, _, _, e_phentsize, e_phnum, e_shentsize, e_shnum,
+     _) = EHDR.unpack(ident)
+    if e_machine != EM_X86_64:
+        raise LoaderError(f"kernel is for e_machine {EM_NAMES.get(e_machine, e_machine)}, need EM_X86_64")
+    if e_type != ET_EXEC:
+        raise LoaderError(f"kernel is {ET_NAMES.get(e_type, e_type)}, need ET_EXEC (a vmlinux)")
+    ph_end = e_phoff + e_phnum * e_phentsize
     if ph_end > size:
         raise LoaderError(f"vmlinux is truncated: program headers end at {ph_end:#x}, file is {size} bytes")
+    if e_phnum and e_phentsize != PHDR.size:
+        raise LoaderError(f"vmlinux is corrupt: e_phentsize is {e_phentsize}, ELF64 says {PHDR.size}")
 
     segments: list[Segment] = []
     notes: list[tuple[int, int, int]] = []  # (offset, size, alignment)
-    for index, seg in enumerate(elf.iter_segments()):
-        h = seg.header
-        if h["p_type"] == "PT_LOAD" and h["p_memsz"]:
-            segments.append(_load_segment(index, h, size))
-        elif h["p_type"] == "PT_NOTE":
-            notes.append((h["p_offset"], h["p_filesz"], h["p_align"]))
+    for index, h in enumerate(PHDR.iter_unpack(read(e_phoff, e_phnum * PHDR.size))):
+        p_type, _, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_align = h
+        if p_type == PT_LOAD and p_memsz:
+            segments.append(_load_segment(index, p_paddr, p_offset, p_filesz, p_memsz, p_vaddr, size))
+        elif p_type == PT_NOTE:
+            notes.append((p_offset, p_filesz, p_align))
     if not segments:
         raise LoaderError("vmlinux has no loadable (PT_LOAD) segments")
 
-    entry = _pvh_entry(read, size, notes)
-    if entry is None:  # no PT_NOTE carried it: look in the SHT_NOTE sections
-        sh_end = elf["e_shoff"] + elf["e_shnum"] * elf["e_shentsize"]
+    def sections() -> list[tuple[int, ...]]:
+        sh_end = e_shoff + e_shnum * e_shentsize
         if sh_end > size:
             raise LoaderError(f"vmlinux is truncated: section headers end at {sh_end:#x}, "
                               f"file is {size} bytes")
-        sections = [(s["sh_offset"], s["sh_size"], s["sh_addralign"]) for s in elf.iter_sections()
-                    if s["sh_type"] == "SHT_NOTE"]
-        entry = _pvh_entry(read, size, sections)
+        if e_shnum and e_shentsize != SHDR.size:
+            raise LoaderError(f"vmlinux is corrupt: e_shentsize is {e_shentsize}, ELF64 says {SHDR.size}")
+        return list(SHDR.iter_unpack(read(e_shoff, e_shnum * SHDR.size))) if e_shnum else []
+
+    entry = _pvh_entry(read, size, notes)
+    if entry is None:  # no PT_NOTE carried it: look in the SHT_NOTE sections
+        entry = _pvh_entry(read, size, [(sh[4], sh[5], sh[8]) for sh in sections() if sh[1] == SHT_NOTE])
     if entry is None:
         raise LoaderError("kernel has no PVH entry point (CONFIG_PVH=y needed)")
     if not any(s.paddr <= entry < s.paddr + s.memsz for s in segments):
         raise LoaderError(f"PVH entry point {entry:#x} is outside the kernel's loaded segments")
     if identity is None:
-        return entry, segments, _command_line_size(elf, read, size)
-    cl_size = _COMMAND_LINE_SIZES.get(identity)
-    if cl_size is None:
-        cl_size = _COMMAND_LINE_SIZES[identity] = _command_line_size(elf, read, size)
-    return entry, segments, cl_size
+        return entry, segments, _kernel_symbols(sections(), read, size)
+    syms = _KERNEL_SYMBOLS.get(identity)
+    if syms is None:
+        syms = _KERNEL_SYMBOLS[identity] = _kernel_symbols(sections(), read, size)
+    return entry, segments, syms
 
 
-# (st_dev, st_ino, st_size, st_mtime_ns) of a vmlinux -> its command-line size:
-# the same kernel boots again and again, and its symbol table never changes.
-_COMMAND_LINE_SIZES: dict[tuple[int, ...], int] = {}
+# (st_dev, st_ino, st_size, st_mtime_ns) of a vmlinux -> what its symbol table
+# says: the same kernel boots again and again, and its symbols never change.
+_KERNEL_SYMBOLS: dict[tuple[int, ...], KernelSymbols] = {}
 
 
-def _command_line_size(elf: ELFFile, read: Reader, size: int) -> int:
-    """The size of the kernel's boot_command_line buffer, from its symbol table.
-
-    A raw scan rather than pyelftools' symbol iteration: a vmlinux has tens of
-    thousands of symbols (about 0.6 ms for ours, once per kernel file).
-    """
-    symtab = elf.get_section_by_name(".symtab")
-    if symtab is None or symtab["sh_type"] != "SHT_SYMTAB" or symtab["sh_entsize"] != ELF64_SYM.size:
-        return DEFAULT_COMMAND_LINE_SIZE
-    strtab = elf.get_section(symtab["sh_link"])
-    sections = [(symtab["sh_offset"], symtab["sh_size"]), (strtab["sh_offset"], strtab["sh_size"])]
-    if any(offset + length > size for offset, length in sections):
+def _kernel_symbols(sections: list[tuple[int, ...]], read: Reader, size: int) -> KernelSymbols:
+    """The size of the kernel's boot_command_line buffer and the address of
+    `prb` (its log buffer's pointer), from its symbol table: a raw scan, the
+    table whole (tens of thousands of symbols; once per kernel file)."""
+    symtab = next((sh for sh in sections if sh[1] == SHT_SYMTAB), None)
+    if symtab is None or symtab[9] != ELF64_SYM.size or not 0 <= symtab[6] < len(sections):
+        return KernelSymbols()
+    strtab = sections[symtab[6]]  # sh_link
+    tables = [(symtab[4], symtab[5]), (strtab[4], strtab[5])]  # (sh_offset, sh_size)
+    if any(offset + length > size for offset, length in tables):
         raise LoaderError("vmlinux is truncated: its symbol table runs past the end of the file")
-    names = read(*sections[1])
-    at = names.find(b"\0boot_command_line\0")
+    symbols, names = read(*tables[0]), read(*tables[1])
+    command_line = _symbol(names, symbols, b"boot_command_line")
+    log = _symbol(names, symbols, b"prb", unique=True)
+    return KernelSymbols(command_line[1] if command_line and command_line[1] > 0 else DEFAULT_COMMAND_LINE_SIZE,
+                         log[0] if log and log[1] == 8 else None)
+
+
+def _symbol(names: bytes, symbols: bytes, name: bytes, unique: bool = False) -> tuple[int, int] | None:
+    """(st_value, st_size) of the symbol called name; with unique, None where
+    more than one has that name (a static variable's name may repeat)."""
+    at = names.find(b"\0" + name + b"\0")
     if at < 0:
-        return DEFAULT_COMMAND_LINE_SIZE
-    symbols = read(*sections[0])
+        return None
     key = struct.pack("<I", at + 1)
+    found = []
     pos = symbols.find(key)
     while pos >= 0:
         if pos % ELF64_SYM.size == 0:
-            cl_size = ELF64_SYM.unpack_from(symbols, pos)[5]
-            return int(cl_size) if cl_size > 0 else DEFAULT_COMMAND_LINE_SIZE
+            found.append(ELF64_SYM.unpack_from(symbols, pos))
+            if not unique:
+                break
         pos = symbols.find(key, pos + 1)
-    return DEFAULT_COMMAND_LINE_SIZE
+    if len(found) != 1:
+        return None
+    return int(found[0][4]), int(found[0][5])
 
 
-def _load_segment(index: int, h: Any, file_size: int) -> Segment:
-    seg = Segment(index, h["p_paddr"], h["p_offset"], h["p_filesz"], h["p_memsz"])
+def _load_segment(index: int, paddr: int, offset: int, filesz: int, memsz: int, vaddr: int,
+                  file_size: int) -> Segment:
+    seg = Segment(index, paddr, offset, filesz, memsz, vaddr)
     if seg.filesz > seg.memsz:
         raise LoaderError(f"segment {index}: p_filesz {seg.filesz:#x} exceeds p_memsz {seg.memsz:#x}")
     if seg.offset + seg.filesz > file_size:

@@ -241,3 +241,16 @@ def test_memory_below_what_our_kernel_needs_names_both() -> None:
     m = MicroVM(_default_kernels()[0], force=True, mem_mib=16)
     with pytest.raises(ConfigError, match=r"mem_mib=16 is too small for kernel .*vmlinux: .*at least \d+ MiB"):
         m.run(["true"])
+
+
+def test_the_startup_benchmarks_guest_ends_a_microvm_run(tmp_path: Path) -> None:
+    """bench startup's tiny guest (microvm.benchmarks.startup) ends `microvm run` at its first
+    instructions: the port write for QEMU is ignored here, the control device's EXIT is not."""
+    from microvm.benchmarks.startup import tiny_kernel
+
+    kernel = tmp_path / "tiny.elf"
+    kernel.write_bytes(tiny_kernel())
+    p = subprocess.run([sys.executable, "-m", "microvm", "run", "--kernel", str(kernel), "--force", "--mem", "32",
+                        "--timeline", "--timeout", "30", "--", "true"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "first vcpu entry" in p.stderr and "command done" in p.stderr

@@ -17,7 +17,21 @@ from click.testing import CliRunner
 from rich.console import Console
 
 from microvm import lane
-from microvm.benchmarks import ab, blk, boot, call, exits, footprint, guest, net, qemu, rate, report, scripts
+from microvm.benchmarks import (
+    ab,
+    blk,
+    boot,
+    call,
+    exits,
+    footprint,
+    guest,
+    net,
+    qemu,
+    rate,
+    report,
+    scripts,
+    startup,
+)
 from microvm.benchmarks.plot import boot_figure
 from microvm.benchmarks.workers import WorkerError, run_workers
 from microvm.cli import main
@@ -714,3 +728,17 @@ def test_initcall_addresses_name_our_kernels_functions() -> None:
     probe = subprocess.run(["nm", str(art.vmlinux)], capture_output=True, text=True, check=True).stdout
     addr = next(int(line.split()[0], 16) for line in probe.splitlines() if line.endswith(" virtio_mmio_init"))
     assert symbols.name(f"{addr:#x}") == "virtio_mmio_init"
+
+
+def test_the_startup_guest_is_a_pvh_elf_our_loader_takes() -> None:
+    from microvm.loader import elf
+
+    image = elf.parse(startup.tiny_kernel())
+    assert image.entry == startup.ENTRY
+    [segment] = image.segments
+    assert segment.paddr == startup.ENTRY
+
+
+def test_startup_reads_microvms_timeline_lines() -> None:
+    stderr = "vm created              1.5 ms\nfirst vcpu entry       12.0 ms\nsome warning\n"
+    assert startup.parse_timeline(stderr) == {"vm created": 1.5, "first vcpu entry": 12.0}

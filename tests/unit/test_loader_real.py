@@ -105,3 +105,17 @@ def test_command_line_limit_is_read_from_the_vmlinux() -> None:
         load_linux(mem, kernel, cmdline="x" * (size - 1), ram=RAM, reserved=RESERVED)
         with pytest.raises(LoaderError, match=f"accepts at most {size - 1}"):
             load_linux(mem, kernel, cmdline="x" * size, ram=RAM, reserved=RESERVED)
+
+
+def test_the_log_buffers_pointer_is_found_in_the_vmlinux_only() -> None:
+    """`prb` (printk.py reads the log through it), as nm has it; a bzImage has no symbols."""
+    from microvm.loader import has_log_symbol
+    from microvm.loader.elf import parse_file
+
+    vmlinux = _built("vmlinux")
+    assert parse_file(vmlinux).log_pointer == _symbol(vmlinux, "prb") is not None
+    assert has_log_symbol(vmlinux) and not has_log_symbol(_built("bzImage"))
+    mem = GuestMemory([(0, bytearray(MEM_SIZE))])
+    info = load_linux(mem, vmlinux, cmdline="quiet", ram=RAM, reserved=RESERVED)
+    assert info.log_pointer == _symbol(vmlinux, "prb")
+    assert any(v <= info.log_pointer < v + size for v, _, size in info.kernel_map)

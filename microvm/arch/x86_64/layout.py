@@ -80,6 +80,8 @@ COM1_PORT: Final = 0x3F8
 COM1_PORTS: Final = 8
 I8042_DATA_PORT: Final = 0x60
 I8042_COMMAND_PORT: Final = 0x64  # reads: status, writes: command
+# QEMU's isa-debug-exit (bench startup's tiny guest ends QEMU there); nothing of ours.
+QEMU_DEBUG_EXIT_PORT: Final = 0xF4
 
 
 def ram_ranges(mem_bytes: int) -> list[tuple[int, int]]:
