@@ -963,6 +963,7 @@ cdef class VcpuFd(_Fd):
 
 cdef enum:
     HUGE_PAGE = 2097152  # 2 MiB, the x86 huge page
+    GUARD = 2097152  # inaccessible bytes at least, on each side of guest RAM (Mapping)
 
 # Live guest-RAM mappings in this process, and their bytes. Changed only
 # with the GIL held, next to each mmap and munmap below.
@@ -996,8 +997,15 @@ cdef class Mapping:
     (one fault per 2 MiB instead of 512). close() unmaps, and refuses while
     any memoryview of it is still alive, so no Python object can reach
     unmapped memory.
+
+    Guard regions of at least GUARD bytes (PROT_NONE, reserved, never
+    committed) lie on both sides: a stray access just outside guest RAM by
+    our C code is a crash at once, never a read or write of some other
+    mapping (the hostile-guest test relies on it).
     """
     cdef char *base
+    cdef char *reserved  # the whole reservation: guards and RAM, unmapped as one
+    cdef size_t reserved_size
     cdef readonly size_t size
     cdef readonly int exports
     cdef readonly int fd  # the backing file (not ours: the caller closes it), or -1
@@ -1011,11 +1019,17 @@ cdef class Mapping:
         self.offset = offset
         self.shared = shared
         cdef int err = 0
-        cdef size_t slack = 0
-        cdef uintptr_t start, aligned, tail
+        cdef size_t slack = HUGE_PAGE  # room to slide the start onto a 2 MiB boundary
+        cdef size_t total, rounded
+        cdef uintptr_t aligned
         cdef void *p
+        cdef void *r = NULL
         if size == 0:
             raise ValueError("mapping size must be positive")
+        if size > (<size_t>-1) - 2 * GUARD - 2 * HUGE_PAGE:
+            raise ValueError("mapping size too large")
+        rounded = (size + 4095) & ~(<size_t>4095)
+        total = rounded + slack + 2 * GUARD
         if fd >= 0:
             # Touching a file mapping beyond the end of the file is SIGBUS.
             file_size = _os.fstat(fd).st_size
@@ -1032,33 +1046,30 @@ cdef class Mapping:
         if populate:
             flags |= s.MAP_POPULATE
         thp = thp and fd < 0 and not hugepages and not populate
-        if thp:
-            if size > (<size_t>-1) - 2 * HUGE_PAGE:
-                raise ValueError("mapping size too large")
-            slack = HUGE_PAGE  # room to slide the start onto a 2 MiB boundary
         with nogil:
             # mmap can take seconds (MAP_POPULATE or hugetlb faults in every
             # page of GiBs) while other VMs' vCPU threads need the GIL. Safe
             # without it: only locals and C arguments are used, and no other
             # thread can reach this object before __cinit__ returns. errno
             # is read here, in the thread that made the call.
-            p = s.mmap(NULL, size + slack, s.PROT_READ | s.PROT_WRITE, flags, fd, offset)
-            if p == s.MAP_FAILED:
+            # First the reservation (guards, slack and RAM: no access, no
+            # commitment), then the RAM inside it on a 2 MiB boundary.
+            r = s.mmap(NULL, total, s.PROT_NONE, s.MAP_PRIVATE | s.MAP_ANONYMOUS | s.MAP_NORESERVE, -1, 0)
+            if r == s.MAP_FAILED:
                 err = errno
-            elif thp:
-                start = <uintptr_t>p
-                aligned = (start + HUGE_PAGE - 1) & ~(<uintptr_t>HUGE_PAGE - 1)
-                if aligned > start:
-                    s.munmap(p, aligned - start)
-                # The kernel mapped whole pages: the tail starts at the page after our last byte.
-                tail = aligned + ((size + 4095) & ~(<size_t>4095))
-                if start + size + slack > tail:
-                    s.munmap(<void *>tail, start + size + slack - tail)
-                p = <void *>aligned
-                # Only advice: without THP (disabled, or an old kernel) it fails and nothing changes.
-                s.madvise(p, size, s.MADV_HUGEPAGE)
+            else:
+                aligned = (<uintptr_t>r + GUARD + HUGE_PAGE - 1) & ~(<uintptr_t>HUGE_PAGE - 1)
+                p = s.mmap(<void *>aligned, size, s.PROT_READ | s.PROT_WRITE, flags | s.MAP_FIXED, fd, offset)
+                if p == s.MAP_FAILED:
+                    err = errno
+                    s.munmap(r, total)
+                elif thp:
+                    # Only advice: without THP (disabled, or an old kernel) it fails and nothing changes.
+                    s.madvise(p, size, s.MADV_HUGEPAGE)
         if err:
             _raise_errno(err, f"mmap({size} bytes)")
+        self.reserved = <char *>r
+        self.reserved_size = total
         self.base = <char *>p
         self.size = size
         global _live_mappings, _live_bytes
@@ -1138,6 +1149,8 @@ cdef class Mapping:
     def close(self):
         cdef char *base = self.base
         cdef size_t size = self.size
+        cdef char *reserved = self.reserved
+        cdef size_t reserved_size = self.reserved_size
         if base == NULL:
             return
         if self.exports:
@@ -1150,18 +1163,20 @@ cdef class Mapping:
             # Freeing GiBs of touched pages takes a while. Safe without the
             # GIL: no view exists (exports is 0, counted with the GIL held)
             # and self.base is already NULL, so nothing else reaches [base, base+size).
-            s.munmap(base, size)
+            s.munmap(reserved, reserved_size)
 
     def __dealloc__(self):
         # No exports can exist here: each view holds a reference to us.
         cdef char *base = self.base
         cdef size_t size = self.size
+        cdef char *reserved = self.reserved
+        cdef size_t reserved_size = self.reserved_size
         if base != NULL:
             self.base = NULL
             _forget_mapping(size)
             with nogil:
                 # Same as close(): nothing can reach the object being freed.
-                s.munmap(base, size)
+                s.munmap(reserved, reserved_size)
 
     def __getbuffer__(self, Py_buffer *buf, int flags):
         if self.base == NULL:

@@ -9,6 +9,7 @@ cdef extern from "<sys/mman.h>" nogil:
     int munmap(void *addr, size_t length)
     int madvise(void *addr, size_t length, int advice)
     void *MAP_FAILED
+    int PROT_NONE
     int PROT_READ
     int PROT_WRITE
     int MAP_SHARED

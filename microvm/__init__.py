@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["AsyncSandbox", "Drive", "Executor", "MicroVM", "MicroVMError", "Nic", "RunResult", "Sandbox",
-           "SandboxPool"]
+__all__ = ["AsyncSandbox", "Drive", "Executor", "MicroVM", "MicroVMError", "Nic", "RateLimit", "RunResult", "Sandbox",
+           "SandboxPool", "TokenBucket"]
 
 if TYPE_CHECKING:
     from microvm.errors import MicroVMError
     from microvm.machine import Drive, MicroVM, Nic, RunResult
+    from microvm.ratelimit import RateLimit, TokenBucket
     from microvm.sandbox import AsyncSandbox, Executor, Sandbox, SandboxPool
 
 
@@ -25,6 +26,10 @@ def __getattr__(name: str) -> Any:
         from microvm import sandbox
 
         return getattr(sandbox, name)
+    if name in ("RateLimit", "TokenBucket"):
+        from microvm import ratelimit
+
+        return getattr(ratelimit, name)
     if name == "MicroVMError":
         from microvm.errors import MicroVMError
 

@@ -26,6 +26,7 @@ from microvm.arch.x86_64.layout import VIRTIO_IRQS, VIRTIO_MMIO_BASE, VIRTIO_MMI
 from microvm.bus import BusDevice
 from microvm.devices.virtio.mmio import VIRTIO_MMIO_QUEUE_NOTIFY, MmioTransport
 from microvm.errors import ConfigError
+from microvm.ratelimit import Throttle
 from microvm.vm import Vm
 
 # The virtio console (hvc0, the command's output) and virtio-rng (the guest's entropy).
@@ -108,8 +109,21 @@ class DeviceManager:
         for q in range(len(device.queue_sizes) if ioeventfd else 0):
             vm.ioeventfd(base + VIRTIO_MMIO_QUEUE_NOTIFY, 4, q, functools.partial(transport.notify, q),
                          thread=thread, name=name)
+        # A rate-limited queue is served again, on this thread, once its buckets allow.
+        for q, throttle in getattr(device, "throttles", dict)().items():
+            throttle.bind(thread.call_later, functools.partial(transport.notify, q))
         self.devices.append(Attached(name, device, "mmio", base, VIRTIO_MMIO_SIZE, gsi, transport))
         return transport
+
+    def throttle(self, name: str) -> Throttle:
+        """A device's rate limit by name: "vda" (a disk), "eth0:rx" or "eth0:tx" (a NIC)."""
+        device, _, direction = name.partition(":")
+        for a in self.devices:
+            limits: dict[str, Throttle] = getattr(a.device, "rate_limits", dict)() if a.name == device else {}
+            if direction in limits:
+                return limits[direction]
+        known = [f"{a.name}{':' * bool(d)}{d}" for a in self.devices for d in getattr(a.device, "rate_limits", dict)()]
+        raise ConfigError(f"no rate-limited device {name!r} in this VM (it has: {', '.join(known) or 'none'})")
 
     def watch_fd(self, name: str, fd: int, handler: Callable[[], None]) -> None:
         """Call handler() in the shared I/O thread when `fd` (a tap) has data: edge-triggered."""

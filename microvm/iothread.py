@@ -14,10 +14,13 @@ the device, and the VM ends with it (Vm.fail); the run never just hangs.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import os
 import select
 import threading
+import time
 from collections.abc import Callable
 
 from microvm.doneflag import DoneFlag
@@ -45,6 +48,10 @@ class IoThread:
         self._paused = threading.Event()
         self._resume = threading.Event()
         self.errors: list[DeviceError] = []
+        # call_later's: (when, order, callback, device name), a heap
+        self._timers: list[tuple[float, int, Callable[[], None], str]] = []
+        self._timer_order = itertools.count()
+        self._timer_lock = threading.Lock()
 
     def add(self, fd: int, handler: Callable[[], None], eventfd: bool = True, name: str = "") -> None:
         """Call handler() whenever eventfd `fd` is signalled (the fd stays the caller's to close).
@@ -95,9 +102,36 @@ class IoThread:
         finally:
             self._exited.set()
 
+    def call_later(self, delay: float, callback: Callable[[], None], name: str = "") -> None:
+        """Call callback() in this thread `delay` seconds from now (a rate-limited
+        device coming back to its queue), from any thread; errors as a handler's."""
+        with self._timer_lock:
+            heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_order), callback,
+                                          name or getattr(callback, "__qualname__", "a timer")))
+        if threading.get_ident() != self._thread.ident:
+            os.eventfd_write(self._wake, 1)  # the loop's wait is recomputed
+
+    def _next_timer(self) -> float:
+        """epoll's timeout: until the first timer is due, -1 (for ever) without one."""
+        with self._timer_lock:
+            return -1 if not self._timers else max(0.0, self._timers[0][0] - time.monotonic())
+
+    def _run_timers(self) -> int:
+        now, due = time.monotonic(), []
+        with self._timer_lock:
+            while self._timers and self._timers[0][0] <= now:
+                due.append(heapq.heappop(self._timers))
+        for _, _, callback, name in due:
+            try:
+                callback()
+            except Exception as e:
+                self._failed(name, e)
+        return len(due)
+
     def _loop(self) -> None:
         while not self._stop:
-            self._dispatch(self._epoll.poll())
+            self._dispatch(self._epoll.poll(self._next_timer()))
+            self._run_timers()
             if self._pause and not self._stop:
                 self._paused.set()
                 self._resume.wait()
@@ -126,7 +160,7 @@ class IoThread:
         step a device by hand)."""
         if self._thread.ident is not None:
             raise MicroVMError(f"I/O thread {self.name} is running: it serves its own fds")
-        return self._dispatch(self._epoll.poll(timeout))
+        return self._dispatch(self._epoll.poll(timeout)) + self._run_timers()
 
     def _dispatch(self, events: list[tuple[int, int]]) -> int:
         called = 0

@@ -48,6 +48,12 @@ class KernelLog:
                 line, self._line = bytes(self._line), bytearray()
                 self._look_at(line)
 
+    def panic_summary(self) -> str:
+        """The first line of a GuestPanicError: what panicked, and why if the log said."""
+        if self.initrd_failure:
+            return f"guest kernel panicked: the initrd could not be unpacked ({self.initrd_failure})"
+        return f"guest kernel panicked: {self.panic_line}" if self.panic_line else "guest kernel panicked"
+
     def _look_at(self, line: bytes) -> None:
         # The end line repeats the marker ("---[ end Kernel panic - not syncing: ..."):
         # looked for first, or the report would only end by PANIC_GRACE.
@@ -63,6 +69,14 @@ class KernelLog:
         elif any(m in line for m in POWER_DOWN_MARKERS):
             # `poweroff -f` without ACPI: the kernel halts its CPUs; we end the VM.
             self.on_end("poweroff")
+
+
+def init_message(console: bytes | bytearray) -> str:
+    """Init's own last report on the console ("microvm: ..."), without the prefix."""
+    for line in reversed(bytes(console).decode(errors="replace").splitlines()):
+        if line.startswith("microvm: "):
+            return line.removeprefix("microvm: ").strip()
+    return ""
 
 
 def printk_text(line: bytes) -> str:

@@ -53,8 +53,9 @@ from microvm.errors import (
     VmStoppedError,
 )
 from microvm.hostprocess import interrupts_deferred, raise_fd_limit, sink, tune_switch_interval
-from microvm.kernellog import KernelLog
+from microvm.kernellog import KernelLog, init_message
 from microvm.printk import FullLog
+from microvm.ratelimit import RateLimit, as_rate_limit
 from microvm.snapshot.machine import MicroVMSnapshots
 from microvm.specs import Drive, Nic, as_drive, disk_name, guest_ip_args
 from microvm.vcpu import StopReason
@@ -308,7 +309,7 @@ class MicroVM(MicroVMSnapshots):
             raise GuestPanicError(self._panic_message())
         if self._failure is not None:
             what = FAIL_NAMES.get(self._failure, f"init failed (code {self._failure})")
-            raise GuestError(f"{self._init_message() or what}\n--- console tail ---\n{self.console_tail()}")
+            raise GuestError(f"{init_message(self.console) or what}\n--- console tail ---\n{self.console_tail()}")
         if self._stopped_by_host and self.reason is None:
             raise VmStoppedError("the VM was stopped by the host before the guest finished")
         assert self.control is not None
@@ -324,20 +325,7 @@ class MicroVM(MicroVMSnapshots):
         )
 
     def _panic_message(self) -> str:
-        first = "guest kernel panicked"
-        log = self.kernel_log
-        if log.initrd_failure:
-            first += f": the initrd could not be unpacked ({log.initrd_failure})"
-        elif log.panic_line:
-            first += f": {log.panic_line}"
-        return f"{first}\n--- console tail ---\n{self.console_tail()}"
-
-    def _init_message(self) -> str:
-        """Init's own last report on the console ("microvm: ..."), without the prefix."""
-        for line in reversed(bytes(self.console).decode(errors="replace").splitlines()):
-            if line.startswith("microvm: "):
-                return line.removeprefix("microvm: ").strip()
-        return ""
+        return f"{self.kernel_log.panic_summary()}\n--- console tail ---\n{self.console_tail()}"
 
     def run(self, argv: Sequence[str], timeout: float | None = 60.0) -> RunResult:
         """Boot, run argv, return its result; the VM is gone afterwards."""
@@ -349,6 +337,12 @@ class MicroVM(MicroVMSnapshots):
         except BaseException:
             self.kill()  # already done on every path that could leave a VM; cheap to repeat
             raise
+
+    def set_rate_limit(self, device: str, limit: RateLimit | None) -> None:
+        """Change a disk's ("vda") or a NIC's ("eth0:rx", "eth0:tx") rate limit (None: none) while it runs."""
+        self._require_vm()
+        assert self.devices is not None
+        self.devices.throttle(device).set(as_rate_limit("limit", limit))
 
     def stop(self) -> None:
         """Ask the vCPUs to stop (the guest gets no say); wait() then raises VmStoppedError."""
@@ -528,11 +522,13 @@ class MicroVM(MicroVMSnapshots):
         if self.backends.disks:
             from microvm.devices.virtio.block import VirtioBlock
         for i, disk in enumerate(self.backends.disks):
-            devices.add_virtio(disk_name(i), VirtioBlock(disk), own_thread=True)
+            devices.add_virtio(disk_name(i), VirtioBlock(disk, rate_limit=self.drives[i].rate_limit), own_thread=True)
         if self.backends.taps:
             from microvm.devices.virtio.net import RX_QUEUE, VirtioNet
         for i, tap in enumerate(self.backends.taps):
-            transport = devices.add_virtio(f"eth{i}", VirtioNet(tap, mac=self.nics[i].mac))
+            nic = self.nics[i]
+            transport = devices.add_virtio(f"eth{i}", VirtioNet(tap, mac=nic.mac, rx_rate_limit=nic.rx_rate_limit,
+                                                                tx_rate_limit=nic.tx_rate_limit))
             # A frame waiting on the tap is like a receive-queue notification.
             devices.watch_fd(f"eth{i}", tap.fd, functools.partial(transport.notify, RX_QUEUE))
         if self.vsock is not None:

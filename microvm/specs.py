@@ -10,9 +10,11 @@ import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from microvm.checks import check_ifname, parse_mac
 from microvm.errors import ConfigError
+from microvm.ratelimit import RateLimit, as_rate_limit, rate_limit_of
 
 
 @dataclass(frozen=True)
@@ -22,15 +24,21 @@ class Drive:
     path: str | Path
     read_only: bool = False
     direct: bool = False  # O_DIRECT: bypass the host page cache
+    rate_limit: RateLimit | None = None  # bytes and requests (ratelimit.py); MicroVM.set_rate_limit("vda", ...)
+
+    def __post_init__(self) -> None:
+        as_rate_limit("rate_limit", self.rate_limit)
 
     @classmethod
     def parse(cls, spec: str) -> Drive:
-        """The CLI form: PATH[,ro][,direct]."""
+        """The CLI form: PATH[,ro][,direct][,bps=N][,iops=N] (N: a number, K/M/G: 1024s)."""
         path, *opts = spec.split(",")
-        unknown = [o for o in opts if o not in ("ro", "rw", "direct")]
+        rates = dict(o.partition("=")[::2] for o in opts if o.partition("=")[0] in ("bps", "iops"))
+        unknown = [o for o in opts if o not in ("ro", "rw", "direct") and o.partition("=")[0] not in rates]
         if not path or unknown:
-            raise ConfigError(f"--drive {spec!r}: expected PATH[,ro][,direct]")
-        return cls(path, read_only="ro" in opts, direct="direct" in opts)
+            raise ConfigError(f"--drive {spec!r}: expected PATH[,ro][,direct][,bps=N][,iops=N]")
+        return cls(path, read_only="ro" in opts, direct="direct" in opts,
+                   rate_limit=rate_limit_of(f"--drive {spec!r}", rates.get("bps"), rates.get("iops")))
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,8 @@ class Nic:
         the guest's default gateway.
     netns: move the tap we create into this named network namespace.
     bridge: enslave the tap we create to this existing bridge.
+    rx_rate_limit, tx_rate_limit: bytes and frames to and from the guest
+        (ratelimit.py); MicroVM.set_rate_limit("eth0:rx", ...) changes them.
     """
 
     tap: str
@@ -52,9 +62,13 @@ class Nic:
     host_ip: str | None = None
     netns: str | None = None
     bridge: str | None = None
+    rx_rate_limit: RateLimit | None = None
+    tx_rate_limit: RateLimit | None = None
 
     def __post_init__(self) -> None:
         check_ifname(self.tap)
+        as_rate_limit("rx_rate_limit", self.rx_rate_limit)
+        as_rate_limit("tx_rate_limit", self.tx_rate_limit)
         if self.mac is not None:
             parse_mac(self.mac)
         guest, host = self.guest_interface, self.host_interface
@@ -84,16 +98,20 @@ class Nic:
 
     @classmethod
     def parse(cls, spec: str) -> Nic:
-        """The CLI form: tap=NAME[,mac=MAC][,ip=ADDR/PREFIX][,host_ip=ADDR/PREFIX][,netns=NS][,bridge=BR]."""
-        fields: dict[str, str] = {}
+        """The CLI form: tap=NAME[,mac=MAC][,ip=ADDR/PREFIX][,host_ip=ADDR/PREFIX][,netns=NS][,bridge=BR]
+        [,rx_bps=N][,tx_bps=N] (bytes a second to and from the guest; K/M/G: 1024s)."""
+        fields: dict[str, Any] = {}
         for part in spec.split(","):
             key, sep, value = part.partition("=")
-            if not sep or key not in ("tap", "mac", "ip", "host_ip", "netns", "bridge") or key in fields:
+            if not sep or key not in ("tap", "mac", "ip", "host_ip", "netns", "bridge", "rx_bps", "tx_bps") \
+                    or key in fields:
                 raise ConfigError(f"--net {spec!r}: expected tap=NAME[,mac=..][,ip=..][,host_ip=..]"
-                                  f"[,netns=..][,bridge=..]")
+                                  f"[,netns=..][,bridge=..][,rx_bps=..][,tx_bps=..]")
             fields[key] = value
         if "tap" not in fields:
             raise ConfigError(f"--net {spec!r}: tap=NAME is required")
+        for way in ("rx", "tx"):
+            fields[f"{way}_rate_limit"] = rate_limit_of(f"--net {spec!r}", fields.pop(f"{way}_bps", None), None)
         return cls(**fields)
 
 

@@ -18,15 +18,19 @@ from pathlib import Path
 from microvm.arch.x86_64.layout import CONTROL_BASE, VIRTIO_MMIO_BASE
 from microvm.devices.control import MARK_INIT, REG_EXIT, REG_MARK
 
-SOURCE = """
+# The PVH entry (include/xen/interface/elfnote.h, XEN_ELFNOTE_PHYS32_ENTRY = 18), and Intel syntax:
+# every tiny guest's source starts with this.
+HEAD = """
 .intel_syntax noprefix
-# The PVH entry (include/xen/interface/elfnote.h, XEN_ELFNOTE_PHYS32_ENTRY = 18).
 .section .note.Xen, "a"
 .align 4
 .long 4, 8, 18
 .asciz "Xen"
 .align 4
 .quad pvh_start
+"""
+
+SOURCE = HEAD + """
 .data
 .globl boot_command_line
 boot_command_line: .fill {cmdline_size}, 1, 0
@@ -64,6 +68,11 @@ def tiny_pvh_kernel(loops: int = 1, status: int = 0, cmdline_size: int = 2048) -
     out = Path(tempfile.mkdtemp(prefix="microvm-pvh-"))
     src = SOURCE.format(cmdline_size=cmdline_size, mark=CONTROL_BASE + REG_MARK, mark_init=MARK_INIT,
                         magic=VIRTIO_MMIO_BASE, loops=loops, exit=CONTROL_BASE + REG_EXIT, status=status)
+    return assemble(src, out)
+
+
+def assemble(src: str, out: Path) -> Path:
+    """as + ld (binutils) of a tiny guest's source into out/vmlinux, linked at 1 MiB."""
     (out / "k.s").write_text(src)
     (out / "k.ld").write_text(LINKER_SCRIPT)
     subprocess.run(["as", "--64", "-o", str(out / "k.o"), str(out / "k.s")], check=True, capture_output=True)

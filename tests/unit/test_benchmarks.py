@@ -402,6 +402,7 @@ BAD_SCRIPT_OPTIONS = [
     ("exits.py", ["--exits", "0"], "--exits"),
     ("exits.py", ["--runs", "0"], "--runs"),
     ("call.py", ["--calls", "0"], "--calls"),
+    ("startup.py", ["--runs", "0"], "--runs"),
 ]
 
 

@@ -113,3 +113,33 @@ def test_access_inside_iff_contained(addr: int, length: int) -> None:
         assert not inside
     else:
         assert inside and len(data) == length
+
+
+def _maps() -> list[tuple[int, int, str]]:
+    out = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            span, perms = line.split()[:2]
+            start, end = (int(x, 16) for x in span.split("-"))
+            out.append((start, end, perms))
+    return out
+
+
+@pytest.mark.parametrize("size", [1 << 20, (3 << 20) + 4096])
+def test_guest_ram_lies_between_guard_regions(size: int) -> None:
+    """No access on either side of guest RAM: a stray read or write by C code
+    just outside it faults at once instead of reaching another mapping."""
+    from microvm._kvm import Mapping
+
+    m = Mapping(size)
+    try:
+        base, end = m.address, m.address + size
+        maps = _maps()
+        before = [p for s, e, p in maps if s < base <= e]
+        after = [p for s, e, p in maps if s <= end < e]
+        assert before and before[-1].startswith("---"), before
+        assert after and after[0].startswith("---"), after
+        guards = [(s, e) for s, e, p in maps if p.startswith("---") and (e == base or s == end)]
+        assert len(guards) == 2 and all(e - s >= 2 << 20 for s, e in guards), guards
+    finally:
+        m.close()

@@ -536,7 +536,8 @@ def test_request_after_the_owner_closed_the_disk(disk: Disk) -> None:
 
 
 def test_stats(disk: Disk) -> None:
-    assert disk.dev.stats() == {name: 0 for name in BlockCounters.__dataclass_fields__}
+    assert disk.dev.stats() == {name: 0 for name in BlockCounters.__dataclass_fields__} | {
+        "throttled": 0, "throttled_ms": 0}
     disk.read(0, 2)
     disk.request([(hdr(T_OUT, 4), False), (bytes(512), False), (1, True)])
     disk.request([(hdr(T_FLUSH), False), (1, True)])
@@ -547,7 +548,8 @@ def test_stats(disk: Disk) -> None:
     disk.request([(hdr(99), False), (1, True)])
     stats = disk.dev.stats()
     assert stats == {"reads": 1, "writes": 1, "flushes": 1, "discards": 1, "write_zeroes": 1, "get_ids": 1,
-                     "bytes_read": 1024, "bytes_written": 512, "errors": 1, "host_errors": 0, "unsupported": 1}
+                     "bytes_read": 1024, "bytes_written": 512, "errors": 1, "host_errors": 0, "unsupported": 1,
+                     "throttled": 0, "throttled_ms": 0}
     stats["reads"] = 99  # a copy: the device's counters are not the caller's to change
     assert disk.dev.counters.reads == 1
 

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from microvm.devices.virtio.queue import DescriptorChain, Queue
 from microvm.memory import GuestMemory
+
+if TYPE_CHECKING:
+    from microvm.ratelimit import Throttle
 
 # Device status bits (2.1).
 STATUS_ACKNOWLEDGE = 1
@@ -125,6 +128,7 @@ class QueueState:
         self.mem: GuestMemory | None = None
         self.queues: list[Queue] = []
         self.signal: Callable[[int], None] | None = None
+        self.held: dict[int, DescriptorChain] = {}  # queue -> a chain its rate limit held back
 
     def activate(self, mem: GuestMemory, queues: list[Queue], features: int,
                  signal: Callable[[int], None]) -> None:
@@ -132,6 +136,20 @@ class QueueState:
 
     def reset(self) -> None:
         self.mem, self.queues, self.signal = None, [], None
+        self.held.clear()
+
+    def next_chain(self, index: int, throttle: Throttle | None = None,
+                   size: Callable[[DescriptorChain], int] | None = None) -> DescriptorChain | None:
+        """The next chain of queue `index` to serve (one held back before comes
+        first), or None: none available, or the rate limit holds it back; it is
+        then served first when the Throttle's retry notifies the queue."""
+        chain = self.held.pop(index, None)
+        if chain is None:
+            chain = self.queues[index].pop()
+        if chain is not None and throttle is not None and not throttle.admit(size(chain) if size else 0):
+            self.held[index] = chain
+            return None
+        return chain
 
     @contextmanager
     def used_batch(self, index: int) -> Iterator[Callable[[int, int], None]]:
@@ -157,13 +175,15 @@ class QueueState:
                 q.add_used_many(batch)
                 signal(index)
 
-    def drain(self, index: int, handle: Callable[[GuestMemory, DescriptorChain], int]) -> None:
-        """Serve every available chain of queue `index`: handle() returns the
-        bytes it wrote into the chain; one interrupt check for the batch."""
+    def drain(self, index: int, handle: Callable[[GuestMemory, DescriptorChain], int],
+              throttle: Throttle | None = None, size: Callable[[DescriptorChain], int] | None = None) -> None:
+        """Serve every available chain of queue `index` (as far as the rate
+        limit lets: next_chain): handle() returns the bytes it wrote into the
+        chain; one interrupt check for the batch."""
         q, mem = self.queues[index], self.mem
         assert mem is not None and self.signal is not None
         used = False
-        while (chain := q.pop()) is not None:
+        while (chain := self.next_chain(index, throttle, size)) is not None:
             q.add_used(chain.head, handle(mem, chain))
             used = True
         if used:

@@ -72,11 +72,17 @@ from microvm.devices.virtio.blk_abi import (
 from microvm.devices.virtio.queue import Descriptor, DescriptorChain, QueueError, stream_views
 from microvm.errors import ConfigError, GuestMemoryError
 from microvm.memory import GuestMemory
+from microvm.ratelimit import RateLimit, Throttle
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _OUTHDR = struct.Struct("<IIQ")  # struct virtio_blk_outhdr: type, ioprio, sector
+
+
+def _data_bytes(chain: DescriptorChain) -> int:
+    """What a request moves, for the rate limit: its buffers less header and status."""
+    return max(0, sum(d.len for d in chain.descriptors) - HEADER_SIZE - 1)
 
 
 @dataclass
@@ -108,8 +114,9 @@ class VirtioBlock(QueueState):
     device_type = VIRTIO_ID_BLOCK
     queue_sizes = (QUEUE_SIZE,)
 
-    def __init__(self, disk: RawDisk, *, serial: str | None = None):
+    def __init__(self, disk: RawDisk, *, serial: str | None = None, rate_limit: RateLimit | None = None):
         self.disk = disk
+        self.throttle = Throttle(rate_limit)
         self.serial = self._id_bytes(serial)
         self.capacity = disk.size // SECTOR_SIZE
         self.counters = BlockCounters()
@@ -138,8 +145,19 @@ class VirtioBlock(QueueState):
         return self.disk.read_only
 
     def stats(self) -> dict[str, int]:
-        """The counters by name (BlockCounters' fields)."""
-        return dataclasses.asdict(self.counters)
+        """The counters by name (BlockCounters' fields), and the rate limit's."""
+        return dataclasses.asdict(self.counters) | self.throttle.stats()
+
+    def throttles(self) -> dict[int, Throttle]:
+        """Per queue, for DeviceManager.add_virtio to bind."""
+        return {REQUEST_QUEUE: self.throttle}
+
+    def rate_limits(self) -> dict[str, Throttle]:
+        """By the name MicroVM.set_rate_limit knows them: "vda" (no suffix)."""
+        return {"": self.throttle}
+
+    def chains_held(self) -> dict[int, int]:
+        return {q: 1 for q in self.held}
 
     def _id_bytes(self, serial: str | None) -> bytes:
         """The GET_ID string: NUL-padded ASCII, at most 20 bytes (5.2.6)."""
@@ -184,9 +202,8 @@ class VirtioBlock(QueueState):
             return
         mem = self.mem
         assert mem is not None
-        q = self.queues[REQUEST_QUEUE]
         with self.used_batch(REQUEST_QUEUE) as used:
-            while (chain := q.pop()) is not None:
+            while (chain := self.next_chain(REQUEST_QUEUE, self.throttle, _data_bytes)) is not None:
                 used(chain.head, self._request(mem, chain))
 
     # --- requests -----------------------------------------------------------------------

@@ -41,6 +41,7 @@ from microvm.devices.state import Fields, State
 from microvm.devices.virtio import VIRTIO_ID_NET, QueueState, config_read
 from microvm.devices.virtio.queue import DescriptorChain, Queue, QueueError
 from microvm.memory import GuestMemory
+from microvm.ratelimit import RateLimit, Throttle
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,12 @@ FEATURES = (
     | (1 << VIRTIO_NET_F_HOST_ECN) | (1 << VIRTIO_NET_F_MRG_RXBUF) | (1 << VIRTIO_NET_F_STATUS)
 )
 
+
+def _frame_bytes(chain: DescriptorChain) -> int:
+    """What a frame to send weighs for the rate limit: its buffers."""
+    return sum(d.len for d in chain.descriptors)
+
+
 # _receive_direct's answers besides a count of chains used.
 _NO_FRAME, _DROPPED = -1, -2
 # Errors from the tap that mean it is gone (deleted, or its netns went away).
@@ -125,8 +132,10 @@ class VirtioNet(QueueState):
     features = FEATURES
     queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)
 
-    def __init__(self, backend: NetBackend, mac: str | None = None, mtu: int = MTU):
+    def __init__(self, backend: NetBackend, mac: str | None = None, mtu: int = MTU,
+                 rx_rate_limit: RateLimit | None = None, tx_rate_limit: RateLimit | None = None):
         super().__init__()
+        self.rx_throttle, self.tx_throttle = Throttle(rx_rate_limit), Throttle(tx_rate_limit)
         self.backend = backend
         self.mac = parse_mac(mac) if mac is not None else parse_mac(random_mac())
         self.mtu = mtu
@@ -142,6 +151,7 @@ class VirtioNet(QueueState):
         self._stash: deque[tuple[DescriptorChain, int, int]] = deque()
         self._stash_views: list[memoryview] = []
         self._room = 0
+        self._last_frame = 0  # the length of the frame _receive_direct read last
 
     # --- config space (5.1.4) ---------------------------------------------------------
 
@@ -159,8 +169,17 @@ class VirtioNet(QueueState):
     # --- snapshots (devices/state.py) ----------------------------------------------------
 
     def chains_held(self) -> dict[int, int]:
-        """Receive buffers popped for a frame not delivered yet go back to the ring."""
-        return {RX_QUEUE: len(self._stash)} if self._stash else {}
+        """Receive buffers popped for a frame not delivered yet, and a frame to send
+        that the rate limit held back, go back to their rings."""
+        return ({RX_QUEUE: len(self._stash)} if self._stash else {}) | {q: 1 for q in self.held}
+
+    def throttles(self) -> dict[int, Throttle]:
+        """Per queue, for DeviceManager.add_virtio to bind."""
+        return {RX_QUEUE: self.rx_throttle, TX_QUEUE: self.tx_throttle}
+
+    def rate_limits(self) -> dict[str, Throttle]:
+        """By the name MicroVM.set_rate_limit knows them: "eth0:rx", "eth0:tx"."""
+        return {"rx": self.rx_throttle, "tx": self.tx_throttle}
 
     def snapshot_state(self) -> State:
         """MAC, MTU and link status. Frames in flight are not state: one read from
@@ -194,8 +213,9 @@ class VirtioNet(QueueState):
         self._set_offload(offload_flags(features))
 
     def stats(self) -> dict[str, int]:
-        """Frames, bytes and every kind of drop, for RunResult.stats."""
-        return dict(self.counters)
+        """Frames, bytes and every kind of drop, and the rate limits', for RunResult.stats."""
+        return (dict(self.counters) | {f"rx_{k}": v for k, v in self.rx_throttle.stats().items()}
+                | {f"tx_{k}": v for k, v in self.tx_throttle.stats().items()})
 
     def reset(self) -> None:
         super().reset()
@@ -227,7 +247,7 @@ class VirtioNet(QueueState):
     # --- transmit (5.1.6.2) -------------------------------------------------------------
 
     def _transmit(self) -> None:
-        self.drain(TX_QUEUE, self._send)
+        self.drain(TX_QUEUE, self._send, self.tx_throttle, _frame_bytes)
 
     def _send(self, mem: GuestMemory, chain: DescriptorChain) -> int:
         """One frame to the tap; the device writes nothing into a transmit buffer (0)."""
@@ -277,6 +297,8 @@ class VirtioNet(QueueState):
         errors = 0
         try:
             while self.link_up:
+                if not self._pending and not self.rx_throttle.ready():
+                    break  # the rate limit: the Throttle's retry brings us back
                 if not self._pending:
                     got = self._receive_direct(mem)
                     if got == _NO_FRAME:
@@ -289,6 +311,7 @@ class VirtioNet(QueueState):
                     if got is not None:
                         used += got
                         errors = 0
+                        self.rx_throttle.charge(self._last_frame)
                         continue
                     self._pending = self._read_frame()  # too few buffers for the direct path
                     if not self._pending:
@@ -297,6 +320,7 @@ class VirtioNet(QueueState):
                 taken = self._deliver(mem, frame)
                 if taken is None:
                     break  # wait for the guest to post buffers; its notify brings us back
+                self.rx_throttle.charge(self._pending)
                 self._pending = 0
                 used += taken
         finally:
@@ -341,6 +365,7 @@ class VirtioNet(QueueState):
         q.add_used_many(used)
         self.counters["rx_frames"] += 1
         self.counters["rx_bytes"] += n - VNET_HDR_SIZE
+        self._last_frame = n
         return chosen
 
     def _stash_push(self, mem: GuestMemory, chain: DescriptorChain) -> None:

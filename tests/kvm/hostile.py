@@ -1,0 +1,184 @@
+"""A hostile tiny guest: it drives every virtio-mmio window and its rings with garbage.
+
+32-bit protected mode from the PVH entry, like tests/kvm/pvh.py. From a seed
+(xorshift32) it loops `rounds` times, each round one of:
+  - set a random window up the way a driver would (reset, ACKNOWLEDGE,
+    DRIVER, a random part of the features the device offers with VERSION_1,
+    FEATURES_OK, two queues of 16 in its ring area, DRIVER_OK), so that its
+    device really walks the rings;
+  - scribble a random dword into the ring areas (descriptors, avail and used
+    rings): mostly addresses inside the guest's data area, sometimes anything;
+  - notify a random queue of a random window;
+  - write a random value to a random register of a random window;
+  - read a random register.
+Then it reports status 0 through the control device and halts. The devices
+serve notifications from their I/O threads while the vCPU keeps scribbling:
+the rings change under them as they walk them.
+"""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from pathlib import Path
+
+from microvm.arch.x86_64.layout import CONTROL_BASE, VIRTIO_MMIO_BASE
+from microvm.devices.control import MARK_INIT, REG_EXIT, REG_MARK
+from microvm.devices.virtio import mmio as m
+from tests.kvm.pvh import HEAD, assemble
+
+RINGS = 0x200000  # 8 KiB of rings per window: queue q at + q * 0x1000 (desc, avail +0x100, used +0x200)
+DATA = 0x400000  # 4 MiB where scribbled descriptors mostly point
+WINDOWS = 8
+STACK = 0x1F0000  # the top of a stack below the rings (the code is at 0x100000)
+
+SOURCE = HEAD + """
+.text
+.code32
+.globl pvh_start
+pvh_start:
+    mov esp, {stack:#x}
+    mov dword ptr [{mark:#x}], {mark_init}
+    mov esi, {seed}
+    mov edi, {rounds}
+round:
+    call rand
+    mov eax, esi
+    and eax, 63
+    jz setup_one               # 1 in 64: set a window up
+    cmp eax, 40
+    jb scribble                # 39 in 64: garbage in the rings
+    cmp eax, 56
+    jb notify                  # 16 in 64: a queue notification
+    cmp eax, 61
+    jb poke                    # 5 in 64: a random register write
+    jmp peek                   # 3 in 64: a register read
+next:
+    dec edi
+    jnz round
+    mov dword ptr [{exit:#x}], 0
+halt:
+    hlt
+    jmp halt
+
+rand:                          # xorshift32 in esi
+    mov eax, esi
+    shl eax, 13
+    xor esi, eax
+    mov eax, esi
+    shr eax, 17
+    xor esi, eax
+    mov eax, esi
+    shl eax, 5
+    xor esi, eax
+    ret
+
+window:                        # ebx = a random window's base
+    call rand
+    mov ebx, esi
+    and ebx, {windows_mask}
+    shl ebx, 12
+    add ebx, {mmio:#x}
+    ret
+
+scribble:
+    call rand
+    mov ebx, esi
+    and ebx, 0xfffc            # a dword of the 64 KiB of rings
+    add ebx, {rings:#x}
+    call rand
+    mov eax, esi
+    test eax, 0x30000000
+    jz 1f                      # 1 in 4: any value at all
+    and eax, 0x3ffff0          # else an address in the data area, or a small number
+    test esi, 0x40000000
+    jz 2f
+    add eax, {data:#x}
+    jmp 1f
+2:  and eax, 0xffff
+1:  mov dword ptr [ebx], eax
+    jmp next
+
+notify:
+    call window
+    call rand
+    mov eax, esi
+    and eax, 3
+    mov dword ptr [ebx + {notify}], eax
+    jmp next
+
+poke:
+    call window
+    call rand
+    mov ecx, esi
+    and ecx, 0xfc
+    call rand
+    mov dword ptr [ebx + ecx], esi
+    jmp next
+
+peek:
+    call window
+    call rand
+    mov ecx, esi
+    and ecx, 0x1fc
+    mov eax, dword ptr [ebx + ecx]
+    jmp next
+
+setup_one:
+    call window
+    mov edx, ebx
+    sub edx, {mmio:#x}
+    shl edx, 1                 # window k's rings: RINGS + k * 0x2000
+    add edx, {rings:#x}
+    mov dword ptr [ebx + {status}], 0
+    mov dword ptr [ebx + {status}], 1
+    mov dword ptr [ebx + {status}], 3
+    xor ecx, ecx
+4:  mov dword ptr [ebx + {dvsel}], ecx         # a random part of what the device offers
+    mov dword ptr [ebx + {dfsel}], ecx
+    call rand
+    mov eax, dword ptr [ebx + {dvfeat}]
+    and eax, esi
+    test ecx, ecx
+    jz 5f
+    or eax, 1                                  # VERSION_1
+5:  mov dword ptr [ebx + {dfeat}], eax
+    inc ecx
+    cmp ecx, 2
+    jb 4b
+    mov dword ptr [ebx + {status}], 11         # FEATURES_OK
+    xor ecx, ecx
+3:  mov dword ptr [ebx + {qsel}], ecx
+    mov dword ptr [ebx + {qnum}], 16
+    mov dword ptr [ebx + {desc}], edx
+    mov dword ptr [ebx + {desc} + 4], 0
+    lea eax, [edx + 0x100]
+    mov dword ptr [ebx + {avail}], eax
+    mov dword ptr [ebx + {avail} + 4], 0
+    lea eax, [edx + 0x200]
+    mov dword ptr [ebx + {used}], eax
+    mov dword ptr [ebx + {used} + 4], 0
+    mov dword ptr [ebx + {ready}], 1
+    add edx, 0x1000
+    inc ecx
+    cmp ecx, 2
+    jb 3b
+    mov dword ptr [ebx + {status}], 15         # DRIVER_OK
+    jmp next
+"""
+
+@functools.cache
+def hostile_kernel(rounds: int, seed: int = 0x2545F491) -> Path:
+    """Build (once per argument set) and return the ELF's path."""
+    assert rounds >= 1 and seed != 0
+    out = Path(tempfile.mkdtemp(prefix="microvm-hostile-"))
+    regs = {"notify": m.VIRTIO_MMIO_QUEUE_NOTIFY, "status": m.VIRTIO_MMIO_STATUS,
+            "dvsel": m.VIRTIO_MMIO_DEVICE_FEATURES_SEL, "dvfeat": m.VIRTIO_MMIO_DEVICE_FEATURES,
+            "dfsel": m.VIRTIO_MMIO_DRIVER_FEATURES_SEL, "dfeat": m.VIRTIO_MMIO_DRIVER_FEATURES,
+            "qsel": m.VIRTIO_MMIO_QUEUE_SEL, "qnum": m.VIRTIO_MMIO_QUEUE_NUM, "desc": m.VIRTIO_MMIO_QUEUE_DESC_LOW,
+            "avail": m.VIRTIO_MMIO_QUEUE_AVAIL_LOW, "used": m.VIRTIO_MMIO_QUEUE_USED_LOW,
+            "ready": m.VIRTIO_MMIO_QUEUE_READY}
+    src = SOURCE.format(stack=STACK, mark=CONTROL_BASE + REG_MARK, mark_init=MARK_INIT, exit=CONTROL_BASE + REG_EXIT,
+                        seed=seed, rounds=rounds, windows_mask=WINDOWS - 1, mmio=VIRTIO_MMIO_BASE, rings=RINGS,
+                        data=DATA, **regs)
+    return assemble(src, out)
