@@ -106,10 +106,12 @@ class IoThread:
         """Call callback() in this thread `delay` seconds from now (a rate-limited
         device coming back to its queue), from any thread; errors as a handler's."""
         with self._timer_lock:
+            if self._closed:
+                return  # the VM is gone: nothing is left to come back to
             heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_order), callback,
                                           name or getattr(callback, "__qualname__", "a timer")))
-        if threading.get_ident() != self._thread.ident:
-            os.eventfd_write(self._wake, 1)  # the loop's wait is recomputed
+            if threading.get_ident() != self._thread.ident:
+                os.eventfd_write(self._wake, 1)  # the loop's wait is recomputed (close() takes this lock too)
 
     def _next_timer(self) -> float:
         """epoll's timeout: until the first timer is due, -1 (for ever) without one."""
@@ -210,6 +212,8 @@ class IoThread:
                 raise MicroVMError("the I/O thread did not stop within 5 s (a device handler is stuck)")
             self._thread.join()
         self._epoll.close()
-        os.close(self._wake)
+        with self._timer_lock:  # no call_later() writes to the eventfd as it closes
+            self._closed = True
+            self._timers.clear()
+            os.close(self._wake)
         self._exited.close()
-        self._closed = True

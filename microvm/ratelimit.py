@@ -139,8 +139,9 @@ class Limiter:
     def _buckets(self) -> list[_Bucket]:
         return [b for b in (self.bandwidth, self.ops) if b is not None]
 
-    def delay(self) -> float:
-        """0 when the next operation may go now (take() it); else the seconds to wait."""
+    def delay(self, count: bool = True) -> float:
+        """0 when the next operation may go now (take() it); else the seconds to
+        wait, counted as a throttling unless count is False (asked again meanwhile)."""
         now = self.clock()
         waits = []
         for b in self._buckets():
@@ -150,8 +151,9 @@ class Limiter:
         if not waits:
             return 0.0
         wait = max(MIN_DELAY, max(waits))
-        self.throttled += 1
-        self.throttled_s += wait
+        if count:
+            self.throttled += 1
+            self.throttled_s += wait
         return wait
 
     def take(self, nbytes: int, ops: int = 1) -> None:
@@ -197,7 +199,7 @@ class Throttle:
         limiter = self.limiter  # one read: set() may swap it from another thread
         if limiter is None:
             return True
-        wait = limiter.delay()
+        wait = limiter.delay(count=not self._waiting)  # a guest knocking while it waits is no new wait
         if wait == 0:
             return True
         if not self._waiting and self._call_later is not None:
