@@ -10,6 +10,7 @@ direct I/O, libaio, iodepth 16. QEMU's side gets the same disks as
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -24,18 +25,25 @@ JOBS = {
     "seq_write_MBps": ("write", "1M", "sequential write, 1 MiB", "MB/s"),
     "rand_read_4k_iops": ("randread", "4k", "random read, 4 KiB", "IOPS"),
 }
-METRICS = {name: (label, unit) for name, (_, _, label, unit) in JOBS.items()}
+METRICS = {name: (label, unit) for name, (_, _, label, unit) in JOBS.items()} | {
+    # From the guest's view: its scratch disk's interrupts (/proc/interrupts) per request fio completed.
+    f"{name}_irqs_per_io": (f"{label}: interrupts per request", "irq/io") for name, (_, _, label, _) in JOBS.items()}
 MEM_MIB = 512
 
 
 def fio_script(runtime: int) -> str:
     # The scratch disk is the one that is not the root image: found by its label.
     lines = ["set -e",
-             'for d in /dev/vd?; do [ "$(blkid -o value -s LABEL $d 2>/dev/null)" = microvm ] || dev=$d; done']
+             'for d in /dev/vd?; do [ "$(blkid -o value -s LABEL $d 2>/dev/null)" = microvm ] || dev=$d; done',
+             # Its virtio device (virtioN), whose line in /proc/interrupts counts its interrupts.
+             'v=$(basename "$(readlink -f /sys/block/${dev#/dev/}/device)")',
+             "irqs() { awk -v v=\"$v\" '$NF == v { s = 0; for (i = 2; i < NF; i++) if ($i ~ /^[0-9]+$/) s += $i; "
+             "print s }' /proc/interrupts; }"]
     for name, (rw, bs, _, _) in JOBS.items():
         # --thread: our kernel has no SysV IPC, which fio's process mode needs.
-        lines.append(f'echo "=={name}=="; fio --name={name} --filename=$dev --rw={rw} --bs={bs} --direct=1 '
-                     f'--ioengine=libaio --iodepth=16 --thread --runtime={runtime} --time_based --output-format=json')
+        lines.append(f'echo "=={name}_irqs== $(irqs)"; echo "=={name}=="; fio --name={name} --filename=$dev '
+                     f'--rw={rw} --bs={bs} --direct=1 --ioengine=libaio --iodepth=16 --thread --runtime={runtime} '
+                     f'--time_based --output-format=json; echo "=={name}_irqs_after== $(irqs)"')
     return "\n".join(lines)
 
 
@@ -45,6 +53,10 @@ def parse(output: str) -> ab.Metrics:
         job = ab.json_block(output, name)["jobs"][0]
         side = job["write" if "write" in rw else "read"]
         results[name] = side["iops"] if name.endswith("iops") else side["bw_bytes"] / 1e6
+        before = re.search(rf"=={name}_irqs== (\d+)", output)
+        after = re.search(rf"=={name}_irqs_after== (\d+)", output)
+        if before and after and side.get("total_ios"):
+            results[f"{name}_irqs_per_io"] = (int(after.group(1)) - int(before.group(1))) / side["total_ios"]
     return results
 
 

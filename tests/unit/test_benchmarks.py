@@ -514,6 +514,13 @@ def test_blk_and_net_parse_their_guests_output() -> None:
     with pytest.raises(guest.RunFailed, match="no output for seq_read_MBps"):
         blk.parse("fio: command not found")
     assert "--runtime=7" in blk.fio_script(7) and blk.fio_script(7).count("fio --name") == 3
+    job["jobs"][0]["read"]["total_ios"] = 1000
+    counted = "\n".join(f"=={name}_irqs== 100\n=={name}==\n{json.dumps(job, indent=2)}\n=={name}_irqs_after== 350"
+                        for name in blk.JOBS)
+    assert blk.parse(counted)["rand_read_4k_iops_irqs_per_io"] == 0.25  # the guest's interrupts per request
+    irqs = subprocess.run(["sh", "-c", blk.fio_script(1).split("\n")[3] + "; v=virtio7; irqs < /dev/null"],
+                          capture_output=True, text=True)
+    assert irqs.returncode == 0  # the script's awk parses (its numbers need a guest's /proc/interrupts)
     iperf = json.dumps({"end": {"sum_received": {"bits_per_second": 1.5e9}}}, indent=2)
     output = f"==guest_to_host==\n{iperf}\n==host_to_guest==\n{iperf}\nrr_tps 1234.5\n"
     assert net.parse(output) == {"guest_to_host": 1500.0, "host_to_guest": 1500.0, "rr": 1234.5}
