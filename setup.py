@@ -32,6 +32,13 @@ extensions = [
         sources=["ext/_virtq.pyx"],
         extra_compile_args=["-O2", "-Wno-unused-function"],
     ),
+    # MicroVM(seccomp=...): libseccomp (Debian's libseccomp-dev, scripts/setup installs it).
+    Extension(
+        "microvm._seccomp",
+        sources=["ext/_seccomp.pyx"],
+        libraries=["seccomp"],
+        extra_compile_args=["-O2", "-Wno-unused-function"],
+    ),
 ]
 
 setup(

@@ -52,6 +52,7 @@ class IoThread:
         self._timers: list[tuple[float, int, Callable[[], None], str]] = []
         self._timer_order = itertools.count()
         self._timer_lock = threading.Lock()
+        self.on_start: Callable[[], None] | None = None  # the thread's first act (seccomp.confine)
 
     def add(self, fd: int, handler: Callable[[], None], eventfd: bool = True, name: str = "") -> None:
         """Call handler() whenever eventfd `fd` is signalled (the fd stays the caller's to close).
@@ -98,6 +99,12 @@ class IoThread:
 
     def _run(self) -> None:
         try:
+            if self.on_start is not None:
+                try:
+                    self.on_start()
+                except Exception as e:  # no filter, no service: the VM ends with it
+                    self._failed(f"{self.name} (its start)", e)
+                    return
             self._loop()
         finally:
             self._exited.set()

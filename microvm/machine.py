@@ -56,6 +56,8 @@ from microvm.hostprocess import interrupts_deferred, raise_fd_limit, sink, tune_
 from microvm.kernellog import KernelLog, init_message
 from microvm.printk import FullLog
 from microvm.ratelimit import RateLimit, as_rate_limit
+from microvm.seccomp import check_action as check_seccomp
+from microvm.seccomp import confiner
 from microvm.snapshot.machine import MicroVMSnapshots
 from microvm.specs import Drive, Nic, as_drive, disk_name, guest_ip_args
 from microvm.vcpu import StopReason
@@ -127,6 +129,7 @@ class MicroVM(MicroVMSnapshots):
         files: Mapping[str, bytes] | None = None,
         forkable: bool = False,
         full_log: bool = False,
+        seccomp: str | None = None,
         force: bool = False,
     ):
         self.mem_mib = checks.integer("mem_mib", mem_mib, checks.MIN_MEM_MIB, checks.MAX_MEM_MIB)
@@ -167,6 +170,7 @@ class MicroVM(MicroVMSnapshots):
                               f"together (one interrupt line each)")
         self.backends = Backends(self.drives, self.nics)
         self.forkable = bool(forkable)  # RAM in a memfd from boot: fork() shares it (snapshot.fork)
+        self.seccomp = check_seccomp(seccomp)  # each VMM thread under a filter (microvm/seccomp.py)
         self.full_log = FullLog() if full_log else None  # every kernel message, cheaply (printk.py)
         if full_log and KERNEL_CONSOLE in f"{self.cmdline} {self.append}".split():
             raise ConfigError(f"full_log and {KERNEL_CONSOLE} both want hvc1: choose one")
@@ -233,6 +237,7 @@ class MicroVM(MicroVMSnapshots):
             slots = layout.ram_ranges(self.mem_mib * MIB)
             try:
                 self.vm = vm = Vm(slots, vcpus=self.vcpus, irqchip=True, forkable=self.forkable)
+                vm.confine_threads(confiner("vcpu", self.seccomp), confiner("io", self.seccomp))
             except BaseException:
                 self.backends.close()
                 raise

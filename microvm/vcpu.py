@@ -68,6 +68,7 @@ class Vcpu:
         self._ident: int | None = None
         self._ident_lock = threading.Lock()  # _ident is cleared when the thread ends
         self.first_entry_ns: int | None = None
+        self.on_start: Callable[[], None] | None = None  # the thread's first act (seccomp.confine)
 
     @property
     def exits(self) -> int:
@@ -131,6 +132,8 @@ class Vcpu:
         with self._ident_lock:
             self._ident = threading.get_ident()
         try:
+            if self.on_start is not None:
+                self.on_start()
             self.stop_reason = self.run_loop()
         except BaseException as e:  # reported through .error, never lost
             self.error = e

@@ -77,6 +77,7 @@ class Vm:
         self.irq_lines: list[IrqLine] = []
         self.ioeventfds: list[int] = []
         self.io_threads: list[IoThread] = []
+        self._io_start: Callable[[], None] | None = None  # confine_threads'
         self.io = self.io_thread("virtio-io")  # shared by devices without one of their own
         self.timestamps: dict[str, int] = {}
         self._closed = False
@@ -140,8 +141,17 @@ class Vm:
     def io_thread(self, name: str) -> IoThread:
         """A device I/O thread, started with the VM and stopped before its memory goes."""
         thread = IoThread(name, on_error=self.fail)
+        thread.on_start = self._io_start
         self.io_threads.append(thread)
         return thread
+
+    def confine_threads(self, vcpu: Callable[[], None] | None, io: Callable[[], None] | None) -> None:
+        """What each vCPU and I/O thread does first (seccomp.confine), those made later included."""
+        self._io_start = io
+        for v in self.vcpus:
+            v.on_start = vcpu
+        for t in self.io_threads:
+            t.on_start = io
 
     def ioeventfd(self, addr: int, length: int, datamatch: int | None, handler: Callable[[], None],
                   *, thread: IoThread | None = None, name: str = "") -> None:

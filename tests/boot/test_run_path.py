@@ -147,3 +147,27 @@ def test_random_interrupts_with_linux_leave_nothing_behind(vmlinux: str) -> None
     while (now := (proc.num_fds(), proc.num_threads())) != before and time.monotonic() < deadline:
         time.sleep(0.01)
     assert now == before, outcomes
+
+
+SECCOMP_RUN = """
+import sys
+sys.path.insert(0, {repo!r})
+from microvm.machine import Drive, MicroVM
+r = MicroVM({kernel!r}, seccomp="kill", drives=[Drive({disk!r})], vsock={sock!r}).run(
+    ["sh", "-c", "dd if=/dev/urandom of=/dev/vda bs=64k count=16 oflag=direct 2>/dev/null && sync && "
+                 "dd if=/dev/vda bs=64k count=16 iflag=direct 2>/dev/null | wc -c && head -c 16 /dev/hwrng | wc -c"],
+    timeout=120)
+print(r.exit_code, r.output.split())
+"""
+
+
+def test_a_linux_guest_with_disk_rng_and_vsock_runs_under_seccomp_kill(vmlinux: str, tmp_path: Path) -> None:
+    """The policy holds what the device models do for a real guest: a kill would end the child with SIGSYS."""
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(4 * MIB))
+    repo = str(Path(__file__).resolve().parents[2])
+    p = subprocess.run([sys.executable, "-c", SECCOMP_RUN.format(repo=repo, kernel=vmlinux, disk=str(disk),
+                                                                 sock=str(tmp_path / "v.sock"))],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, (p.returncode, p.stderr[-3000:])
+    assert p.stdout.strip() == "0 ['1048576', '16']", p.stdout

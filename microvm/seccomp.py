@@ -1,0 +1,91 @@
+"""Seccomp for the VMM's own threads: MicroVM(seccomp="kill" | "errno" | "log").
+
+Each thread microvm starts for a VM (its vCPUs, its I/O threads) loads a
+filter as its first act (libseccomp through microvm._seccomp): the system
+calls below go ahead, `ioctl` only with the requests named (KVM_RUN and the
+register reads of a crash report on vCPU threads; a tap's offloads and a
+socket's non-blocking mode), `socket` only for AF_UNIX (vsock's host side);
+`openat` fails with EPERM (a traceback's source lines are then left out,
+nothing else opens files there); anything else meets the chosen action:
+"kill" ends the whole process with SIGSYS, "errno" fails the call with
+EPERM, "log" lets it through and has the kernel log it (for finding what a
+policy lacks). A filter cannot be removed, and only those threads carry
+one: the program's own threads (pytest, a Dask worker, the caller) never do.
+
+What runs in those threads runs under the filter: device models, and the
+callbacks a MicroVM calls from them (console= and stdout= sinks). A sink
+that writes to a file or a socket it opened before is fine; one that opens
+files, starts processes or makes network connections is stopped.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+
+from microvm.errors import ConfigError
+
+ACTIONS = ("kill", "errno", "log")
+
+COMMON = (
+    # threads, signals, memory (the interpreter's allocator and ours)
+    "futex", "rt_sigprocmask", "rt_sigreturn", "sigaltstack", "tgkill", "gettid", "getpid", "set_robust_list",
+    "rseq", "sched_yield", "exit", "exit_group", "restart_syscall", "mmap", "munmap", "mprotect", "madvise",
+    "mremap", "brk",
+    # time
+    "clock_gettime", "clock_nanosleep", "nanosleep", "gettimeofday",
+    # files already open: disks, eventfds, taps, sockets, the console's sinks
+    "read", "write", "readv", "writev", "pread64", "pwrite64", "preadv", "pwritev", "preadv2", "pwritev2",
+    "lseek", "fstat", "newfstatat", "statx", "fdatasync", "fsync", "fallocate", "fcntl", "close", "dup",
+    # waiting
+    "epoll_wait", "epoll_pwait", "epoll_ctl", "poll", "ppoll", "select", "pselect6",
+    # vsock's host side: Unix sockets
+    "accept4", "connect", "recvfrom", "recvmsg", "sendto", "sendmsg", "shutdown", "getsockopt", "setsockopt",
+    "getsockname", "getpeername",
+    # entropy (virtio-rng, the interpreter's hash seeds)
+    "getrandom",
+)
+
+# ioctl requests (<linux/kvm.h>, <linux/if_tun.h>, <asm-generic/ioctls.h>)
+KVM_RUN = 0xAE80
+KVM_GET_REGS = 0x8090AE81  # _IOR(KVMIO, 0x81, struct kvm_regs)
+KVM_GET_SREGS = 0x8138AE83  # _IOR(KVMIO, 0x83, struct kvm_sregs)
+TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int)
+FIONBIO, FIOCLEX, FIONREAD = 0x5421, 0x5451, 0x541B
+AF_UNIX = 1
+
+IOCTLS = {
+    "vcpu": (KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS, TUNSETOFFLOAD, FIONBIO, FIOCLEX, FIONREAD),
+    "io": (TUNSETOFFLOAD, FIONBIO, FIOCLEX, FIONREAD),
+}
+
+
+def check_action(action: object) -> str | None:
+    """MicroVM(seccomp=...): None (no filter) or one of ACTIONS; the extension must be built."""
+    if action is None:
+        return None
+    if action not in ACTIONS:
+        raise ConfigError(f"seccomp must be None or one of {', '.join(ACTIONS)}, got {action!r}")
+    try:
+        from microvm import _seccomp  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"seccomp: microvm._seccomp is not built (libseccomp-dev missing?): {e}") from e
+    return str(action)
+
+
+def confine(kind: str, action: str) -> None:
+    """Load the policy for a `kind` ("vcpu" or "io") of thread on the calling thread, for good."""
+    from microvm import _seccomp
+
+    # (In "errno" mode everything not allowed fails with EPERM already: libseccomp
+    # refuses a rule that says what the default does.)
+    eperm = {} if action == "errno" else {"openat": errno.EPERM, "open": errno.EPERM}
+    _seccomp.confine(action, COMMON, arg0={"socket": (AF_UNIX,)}, arg1={"ioctl": IOCTLS[kind]},
+                     errno_calls=eperm, err=errno.EPERM)
+
+
+def confiner(kind: str, action: str | None) -> Callable[[], None] | None:
+    """What a thread of that kind calls first, or None without seccomp."""
+    if action is None:
+        return None
+    return lambda: confine(kind, action)
