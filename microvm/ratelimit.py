@@ -70,6 +70,18 @@ class RateLimit:
                 raise ConfigError(f"RateLimit {name} must be a TokenBucket or None, got {value!r}")
 
 
+def rate_limit_from(saved: object) -> RateLimit | None:
+    """A RateLimit from its dataclasses.asdict() form (a snapshot's configuration)."""
+    if saved is None:
+        return None
+    if not isinstance(saved, dict) or set(saved) - {"bandwidth", "ops"}:
+        raise ConfigError(f"a saved rate limit is not {{bandwidth, ops}}: {saved!r}")
+    try:
+        return RateLimit(**{k: None if v is None else TokenBucket(**v) for k, v in saved.items()})
+    except TypeError as e:
+        raise ConfigError(f"a saved rate limit is malformed: {saved!r}") from e
+
+
 def as_rate_limit(name: str, value: object) -> RateLimit | None:
     if value is None or isinstance(value, RateLimit):
         return value

@@ -39,6 +39,7 @@ from microvm.backends import Backends
 from microvm.devicemanager import DeviceManager
 from microvm.errors import ConfigError, MicroVMError, SnapshotError
 from microvm.hostprocess import interrupts_deferred
+from microvm.ratelimit import rate_limit_from
 from microvm.specs import Drive, Nic
 from microvm.vm import Vm
 
@@ -299,13 +300,17 @@ class MicroVMSnapshots:
             make: Any = cls  # MicroVM: the class this mixes into
             m = make(config["kernel"]["path"], mem_mib=config["mem_mib"], vcpus=config["vcpus"],
                     cmdline=config["cmdline"], append=config["append"],
-                    drives=[Drive(d["path"], read_only=d["read_only"], direct=d["direct"]) for d in config["drives"]],
-                    nics=nics if nics is not None else [Nic(**spec) for spec in config["nics"]],
+                    drives=[Drive(d["path"], read_only=d["read_only"], direct=d["direct"],
+                                  rate_limit=rate_limit_from(d.get("rate_limit"))) for d in config["drives"]],
+                    nics=nics if nics is not None else [
+                        Nic(**{**spec, "rx_rate_limit": rate_limit_from(spec.get("rx_rate_limit")),
+                               "tx_rate_limit": rate_limit_from(spec.get("tx_rate_limit"))})
+                        for spec in config["nics"]],
                     vsock=path, vsock_cid=config["vsock_cid"], console=console, stdout=stdout, force=force)
             if len(m.nics) != len(config["nics"]):
                 raise SnapshotError(f"the snapshot has {len(config['nics'])} NICs, {len(m.nics)} given")
             m.rootfs = bool(config["rootfs"])
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, ConfigError) as e:
             raise SnapshotError(f"the snapshot's machine configuration is malformed: {e!r}") from e
         return m
 
@@ -313,7 +318,8 @@ class MicroVMSnapshots:
         assert self.kernel is not None  # start() fills in the default
         return {"kernel": file_identity(self.kernel), "mem_mib": self.mem_mib, "vcpus": self.vcpus,
                 "cmdline": self.cmdline, "append": self.append, "rootfs": self.rootfs,
-                "drives": [{**file_identity(d.path), "read_only": d.read_only, "direct": d.direct}
+                "drives": [{**file_identity(d.path), "read_only": d.read_only, "direct": d.direct,
+                            "rate_limit": None if d.rate_limit is None else dataclasses.asdict(d.rate_limit)}
                            for d in self.drives],
                 "nics": [dataclasses.asdict(n) for n in self.nics],
                 "vsock": None if self.vsock is None else str(self.vsock), "vsock_cid": self.vsock_cid}

@@ -5,7 +5,8 @@ Tiny PVH guests (tests/kvm/pvh.py): the whole MicroVM path, devices, vCPU and
 I/O threads included, natively on any KVM host, in milliseconds a VM.
 
 The bounds, stated: after the runs, fds, threads and guest-RAM mappings are
-no more than they were (fewer, if something an earlier test left ends meanwhile); the process's mappings (/proc/self/maps lines) within
+no more than they were (fewer, if something an earlier test left ends
+meanwhile); the process's mappings (/proc/self/maps lines) within
 MAPS_SLACK and its RSS within RSS_SLACK_MIB of where they stood after a
 warm-up (malloc keeps some arenas and freed blocks for reuse; a leak of one
 guest RAM region alone, 32 MiB, would be past the bound).

@@ -192,3 +192,20 @@ def test_a_nic_holds_frames_both_ways_to_its_limits() -> None:
         assert stats["tx_throttled"] >= 1 and stats["rx_throttled"] >= 1 and stats["tx_frames"] == 3
     finally:
         nic.close()
+
+
+def test_rate_limits_are_part_of_a_snapshots_machine_configuration(tmp_path: Path) -> None:
+    import json
+
+    from microvm.machine import MicroVM
+
+    kernel, image = tmp_path / "vmlinux", tmp_path / "d.img"
+    kernel.write_bytes(b"\x7fELF")
+    image.write_bytes(bytes(4096))
+    disk = RateLimit(bandwidth=TokenBucket(4 << 20, size=1 << 20, one_time_burst=8 << 20), ops=TokenBucket(100))
+    rx = RateLimit(bandwidth=TokenBucket(1 << 20))
+    m = MicroVM(kernel, drives=[Drive(image, rate_limit=disk)], nics=[Nic("t0", rx_rate_limit=rx)])
+    config = json.loads(json.dumps(m._snapshot_config()))  # as the snapshot's file keeps it
+    back = MicroVM._from_config(config, vsock=None, nics=None, console=None, stdout=None, force=True)
+    assert back.drives[0].rate_limit == disk
+    assert (back.nics[0].rx_rate_limit, back.nics[0].tx_rate_limit) == (rx, None)
