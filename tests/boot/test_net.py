@@ -66,6 +66,12 @@ def test_guest_pings_host_and_tap_is_removed() -> None:
     assert "mvtap0" not in link_names()  # the tap we created went with the VM
 
 
+def test_a_guest_on_a_nic_runs_under_seccomp_kill() -> None:
+    """The tap's reads, writes and offload ioctl pass the VMM threads' filter (a miss would kill this process)."""
+    r = MicroVM(nics=[nic()], seccomp="kill").run(["ping", "-c", "3", "-W", "5", HOST], timeout=120)
+    assert r.exit_code == 0 and b"3 packets received" in r.stdout, (r.stdout, r.console[-2000:])
+
+
 def test_taps_are_removed_after_a_panic_and_a_timeout() -> None:
     from microvm.machine import GuestPanicError, GuestTimeoutError
 
