@@ -81,6 +81,13 @@ def virtio_rng() -> list[bytes]:
     return [setup(1) + chain(1, 0, [(DATA, 64, WRITE)]) + notify(1, 0)]
 
 
+def virtio_vsock() -> list[bytes]:
+    """A guest's connection request to host port 1234, with receive and event buffers posted."""
+    hdr = struct.pack("<QQIIIHHIII", 3, 2, 5000, 1234, 0, 1, 1, 0, 65536, 0)  # REQUEST, stream
+    return [setup(3) + chain(3, 0, [(DATA + 0x1000, 4096, WRITE)]) + chain(3, 2, [(DATA + 0x2000, 8, WRITE)])
+            + ram_write(DATA, hdr) + chain(3, 1, [(DATA, len(hdr), 0)]) + notify(3, 1) + notify(3, 0)]
+
+
 def loader() -> list[bytes]:
     from microvm.benchmarks.startup import tiny_kernel
 
@@ -88,4 +95,4 @@ def loader() -> list[bytes]:
 
 
 SEEDS = {"virtio_blk": virtio_blk, "virtio_net": virtio_net, "virtio_console": virtio_console,
-         "virtio_rng": virtio_rng, "loader": loader}
+         "virtio_rng": virtio_rng, "virtio_vsock": virtio_vsock, "loader": loader}

@@ -237,6 +237,44 @@ def virtio_net(data: bytes) -> None:
             pass
 
 
+_VSOCK_DIR: Path | None = None
+
+
+def virtio_vsock(data: bytes) -> None:
+    """With its host side live: a listening Unix socket, served on an I/O thread
+    stepped by hand; a host program may connect in between (op 7)."""
+    global _VSOCK_DIR
+    from microvm.devices.virtio.vsock import VirtioVsock
+    from microvm.iothread import IoThread
+
+    if _VSOCK_DIR is None:
+        _VSOCK_DIR = Path(tempfile.mkdtemp(prefix="microvm-fuzz-"))
+    io = IoThread("fuzz-vsock")
+    dev = VirtioVsock(3, _VSOCK_DIR / "v.sock")
+    dev.attach(io)
+    clients: list[socket.socket] = []
+
+    def host(b: Bytes, t: m.MmioTransport) -> None:
+        if b.below(2) and len(clients) < 4:
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.setblocking(False)
+            try:
+                c.connect(str(_VSOCK_DIR / "v.sock"))
+                c.send(b"CONNECT %d\n" % b.int(2) + b.bytes(b.below(32)))
+            except OSError:
+                pass
+            clients.append(c)
+        io.poll_once(0)
+
+    try:
+        _guest(dev, data, host)
+    finally:
+        for c in clients:
+            c.close()
+        io.close()
+        dev.close()
+
+
 # --- the loader and the agent's protocol ------------------------------------------------------------
 
 _LOADER_MEM: GuestMemory | None = None
@@ -266,6 +304,7 @@ def agent_protocol(data: bytes) -> None:
 
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "serial": serial, "i8042": i8042, "control": control, "virtio_console": virtio_console,
-    "virtio_rng": virtio_rng, "virtio_blk": virtio_blk, "virtio_net": virtio_net, "loader": loader,
+    "virtio_rng": virtio_rng, "virtio_blk": virtio_blk, "virtio_net": virtio_net, "virtio_vsock": virtio_vsock,
+    "loader": loader,
     "agent_protocol": agent_protocol,
 }
