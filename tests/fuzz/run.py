@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Run one coverage-guided fuzz target (tests/fuzz/targets.py) under atheris.
 
     python tests/fuzz/run.py TARGET [CORPUS_DIR ...] [libFuzzer flags: -runs=N -max_total_time=S ...]
@@ -14,6 +15,7 @@ build/fuzz/crash-* and the exit status is non-zero.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -21,6 +23,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # run as a script from anywhere
 
 MAX_LEN = 8192
+TARGET_ENV = "MICROVM_FUZZ_TARGET"
 
 
 def corpus_dir(target: str) -> Path:
@@ -52,6 +55,9 @@ def main(argv: list[str]) -> int:
             TARGETS[argv[1]](path.read_bytes())
         print(f"{argv[1]}: {len(files)} inputs replayed")
         return 0
+    if argv and argv[0].startswith("-") and os.environ.get(TARGET_ENV):
+        # libFuzzer re-running this program (-merge=1's inner runs): flags and dirs only.
+        argv = [os.environ[TARGET_ENV], *argv]
     if not argv or argv[0].startswith("-"):
         print(__doc__, file=sys.stderr)
         return 2
@@ -74,6 +80,7 @@ def main(argv: list[str]) -> int:
         artifacts = HERE.parents[1] / "build" / "fuzz"
         artifacts.mkdir(parents=True, exist_ok=True)
         flags.append(f"-artifact_prefix={artifacts}/")
+    os.environ[TARGET_ENV] = target  # for the runs libFuzzer starts itself
     atheris.Setup([sys.argv[0], *flags, *dirs], TARGETS[target])
     atheris.Fuzz()
     return 0
