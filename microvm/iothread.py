@@ -122,10 +122,19 @@ class IoThread:
 
     def _next_timer(self) -> float:
         """epoll's timeout: until the first timer is due, -1 (for ever) without one."""
+        # Most loops never set a timer: look without the lock first. Under the
+        # GIL a list's truth is read whole; a timer pushed just after this look
+        # is not lost, as call_later() from another thread writes the wake
+        # eventfd after pushing (this poll returns at once, the next round sees
+        # it), and one from this thread (a handler) is pushed before we get here.
+        if not self._timers:
+            return -1
         with self._timer_lock:
             return -1 if not self._timers else max(0.0, self._timers[0][0] - time.monotonic())
 
     def _run_timers(self) -> int:
+        if not self._timers:  # no lock when there is none (as in _next_timer)
+            return 0
         now, due = time.monotonic(), []
         with self._timer_lock:
             while self._timers and self._timers[0][0] <= now:

@@ -9,7 +9,10 @@ a bucket may go into debt for an operation bigger than its size (a 1 MiB
 request under a 64 KiB bucket waits for the debt to be paid back before the
 next one, so the long-run rate holds whatever the sizes). When a bucket is
 empty the device leaves the request where it is and asks its I/O thread to
-come back when enough tokens have been refilled (Limiter.delay).
+come back when enough tokens have been refilled (Limiter.delay). A device
+that never borrows (virtio-rng: entropy owed is not worth having) asks
+instead for the bytes it wants in hand (delay's `need`), serves what the
+bucket holds (available) and takes that.
 
 RateLimit is the spec (immutable, checked when made); Limiter is one
 device's live state, which MicroVM.set_rate_limit can swap while the guest
@@ -113,14 +116,15 @@ def rate_limit_of(what: str, bps: str | None, ops: str | None) -> RateLimit | No
 
 
 class _Bucket:
-    def __init__(self, spec: TokenBucket, now: float):
+    def __init__(self, spec: TokenBucket, now: float, tokens: float | None = None):
         self.rate, self.capacity = float(spec.rate), float(spec.capacity)
-        self.tokens = self.capacity
+        self.tokens = self.capacity if tokens is None else min(float(tokens), self.capacity)
         self.burst = float(spec.one_time_burst)
         self.at = now
 
     def refill(self, now: float) -> None:
-        self.tokens = min(self.capacity, self.tokens + (now - self.at) * self.rate)
+        elapsed = max(0.0, now - self.at)  # a clock that steps back adds nothing (and takes nothing)
+        self.tokens = min(self.capacity, self.tokens + elapsed * self.rate)
         self.at = now
 
     def ready(self) -> bool:
@@ -131,19 +135,25 @@ class _Bucket:
         self.burst -= from_burst
         self.tokens -= n - from_burst  # may go below 0: a debt paid back before the next operation
 
-    def wait(self) -> float:
-        """Seconds until the bucket holds a token again."""
+    def wait(self, need: float = 0) -> float:
+        """Seconds until the bucket holds a token again; with `need`, until it
+        holds that many (no more than its capacity: else it never would)."""
+        if need > 0:
+            return max(0.0, (min(need, self.capacity) - self.burst - self.tokens) / self.rate)
         return 0.0 if self.ready() else (-self.tokens) / self.rate + 1 / self.rate
 
 
 class Limiter:
     """One device's buckets. Not thread-safe: used by the device's I/O thread only."""
 
-    def __init__(self, spec: RateLimit, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, spec: RateLimit, clock: Callable[[], float] = time.monotonic,
+                 bandwidth_tokens: float | None = None):
+        """bandwidth_tokens: what the bandwidth bucket starts with (no more than
+        its size; a restored snapshot's), instead of full."""
         self.spec = spec
         self.clock = clock
         now = clock()
-        self.bandwidth = _Bucket(spec.bandwidth, now) if spec.bandwidth else None
+        self.bandwidth = _Bucket(spec.bandwidth, now, bandwidth_tokens) if spec.bandwidth else None
         self.ops = _Bucket(spec.ops, now) if spec.ops else None
         self.throttled = 0  # operations held back (each counted once per wait)
         self.throttled_s = 0.0  # time they waited, in total
@@ -151,15 +161,18 @@ class Limiter:
     def _buckets(self) -> list[_Bucket]:
         return [b for b in (self.bandwidth, self.ops) if b is not None]
 
-    def delay(self, count: bool = True) -> float:
+    def delay(self, count: bool = True, need: float = 0) -> float:
         """0 when the next operation may go now (take() it); else the seconds to
-        wait, counted as a throttling unless count is False (asked again meanwhile)."""
+        wait, counted as a throttling unless count is False (asked again meanwhile).
+        need: bytes the bandwidth bucket must hold first (capped at its size), for
+        an operation that will take no more than available(); 0: any token will do."""
         now = self.clock()
         waits = []
         for b in self._buckets():
             b.refill(now)
-            if not b.ready():
-                waits.append(b.wait())
+            wait = b.wait(need if b is self.bandwidth else 0)
+            if wait > 0:
+                waits.append(wait)
         if not waits:
             return 0.0
         wait = max(MIN_DELAY, max(waits))
@@ -167,6 +180,15 @@ class Limiter:
             self.throttled += 1
             self.throttled_s += wait
         return wait
+
+    def available(self) -> float:
+        """Bandwidth tokens in hand now (the one-time burst included); without a
+        bandwidth bucket, unlimited (math.inf)."""
+        b = self.bandwidth
+        if b is None:
+            return math.inf
+        b.refill(self.clock())
+        return b.burst + b.tokens
 
     def take(self, nbytes: int, ops: int = 1) -> None:
         """Charge nbytes and ops operations (after delay() said 0, or after the fact: a frame read)."""

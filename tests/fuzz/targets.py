@@ -15,7 +15,6 @@ I/O error, a drop), never in an exception out of the transport.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import tempfile
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from microvm.devices.virtio.rng import VirtioRng
 from microvm.errors import LoaderError
 from microvm.loader import load_linux
 from microvm.memory import GuestMemory
+from tests.support.fakes import FakeTap
 
 # The devices log a guest's mistakes (sparingly, but a fuzzer makes millions): not here.
 logging.disable(logging.CRITICAL)
@@ -190,31 +190,13 @@ def virtio_blk(data: bytes) -> None:
     _guest(VirtioBlock(_DISK), data)
 
 
-class _Tap:
-    def __init__(self) -> None:
-        self.sock, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.sock.setblocking(False)
-        self.peer.setblocking(False)
-        self.fd = self.sock.fileno()
-
-    def set_offload(self, flags: int) -> None:
-        pass
-
-    def drain(self) -> None:
-        try:
-            while self.peer.recv(1 << 17):
-                pass
-        except BlockingIOError:
-            pass
-
-
-_TAP: _Tap | None = None
+_TAP: FakeTap | None = None
 
 
 def virtio_net(data: bytes) -> None:
     global _TAP
     if _TAP is None:
-        _TAP = _Tap()
+        _TAP = FakeTap(peer_timeout=0)
     tap = _TAP
     tap.drain()
     dev = VirtioNet(tap)
@@ -230,11 +212,7 @@ def virtio_net(data: bytes) -> None:
         _guest(dev, data, host)
     finally:
         tap.drain()
-        try:
-            while os.read(tap.fd, 1 << 17):  # frames the device never took
-                pass
-        except BlockingIOError:
-            pass
+        tap.discard_pending()  # frames the device never took
 
 
 _VSOCK_DIR: Path | None = None

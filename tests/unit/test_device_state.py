@@ -52,10 +52,10 @@ from microvm.devices.virtio.vsock import VirtioVsock
 from microvm.devices.virtio.vsock_abi import VIRTIO_VSOCK_EVENT_TRANSPORT_RESET
 from microvm.errors import SnapshotError
 from microvm.memory import GuestMemory
-from tests.support.fakes import FakeIrq
+from tests.support.fakes import FakeIrq, FakeTap
 from tests.unit.test_virtio_block import hdr, make_image
 from tests.unit.test_virtio_mmio import Driver
-from tests.unit.test_virtio_net import MAC, FakeTap, frame
+from tests.unit.test_virtio_net import MAC, frame
 from tests.unit.test_virtio_rng import Clock
 from tests.unit.test_vsock import CID, Guest, host_connect
 

@@ -214,3 +214,39 @@ def test_a_done_flag_past_fd_1024_is_waited_on() -> None:
         for fd in filler:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+class CountingLock:
+    """A threading.Lock that counts how often it is taken."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.taken = 0
+
+    def __enter__(self) -> bool:
+        self.taken += 1
+        return self._lock.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.__exit__(*exc)
+
+
+def test_a_loop_without_timers_never_takes_the_timer_lock_and_still_sees_a_late_one() -> None:
+    io = IoThread("t")
+    lock = CountingLock()
+    io._timer_lock = lock  # type: ignore[assignment]
+    efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    served, fired = threading.Event(), threading.Event()
+    io.add(efd, served.set)
+    io.start()
+    try:
+        for _ in range(20):  # wakes with no timer set
+            served.clear()
+            os.eventfd_write(efd, 1)
+            assert served.wait(5)
+        assert lock.taken == 0
+        io.call_later(0, fired.set)  # from another thread, while the loop waits for ever
+        assert fired.wait(5)
+    finally:
+        io.close()
+        os.close(efd)

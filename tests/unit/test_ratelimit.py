@@ -71,6 +71,22 @@ def test_a_big_operation_puts_the_bucket_in_debt_and_the_long_run_rate_holds() -
     assert lim.throttled == 19
 
 
+def test_a_bucket_that_never_borrows_waits_for_what_it_needs_in_hand() -> None:
+    """delay(need=n): n bytes in hand first (no more than the size); available(): what may be taken."""
+    clock = Clock()
+    lim = Limiter(RateLimit(bandwidth=TokenBucket(rate=100, size=200)), clock)
+    assert lim.delay(need=150) == 0 and lim.available() == 200
+    lim.take(150)
+    assert lim.delay(need=150) == pytest.approx(1.0)  # 50 in hand: 100 more at 100 a second
+    assert lim.delay(need=10_000) == pytest.approx(1.5)  # capped at the size: it fills in time
+    clock.now += 1.0
+    assert lim.delay(need=150) == 0 and lim.available() == pytest.approx(150)
+    clock.now -= 5.0  # a clock stepping back neither adds nor takes
+    assert lim.available() == pytest.approx(150)
+    assert Limiter(RateLimit(bandwidth=TokenBucket(rate=100, size=200)), clock, bandwidth_tokens=500).available() == 200
+    assert Limiter(RateLimit(ops=TokenBucket(rate=1)), clock).available() == float("inf")
+
+
 @pytest.mark.parametrize("bad", [
     {"rate": 0}, {"rate": -1}, {"rate": float("nan")}, {"rate": True}, {"rate": "10"},
     {"rate": 1, "size": 0}, {"rate": 1, "one_time_burst": -1}, {"rate": 1, "size": float("inf")},

@@ -1,6 +1,7 @@
 """virtio-net (virtio 1.2, 5.1) driven through the MMIO transport by the fake
-driver, with a SOCK_SEQPACKET socket pair standing in for the tap: one
-record per frame, like a tap opened with IFF_VNET_HDR. No KVM needed.
+driver, with a SOCK_SEQPACKET socket pair standing in for the tap (FakeTap,
+tests/support/fakes.py): one record per frame, like a tap opened with
+IFF_VNET_HDR. No KVM needed.
 
 Headers are packed here with `struct` from struct virtio_net_hdr_v1 in
 include/uapi/linux/virtio_net.h, independently of net.py.
@@ -9,7 +10,6 @@ include/uapi/linux/virtio_net.h, independently of net.py.
 from __future__ import annotations
 
 import os
-import socket
 import struct
 from collections.abc import Iterator
 
@@ -24,7 +24,7 @@ from microvm.devices.virtio import net as n
 from microvm.devices.virtio.net import VirtioNet
 from microvm.errors import ConfigError
 from microvm.memory import GuestMemory
-from tests.support.fakes import FakeIrq
+from tests.support.fakes import FakeIrq, FakeTap
 from tests.support.virtio_driver import VirtqDriver
 from tests.unit.test_virtio_mmio import Driver
 
@@ -42,25 +42,6 @@ def frame(payload_len: int, seed: int = 7, flags: int = 0) -> bytes:
     eth = bytes.fromhex("ffffffffffff" "021122334455" "0800")
     body = bytes((seed + i * 31) & 0xFF for i in range(payload_len))
     return HDR.pack(flags, 0, 0, 0, 0, 0, 0) + eth + body
-
-
-class FakeTap:
-    def __init__(self) -> None:
-        self.sock, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.sock.setblocking(False)
-        self.peer.settimeout(2)
-        for s in (self.sock, self.peer):
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        self.fd = self.sock.fileno()
-        self.offloads: list[int] = []
-
-    def set_offload(self, flags: int) -> None:
-        self.offloads.append(flags)
-
-    def close(self) -> None:
-        self.sock.close()
-        self.peer.close()
 
 
 class Nic:

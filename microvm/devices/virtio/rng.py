@@ -27,10 +27,14 @@ far more, by mistake or on purpose:
 
 Rate limit (off by default, as in Firecracker's entropy device): a token
 bucket of rate_bytes_per_s, holding at most burst_bytes (one second's worth
-unless given), full at start. A chain waits until the bucket holds what it
-asks for (capped at the burst: a longer chain is served short); the waiting
-chain is held here, popped but not used, and served first later. Nothing is
-dropped. The bucket survives device resets: resetting does not buy entropy.
+unless given), full at start: ratelimit.py's Limiter over a bandwidth
+TokenBucket. Unlike a disk's, this bucket never goes into debt: a chain waits
+until the bucket holds what it asks for (capped at the burst: a longer chain
+is served short) and takes only that. The waiting chain is held here, popped
+but not used, and served first later. Nothing is dropped. The bucket
+survives device resets: resetting does not buy entropy. (Not a Throttle: the
+wakeup below also brings back work a per-call budget left, and its contract
+is the transport's notify, not a callback.)
 
 Waking up: a device only runs when notified, so when work waits (a chain
 over the budget of the bucket or of one call) the device calls
@@ -64,6 +68,7 @@ from microvm.devices.virtio import VIRTIO_ID_RNG, QueueState
 from microvm.devices.virtio.queue import DescriptorChain
 from microvm.errors import ConfigError
 from microvm.memory import GuestMemory
+from microvm.ratelimit import Limiter, RateLimit, TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +105,12 @@ class VirtioRng(QueueState):
             raise ConfigError(f"virtio-rng rate must be at least 1 byte/s, not {rate_bytes_per_s}")
         if burst_bytes is not None and (rate_bytes_per_s is None or burst_bytes < 1):
             raise ConfigError("virtio-rng burst needs a rate and must be at least 1 byte")
-        self.rate = rate_bytes_per_s
-        self.burst = burst_bytes if burst_bytes is not None else rate_bytes_per_s
+        self.rate_limit = None if rate_bytes_per_s is None else \
+            RateLimit(bandwidth=TokenBucket(rate_bytes_per_s, burst_bytes))
         self.wakeup: Callable[[float], None] | None = None  # set by the machine (module docstring)
         self.counters: Counter[str] = Counter(dict.fromkeys(RNG_COUNTERS, 0))
         self._clock = clock
-        self._tokens = float(self.burst or 0)
-        self._refilled = clock()
+        self._limiter = None if self.rate_limit is None else Limiter(self.rate_limit, clock)
         self._held: DescriptorChain | None = None  # popped, waiting for tokens
         self._wakeup_at: float | None = None  # when the outstanding wakeup is due
 
@@ -133,14 +137,14 @@ class VirtioRng(QueueState):
     def snapshot_state(self) -> State:
         """The rate limiter's bucket, in whole bytes (its clock is this process's).
         An outstanding wakeup is not kept: the restore serves the queue once anyway."""
-        self._refill(self._clock())
-        return {"kind": "virtio-rng", "tokens": int(self._tokens)}
+        tokens = 0 if self._limiter is None else int(self._limiter.available())
+        return {"kind": "virtio-rng", "tokens": tokens}
 
     def restore_state(self, state: State) -> None:
         """The saved bucket, no fuller than this device's burst; the refill starts now."""
         tokens = Fields(state, "virtio-rng").integer("tokens")
-        self._tokens = float(min(tokens, self.burst or 0))
-        self._refilled = self._clock()
+        if self.rate_limit is not None:
+            self._limiter = Limiter(self.rate_limit, self._clock, bandwidth_tokens=tokens)
         self._held = None
         self._wakeup_at = None
 
@@ -158,7 +162,6 @@ class VirtioRng(QueueState):
         now = self._clock()
         if self._wakeup_at is not None and now >= self._wakeup_at:
             self._wakeup_at = None
-        self._refill(now)
         chains = written = 0
         try:
             while True:
@@ -190,14 +193,15 @@ class VirtioRng(QueueState):
         """Fill one chain; the bytes written, or None if it must wait for the rate limit."""
         asked = chain.writable_len()
         want = min(asked, MAX_CHAIN_BYTES)
-        if self.rate is not None and want:
-            assert self.burst is not None
-            need = min(want, self.burst)
-            if self._tokens < need:
-                self._request_wakeup((need - self._tokens) / self.rate)
+        limiter = self._limiter
+        if limiter is not None and want:
+            # Counted here once per chain ("throttled"), not by the limiter.
+            wait = limiter.delay(count=False, need=want)  # all of it, or the burst for a longer one
+            if wait:
+                self._request_wakeup(wait)
                 return None
-            want = min(want, int(self._tokens))
-            self._tokens -= want
+            want = min(want, int(limiter.available()))  # never into debt: served short instead
+            limiter.take(want)
         written = 0
         for d in chain.descriptors:
             if written >= want:
@@ -215,13 +219,6 @@ class VirtioRng(QueueState):
         self.counters["requests"] += 1
         self.counters["bytes"] += written
         return written
-
-    def _refill(self, now: float) -> None:
-        if self.rate is None or self.burst is None:
-            return
-        elapsed = max(0.0, now - self._refilled)  # a clock that steps back adds nothing
-        self._tokens = min(float(self.burst), self._tokens + elapsed * self.rate)
-        self._refilled = now
 
     def _request_wakeup(self, delay: float) -> None:
         """Ask the machine to notify us after `delay` s, unless a wakeup is already outstanding."""
