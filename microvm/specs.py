@@ -25,20 +25,30 @@ class Drive:
     read_only: bool = False
     direct: bool = False  # O_DIRECT: bypass the host page cache
     rate_limit: RateLimit | None = None  # bytes and requests (ratelimit.py); MicroVM.set_rate_limit("vda", ...)
+    # Log every write and flush to this file (backends/recording.py), for crash-consistency replays.
+    record: str | Path | None = None
 
     def __post_init__(self) -> None:
         as_rate_limit("rate_limit", self.rate_limit)
+        if self.record is not None:
+            if not isinstance(self.record, str | os.PathLike) or not os.fspath(self.record):
+                raise ConfigError(f"drive {self.path}: record must be a log file's path, got {self.record!r}")
+            if self.read_only:
+                raise ConfigError(f"drive {self.path}: record= logs writes, and a read-only drive has none")
+            if os.path.abspath(self.record) == os.path.abspath(self.path):
+                raise ConfigError(f"drive {self.path}: record= names the image itself")
 
     @classmethod
     def parse(cls, spec: str) -> Drive:
-        """The CLI form: PATH[,ro][,direct][,bps=N][,iops=N] (N: a number, K/M/G: 1024s)."""
+        """The CLI form: PATH[,ro][,direct][,bps=N][,iops=N][,record=LOG] (N: a number, K/M/G: 1024s)."""
         path, *opts = spec.split(",")
-        rates = dict(o.partition("=")[::2] for o in opts if o.partition("=")[0] in ("bps", "iops"))
-        unknown = [o for o in opts if o not in ("ro", "rw", "direct") and o.partition("=")[0] not in rates]
-        if not path or unknown:
-            raise ConfigError(f"--drive {spec!r}: expected PATH[,ro][,direct][,bps=N][,iops=N]")
+        keyed = dict(o.partition("=")[::2] for o in opts if o.partition("=")[0] in ("bps", "iops", "record"))
+        unknown = [o for o in opts if o not in ("ro", "rw", "direct") and o.partition("=")[0] not in keyed]
+        if not path or unknown or keyed.get("record") == "":
+            raise ConfigError(f"--drive {spec!r}: expected PATH[,ro][,direct][,bps=N][,iops=N][,record=LOG]")
         return cls(path, read_only="ro" in opts, direct="direct" in opts,
-                   rate_limit=rate_limit_of(f"--drive {spec!r}", rates.get("bps"), rates.get("iops")))
+                   rate_limit=rate_limit_of(f"--drive {spec!r}", keyed.get("bps"), keyed.get("iops")),
+                   record=keyed.get("record"))
 
 
 @dataclass(frozen=True)

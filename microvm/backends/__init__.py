@@ -1,4 +1,4 @@
-"""Host-side backends of guest devices: raw disk images (disk.py) and taps (tap.py).
+"""Host-side backends of guest devices: raw disk images (disk.py, recording.py) and taps (tap.py).
 
 A backend knows the host resource and nothing of virtio; the device in
 microvm/devices/virtio/ speaks to the guest and calls its backend.
@@ -39,7 +39,12 @@ class Backends:
             from microvm.backends.tap import HostConfig, Tap
         try:
             for d in self.drives:
-                self.disks.append(RawDisk(d.path, read_only=d.read_only, direct=d.direct))
+                if d.record is not None:
+                    from microvm.backends.recording import RecordingDisk
+
+                    self.disks.append(RecordingDisk(d.path, d.record, direct=d.direct))
+                else:
+                    self.disks.append(RawDisk(d.path, read_only=d.read_only, direct=d.direct))
             for n in self.nic_specs:
                 self.taps.append(Tap(n.tap, HostConfig(address=n.host_interface, bridge=n.bridge, netns=n.netns)))
         except BaseException:
@@ -62,6 +67,18 @@ class Backends:
                     raise ConfigError(f"disk image {d.path} is given twice (drives {seen[key]} and {i}); "
                                       f"only read-only drives may share an image")
             seen[key] = i
+        # A recording log is truncated when it opens: never one another drive records to, never an image.
+        logs = [os.path.abspath(d.record) for d in self.drives if d.record is not None]
+        twice = {p for p in logs if logs.count(p) > 1}
+        if twice:
+            raise ConfigError(f"recording log {sorted(twice)[0]} is given to more than one drive")
+        for log in logs:
+            try:
+                st = os.stat(log)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) in seen:
+                raise ConfigError(f"recording log {log} is a drive's disk image")
 
     def close(self) -> None:
         for disk in self.disks:
