@@ -6,11 +6,15 @@ from __future__ import annotations
 import importlib
 import json
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
 from microvm.clierrors import one_line_errors
 from microvm.errors import MicroVMError
+
+if TYPE_CHECKING:
+    from microvm.jail import Jail
 
 # Commands of other modules, imported only when asked for (or listed): `microvm
 # run` need not pay for the benchmarks' and the sandbox's imports (rich,
@@ -35,6 +39,16 @@ class LazyGroup(click.Group):
 @click.version_option(package_name="microvm")
 def main() -> None:
     """Hardware-isolated micro-VMs, straight over /dev/kvm."""
+
+
+def _jail(user: str) -> Jail:
+    from microvm.errors import ConfigError
+    from microvm.jail import Jail
+
+    uid, sep, gid = user.partition(":")
+    if not (uid.isdigit() and sep and gid.isdigit()):
+        raise ConfigError(f"--jail-user must be UID:GID (numbers), got {user!r}")
+    return Jail(uid=int(uid), gid=int(gid))
 
 
 @main.command()
@@ -71,8 +85,9 @@ def _timeout(ctx: click.Context, param: click.Parameter, value: float | None) ->
 @click.option("--mem", "mem_mib", type=int, default=128, show_default=True, help="Guest RAM in MiB.")
 @click.option("--vcpus", type=int, default=1, show_default=True)
 @click.option("--append", default="", help="Extra kernel command line arguments.")
-@click.option("--drive", "drives", multiple=True, metavar="PATH[,ro]",
-              help="A raw disk image: /dev/vda, /dev/vdb, ... in order.")
+@click.option("--drive", "drives", multiple=True, metavar="PATH[,ro][,record=LOG]",
+              help="A raw disk image: /dev/vda, /dev/vdb, ... in order. record=LOG logs its writes and "
+                   "flushes (microvm/backends/recording.py).")
 @click.option("--rootfs", type=click.Path(dir_okay=False), default=None,
               help="An ext4 root image (/dev/vda); the command runs inside it.")
 @click.option("--net", "nets", multiple=True, metavar="tap=NAME[,mac=..][,ip=..][,host_ip=..]",
@@ -87,12 +102,16 @@ def _timeout(ctx: click.Context, param: click.Parameter, value: float | None) ->
               help="Show every kernel message, as --console does, but printed once the guest is done: "
                    "cheap (live, only warnings and worse cross the serial port).")
 @click.option("--timeline", "show_timeline", is_flag=True, help="Print the boot timeline to stderr.")
+@click.option("--jail", is_flag=True, help="Run the VMM jailed: own namespaces, an empty root, no capabilities, "
+                                           "the --jail-user's uid and gid, a cgroup with the VM's limits.")
+@click.option("--jail-user", default="65534:65534", show_default=True, metavar="UID:GID",
+              help="Who the jailed VMM becomes.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @one_line_errors
 def run(kernel: str | None, initrd: str | None, mem_mib: int, vcpus: int, append: str,
         drives: tuple[str, ...], rootfs: str | None, nets: tuple[str, ...], cmdline: str | None,
         timeout: float | None, force: bool, show_console: bool, full_log: bool, show_timeline: bool,
-        command: tuple[str, ...]) -> None:
+        jail: bool, jail_user: str, command: tuple[str, ...]) -> None:
     """Boot a micro-VM and run COMMAND in it (no COMMAND: an interactive shell).
 
     Prints the command's output and exits with its exit status.
@@ -108,7 +127,7 @@ def run(kernel: str | None, initrd: str | None, mem_mib: int, vcpus: int, append
                  cmdline=cmdline, force=force, drives=[Drive.parse(d) for d in drives],
                  rootfs=Drive.parse(rootfs) if rootfs else None, nics=[Nic.parse(n) for n in nets],
                  console=out if (show_console and not full_log) or not command else None, stdout=out,
-                 full_log=full_log)
+                 full_log=full_log, jail=_jail(jail_user) if jail else None)
     if command:
         result = vm.run(list(command), timeout=timeout)
     else:

@@ -53,6 +53,7 @@ from microvm.errors import (
     VmStoppedError,
 )
 from microvm.hostprocess import interrupts_deferred, raise_fd_limit, sink, tune_switch_interval
+from microvm.jail import Jail, as_jail
 from microvm.kernellog import KernelLog, init_message
 from microvm.printk import FullLog
 from microvm.ratelimit import RateLimit, as_rate_limit
@@ -65,6 +66,7 @@ from microvm.vm import Vm
 
 if TYPE_CHECKING:  # the user's devices are imported when a VM has them: `microvm run` starts faster
     from microvm.devices.virtio.vsock import VirtioVsock
+    from microvm.jail.run import JailedVmm
 
 __all__ = ["Drive", "GuestPanicError", "GuestTimeoutError", "MicroVM", "Nic", "RunResult", "VmStoppedError"]
 
@@ -130,6 +132,7 @@ class MicroVM(MicroVMSnapshots):
         forkable: bool = False,
         full_log: bool = False,
         seccomp: str | None = None,
+        jail: Jail | bool | None = None,
         force: bool = False,
     ):
         self.mem_mib = checks.integer("mem_mib", mem_mib, checks.MIN_MEM_MIB, checks.MAX_MEM_MIB)
@@ -171,6 +174,11 @@ class MicroVM(MicroVMSnapshots):
         self.backends = Backends(self.drives, self.nics)
         self.forkable = bool(forkable)  # RAM in a memfd from boot: fork() shares it (snapshot.fork)
         self.seccomp = check_seccomp(seccomp)  # each VMM thread under a filter (microvm/seccomp.py)
+        self.jail = as_jail(jail)  # the VMM in a child process, namespaced, unprivileged (microvm/jail)
+        if self.jail is not None and self.forkable:
+            raise ConfigError("a jailed VM cannot be forkable: fork() shares RAM within one process")
+        self._jailed: JailedVmm | None = None  # the caller's handle on a jailed VMM
+        self._enter_jail: Callable[[], None] | None = None  # set in the jailed VMM: before the threads start
         self.full_log = FullLog() if full_log else None  # every kernel message, cheaply (printk.py)
         if full_log and KERNEL_CONSOLE in f"{self.cmdline} {self.append}".split():
             raise ConfigError(f"full_log and {KERNEL_CONSOLE} both want hvc1: choose one")
@@ -212,6 +220,13 @@ class MicroVM(MicroVMSnapshots):
             raise MicroVMError("a MicroVM runs once and this one has already been started; "
                                "make a new MicroVM for another run")
         self._started = True
+        if self.jail is not None:
+            if argv is None:
+                raise ConfigError("an interactive shell cannot run jailed yet: give a command")
+            from microvm.jail.run import JailedVmm
+
+            self._jailed = JailedVmm(self, argv)
+            return self
         self._prepare_host()
         try:
             self._start(argv)
@@ -251,6 +266,8 @@ class MicroVM(MicroVMSnapshots):
                                      _kvm.CAPS["KVM_CAP_TSC_DEADLINE_TIMER"])),
                                  protocol=self.boot.protocol, entry=self.boot.entry,
                                  params_addr=self.boot.params_addr)
+                if self._enter_jail is not None:  # everything is open: drop privileges, then threads
+                    self._enter_jail()
                 vm.start()
                 if self._stopped_by_host:  # stop() came while we were starting
                     vm.stop()
@@ -266,6 +283,8 @@ class MicroVM(MicroVMSnapshots):
         afterwards: vCPUs stopped, threads joined, fds closed, memory unmapped.
         """
         timeout = checks.timeout(timeout)
+        if self._jailed is not None:
+            return self._wait_jailed(self._jailed, timeout)
         vm = self._require_vm()
         try:
             reason = self._wait_vm(vm, timeout)
@@ -288,6 +307,15 @@ class MicroVM(MicroVMSnapshots):
         self._times["vm ended"] = time.monotonic_ns()
         self.close()
         return self._result(reason)
+
+    def _wait_jailed(self, jailed: JailedVmm, timeout: float | None) -> RunResult:
+        try:
+            result = jailed.wait(timeout)
+        finally:
+            jailed.close()
+        self.stdout[:], self.console[:] = result.stdout, result.console
+        self.reason = result.reason
+        return result
 
     def _wait_vm(self, vm: Vm, timeout: float | None) -> StopReason | None:
         """vm.wait(), in slices, so that a panic ends the run even where the
@@ -352,6 +380,8 @@ class MicroVM(MicroVMSnapshots):
     def stop(self) -> None:
         """Ask the vCPUs to stop (the guest gets no say); wait() then raises VmStoppedError."""
         self._stopped_by_host = True
+        if self._jailed is not None:
+            self._jailed.stop()
         vm = self.vm
         if vm is not None:
             vm.stop()
@@ -416,6 +446,8 @@ class MicroVM(MicroVMSnapshots):
     def close(self) -> None:
         """Free the VM: safe from any thread, more than once, and after a failure."""
         with self._close_lock, interrupts_deferred():
+            if self._jailed is not None:
+                self._jailed.close()
             vm = self.vm
             if vm is not None:
                 self.serial = None  # no more host input into a closing VM
@@ -453,6 +485,9 @@ class MicroVM(MicroVMSnapshots):
 
     def _require_vm(self) -> Vm:
         if self.vm is None:
+            if self._jailed is not None:
+                raise MicroVMError("this VM runs jailed, in another process: only wait(), stop() and kill() "
+                                   "reach it")
             if self._stopped_by_host:
                 raise VmStoppedError("the VM was stopped by the host before the guest finished")
             raise MicroVMError("the VM is not running")

@@ -54,9 +54,14 @@ TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int)
 FIONBIO, FIOCLEX, FIONREAD = 0x5421, 0x5451, 0x541B
 AF_UNIX = 1
 
+# calls only some kinds of thread make: the main thread holds Ctrl-C off while it frees the VM (hostprocess.py)
+EXTRA_CALLS = {"main": ("rt_sigaction",)}
+
 IOCTLS = {
     "vcpu": (KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS, TUNSETOFFLOAD, FIONBIO, FIOCLEX, FIONREAD),
     "io": (TUNSETOFFLOAD, FIONBIO, FIOCLEX, FIONREAD),
+    # a jailed VMM's main and control threads (microvm/jail): they wait, stop the vCPUs and close
+    "main": (KVM_GET_REGS, KVM_GET_SREGS, FIONBIO, FIOCLEX, FIONREAD),
 }
 
 
@@ -74,14 +79,14 @@ def check_action(action: object) -> str | None:
 
 
 def confine(kind: str, action: str) -> None:
-    """Load the policy for a `kind` ("vcpu" or "io") of thread on the calling thread, for good."""
+    """Load the policy for a `kind` ("vcpu", "io", "main") of thread on the calling thread, for good."""
     from microvm import _seccomp
 
     # (In "errno" mode everything not allowed fails with EPERM already: libseccomp
     # refuses a rule that says what the default does.)
     eperm = {} if action == "errno" else {"openat": errno.EPERM, "open": errno.EPERM}
-    _seccomp.confine(action, COMMON, arg0={"socket": (AF_UNIX,)}, arg1={"ioctl": IOCTLS[kind]},
-                     errno_calls=eperm, err=errno.EPERM)
+    _seccomp.confine(action, COMMON + EXTRA_CALLS.get(kind, ()), arg0={"socket": (AF_UNIX,)},
+                     arg1={"ioctl": IOCTLS[kind]}, errno_calls=eperm, err=errno.EPERM)
 
 
 def confiner(kind: str, action: str | None) -> Callable[[], None] | None:

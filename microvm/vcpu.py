@@ -79,8 +79,12 @@ class Vcpu:
 
     def start(self) -> None:
         _install_kick()
-        self._thread = threading.Thread(target=self._thread_main, name=f"vcpu{self.index}", daemon=True)
-        self._thread.start()
+        thread = threading.Thread(target=self._thread_main, name=f"vcpu{self.index}", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError as e:  # "can't start new thread": out of tasks (a pids limit) or memory
+            raise VcpuError(f"cannot start vCPU {self.index}'s thread: {e}") from e
+        self._thread = thread  # only a started thread is one close() waits for
 
     def stop(self) -> None:
         """Make the run loop return as soon as possible."""

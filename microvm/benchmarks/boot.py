@@ -55,7 +55,8 @@ class BootConfig:
     kernel_format: str  # "elf" (vmlinux, PVH entry) or "bzimage"
     mem_mib: int
     vcpus: int
-    cmdline_variant: str  # "quiet", "verbose" or "full-log" (quiet, with MicroVM(full_log=True))
+    # "quiet", "verbose", "full-log" (quiet, with MicroVM(full_log=True)) or "jail" (quiet, MicroVM(jail=True))
+    cmdline_variant: str
 
     @property
     def guest(self) -> str:
@@ -119,7 +120,8 @@ def boot_ours(config: BootConfig, timeout: float, calls: list[list[tuple[str, in
     if calls is not None:
         cmdline, command = f"{cmdline} {initcalls.CMDLINE_ARG}", initcalls.COMMAND
     vm = MicroVM(guest.kernel_path(config.kernel_format), mem_mib=config.mem_mib, vcpus=config.vcpus,
-                 cmdline=cmdline, full_log=config.cmdline_variant == "full-log")
+                 cmdline=cmdline, full_log=config.cmdline_variant == "full-log",
+                 jail=config.cmdline_variant == "jail")
     r = vm.run(command, timeout=timeout)
     if r.exit_code != 0:
         raise RunFailed(f"{config.label}: `{' '.join(command)}` exited {r.exit_code}\n{vm.console_tail()}")
@@ -140,7 +142,8 @@ def boot_cli(config: BootConfig, timeout: float) -> dict[str, float]:
     env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     argv = [sys.executable, "-m", "microvm", "run", "--kernel", str(guest.kernel_path(config.kernel_format)),
             "--mem", str(config.mem_mib), "--vcpus", str(config.vcpus), "--cmdline", config.cmdline(),
-            "--timeout", str(timeout), *["--full-log"] * (config.cmdline_variant == "full-log"), "--", "true"]
+            "--timeout", str(timeout), *["--full-log"] * (config.cmdline_variant == "full-log"),
+            *["--jail"] * (config.cmdline_variant == "jail"), "--", "true"]
     t0 = time.monotonic()
     try:  # the guest's timeout is the child's; this one is for a child stuck before its guest
         proc = subprocess.run(argv, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL,

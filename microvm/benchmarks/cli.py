@@ -117,8 +117,8 @@ def bench() -> None:
 @click.option("--cmdline-variant", "variants", default="quiet", show_default=True, metavar="VARIANT[,VARIANT...]",
               callback=choices(CMDLINE_VARIANTS),
               help="Comma-separated: quiet (our default command line), verbose (without `quiet`), "
-                   "full-log (quiet, and every kernel message collected at the end: MicroVM(full_log=True); "
-                   "QEMU boots quiet for it).")
+                   "full-log (quiet, and every kernel message collected at the end: MicroVM(full_log=True)), "
+                   "jail (quiet, the VMM jailed: MicroVM(jail=True)); QEMU boots quiet for the last two.")
 @click.option("-n", "--runs", type=click.IntRange(min=1), default=10, show_default=True,
               help="Boots per configuration.")
 @_qemu_option(False, "Also boot QEMU's microvm machine, same kernel and initramfs.")

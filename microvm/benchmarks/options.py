@@ -17,7 +17,7 @@ import click
 from microvm.checks import MAX_MEM_MIB, MAX_VCPUS, MIN_MEM_MIB
 
 KERNEL_FORMATS = ("elf", "bzimage")
-CMDLINE_VARIANTS = ("quiet", "verbose", "full-log")
+CMDLINE_VARIANTS = ("quiet", "verbose", "full-log", "jail")
 # What `bench boot` boots with: this process, a `microvm run` process, QEMU.
 VMMS = ("microvm", "microvm run", "qemu")
 # MicroVM's own limits, so the lane is not started for a value the VM would refuse.

@@ -72,6 +72,12 @@ def test_a_guest_on_a_nic_runs_under_seccomp_kill() -> None:
     assert r.exit_code == 0 and b"3 packets received" in r.stdout, (r.stdout, r.console[-2000:])
 
 
+def test_a_jailed_guest_on_a_nic_pings_the_host() -> None:
+    """The tap opened before the jail, used from it (the host's network namespace, no capabilities)."""
+    r = MicroVM(nics=[nic()], jail=True, seccomp="kill").run(["ping", "-c", "3", "-W", "5", HOST], timeout=120)
+    assert r.exit_code == 0 and b"3 packets received" in r.stdout, (r.stdout, r.console[-2000:])
+
+
 def test_taps_are_removed_after_a_panic_and_a_timeout() -> None:
     from microvm.machine import GuestPanicError, GuestTimeoutError
 

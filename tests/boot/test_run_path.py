@@ -171,3 +171,19 @@ def test_a_linux_guest_with_disk_rng_and_vsock_runs_under_seccomp_kill(vmlinux: 
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, (p.returncode, p.stderr[-3000:])
     assert p.stdout.strip() == "0 ['1048576', '16']", p.stdout
+
+
+def test_a_jailed_linux_guest_with_disk_rng_vsock_and_its_full_log(vmlinux: str, tmp_path: Path) -> None:
+    """A real guest's devices work in the jail (everything opened before it, the
+    vsock's directory bound in), under seccomp "kill", with its whole kernel log."""
+    from microvm.machine import Drive, MicroVM
+
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(4 * MIB))
+    r = MicroVM(vmlinux, jail=True, seccomp="kill", full_log=True, drives=[Drive(str(disk))],
+                vsock=str(tmp_path / "v.sock")).run(
+        ["sh", "-c", "echo jailed > /dev/vda && sync && head -c 16 /dev/hwrng | wc -c"], timeout=120)
+    assert r.exit_code == 0, r.console[-3000:]
+    assert r.output.split() == ["16"], r.output
+    assert disk.read_bytes().startswith(b"jailed\n")
+    assert b"Run /init as init process" in r.console  # read from guest memory by the jailed VMM

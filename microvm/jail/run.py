@@ -1,0 +1,382 @@
+"""Running a VM jailed (see microvm/jail/__init__.py): the caller's handle on the
+child (JailedVmm), the two children's steps, and enter(), the jail itself."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import itertools
+import os
+import pickle
+import select
+import shutil
+import signal
+import socket
+import struct
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from microvm.errors import GuestTimeoutError, VmStoppedError
+from microvm.jail import Jail, JailError
+from microvm.jail import sys as jsys
+from microvm.jail.cgroups import Cgroup
+
+
+class MicroVM(Protocol):
+    """What of a microvm.machine.MicroVM the jail uses (no import: machine imports us)."""
+
+    jail: Jail | None
+    force: bool
+    mem_mib: int
+    vcpus: int
+    drives: list[Any]
+    nics: list[Any]
+    @property
+    def vsock(self) -> str | os.PathLike[str] | None: ...
+    seccomp: str | None
+    _enter_jail: Any
+    _jailed: Any
+
+    def _prepare_host(self) -> None: ...
+    def _start(self, argv: Sequence[str] | None) -> None: ...
+    def wait(self, timeout: float | None = None) -> Any: ...
+    def stop(self) -> None: ...
+    def kill(self) -> None: ...
+
+
+RunResult = Any  # microvm.machine.RunResult, pickled across
+ROOT_PREFIX = "microvm-jail-"
+REPLY_GRACE = 30.0  # seconds the caller waits past a run's timeout before killing the VMM itself
+_FRAME = struct.Struct("<Q")
+_open_pipes: set[int] = set()  # every live jail's pipe ends in this process: a new child closes them
+_names = itertools.count()
+
+
+class JailedVmm:
+    """A VM running jailed in a child process: start, wait, stop, kill, close."""
+
+    def __init__(self, machine: MicroVM, argv: Sequence[str]):
+        from microvm.doctor import check_host
+
+        assert machine.jail is not None
+        self.jail = jail = machine.jail
+        check_host(machine.force)  # a missing /dev/kvm is the caller's error, before anything forks
+        if os.geteuid() != 0:
+            raise JailError("a jail is set up by root (namespaces, pivot_root, cgroups, the change of uid); "
+                            f"this process runs as uid {os.geteuid()}")
+        self.name = f"{os.getpid()}-{next(_names)}"
+        self.limits = jail.limits(machine.mem_mib, machine.vcpus,
+                                  len(machine.drives) + len(machine.nics) + (machine.vsock is not None))
+        sweep(jail)
+        self.cgroup = Cgroup.create(self.name, self.limits, jail.cgroup) if jail.cgroup else None
+        self.pid: int | None = None  # the intermediate child's (ours to reap)
+        self.vmm_pid: int | None = None  # the VMM's, in the caller's PID namespace
+        self._pidfd: int | None = None
+        self._fds: list[int] = []
+        self.result: RunResult | None = None
+        self.killed = False
+        try:
+            self.root: str | None = tempfile.mkdtemp(prefix=f"{ROOT_PREFIX}{self.name}-", dir=jail.base)
+            self._launch(machine, argv)
+        except BaseException:
+            self.close()
+            raise
+
+    def _launch(self, machine: MicroVM, argv: Sequence[str]) -> None:
+        results_r, results_w = os.pipe()
+        control_r, control_w = os.pipe()
+        self._fds = [results_r, control_w]
+        _open_pipes.update(self._fds)
+        for stream in (sys.stdout, sys.stderr):  # the child must not write the caller's buffered output again
+            with contextlib.suppress(Exception):
+                stream.flush()
+        gc.freeze()  # the child's collections leave the caller's heap alone: fewer pages copied
+        try:
+            pid = os.fork()
+        except BaseException:
+            gc.unfreeze()
+            os.close(results_w)
+            os.close(control_r)
+            raise
+        if pid == 0:
+            _intermediate(self, machine, argv, results_w, control_r)
+        gc.unfreeze()
+        self.pid = pid
+        os.close(results_w)
+        os.close(control_r)
+        kind, value = self._receive(None)
+        if kind != "started":
+            self._reap()
+            raise value
+        self.vmm_pid = value
+        with contextlib.suppress(OSError):
+            self._pidfd = os.pidfd_open(value)
+
+    def wait(self, timeout: float | None) -> RunResult:
+        if self.result is not None:
+            return self.result
+        if self.pid is None or self.killed:
+            raise VmStoppedError("the VM was stopped by the host before the guest finished")
+        self._send("wait none" if timeout is None else f"wait {timeout!r}")
+        try:
+            kind, value = self._receive(None if timeout is None else timeout + REPLY_GRACE)
+        except GuestTimeoutError:
+            self.kill()
+            raise GuestTimeoutError(f"guest did not finish within {timeout} s and its jailed VMM did not "
+                                    f"answer for {REPLY_GRACE} s more; killed") from None
+        self._reap()  # the VMM ends after its answer
+        if kind == "result":
+            self.result = value
+            return value
+        raise value
+
+    def stop(self) -> None:
+        if self._fds:  # else closed: nothing runs
+            with contextlib.suppress(OSError):  # the VMM is gone already
+                self._send("stop")
+
+    def kill(self) -> None:
+        """SIGKILL the VMM (the PID 1 of its namespace: everything in the jail goes)."""
+        self.killed = True
+        if self._pidfd is not None:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        elif self.vmm_pid is not None:
+            with contextlib.suppress(OSError):
+                os.kill(self.vmm_pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        """Kill the VMM if it still runs, reap it, remove its cgroup and root; idempotent."""
+        if self.pid is not None and self.result is None:
+            self.kill()
+        self._reap()
+        for fd in self._fds:
+            _open_pipes.discard(fd)
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds = []
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+        if self.cgroup is not None:
+            self.cgroup.remove()
+        root = getattr(self, "root", None)
+        if root is not None:
+            shutil.rmtree(root, ignore_errors=True)
+            self.root = None
+
+    def _reap(self) -> int | None:
+        """Wait for the intermediate child; its exit status (the VMM's, 128+N for a signal)."""
+        if self.pid is None:
+            return None
+        pid, self.pid = self.pid, None
+        while True:
+            try:
+                _, status = os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+            except ChildProcessError:
+                return None
+        self.status = os.waitstatus_to_exitcode(status)
+        return self.status
+
+    def _send(self, line: str) -> None:
+        os.write(self._fds[1], line.encode() + b"\n")
+
+    def _receive(self, timeout: float | None) -> tuple[str, Any]:
+        """The VMM's next message, or a JailError saying how it died."""
+        fd = self._fds[0]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            head = _read_exactly(fd, _FRAME.size, deadline)
+            body = _read_exactly(fd, _FRAME.unpack(head)[0], deadline)
+        except EOFError:
+            return "error", self._death()
+        return pickle.loads(body)
+
+    def _death(self) -> JailError:
+        status = self._reap()
+        if self.cgroup is not None and self.cgroup.oom_killed():
+            return JailError(f"the jailed VMM was killed for going over its memory limit of "
+                             f"{self.limits.memory_bytes >> 20} MiB (Jail(memory_mib=...))")
+        if status is not None and status > 128:
+            name = signal.Signals(status - 128).name if status - 128 in signal.Signals._value2member_map_ else ""
+            hint = " (seccomp: a forbidden system call)" if name == "SIGSYS" else ""
+            return JailError(f"the jailed VMM died of signal {status - 128} {name}{hint} without a result")
+        return JailError(f"the jailed VMM ended (status {status}) without a result")
+
+
+def sweep(jail: Jail) -> None:
+    """Remove the cgroups and root directories of jails whose caller died (SIGKILL) before it could."""
+    from microvm.jail.cgroups import sweep_groups
+
+    for path in Path(jail.base or tempfile.gettempdir()).glob(f"{ROOT_PREFIX}*"):
+        owner = path.name[len(ROOT_PREFIX):].split("-")[0]
+        if owner.isdigit() and not os.path.exists(f"/proc/{owner}"):
+            shutil.rmtree(path, ignore_errors=True)
+    if jail.cgroup:
+        sweep_groups(lambda name: name.split("-")[0].isdigit() and not os.path.exists(f"/proc/{name.split('-')[0]}"))
+
+
+def _read_exactly(fd: int, n: int, deadline: float | None) -> bytes:
+    chunks = bytearray()
+    while len(chunks) < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise GuestTimeoutError("no answer from the jailed VMM")
+        chunk = os.read(fd, min(n - len(chunks), 1 << 20))
+        if not chunk:
+            raise EOFError
+        chunks += chunk
+    return bytes(chunks)
+
+
+def _write_message(fd: int, kind: str, value: object) -> None:
+    try:
+        body = pickle.dumps((kind, value))
+    except Exception as e:  # an exception that does not pickle: its type and text
+        body = pickle.dumps(("error", JailError(f"{type(value).__name__}: {value} ({e})")))
+    data = memoryview(_FRAME.pack(len(body)) + body)
+    while data:
+        data = data[os.write(fd, data):]
+
+
+# --- the child's side ------------------------------------------------------------
+
+
+def _intermediate(vmm: JailedVmm, machine: MicroVM, argv: Sequence[str], results: int, control: int) -> None:
+    """In the first child: join the cgroup, new namespaces, fork the VMM, pass on its status."""
+    status = 1
+    try:
+        for fd in _open_pipes:  # ours and other jails': their VMMs see the end of file when the caller goes
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if vmm.cgroup is not None:
+            vmm.cgroup.join(os.getpid())
+        flags = jsys.CLONE_NEWNS | jsys.CLONE_NEWPID | jsys.CLONE_NEWIPC | jsys.CLONE_NEWUTS
+        if not machine.nics:
+            flags |= jsys.CLONE_NEWNET
+        jsys.unshare(flags)
+        jsys.mount(None, "/", None, jsys.MS_REC | jsys.MS_PRIVATE)  # nothing we mount reaches the host
+        socket.sethostname(vmm.jail.hostname)
+        pid = os.fork()
+        if pid == 0:
+            jsys.prctl(jsys.PR_SET_PDEATHSIG, signal.SIGKILL)  # this process gone: the VMM too
+            _vmm(vmm, machine, argv, results, control)
+        os.close(results)
+        os.close(control)
+        while True:
+            try:
+                _, wstatus = os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+        code = os.waitstatus_to_exitcode(wstatus)
+        status = code if code >= 0 else 128 - code
+    except BaseException as e:
+        with contextlib.suppress(BaseException):
+            _write_message(results, "error", JailError(f"setting up the jail failed: {e}"))
+    finally:
+        os._exit(status)
+
+
+def _vmm(vmm: JailedVmm, machine: MicroVM, argv: Sequence[str], results: int, control: int) -> None:
+    """In the VMM (PID 1 of its namespace): set the VM up, enter the jail, run, report."""
+    status = 1
+    try:
+        try:
+            host_pid = int(os.readlink("/proc/self"))  # the host's /proc, still: our PID out there
+            binds = [str(Path(machine.vsock).parent)] if machine.vsock is not None else []
+            root = vmm.root
+            assert root is not None
+            machine._enter_jail = lambda: enter(vmm.jail, root, binds)
+            machine._jailed = None
+            machine._prepare_host()
+            machine._start(argv)
+            timeouts: list[float | str | None] = []
+            ready = threading.Event()
+            threading.Thread(target=_control_loop, args=(machine, control, timeouts, ready),
+                             name="jail-control", daemon=True).start()
+            if machine.seccomp is not None:  # after the last thread has started: each has its own
+                from microvm.seccomp import confine
+
+                confine("main", machine.seccomp)
+        except BaseException as e:
+            _write_message(results, "error", e)
+            return
+        _write_message(results, "started", host_pid)
+        ready.wait()
+        if timeouts[0] == "eof":  # the caller is gone
+            machine.kill()
+            return
+        try:
+            result = machine.wait(timeouts[0])  # type: ignore[arg-type]
+        except BaseException as e:
+            _write_message(results, "error", e)
+        else:
+            _write_message(results, "result", result)
+        status = 0
+    finally:
+        os._exit(status)
+
+
+def _control_loop(machine: MicroVM, control: int, timeouts: list[float | str | None],
+                  ready: threading.Event) -> None:
+    """The VMM's ear for the caller: "wait T", "stop"; end of file: the caller is gone, kill."""
+    if machine.seccomp is not None:
+        from microvm.seccomp import confine
+
+        confine("main", machine.seccomp)
+    with os.fdopen(control, "rb", buffering=0) as f:
+        for raw in iter(f.readline, b""):
+            word, _, arg = raw.decode(errors="replace").strip().partition(" ")
+            if word == "wait" and not ready.is_set():
+                try:
+                    timeouts.append(None if arg == "none" else float(arg))
+                except ValueError:
+                    timeouts.append(None)
+                ready.set()
+            elif word == "stop":
+                machine.stop()
+    if not ready.is_set():
+        timeouts.append("eof")
+        ready.set()
+    else:
+        machine.stop()
+
+
+PRELOAD = ("traceback", "linecache", "pickle", "queue", "microvm.printk", "microvm.kernellog",
+           "encodings.utf_8", "encodings.latin_1", "encodings.ascii")
+
+
+def enter(jail: Jail, root: str, binds: Sequence[str]) -> None:
+    """Become the jail: a read-only empty root, no capabilities, the jail's uid and gid."""
+    for module in PRELOAD:  # nothing can be imported once the root is gone
+        __import__(module)
+    last_cap = jsys.last_capability()
+    jsys.mount("tmpfs", root, "tmpfs", jsys.MS_NOSUID | jsys.MS_NODEV | jsys.MS_NOEXEC, "size=64k,mode=0755")
+    for d in binds:
+        inner = os.path.join(root, d.lstrip("/"))
+        os.makedirs(inner, exist_ok=True)
+        jsys.mount(d, inner, None, jsys.MS_BIND | jsys.MS_REC)
+    old = os.path.join(root, ".old")
+    os.mkdir(old)
+    jsys.pivot_root(root, old)
+    os.chdir("/")
+    jsys.umount2("/.old", jsys.MNT_DETACH)
+    os.rmdir("/.old")
+    jsys.mount(None, "/", None, jsys.MS_REMOUNT | jsys.MS_RDONLY | jsys.MS_NOSUID | jsys.MS_NODEV | jsys.MS_NOEXEC)
+    jsys.drop_bounding_set(last_cap)
+    jsys.prctl(jsys.PR_CAP_AMBIENT, jsys.PR_CAP_AMBIENT_CLEAR_ALL)
+    os.setgroups([])
+    os.setresgid(jail.gid, jail.gid, jail.gid)
+    os.setresuid(jail.uid, jail.uid, jail.uid)
+    jsys.clear_capabilities()
+    jsys.prctl(jsys.PR_SET_NO_NEW_PRIVS, 1)

@@ -1,0 +1,234 @@
+"""MicroVM(jail=...): the VMM in a child process, in its own namespaces and
+cgroup, with an empty read-only root, no capabilities and the jail's uid
+(microvm/jail). Tiny PVH guests, natively on this host; each property is
+read back from /proc and the cgroup's files while the VMM runs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from microvm.errors import ConfigError, GuestTimeoutError, LoaderError, VmStoppedError
+from microvm.jail import OVERHEAD_MIB, PIDS_SPARE, Jail, JailError
+from microvm.jail.cgroups import PARENT, Cgroup, CgroupError, cgroup_paths, mounts, v1_roots
+from microvm.machine import MicroVM
+from tests.kvm.pvh import HEAD, assemble, tiny_pvh_kernel
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="a jail is set up by root")
+
+REPO = str(Path(__file__).resolve().parents[2])
+NAMESPACES = ("mnt", "pid", "ipc", "uts", "net")
+
+# Reports "init reached", then touches one word in each 4 KiB page from 2 MiB
+# up to {top} (KVM faults the VMM's memory in: it counts in its cgroup), then
+# spins for ever. With top=0 it only spins.
+SPIN = HEAD + """
+.data
+.globl boot_command_line
+boot_command_line: .fill 256, 1, 0
+.text
+.code32
+.globl pvh_start
+pvh_start:
+    mov dword ptr [{mark:#x}], {mark_init}
+    mov edi, 0x200000
+1:  cmp edi, {top}
+    jae 2f
+    mov dword ptr [edi], 1
+    add edi, 4096
+    jmp 1b
+2:  pause
+    jmp 2b
+"""
+
+
+def spin_kernel(tmp: Path, top_mib: int = 0) -> Path:
+    from microvm.arch.x86_64.layout import CONTROL_BASE
+    from microvm.devices.control import MARK_INIT, REG_MARK
+
+    return assemble(SPIN.format(mark=CONTROL_BASE + REG_MARK, mark_init=MARK_INIT, top=top_mib << 20), tmp)
+
+
+def status_fields(pid: int | str) -> dict[str, str]:
+    """/proc/PID/status (or PID/task/TID/status) as a dict."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
+
+
+def leftovers(before: set[str]) -> set[str]:
+    """Jail cgroups and root directories that outlived their VM."""
+    found = set()
+    for root in v1_roots(mounts()).values():
+        d = root / PARENT
+        if d.is_dir():
+            found |= {str(p) for p in d.iterdir() if p.is_dir()}
+    found |= {str(p) for p in Path("/tmp").glob("microvm-jail-*")}
+    return found - before
+
+
+@pytest.fixture
+def clean():
+    """Nothing of a jail is left behind: cgroups, root directories, children, fds."""
+    before = leftovers(set())
+    fds = set(os.listdir("/proc/self/fd"))
+    yield
+    assert leftovers(before) == set()
+    assert set(os.listdir("/proc/self/fd")) <= fds
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)
+
+
+def test_a_jailed_run_gives_the_guests_result(clean):
+    r = MicroVM(tiny_pvh_kernel(1, 5), force=True, mem_mib=32, jail=True).run(["true"], timeout=30)
+    assert (r.exit_code, r.reason) == (5, "exit")
+    assert "vm created" in r.timeline and "kernel loaded" in r.timeline
+
+
+def test_the_vmm_runs_unprivileged_in_its_own_namespaces_and_cgroup(tmp_path, clean):
+    vm = MicroVM(spin_kernel(tmp_path), force=True, mem_mib=64, vcpus=2,
+                 jail=Jail(uid=4242, gid=4343, hostname="jailed")).start(["true"])
+    try:
+        jailed = vm._jailed
+        assert jailed is not None
+        pid = jailed.vmm_pid
+        assert pid is not None and pid != os.getpid()
+        st = status_fields(pid)
+        assert st["Uid"].split() == ["4242"] * 4
+        assert st["Gid"].split() == ["4343"] * 4
+        assert st["Groups"] == ""
+        for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+            assert int(st[caps], 16) == 0, caps
+        assert st["NoNewPrivs"] == "1"
+        assert st["NSpid"].split()[-1] == "1"  # PID 1 of its own PID namespace
+        for ns in NAMESPACES:
+            assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
+        # Its root: an empty read-only tmpfs.
+        assert os.listdir(f"/proc/{pid}/root") == []
+        root_mount = [line.split() for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines()]
+        assert len(root_mount) == 1 and root_mount[0][4] == "/" and root_mount[0][5].startswith("ro")
+        assert " - tmpfs " in Path(f"/proc/{pid}/mountinfo").read_text()
+        # Its cgroup, with limits from the VM's size.
+        paths = cgroup_paths(pid)
+        for c in ("cpu", "memory", "pids"):
+            assert paths[c] == f"/{PARENT}/{jailed.name}", c
+        assert jailed.cgroup is not None
+        limits = jailed.cgroup.limits()
+        assert limits.cpus == 3.0  # two vCPUs and the I/O thread
+        assert limits.memory_bytes == (64 + OVERHEAD_MIB) << 20
+        assert limits.pids == PIDS_SPARE + 2
+        # Its threads too (the vCPUs started after the jail was entered).
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            tst = status_fields(f"{pid}/task/{tid}")
+            assert tst["Uid"].split()[0] == "4242" and int(tst["CapBnd"], 16) == 0 and tst["NoNewPrivs"] == "1"
+        assert len(os.listdir(f"/proc/{pid}/task")) >= 3  # main, control, two vCPUs, I/O
+    finally:
+        vm.kill()
+    with pytest.raises(VmStoppedError):
+        vm.wait(5)
+
+
+def test_a_vm_with_a_nic_keeps_the_hosts_network_namespace(tmp_path, clean):
+    from microvm.specs import Nic
+
+    tap = f"mvj{os.getpid() % 100000}"
+    vm = MicroVM(spin_kernel(tmp_path), force=True, mem_mib=32, nics=[Nic(tap)], jail=True).start(["true"])
+    try:
+        pid = vm._jailed.vmm_pid  # type: ignore[union-attr]
+        assert os.readlink(f"/proc/{pid}/ns/net") == os.readlink("/proc/self/ns/net")
+        assert os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+        assert int(status_fields(pid)["CapEff"], 16) == 0
+    finally:
+        vm.kill()
+    assert not Path(f"/sys/class/net/{tap}").exists()  # its fd went with the VMM
+
+
+def test_the_memory_limit_holds(tmp_path, clean):
+    """A guest that touches 400 MiB of its RAM in a VMM limited to 200 MiB:
+    the kernel's OOM killer ends the VMM, and the error names the limit."""
+    vm = MicroVM(spin_kernel(tmp_path, top_mib=400), force=True, mem_mib=512, jail=Jail(memory_mib=200))
+    with pytest.raises(JailError, match="memory limit of 200 MiB"):
+        vm.run(["true"], timeout=60)
+
+
+def test_the_pids_limit_holds(tmp_path, clean):
+    """More vCPU threads than the jail allows tasks: starting them fails, named."""
+    vm = MicroVM(spin_kernel(tmp_path), force=True, mem_mib=32, vcpus=8, jail=Jail(pids=8))
+    with pytest.raises(Exception, match="thread"):
+        vm.run(["true"], timeout=30)
+
+
+def test_timeout_stop_and_kill(tmp_path, clean):
+    kernel = spin_kernel(tmp_path)
+    with pytest.raises(GuestTimeoutError):
+        MicroVM(kernel, force=True, mem_mib=32, jail=True).run(["true"], timeout=0.5)
+    vm = MicroVM(kernel, force=True, mem_mib=32, jail=True).start(["true"])
+    vm.stop()
+    with pytest.raises(VmStoppedError):
+        vm.wait(10)
+    vm = MicroVM(kernel, force=True, mem_mib=32, jail=True).start(["true"])
+    pid = vm._jailed.vmm_pid  # type: ignore[union-attr]
+    vm.kill()
+    assert not Path(f"/proc/{pid}").exists()  # killed and reaped
+    with pytest.raises(VmStoppedError):
+        vm.wait(10)
+    vm.close()
+
+
+def test_setup_errors_come_back_named(tmp_path, clean):
+    bad = tmp_path / "vmlinux"
+    bad.write_bytes(b"\x7fELF" + b"\0" * 60)
+    with pytest.raises(LoaderError):
+        MicroVM(bad, force=True, mem_mib=32, jail=True).run(["true"], timeout=30)
+    with pytest.raises(ConfigError, match="jail uid"):
+        Jail(uid=0)
+    with pytest.raises(ConfigError, match="jail must be"):
+        MicroVM(bad, jail="yes")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="interactive"):
+        MicroVM(tiny_pvh_kernel(1, 0), force=True, jail=True).start(None)
+    with pytest.raises(CgroupError, match="the cpu, memory, pids cgroup controller"):  # not delegated
+        Cgroup.create("x", Jail().limits(32, 1, 0), "v2", mounts_text="none /nonexistent cgroup2 rw 0 0\n")
+
+
+def test_seccomp_in_the_jail(clean):
+    """seccomp= filters the jailed VMM's main and control threads as well as its VM's."""
+    r = MicroVM(tiny_pvh_kernel(1, 7), force=True, mem_mib=32, jail=True, seccomp="kill").run(["true"], timeout=30)
+    assert r.exit_code == 7
+
+
+def test_the_vmm_goes_when_its_caller_dies(tmp_path):
+    """The caller killed with SIGKILL: its jailed VMM sees the end of its control pipe and stops."""
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {REPO!r})
+        from microvm.machine import MicroVM
+        vm = MicroVM({str(spin_kernel(tmp_path))!r}, force=True, mem_mib=32, jail=True).start(["true"])
+        print(vm._jailed.vmm_pid, flush=True)
+        time.sleep(600)
+    """)
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None
+        vmm = int(p.stdout.readline())
+        assert Path(f"/proc/{vmm}").exists()
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(10)
+        deadline = time.monotonic() + 20
+        while Path(f"/proc/{vmm}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not Path(f"/proc/{vmm}").exists()
+        # What the dead caller could not remove, the next jail does.
+        MicroVM(tiny_pvh_kernel(1, 0), force=True, mem_mib=32, jail=True).run(["true"], timeout=30)
+        assert not [p for p in leftovers(set()) if f"{p.pid}-" in p]
+    finally:
+        p.kill()
+        p.wait()
