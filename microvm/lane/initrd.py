@@ -60,6 +60,8 @@ mount -t devtmpfs devtmpfs /newroot/dev
 mkdir -p /newroot/dev/pts /newroot/dev/shm
 mount -t devpts -o newinstance,ptmxmode=0666 devpts /newroot/dev/pts
 mount -t tmpfs -o mode=1777 shm /newroot/dev/shm
+# cgroup v2 with every controller ours to delegate: a jail's limits (microvm/jail) work in the lane.
+mount -t cgroup2 cgroup2 /newroot/sys/fs/cgroup || echo "lane: no cgroup2" >&2
 # /tmp stays the overlay's: a checkout under the host's /tmp must be visible.
 mkdir -p "/newroot$LANE_OUT_PATH"
 mount -t 9p -o @NINEP@ out "/newroot$LANE_OUT_PATH" || fail "cannot mount the out share"
