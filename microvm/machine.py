@@ -225,6 +225,7 @@ class MicroVM(MicroVMSnapshots):
                 raise ConfigError("an interactive shell cannot run jailed yet: give a command")
             from microvm.jail.run import JailedVmm
 
+            self._t0 = time.monotonic_ns()  # the jailed VMM's timeline counts from here too
             self._jailed = JailedVmm(self, argv)
             return self
         self._prepare_host()
@@ -245,7 +246,7 @@ class MicroVM(MicroVMSnapshots):
         # whole VM to close. Interrupts held off: every resource made here
         # is also freed here on failure.
         with self._close_lock, interrupts_deferred():
-            self._t0 = time.monotonic_ns()
+            self._t0 = self._t0 or time.monotonic_ns()  # a jailed VMM's is its caller's
             kernel = self.kernel = self.kernel or _default_kernel()
             initrd = self._initrd(argv)
             self.backends.open()  # a bad image or tap is an error before any VM exists
@@ -268,6 +269,7 @@ class MicroVM(MicroVMSnapshots):
                                  params_addr=self.boot.params_addr)
                 if self._enter_jail is not None:  # everything is open: drop privileges, then threads
                     self._enter_jail()
+                    self._times["jail entered"] = time.monotonic_ns()
                 vm.start()
                 if self._stopped_by_host:  # stop() came while we were starting
                     vm.stop()
@@ -471,7 +473,8 @@ class MicroVM(MicroVMSnapshots):
         vm = getattr(self, "_vm_closed", None) or self.vm
         if vm is not None and vm.vcpus and vm.vcpus[0].first_entry_ns:
             t["first vcpu entry"] = vm.vcpus[0].first_entry_ns
-        order = ["vm created", "memory mapped", "kernel loaded", "first vcpu entry", "init reached",
+        order = ["jail set up", "vm created", "memory mapped", "kernel loaded", "jail entered", "first vcpu entry",
+                 "init reached",
                  "command started", "command done", "vm ended"]
         return {k: (t[k] - self._t0) / 1e9 for k in order if k in t}
 

@@ -61,7 +61,8 @@ IOCTLS = {
     "vcpu": (KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS, TUNSETOFFLOAD, FIONBIO, FIOCLEX, FIONREAD),
     "io": (TUNSETOFFLOAD, FIONBIO, FIOCLEX, FIONREAD),
     # a jailed VMM's main and control threads (microvm/jail): they wait, stop the vCPUs and close
-    "main": (KVM_GET_REGS, KVM_GET_SREGS, FIONBIO, FIOCLEX, FIONREAD),
+    # the devices (a NIC's reset turns its tap's offloads off)
+    "main": (KVM_GET_REGS, KVM_GET_SREGS, TUNSETOFFLOAD, FIONBIO, FIOCLEX, FIONREAD),
 }
 
 

@@ -169,9 +169,10 @@ class Cgroup:
         return False
 
     def remove(self) -> None:
-        """Remove the group (its processes gone); idempotent."""
+        """Remove the group (its processes gone); idempotent. A group still busy
+        (EBUSY) is left for the next jail's sweep_groups()."""
         for d in dict.fromkeys(self.dirs.values()):
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
                 d.rmdir()
 
 

@@ -41,6 +41,7 @@ class MicroVM(Protocol):
     seccomp: str | None
     _enter_jail: Any
     _jailed: Any
+    _times: dict[str, int]
 
     def _prepare_host(self) -> None: ...
     def _start(self, argv: Sequence[str] | None) -> None: ...
@@ -95,6 +96,7 @@ class JailedVmm:
         for stream in (sys.stdout, sys.stderr):  # the child must not write the caller's buffered output again
             with contextlib.suppress(Exception):
                 stream.flush()
+        machine._times["jail set up"] = time.monotonic_ns()  # the cgroup and root made: the fork is next
         gc.freeze()  # the child's collections leave the caller's heap alone: fewer pages copied
         try:
             pid = os.fork()

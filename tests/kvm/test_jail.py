@@ -141,7 +141,8 @@ def test_a_vm_with_a_nic_keeps_the_hosts_network_namespace(tmp_path, clean):
     from microvm.specs import Nic
 
     tap = f"mvj{os.getpid() % 100000}"
-    vm = MicroVM(spin_kernel(tmp_path), force=True, mem_mib=32, nics=[Nic(tap)], jail=True).start(["true"])
+    vm = MicroVM(spin_kernel(tmp_path), force=True, mem_mib=32, nics=[Nic(tap)], jail=True,
+                 seccomp="kill").start(["true"])
     try:
         pid = vm._jailed.vmm_pid  # type: ignore[union-attr]
         assert os.readlink(f"/proc/{pid}/ns/net") == os.readlink("/proc/self/ns/net")
