@@ -102,6 +102,8 @@ def _timeout(ctx: click.Context, param: click.Parameter, value: float | None) ->
               help="Show every kernel message, as --console does, but printed once the guest is done: "
                    "cheap (live, only warnings and worse cross the serial port).")
 @click.option("--timeline", "show_timeline", is_flag=True, help="Print the boot timeline to stderr.")
+@click.option("--seccomp", type=click.Choice(["kill", "errno", "log", "off"]), default="kill", show_default=True,
+              help="What a VMM thread's forbidden system call meets (microvm/seccomp.py); off: no filter.")
 @click.option("--jail", is_flag=True, help="Run the VMM jailed: own namespaces, an empty root, no capabilities, "
                                            "the --jail-user's uid and gid, a cgroup with the VM's limits.")
 @click.option("--jail-user", default="65534:65534", show_default=True, metavar="UID:GID",
@@ -111,7 +113,7 @@ def _timeout(ctx: click.Context, param: click.Parameter, value: float | None) ->
 def run(kernel: str | None, initrd: str | None, mem_mib: int, vcpus: int, append: str,
         drives: tuple[str, ...], rootfs: str | None, nets: tuple[str, ...], cmdline: str | None,
         timeout: float | None, force: bool, show_console: bool, full_log: bool, show_timeline: bool,
-        jail: bool, jail_user: str, command: tuple[str, ...]) -> None:
+        seccomp: str, jail: bool, jail_user: str, command: tuple[str, ...]) -> None:
     """Boot a micro-VM and run COMMAND in it (no COMMAND: an interactive shell).
 
     Prints the command's output and exits with its exit status.
@@ -127,7 +129,8 @@ def run(kernel: str | None, initrd: str | None, mem_mib: int, vcpus: int, append
                  cmdline=cmdline, force=force, drives=[Drive.parse(d) for d in drives],
                  rootfs=Drive.parse(rootfs) if rootfs else None, nics=[Nic.parse(n) for n in nets],
                  console=out if (show_console and not full_log) or not command else None, stdout=out,
-                 full_log=full_log, jail=_jail(jail_user) if jail else None)
+                 full_log=full_log, seccomp=None if seccomp == "off" else seccomp,
+                 jail=_jail(jail_user) if jail else None)
     if command:
         result = vm.run(list(command), timeout=timeout)
     else:

@@ -131,7 +131,7 @@ class MicroVM(MicroVMSnapshots):
         files: Mapping[str, bytes] | None = None,
         forkable: bool = False,
         full_log: bool = False,
-        seccomp: str | None = None,
+        seccomp: str | None = "kill",
         jail: Jail | bool | None = None,
         force: bool = False,
     ):

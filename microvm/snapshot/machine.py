@@ -40,6 +40,7 @@ from microvm.devicemanager import DeviceManager
 from microvm.errors import ConfigError, MicroVMError, SnapshotError
 from microvm.hostprocess import interrupts_deferred
 from microvm.ratelimit import rate_limit_from
+from microvm.seccomp import confiner
 from microvm.specs import Drive, Nic
 from microvm.vm import Vm
 
@@ -149,6 +150,7 @@ class MicroVMSnapshots:
     vsock: str | Path | None
     vsock_cid: int
     force: bool
+    seccomp: str | None
     stdout: bytearray
     console: bytearray
     _in_command: bool
@@ -306,7 +308,8 @@ class MicroVMSnapshots:
                         Nic(**{**spec, "rx_rate_limit": rate_limit_from(spec.get("rx_rate_limit")),
                                "tx_rate_limit": rate_limit_from(spec.get("tx_rate_limit"))})
                         for spec in config["nics"]],
-                    vsock=path, vsock_cid=config["vsock_cid"], console=console, stdout=stdout, force=force)
+                    vsock=path, vsock_cid=config["vsock_cid"], console=console, stdout=stdout, force=force,
+                    seccomp=config.get("seccomp", "kill"))
             if len(m.nics) != len(config["nics"]):
                 raise SnapshotError(f"the snapshot has {len(config['nics'])} NICs, {len(m.nics)} given")
             m.rootfs = bool(config["rootfs"])
@@ -322,7 +325,8 @@ class MicroVMSnapshots:
                             "rate_limit": None if d.rate_limit is None else dataclasses.asdict(d.rate_limit)}
                            for d in self.drives],
                 "nics": [dataclasses.asdict(n) for n in self.nics],
-                "vsock": None if self.vsock is None else str(self.vsock), "vsock_cid": self.vsock_cid}
+                "vsock": None if self.vsock is None else str(self.vsock), "vsock_cid": self.vsock_cid,
+                "seccomp": self.seccomp}
 
     def _run_state(self) -> dict[str, Any]:
         return {"in_command": self._in_command, "command_on_console": self._command_on_console,
@@ -342,6 +346,7 @@ class MicroVMSnapshots:
                 raise
             self.vm = vm
             try:
+                vm.confine_threads(confiner("vcpu", self.seccomp), confiner("io", self.seccomp))
                 self._wire_devices(vm)
                 apply_devices(self._require_devices(), devices)
                 self._in_command = bool(run["in_command"])

@@ -14,6 +14,14 @@
 Then it reports status 0 through the control device and halts. The devices
 serve notifications from their I/O threads while the vCPU keeps scribbling:
 the rings change under them as they walk them.
+
+With two vCPUs (hostile_kernel(..., vcpus=2)) the first one wakes the second
+(the local APIC's INIT and start-up IPIs, into a real-mode trampoline it
+copied to AP_TRAMPOLINE, which loads a flat GDT and jumps to protected mode)
+and both run the loop, from different seeds, on their own stacks: two vCPUs
+set windows up, notify and write registers at the same time, racing each
+other in the transport as well as the I/O threads in the rings. The second
+one halts when its rounds are done; the first one's end ends the run.
 """
 
 from __future__ import annotations
@@ -31,6 +39,9 @@ RINGS = 0x200000  # 8 KiB of rings per window: queue q at + q * 0x1000 (desc, av
 DATA = 0x400000  # 4 MiB where scribbled descriptors mostly point
 WINDOWS = 8
 STACK = 0x1F0000  # the top of a stack below the rings (the code is at 0x100000)
+AP_STACK = 0x1E0000  # the second vCPU's
+AP_TRAMPOLINE = 0x30000  # below 1 MiB, 4 KiB aligned: the start-up IPI's vector is its page number
+LAPIC = 0xFEE00000  # xAPIC registers: SVR at +0xF0, ICR at +0x300 (low) and +0x310 (high)
 
 SOURCE = HEAD + """
 .text
@@ -39,6 +50,8 @@ SOURCE = HEAD + """
 pvh_start:
     mov esp, {stack:#x}
     mov dword ptr [{mark:#x}], {mark_init}
+    xor ebp, ebp               # 0: the first vCPU, whose end ends the run
+{wake_ap}
     mov esi, {seed}
     mov edi, {rounds}
 round:
@@ -56,10 +69,13 @@ round:
 next:
     dec edi
     jnz round
+    test ebp, ebp
+    jnz halt                   # the second vCPU: done, it halts
     mov dword ptr [{exit:#x}], 0
 halt:
     hlt
     jmp halt
+{ap_code}
 
 rand:                          # xorshift32 in esi
     mov eax, esi
@@ -167,10 +183,63 @@ setup_one:
     jmp next
 """
 
+# The first vCPU copies the trampoline down and wakes the second: INIT, then
+# two start-up IPIs (the SDM's MP initialization sequence; KVM's LAPIC needs
+# no delays), to APIC ID 1.
+WAKE_AP = """
+    mov esi, offset trampoline
+    mov edi, {tramp:#x}
+    mov ecx, offset trampoline_end - trampoline
+    rep movsb
+    mov dword ptr [{lapic:#x} + 0xf0], 0x1ff          # the local APIC software-enabled
+    mov dword ptr [{lapic:#x} + 0x310], 0x01000000    # to APIC ID 1
+    mov dword ptr [{lapic:#x} + 0x300], 0x00004500    # INIT, assert
+    mov dword ptr [{lapic:#x} + 0x310], 0x01000000
+    mov dword ptr [{lapic:#x} + 0x300], {sipi:#x}     # start-up, at the trampoline's page
+    mov dword ptr [{lapic:#x} + 0x310], 0x01000000
+    mov dword ptr [{lapic:#x} + 0x300], {sipi:#x}
+"""
+
+AP_CODE = """
+.code16
+trampoline:                    # runs at {tramp:#x} in real mode, CS = {tramp:#x} >> 4
+    cli
+    mov ax, {tramp:#x} >> 4
+    mov ds, ax
+    lgdt [ap_gdtr - trampoline]
+    mov eax, cr0
+    or eax, 1
+    mov cr0, eax
+    .byte 0x66, 0xea           # ljmp 0x08:ap32 with a 32-bit offset
+    .long ap32
+    .word 0x08
+.align 8
+ap_gdt:
+    .quad 0
+    .quad 0x00cf9a000000ffff   # 0x08: flat 32-bit code
+    .quad 0x00cf92000000ffff   # 0x10: flat data
+ap_gdtr:
+    .word 23
+    .long {tramp:#x} + ap_gdt - trampoline
+trampoline_end:
+.code32
+ap32:
+    mov ax, 0x10
+    mov ds, ax
+    mov es, ax
+    mov ss, ax
+    mov esp, {ap_stack:#x}
+    mov ebp, 1
+    mov esi, {ap_seed}
+    mov edi, {rounds}
+    jmp round
+"""
+
+
 @functools.cache
-def hostile_kernel(rounds: int, seed: int = 0x2545F491) -> Path:
+def hostile_kernel(rounds: int, seed: int = 0x2545F491, vcpus: int = 1) -> Path:
     """Build (once per argument set) and return the ELF's path."""
-    assert rounds >= 1 and seed != 0
+    assert rounds >= 1 and seed != 0 and vcpus in (1, 2)
     out = Path(tempfile.mkdtemp(prefix="microvm-hostile-"))
     regs = {"notify": m.VIRTIO_MMIO_QUEUE_NOTIFY, "status": m.VIRTIO_MMIO_STATUS,
             "dvsel": m.VIRTIO_MMIO_DEVICE_FEATURES_SEL, "dvfeat": m.VIRTIO_MMIO_DEVICE_FEATURES,
@@ -178,7 +247,11 @@ def hostile_kernel(rounds: int, seed: int = 0x2545F491) -> Path:
             "qsel": m.VIRTIO_MMIO_QUEUE_SEL, "qnum": m.VIRTIO_MMIO_QUEUE_NUM, "desc": m.VIRTIO_MMIO_QUEUE_DESC_LOW,
             "avail": m.VIRTIO_MMIO_QUEUE_AVAIL_LOW, "used": m.VIRTIO_MMIO_QUEUE_USED_LOW,
             "ready": m.VIRTIO_MMIO_QUEUE_READY}
-    src = SOURCE.format(stack=STACK, mark=CONTROL_BASE + REG_MARK, mark_init=MARK_INIT, exit=CONTROL_BASE + REG_EXIT,
-                        seed=seed, rounds=rounds, windows_mask=WINDOWS - 1, mmio=VIRTIO_MMIO_BASE, rings=RINGS,
+    two = {"tramp": AP_TRAMPOLINE, "lapic": LAPIC, "sipi": 0x4600 | AP_TRAMPOLINE >> 12, "ap_stack": AP_STACK,
+           "ap_seed": seed ^ 0x9E3779B9 or 1, "rounds": rounds}
+    src = SOURCE.format(wake_ap=WAKE_AP.format(**two) if vcpus == 2 else "",
+                        ap_code=AP_CODE.format(**two) if vcpus == 2 else "", stack=STACK,
+                        mark=CONTROL_BASE + REG_MARK, mark_init=MARK_INIT, exit=CONTROL_BASE + REG_EXIT, seed=seed,
+                        rounds=rounds, windows_mask=WINDOWS - 1, mmio=VIRTIO_MMIO_BASE, rings=RINGS,
                         data=DATA, **regs)
     return assemble(src, out)

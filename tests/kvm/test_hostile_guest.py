@@ -25,14 +25,16 @@ ROUNDS = 200_000
 DEVICES = ("hvc0", "rng", "vda", "vsock")
 
 
-def test_a_hostile_guest_is_refused_counted_and_survived(tmp_path: Path) -> None:
+@pytest.mark.parametrize("vcpus", [1, 2])
+def test_a_hostile_guest_is_refused_counted_and_survived(tmp_path: Path, vcpus: int) -> None:
+    """With two vCPUs both run the loop: they race each other in the transport's registers too."""
     image = tmp_path / "d.img"
     with open(image, "wb") as f:
         f.truncate(8 << 20)
-    MicroVM(hostile_kernel(100), force=True, mem_mib=32).run(["true"], timeout=60)  # warm-up
+    MicroVM(hostile_kernel(100, vcpus=vcpus), force=True, mem_mib=32, vcpus=vcpus).run(["true"], timeout=60)
     before = resources()
-    vm = MicroVM(hostile_kernel(ROUNDS), force=True, mem_mib=32, drives=[Drive(image)],
-                 vsock=tmp_path / "v.sock")
+    vm = MicroVM(hostile_kernel(ROUNDS // vcpus, vcpus=vcpus), force=True, mem_mib=32, vcpus=vcpus,
+                 drives=[Drive(image)], vsock=tmp_path / "v.sock")
     crashed = False
     try:
         r = vm.run(["true"], timeout=300)
@@ -49,3 +51,7 @@ def test_a_hostile_guest_is_refused_counted_and_survived(tmp_path: Path) -> None
         if not crashed:  # the whole run happened: every device was set up and notified again and again
             assert s["notifications"] > 1000 and s["resets"] > 100, (name, s)
     assert refused > 0 and stats["bus"]["mmio_unhandled"] > 0  # garbage answered and counted
+    closed = vm._vm_closed
+    exits = [v.exits for v in closed.vcpus]
+    if not crashed:  # each vCPU went through its rounds: an exit for most of them
+        assert all(n > ROUNDS // vcpus // 2 for n in exits), exits
