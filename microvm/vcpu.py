@@ -9,6 +9,7 @@ thread enters KVM_RUN (api.rst, "immediate_exit").
 from __future__ import annotations
 
 import enum
+import os
 import signal
 import threading
 import time
@@ -25,6 +26,14 @@ KICK_SIGNAL = signal.SIGRTMIN + 7
 
 _kick_installed = False
 _kick_lock = threading.Lock()
+
+
+def _new_kick_lock() -> None:  # a fork (microvm/jail) while another thread held it: the child's is free
+    global _kick_lock
+    _kick_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_kick_lock)
 
 
 def _install_kick() -> None:

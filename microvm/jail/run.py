@@ -97,17 +97,20 @@ class JailedVmm:
             with contextlib.suppress(Exception):
                 stream.flush()
         machine._times["jail set up"] = time.monotonic_ns()  # the cgroup and root made: the fork is next
+        frozen = gc.get_freeze_count() > 0  # the caller's own gc.freeze() stays as it was
         gc.freeze()  # the child's collections leave the caller's heap alone: fewer pages copied
         try:
             pid = os.fork()
         except BaseException:
-            gc.unfreeze()
+            if not frozen:
+                gc.unfreeze()
             os.close(results_w)
             os.close(control_r)
             raise
         if pid == 0:
             _intermediate(self, machine, argv, results_w, control_r)
-        gc.unfreeze()
+        if not frozen:
+            gc.unfreeze()
         self.pid = pid
         os.close(results_w)
         os.close(control_r)

@@ -233,3 +233,14 @@ def test_the_vmm_goes_when_its_caller_dies(tmp_path):
     finally:
         p.kill()
         p.wait()
+
+
+def test_jailed_vms_started_from_several_threads_at_once(clean):
+    """Each start forks while other threads run VMs and fork too: every one of them gives its result."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i: int) -> int | None:
+        return MicroVM(tiny_pvh_kernel(1, i), force=True, mem_mib=32, jail=True).run(["true"], timeout=60).exit_code
+
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(one, range(12))) == list(range(12))

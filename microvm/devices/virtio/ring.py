@@ -8,6 +8,7 @@ default) both hand out DescriptorChain/Descriptor and raise QueueError.
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
 from dataclasses import dataclass
@@ -36,6 +37,14 @@ QUEUE_COUNTERS = ("chains_popped", "used_added", "interrupts_suppressed")
 
 
 _FENCE = threading.Lock()
+
+
+def _new_fence() -> None:  # a fork (microvm/jail) while another thread held it: the child's is free
+    global _FENCE
+    _FENCE = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_fence)
 
 
 def full_barrier() -> None:
