@@ -521,8 +521,8 @@ class MicroVM(MicroVMSnapshots):
                                       self.full_log.cmdline() if self.full_log else "")))
         cmdline = " ".join(filter(None, (ours, self.cmdline, self.append)))
         try:
-            self.boot = loader.load_linux(vm.mem, kernel, cmdline=cmdline,
-                                          initrd=initrd, ram=ram, reserved=reserved)
+            self.boot = loader.load_linux(vm.mem, kernel, cmdline=cmdline, initrd=initrd, ram=ram,
+                                          reserved=reserved, zeroed=True)  # a new VM's RAM
         except loader.KernelTooBigError as e:
             need = -(-e.needed // MIB)
             raise GuestMemoryTooSmallError(

@@ -13,7 +13,7 @@ caller turns the returned BootInfo into vCPU registers, page tables and a GDT.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -76,12 +76,15 @@ def load_linux(
     initrd: Path | str | bytes | None = None,
     ram: Sequence[tuple[int, int]],
     reserved: Sequence[tuple[int, int]] = (),
+    zeroed: bool = False,
 ) -> BootInfo:
     """Load `kernel` (vmlinux or bzImage), `cmdline` and `initrd` into `mem`.
 
     `ram` lists the usable RAM ranges (start, size) the caller mapped and
     `reserved` extra ranges to mark reserved; together they become the e820 map
-    (bzImage) or the PVH memory map. Every failure is a LoaderError.
+    (bzImage) or the PVH memory map. `zeroed`: `mem` is fresh, all zeros, so a
+    vmlinux's BSS needs no clearing (touching it would only fault its pages in).
+    Every failure is a LoaderError.
     """
     initrd_data = None
     if initrd is not None:
@@ -89,6 +92,7 @@ def load_linux(
         if not initrd_data:
             raise LoaderError(f"initrd {_describe(initrd)} is empty")
     source: elf.ElfImage | bytes
+    load: Callable[..., BootInfo]
     if not isinstance(kernel, bytes) and _file_magic(kernel) == ELF_MAGIC:
         # A vmlinux on disk: only its headers are read here; its segments go
         # from the file straight into guest memory.
@@ -103,6 +107,8 @@ def load_linux(
             raise LoaderError("not a kernel: neither an ELF vmlinux nor a bzImage")
     e820 = memory_map(ram, reserved)
     try:
+        if load is _load_pvh:
+            return _load_pvh(mem, source, cmdline, initrd_data, ram, e820, zero_bss=not zeroed)
         return load(mem, source, cmdline, initrd_data, ram, e820)
     except KernelTooBigError as e:
         if e.args[0].startswith("initrd"):
@@ -135,12 +141,13 @@ def _load_pvh(
     initrd_data: bytes | None,
     ram: Sequence[tuple[int, int]],
     e820: list[tuple[int, int, int]],
+    zero_bss: bool = True,
 ) -> BootInfo:
     # The kernel truncates a longer line without a word (and with it, the
     # device announcements we put in it); its buffer's size is in the vmlinux.
     image: elf.ElfImage = source
     raw_cmdline = encode_cmdline(cmdline, image.command_line_size - 1)
-    loaded = elf.load(mem, image)
+    loaded = elf.load(mem, image, zero_bss=zero_bss)
     initrd = _place_cmdline_and_initrd(mem, raw_cmdline, initrd_data, ram, loaded.end, FOUR_GIB)
     params = elf.write_start_info(mem, cmdline_addr=CMDLINE, initrd=initrd, memmap=e820)
     return BootInfo("pvh", loaded.entry, params, loaded.start, loaded.end, initrd, CMDLINE, image.log_pointer,

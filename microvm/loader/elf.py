@@ -333,8 +333,9 @@ def _pvh_entry(read: Reader, size: int, areas: list[tuple[int, int, int]]) -> in
     return None
 
 
-def load(mem: GuestMemory, image: ElfImage) -> LoadedKernel:
-    """Copy every PT_LOAD segment to its p_paddr and zero the rest up to p_memsz."""
+def load(mem: GuestMemory, image: ElfImage, zero_bss: bool = True) -> LoadedKernel:
+    """Copy every PT_LOAD segment to its p_paddr and zero the rest up to p_memsz
+    (unless the memory is known to be zero already: zero_bss=False)."""
     for s in image.segments:
         if not mem.contains(s.paddr, s.memsz):
             raise KernelTooBigError(
@@ -350,7 +351,7 @@ def load(mem: GuestMemory, image: ElfImage) -> LoadedKernel:
         assert image.path is not None
         _read_segments(mem, image.path, image.segments)
     for s in image.segments:
-        if s.memsz > s.filesz:
+        if s.memsz > s.filesz and zero_bss:
             mem.fill(s.paddr + s.filesz, s.memsz - s.filesz)
     start = min(s.paddr for s in image.segments)
     end = max(s.paddr + s.memsz for s in image.segments)

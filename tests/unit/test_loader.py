@@ -57,6 +57,19 @@ def test_segments_land_at_paddr_and_bss_is_zeroed() -> None:
     assert info.kernel_end == ELF_PADDR + len(ELF_CODE) + ELF_BSS
 
 
+@pytest.mark.parametrize("from_file", [False, True])
+def test_zeroed_memory_keeps_its_bss_untouched(tmp_path: Path, from_file: bool) -> None:
+    """zeroed=True: the caller's RAM is fresh (all zeros), so the BSS is not written (nor faulted in)."""
+    mem = guest_memory()  # filled with FILL: what a write would change
+    kernel: bytes | Path = make_elf()
+    if from_file:
+        kernel = tmp_path / "vmlinux"
+        kernel.write_bytes(make_elf())
+    load(mem, kernel, zeroed=True)
+    assert mem.read(ELF_PADDR, len(ELF_CODE)) == ELF_CODE
+    assert mem.read(ELF_PADDR + len(ELF_CODE), ELF_BSS) == bytes([FILL]) * ELF_BSS
+
+
 def test_boot_info_for_pvh(tmp_path: Path) -> None:
     path = tmp_path / "initrd.img"
     path.write_bytes(INITRD)
