@@ -1114,6 +1114,36 @@ cdef class Mapping:
         finally:
             self.exports -= 1
 
+    def map_file(self, size_t offset, size_t length, int fd, long file_offset):
+        """Back [offset, offset+length) of this anonymous private mapping, in
+        place, by a private (copy-on-write) mapping of `fd` at `file_offset`:
+        the range reads the file's pages (shared with every other mapping of
+        them) and writes stay ours. Page aligned, inside the mapping and the
+        file. For a kernel image in a sealed memfd (loader/kernelcache.py):
+        a file that can shrink under the mapping would be SIGBUS."""
+        if self.base == NULL:
+            raise ValueError("mapping is closed")
+        if self.fd >= 0 or self.shared:
+            raise ValueError("only an anonymous private mapping takes a file's pages")
+        if length == 0 or (offset | length | <size_t>file_offset) & 4095 or file_offset < 0:
+            raise ValueError("map_file takes a page-aligned, non-empty range")
+        if offset + length > self.size or offset + length < offset:
+            raise ValueError("range outside mapping")
+        if file_offset + <long>length > _os.fstat(fd).st_size:
+            raise ValueError("range runs past the end of the file")
+        cdef void *p = s.mmap(self.base + offset, length, s.PROT_READ | s.PROT_WRITE,
+                              s.MAP_PRIVATE | s.MAP_FIXED, fd, file_offset)
+        cdef int err
+        if p == s.MAP_FAILED:
+            err = errno
+            # A failed MAP_FIXED may have unmapped the range already: put
+            # anonymous (zero) RAM back, so that no hole is left in guest RAM.
+            p = s.mmap(self.base + offset, length, s.PROT_READ | s.PROT_WRITE,
+                       s.MAP_PRIVATE | s.MAP_ANONYMOUS | s.MAP_NORESERVE | s.MAP_FIXED, -1, 0)
+            if p == s.MAP_FAILED:
+                _raise_errno(errno, "mmap(MAP_FIXED): guest memory lost, close the VM")
+            _raise_errno(err, "mmap(MAP_FIXED) of a file into guest memory")
+
     def remap(self, int fd, long offset=0, bint shared=False):
         """Replace the mapping, in place, by one of `fd` at `offset`: same
         address and size (views stay valid), new backing. Private over the

@@ -177,6 +177,21 @@ class GuestMemory:
     def read(self, addr: int, length: int) -> bytes:
         return bytes(self.view(addr, length))
 
+    def map_file(self, addr: int, length: int, fd: int, file_offset: int) -> bool:
+        """Back guest [addr, addr+length) by the file's pages, copy-on-write
+        (Mapping.map_file), if its region is anonymous private RAM: True. False
+        where it cannot be (RAM in a memfd for fork, a restored snapshot's
+        file, a buffer): the caller copies instead. Page aligned."""
+        region, offset = self._locate(addr, length)
+        map_file = getattr(region.backing, "map_file", None)
+        if map_file is None or getattr(region.backing, "fd", 0) >= 0 or getattr(region.backing, "shared", True):
+            return False
+        try:
+            map_file(offset, length, fd, file_offset)
+        except ValueError:
+            return False
+        return True
+
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         src = memoryview(data).cast("B")
         self.view(addr, len(src))[:] = src

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 
 from microvm.arch.x86_64.layout import HIMEM_START, PVH_MEMMAP, PVH_MODLIST, START_INFO
 from microvm.errors import LoaderError
+from microvm.loader import kernelcache
 from microvm.loader.layout import KernelTooBigError, LoadedKernel, align_up, mib
+from microvm.memory import PAGE_SIZE as PAGE
 from microvm.memory import GuestMemory
 
 # include/xen/interface/elfnote.h
@@ -359,25 +361,43 @@ def load(mem: GuestMemory, image: ElfImage, zero_bss: bool = True) -> LoadedKern
 
 
 def _read_segments(mem: GuestMemory, path: str, segments: list[Segment]) -> None:
-    """preadv each segment from the file straight into guest memory."""
+    """Each segment into guest memory: its whole pages mapped copy-on-write
+    from the image's sealed memfd (kernelcache.py: no copy, pages shared by
+    every guest of this image), the rest preadv'd, from the memfd or the file."""
+    shared = kernelcache.image_fd(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC) if shared is None else shared
     except OSError as e:
         raise LoaderError(f"cannot read kernel {path}: {e.strerror or e}") from e
     try:
         for s in segments:
-            view = mem.view(s.paddr, s.filesz)
-            done = 0
-            while done < s.filesz:
-                n = os.preadv(fd, [view[done:]], s.offset + done)
-                if n <= 0:
-                    raise LoaderError(f"kernel {path} shrank while it was being loaded")
-                done += n
-            view.release()
+            mapped_from = mapped_to = s.paddr
+            if shared is not None and (s.paddr - s.offset) % PAGE == 0:
+                first = -(-s.paddr // PAGE) * PAGE
+                end = (s.paddr + s.filesz) // PAGE * PAGE  # a partial last page would carry the file's next bytes
+                if end > first and mem.map_file(first, end - first, shared, s.offset + first - s.paddr):
+                    mapped_from, mapped_to = first, end
+            _pread(mem, fd, path, s, s.paddr, mapped_from)
+            _pread(mem, fd, path, s, max(mapped_to, s.paddr), s.paddr + s.filesz)
     except OSError as e:
         raise LoaderError(f"cannot read kernel {path}: {e.strerror or e}") from e
     finally:
-        os.close(fd)
+        if shared is None:
+            os.close(fd)
+
+
+def _pread(mem: GuestMemory, fd: int, path: str, s: Segment, start: int, end: int) -> None:
+    """preadv segment s's bytes for guest [start, end) straight into guest memory."""
+    if end <= start:
+        return
+    view = mem.view(start, end - start)
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], s.offset + start - s.paddr + done)
+        if n <= 0:
+            raise LoaderError(f"kernel {path} shrank while it was being loaded")
+        done += n
+    view.release()
 
 
 def write_start_info(
