@@ -19,7 +19,7 @@ from microvm.errors import ConfigError, GuestTimeoutError, LoaderError, VmStoppe
 from microvm.jail import OVERHEAD_MIB, PIDS_SPARE, Jail, JailError
 from microvm.jail.cgroups import PARENT, Cgroup, CgroupError, cgroup_paths, mounts, v1_roots
 from microvm.machine import MicroVM
-from tests.kvm.pvh import HEAD, assemble, tiny_pvh_kernel
+from tests.kvm.pvh import guest, tiny_pvh_kernel
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="a jail is set up by root")
 
@@ -29,15 +29,7 @@ NAMESPACES = ("mnt", "pid", "ipc", "uts", "net")
 # Reports "init reached", then touches one word in each 4 KiB page from 2 MiB
 # up to {top} (KVM faults the VMM's memory in: it counts in its cgroup), then
 # spins for ever. With top=0 it only spins.
-SPIN = HEAD + """
-.data
-.globl boot_command_line
-boot_command_line: .fill 256, 1, 0
-.text
-.code32
-.globl pvh_start
-pvh_start:
-    mov dword ptr [{mark:#x}], {mark_init}
+SPIN = """
     mov edi, 0x200000
 1:  cmp edi, {top}
     jae 2f
@@ -50,10 +42,7 @@ pvh_start:
 
 
 def spin_kernel(tmp: Path, top_mib: int = 0) -> Path:
-    from microvm.arch.x86_64.layout import CONTROL_BASE
-    from microvm.devices.control import MARK_INIT, REG_MARK
-
-    return assemble(SPIN.format(mark=CONTROL_BASE + REG_MARK, mark_init=MARK_INIT, top=top_mib << 20), tmp)
+    return guest(SPIN, tmp, top=top_mib << 20)
 
 
 def status_fields(pid: int | str) -> dict[str, str]:

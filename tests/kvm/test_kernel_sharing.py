@@ -6,21 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from microvm.arch.x86_64.layout import CONTROL_BASE
-from microvm.devices.control import MARK_INIT, REG_EXIT, REG_MARK
 from microvm.loader import kernelcache
 from microvm.machine import MicroVM
-from tests.kvm.pvh import HEAD, assemble
+from tests.kvm.pvh import guest
 
-SOURCE = HEAD + """
-.data
-.globl boot_command_line
-boot_command_line: .fill 256, 1, 0
-.text
-.code32
-.globl pvh_start
-pvh_start:
-    mov dword ptr [{mark:#x}], {mark_init}
+SOURCE = """
     jmp far_away
 .fill 8192, 1, 0xcc            # two pages of int3 between: the jump must land in a mapped page
 far_away:
@@ -32,8 +22,7 @@ far_away:
 
 
 def test_a_guest_runs_from_its_kernels_shared_pages(tmp_path: Path) -> None:
-    kernel = assemble(SOURCE.format(mark=CONTROL_BASE + REG_MARK, mark_init=MARK_INIT,
-                                    exit=CONTROL_BASE + REG_EXIT, status=42), tmp_path)
+    kernel = guest(SOURCE, tmp_path, status=42)
     kernelcache.clear()
     for _ in range(2):
         assert MicroVM(kernel, force=True, mem_mib=32).run(["true"], timeout=30).exit_code == 42
