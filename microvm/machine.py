@@ -52,6 +52,7 @@ from microvm.errors import (
     VcpuError,
     VmStoppedError,
 )
+from microvm.hostinput import MicroVMInput
 from microvm.hostprocess import interrupts_deferred, raise_fd_limit, sink, tune_switch_interval
 from microvm.jail import Jail, as_jail
 from microvm.kernellog import KernelLog, init_message
@@ -108,7 +109,7 @@ def _default_kernel() -> Path:
     return art.vmlinux
 
 
-class MicroVM(MicroVMSnapshots):
+class MicroVM(MicroVMSnapshots, MicroVMInput):
     """A Linux micro-VM: our kernel, busybox, one command (or a shell)."""
 
     def __init__(
@@ -392,58 +393,6 @@ class MicroVM(MicroVMSnapshots):
         """Stop the guest and free everything at once."""
         self.stop()
         self.close()
-
-    def feed_input(self, data: bytes) -> None:
-        """Host input for the guest's console (interactive use, once started).
-
-        Nothing is lost: the input is held until the guest's shell is starting
-        (our init's command mark), then goes to the UART as fast as the guest
-        reads it (Serial.host_input, devices/serial.py ConsoleInput). Blocks
-        while more than INPUT_HIGH_WATER bytes wait (back-pressure), until the
-        VM is gone. Whoever feeds calls pump_input() every INPUT_TICK s
-        meanwhile (microvm.console does).
-        """
-        from microvm.devices.console_input import INPUT_HIGH_WATER, INPUT_TICK
-
-        serial = self.serial
-        if serial is None:
-            return
-        serial.host_input.put(data)
-        self.pump_input()
-        while serial.host_input.held > INPUT_HIGH_WATER and self._takes_input():
-            serial.host_input.wait_held(INPUT_HIGH_WATER, INPUT_TICK)
-            self.pump_input()
-
-    def end_input(self) -> None:
-        """The host input is over: once the guest has read the rest, its shell
-        gets an end-of-file (VEOF, ^D, repeated until it exits; see
-        ConsoleInput), so a piped session ends like `sh < file`, with the
-        shell's status. Keep calling pump_input() until the VM ends."""
-        serial = self.serial
-        if serial is not None:
-            serial.host_input.end()
-            self.pump_input()
-
-    def pump_input(self) -> None:
-        """Move held host input on and send a due end-of-file: cheap, any thread."""
-        serial = self.serial
-        if serial is None:
-            return
-        if serial.on_rx_space is None:
-            serial.on_rx_space = self.pump_input  # refill as the guest reads
-        ready_since: float | None
-        if self.initrd is not None:
-            # Someone else's init reports nothing: the UART itself says when
-            # the guest receives (its driver has opened the port).
-            ready_since = 0.0
-        else:
-            mark = self._times.get("command started")
-            ready_since = None if mark is None else mark / 1e9
-        serial.host_input.pump(serial, ready_since, len(self.console) + len(self.stdout),
-                               settle=self.initrd is None)
-
-    def _takes_input(self) -> bool:
-        return self.vm is not None and self.serial is not None and self.reason is None
 
     def close(self) -> None:
         """Free the VM: safe from any thread, more than once, and after a failure."""
