@@ -4,11 +4,13 @@ Method. psutil gives the process's RSS and PSS (Process.memory_full_info(),
 read from /proc/PID/smaps_rollup); PSS divides each resident page by the
 number of processes sharing it, so shared libraries are not counted in full
 by every process. Guest RAM is a set of anonymous mappings whose host
-addresses the VM knows (MicroVM.vm.mem.regions); mincore(2) says which of
-their pages are resident: what the guest touched, plus the kernel and
-initramfs the loader wrote. Those pages are private to the process, so they
-weigh the same in RSS and PSS, and VMM = whole process - resident guest pages,
-for RSS and PSS alike. (Per-mapping smaps entries would not do: the kernel
+addresses the VM knows (MicroVM.vm.mem.regions); /proc/self/pagemap says
+which of their pages are resident: what the guest touched, the initramfs the
+loader wrote, and the kernel image's pages, mapped copy-on-write from one
+memfd and shared by every guest of the process until written
+(loader/kernelcache.py), so counted once. Those pages are the process's
+alone, so they weigh the same in RSS and PSS, and VMM = whole process -
+resident guest pages, for RSS and PSS alike. (Per-mapping smaps entries would not do: the kernel
 merges a guest mapping with a neighbouring anonymous mapping of the same
 flags, such as the next guest's.) Kernel memory KVM allocates (its page
 tables, vCPU state) is no part of any process's RSS and not counted here.
@@ -22,6 +24,7 @@ Measured with every guest booted and idle in a `sleep` (its init done):
 
 from __future__ import annotations
 
+import array
 import ctypes
 import gc
 import mmap
@@ -75,9 +78,36 @@ def resident_bytes(address: int, length: int) -> int:
     return (pages - bytes(vec).count(0)) * PAGE_SIZE  # the kernel sets only bit 0
 
 
+PM_PRESENT = 1 << 63  # Documentation/admin-guide/mm/pagemap.rst
+PM_FILE_OR_SHARED = 1 << 61
+
+
+def resident_split(address: int, length: int) -> tuple[int, int]:
+    """(private, shared) bytes of [address, address + length) resident in RAM,
+    from /proc/self/pagemap: a guest's own pages, and those still the kernel
+    image's (loader/kernelcache.py: mapped copy-on-write from one memfd, the
+    same pages in every guest of this process until one writes)."""
+    pages = -(-length // PAGE_SIZE)
+    entries = array.array("Q")
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(address // PAGE_SIZE * 8)
+        entries.frombytes(f.read(pages * 8))
+    private = shared = 0
+    for e in entries:
+        if e & PM_PRESENT:
+            if e & PM_FILE_OR_SHARED:
+                shared += PAGE_SIZE
+            else:
+                private += PAGE_SIZE
+    return private, shared
+
+
 def measure(guest: Iterable[tuple[int, int]] = ()) -> Usage:
+    """The process's RSS and PSS, and its resident guest pages: each guest's
+    own, plus the kernel image pages they share, once (their largest count)."""
     info = psutil.Process().memory_full_info()
-    return Usage(info.rss, info.pss, sum(resident_bytes(start, end - start) for start, end in guest))
+    split = [resident_split(start, end - start) for start, end in guest]
+    return Usage(info.rss, info.pss, sum(p for p, _ in split) + max((s for _, s in split), default=0))
 
 
 def guest_ranges(vms: Iterable[Any]) -> list[tuple[int, int]]:

@@ -364,7 +364,7 @@ def _read_segments(mem: GuestMemory, path: str, segments: list[Segment]) -> None
     """Each segment into guest memory: its whole pages mapped copy-on-write
     from the image's sealed memfd (kernelcache.py: no copy, pages shared by
     every guest of this image), the rest preadv'd, from the memfd or the file."""
-    shared = kernelcache.image_fd(path)
+    shared = kernelcache.image_fd(path, [(s.offset, s.filesz) for s in segments])
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC) if shared is None else shared
     except OSError as e:

@@ -8,6 +8,9 @@ and writes its data: those become its own). So a second boot of the same
 kernel in a process neither reads nor copies its ~10 MiB, and N guests hold
 one copy of their kernels' read-only pages instead of N.
 
+Only the loadable segments are copied (a vmlinux is half symbols): the
+memfd costs their size once per process, in shared memory the guests map.
+
 Why a memfd and not the file itself: a mapping of a file that someone then
 truncates (a rebuild of the kernel in place) is SIGBUS on the next touch,
 for the guest and for us. The memfd is a copy taken once per image (st_dev,
@@ -23,11 +26,12 @@ import collections
 import fcntl
 import os
 import threading
+from collections.abc import Sequence
 
 MAX_IMAGES = 2
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
 
-_images: collections.OrderedDict[tuple[int, int, int, int], int] = collections.OrderedDict()
+_images: collections.OrderedDict[tuple[object, ...], int] = collections.OrderedDict()
 _lock = threading.Lock()
 
 
@@ -39,20 +43,21 @@ def _reset_after_fork() -> None:  # another thread may have held the lock at the
 os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-def image_fd(path: str) -> int | None:
-    """A sealed memfd holding the file's bytes now (ours: do not close it), or
-    None if it cannot be made (the caller then reads the file as before)."""
+def image_fd(path: str, ranges: Sequence[tuple[int, int]]) -> int | None:
+    """A sealed memfd holding the file's bytes in `ranges` ((offset, size):
+    the loadable segments) at their offsets, holes elsewhere (ours: do not
+    close it); None if it cannot be made (the caller then reads the file)."""
     try:
         st = os.stat(path)
     except OSError:
         return None
-    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, tuple(ranges))
     with _lock:
         fd = _images.get(key)
         if fd is not None:
             _images.move_to_end(key)
             return fd
-        fd = _copy(path, st.st_size)
+        fd = _copy(path, st.st_size, ranges)
         if fd is None:
             return None
         _images[key] = fd
@@ -61,7 +66,7 @@ def image_fd(path: str) -> int | None:
         return fd
 
 
-def _copy(path: str, size: int) -> int | None:
+def _copy(path: str, size: int, ranges: Sequence[tuple[int, int]]) -> int | None:
     try:
         src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -69,15 +74,19 @@ def _copy(path: str, size: int) -> int | None:
     fd = -1
     try:
         fd = os.memfd_create("microvm-kernel", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        done = 0
-        while done < size:
-            n = os.sendfile(fd, src, done, size - done)
-            if n <= 0:
-                break  # the file shrank while we copied
-            done += n
-        if done != size or os.fstat(src).st_size != size:
-            os.close(fd)
-            return None
+        os.ftruncate(fd, size)  # sparse: only the ranges take memory
+        for offset, length in ranges:
+            if offset < 0 or length < 0 or offset + length > size:
+                raise OSError(f"range {offset}+{length} is outside the {size}-byte file")
+            os.lseek(fd, offset, os.SEEK_SET)
+            done = 0
+            while done < length:
+                n = os.sendfile(fd, src, offset + done, length - done)
+                if n <= 0:
+                    raise OSError("the file shrank while it was copied")
+                done += n
+        if os.fstat(src).st_size != size:
+            raise OSError("the file changed while it was copied")
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
         return fd
     except OSError:

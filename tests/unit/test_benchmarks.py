@@ -173,6 +173,34 @@ def test_resident_bytes_counts_touched_pages() -> None:
         footprint.resident_bytes(page + 1, page)  # not page-aligned: EINVAL
 
 
+def test_resident_split_tells_a_guests_own_pages_from_a_shared_images(tmp_path) -> None:
+    """Private anonymous pages are the guest's; pages of a file mapped privately
+    and not written (the kernel image) are shared, and counted once by measure()."""
+    from microvm._kvm import Mapping
+
+    page = footprint.PAGE_SIZE
+    image = tmp_path / "image"
+    image.write_bytes(b"k" * 4 * page)
+    fd = os.open(image, os.O_RDONLY)
+    guests = [Mapping(16 * page, thp=False) for _ in range(2)]
+    try:
+        for m in guests:
+            m.map_file(0, 4 * page, fd, 0)
+            view = memoryview(m)
+            assert bytes(view[:4 * page]) == b"k" * 4 * page  # the image's pages, read: shared
+            view[page] = 7  # copy-on-write: this page becomes the guest's own
+            view[8 * page] = 1  # and an anonymous page
+            view.release()
+        splits = [footprint.resident_split(m.address, 16 * page) for m in guests]
+        assert splits == [(2 * page, 3 * page)] * 2
+        usage = footprint.measure([(m.address, m.address + 16 * page) for m in guests])
+        assert usage.guest == 2 * 2 * page + 3 * page
+    finally:
+        for m in guests:
+            m.close()
+        os.close(fd)
+
+
 def test_footprint_rows_report_the_deltas() -> None:
     def u(rss: int, guest: int) -> dict[str, int]:
         return footprint.Usage(rss << 20, rss << 20, guest << 20).to_dict()

@@ -72,6 +72,9 @@ def test_whole_pages_are_mapped_from_the_memfd_and_the_rest_copied(tmp_path):
             load(other, tmp_path / "vmlinux")
             assert other.read(PADDR, len(TEXT)) == TEXT
             assert len(kernelcache._images) == 1  # one memfd for both guests
+        (fd,) = kernelcache._images.values()
+        assert os.pread(fd, PAGE, CODE_OFFSET) == TEXT[:PAGE]
+        assert os.pread(fd, 100, CODE_OFFSET + len(TEXT)) == bytes(100)  # only the segment was copied
         assert mem.read(PADDR + 10, 11) == b"guest's own"
 
 
@@ -114,7 +117,7 @@ def test_at_most_max_images_are_kept_and_an_evicted_one_lives_on_in_its_guest(tm
 
 
 def test_mapping_map_file_checks_its_arguments(tmp_path):
-    fd = kernelcache.image_fd(str(vmlinux(tmp_path / "vmlinux")))
+    fd = kernelcache.image_fd(str(vmlinux(tmp_path / "vmlinux")), [(CODE_OFFSET, len(TEXT))])
     assert fd is not None
     m = Mapping(4 * PAGE)
     try:
