@@ -362,7 +362,16 @@ PRELOAD = ("traceback", "linecache", "pickle", "queue", "microvm.printk", "micro
 
 
 def enter(jail: Jail, root: str, binds: Sequence[str]) -> None:
-    """Become the jail: a read-only empty root, no capabilities, the jail's uid and gid."""
+    """Become the jail: a read-only empty root, no capabilities, the jail's uid
+    and gid. A step the host refuses (a container without mount rights, a
+    seccomp profile of its own) is a JailError that names it."""
+    try:
+        _enter(jail, root, binds)
+    except OSError as e:
+        raise JailError(f"entering the jail failed: {e}") from e
+
+
+def _enter(jail: Jail, root: str, binds: Sequence[str]) -> None:
     for module in PRELOAD:  # nothing can be imported once the root is gone
         __import__(module)
     last_cap = jsys.last_capability()

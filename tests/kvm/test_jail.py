@@ -233,3 +233,17 @@ def test_jailed_vms_started_from_several_threads_at_once(clean):
 
     with ThreadPoolExecutor(4) as pool:
         assert list(pool.map(one, range(12))) == list(range(12))
+
+
+def test_a_step_the_host_refuses_is_named(monkeypatch, clean):
+    """As in a container without mount rights: pivot_root fails in the child, and the caller hears which step."""
+    import errno
+
+    from microvm.jail import sys as jsys
+
+    def refused(new_root: str, put_old: str) -> None:
+        raise OSError(errno.EPERM, f"pivot_root {new_root}: Operation not permitted")
+
+    monkeypatch.setattr(jsys, "pivot_root", refused)
+    with pytest.raises(JailError, match=r"entering the jail failed: .*pivot_root .*not permitted"):
+        MicroVM(tiny_pvh_kernel(1, 0), force=True, mem_mib=32, jail=True).run(["true"], timeout=30)
