@@ -37,7 +37,7 @@ from microvm.devices.control import (
 from microvm.devices.i8042 import I8042
 from microvm.devices.serial import Serial
 from microvm.devices.virtio.console import VirtioConsole
-from microvm.devices.virtio.rng import VirtioRng
+from microvm.devices.virtio.rng import IoWakeup, VirtioRng
 from microvm.doctor import check_host
 from microvm.errors import (
     ConfigError,
@@ -508,7 +508,8 @@ class MicroVM(MicroVMSnapshots, MicroVMInput):
                                share_line_of="hvc0")
         # Entropy from the host (/dev/hwrng), so the guest's getrandom() never
         # waits for its own pool (slow to fill in a quiet VM).
-        devices.add_virtio("rng", VirtioRng())
+        rng = VirtioRng()
+        rng.wakeup = IoWakeup(vm.io, devices.add_virtio("rng", rng).notify)  # work left for later: a timer
         # Disks first (vda, vdb, ...: the kernel names them in probe order),
         # each with its own I/O thread; then eth0, ...
         if self.backends.disks:

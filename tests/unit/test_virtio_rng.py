@@ -6,6 +6,7 @@ requests without dropping them. No KVM needed.
 
 from __future__ import annotations
 
+import os
 import time
 from random import Random
 from typing import Any
@@ -17,8 +18,9 @@ from microvm.devices.virtio import mmio as m
 from microvm.devices.virtio import queue as vq
 from microvm.devices.virtio import rng as r
 from microvm.devices.virtio.queue import DescriptorChain, Queue, QueueError
-from microvm.devices.virtio.rng import TimerWakeup, VirtioRng
+from microvm.devices.virtio.rng import IoWakeup, VirtioRng
 from microvm.errors import ConfigError
+from microvm.iothread import IoThread
 from microvm.memory import GuestMemory
 from tests.support.fakes import FakeIrq
 from tests.support.virtio_driver import (
@@ -416,12 +418,15 @@ def test_bad_rates_are_refused() -> None:
             VirtioRng(**kwargs)  # type: ignore[arg-type]
 
 
-def test_timer_wakeup_serves_the_held_request() -> None:
-    """The real clock and TimerWakeup, as the machine wires them: 100 bytes at 10 KB/s wait ~10 ms."""
+def test_io_wakeup_serves_the_held_request() -> None:
+    """The real clock and IoWakeup, as the machine wires them: 100 bytes at 10 KB/s wait ~10 ms."""
     dev = VirtioRng(rate_bytes_per_s=10_000, burst_bytes=100)
     x = Rng(dev)
-    wakeup = TimerWakeup(x.t.notify)
-    dev.wakeup = wakeup
+    io = IoThread("rng-test")
+    keepalive = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)  # a thread with nothing to serve never starts
+    io.add(keepalive, lambda: None)
+    io.start()
+    dev.wakeup = IoWakeup(io, x.t.notify)
     try:
         x.serve([[(100, True)]])
         head = x.post([(100, True)])
@@ -434,6 +439,7 @@ def test_timer_wakeup_serves_the_held_request() -> None:
         assert used == [(head, 100)]
         assert dev.stats()["wakeups"] == 1
     finally:
-        wakeup.close()
-    wakeup(0.0)  # after close: no timer, no notify
+        io.close()
+        os.close(keepalive)
+    dev.wakeup(0.0)  # after the thread's close: dropped, no notify
     assert dev.stats()["wakeups"] == 1

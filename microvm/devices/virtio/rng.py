@@ -41,11 +41,12 @@ over the budget of the bucket or of one call) the device calls
 `wakeup(delay)`, if the machine set it. Its contract: call
 transport.notify(REQUEST_QUEUE) once, no sooner than `delay` seconds from
 now. At most one wakeup is outstanding at a time, so a guest notifying in a
-loop cannot multiply timers. TimerWakeup below is a ready-made one:
+loop cannot multiply timers. IoWakeup below is a ready-made one, on an
+I/O thread's timers (the machine's, microvm/machine.py):
 
     rng = VirtioRng(rate_bytes_per_s=1 << 20)
     transport = devices.add_virtio("rng", rng)
-    rng.wakeup = TimerWakeup(transport.notify)  # close() it at teardown
+    rng.wakeup = IoWakeup(vm.io, transport.notify)
 
 Without a wakeup, waiting work is served at the guest's next notification
 only. Linux's driver posts one buffer and sleeps until it is used, so it
@@ -56,12 +57,13 @@ whenever rate_bytes_per_s is set.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from microvm.devices.state import Fields, State
 from microvm.devices.virtio import VIRTIO_ID_RNG, QueueState
@@ -69,6 +71,9 @@ from microvm.devices.virtio.queue import DescriptorChain
 from microvm.errors import ConfigError
 from microvm.memory import GuestMemory
 from microvm.ratelimit import Limiter, RateLimit, TokenBucket
+
+if TYPE_CHECKING:
+    from microvm.iothread import IoThread
 
 log = logging.getLogger(__name__)
 
@@ -234,35 +239,15 @@ class VirtioRng(QueueState):
             log.warning("virtio-rng: %s", why)
 
 
-class TimerWakeup:
-    """A VirtioRng.wakeup from threading.Timer: notify(REQUEST_QUEUE) after the delay.
+class IoWakeup:
+    """A VirtioRng.wakeup from an I/O thread's timers (IoThread.call_later):
+    notify(REQUEST_QUEUE) in that thread, after the delay. No thread of its
+    own, so nothing to start from a thread under seccomp (a clone there is
+    SIGSYS); the I/O thread's close() drops a pending one."""
 
-    One short-lived daemon thread per wakeup; the device asks for one at a
-    time. notify is the transport's, which takes the transport's lock, so
-    the device never runs twice at once. close() cancels the pending timer
-    and waits for one already firing; call it before the devices are closed.
-    """
-
-    def __init__(self, notify: Callable[[int], None]):
-        self._notify = notify
-        self._lock = threading.Lock()
-        self._timer: threading.Timer | None = None
-        self._closed = False
+    def __init__(self, thread: IoThread, notify: Callable[[int], None]):
+        self._thread = thread
+        self._notify = functools.partial(notify, REQUEST_QUEUE)
 
     def __call__(self, delay: float) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            timer = threading.Timer(delay, self._notify, (REQUEST_QUEUE,))
-            timer.daemon = True
-            self._timer = timer
-            timer.start()
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            timer = self._timer
-        if timer is not None:
-            timer.cancel()
-            if timer is not threading.current_thread():
-                timer.join()
+        self._thread.call_later(delay, self._notify, name="virtio-rng wakeup")
