@@ -227,7 +227,7 @@ class MicroVM(MicroVMSnapshots, MicroVMInput):
             from microvm.jail.run import JailedVmm
 
             self._t0 = time.monotonic_ns()  # the jailed VMM's timeline counts from here too
-            self._jailed = JailedVmm(self, argv)
+            self._jailed = JailedVmm(self, argv, RunResult)
             return self
         self._prepare_host()
         try:

@@ -7,7 +7,6 @@ import contextlib
 import gc
 import itertools
 import os
-import pickle
 import select
 import shutil
 import signal
@@ -17,11 +16,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from microvm.errors import GuestTimeoutError, VmStoppedError
+import msgpack
+
+from microvm.errors import GuestTimeoutError, MicroVMError, VmStoppedError
 from microvm.jail import Jail, JailError
 from microvm.jail import sys as jsys
 from microvm.jail.cgroups import Cgroup
@@ -50,8 +51,10 @@ class MicroVM(Protocol):
     def kill(self) -> None: ...
 
 
-RunResult = Any  # microvm.machine.RunResult, pickled across
+RunResult = Any  # microvm.machine.RunResult, sent across as msgpack
 ROOT_PREFIX = "microvm-jail-"
+MAX_MESSAGE = 1 << 30  # bytes: a result's stdout and console, with room
+SETUP_TIMEOUT = 300.0  # seconds for the jailed VMM to open and load everything (a boot takes well under 1)
 REPLY_GRACE = 30.0  # seconds the caller waits past a run's timeout before killing the VMM itself
 _FRAME = struct.Struct("<Q")
 _open_pipes: set[int] = set()  # every live jail's pipe ends in this process: a new child closes them
@@ -61,7 +64,7 @@ _names = itertools.count()
 class JailedVmm:
     """A VM running jailed in a child process: start, wait, stop, kill, close."""
 
-    def __init__(self, machine: MicroVM, argv: Sequence[str]):
+    def __init__(self, machine: MicroVM, argv: Sequence[str], result_type: Callable[..., Any]):
         from microvm.doctor import check_host
 
         assert machine.jail is not None
@@ -80,6 +83,7 @@ class JailedVmm:
         self._pidfd: int | None = None
         self._fds: list[int] = []
         self.result: RunResult | None = None
+        self._result_type = result_type  # microvm.machine.RunResult (no import: machine imports us)
         self.killed = False
         try:
             self.root: str | None = tempfile.mkdtemp(prefix=f"{ROOT_PREFIX}{self.name}-", dir=jail.base)
@@ -114,7 +118,11 @@ class JailedVmm:
         self.pid = pid
         os.close(results_w)
         os.close(control_r)
-        kind, value = self._receive(None)
+        try:
+            kind, value = self._receive(SETUP_TIMEOUT)
+        except GuestTimeoutError:
+            self.kill()
+            raise JailError(f"the jailed VMM did not set its VM up within {SETUP_TIMEOUT:.0f} s; killed") from None
         if kind != "started":
             self._reap()
             raise value
@@ -154,6 +162,9 @@ class JailedVmm:
         elif self.vmm_pid is not None:
             with contextlib.suppress(OSError):
                 os.kill(self.vmm_pid, signal.SIGKILL)
+        elif self.pid is not None:  # still setting up: the intermediate, whose death takes the VMM (PDEATHSIG)
+            with contextlib.suppress(OSError):
+                os.kill(self.pid, signal.SIGKILL)
 
     def close(self) -> None:
         """Kill the VMM if it still runs, reap it, remove its cgroup and root; idempotent."""
@@ -195,15 +206,25 @@ class JailedVmm:
         os.write(self._fds[1], line.encode() + b"\n")
 
     def _receive(self, timeout: float | None) -> tuple[str, Any]:
-        """The VMM's next message, or a JailError saying how it died."""
+        """The VMM's next message, or a JailError saying how it died. The VMM
+        runs what a guest may have subverted and we may be root: its messages
+        are msgpack (data only, never pickle), read with limits and checked."""
         fd = self._fds[0]
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             head = _read_exactly(fd, _FRAME.size, deadline)
-            body = _read_exactly(fd, _FRAME.unpack(head)[0], deadline)
+            (size,) = _FRAME.unpack(head)
+            if size > MAX_MESSAGE:
+                self.kill()
+                return "error", JailError(f"the jailed VMM sent a {size}-byte message (at most {MAX_MESSAGE}); killed")
+            body = _read_exactly(fd, size, deadline)
         except EOFError:
             return "error", self._death()
-        return pickle.loads(body)
+        try:
+            return decode(body, self._result_type)
+        except (ValueError, TypeError, KeyError, msgpack.UnpackException) as e:
+            self.kill()
+            return "error", JailError(f"the jailed VMM sent a malformed message ({e}); killed")
 
     def _death(self) -> JailError:
         status = self._reap()
@@ -243,11 +264,67 @@ def _read_exactly(fd: int, n: int, deadline: float | None) -> bytes:
     return bytes(chunks)
 
 
+def encode(kind: str, value: Any) -> bytes:
+    """A message of the VMM's: "started" (its PID), "result" (a RunResult) or "error" (an exception)."""
+    if kind == "started":
+        message: dict[str, Any] = {"kind": kind, "pid": int(value)}
+    elif kind == "result":
+        message = {"kind": kind, "exit_code": value.exit_code, "stdout": bytes(value.stdout),
+                   "console": bytes(value.console), "reason": value.reason, "timeline": dict(value.timeline),
+                   "stats": {k: dict(v) for k, v in value.stats.items()}}
+    else:
+        message = {"kind": "error", "type": type(value).__name__, "message": str(value)}
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def decode(body: bytes, result_type: Callable[..., Any]) -> tuple[str, Any]:
+    """A message back, checked field by field; an error as one of microvm's
+    exception classes (by name, from an allow-list) or a JailError."""
+    m = msgpack.unpackb(body, raw=False, strict_map_key=True)
+    if not isinstance(m, dict):
+        raise ValueError("not a map")
+    kind = m["kind"]
+    if kind == "started":
+        return kind, _checked(m["pid"], int)
+    if kind == "result":
+        exit_code = m["exit_code"]
+        if exit_code is not None:
+            _checked(exit_code, int)
+        timeline = {_checked(k, str): float(_checked(v, int | float)) for k, v in _checked(m["timeline"], dict).items()}
+        stats = {_checked(k, str): {_checked(a, str): _checked(b, int) for a, b in _checked(v, dict).items()}
+                 for k, v in _checked(m["stats"], dict).items()}
+        return kind, result_type(exit_code=exit_code, stdout=_checked(m["stdout"], bytes),
+                                 console=_checked(m["console"], bytes), reason=_checked(m["reason"], str),
+                                 timeline=timeline, stats=stats)
+    if kind == "error":
+        return kind, _exception(_checked(m["type"], str), _checked(m["message"], str))
+    raise ValueError(f"unknown kind {kind!r}")
+
+
+def _checked(value: Any, kind: Any) -> Any:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        raise TypeError(f"{value!r:.60} is not {kind}")
+    return value
+
+
+def _exception(name: str, message: str) -> BaseException:
+    """The VMM's exception, rebuilt here: microvm's own classes by name, KeyboardInterrupt; else a JailError."""
+    from microvm import errors
+    from microvm.jail import cgroups
+
+    if name == "KeyboardInterrupt":
+        return KeyboardInterrupt()
+    cls = getattr(errors, name, None) or getattr(cgroups, name, None) or (JailError if name == "JailError" else None)
+    if isinstance(cls, type) and issubclass(cls, MicroVMError):
+        try:
+            return cls(message)
+        except TypeError:
+            pass
+    return JailError(f"{name}: {message}")
+
+
 def _write_message(fd: int, kind: str, value: object) -> None:
-    try:
-        body = pickle.dumps((kind, value))
-    except Exception as e:  # an exception that does not pickle: its type and text
-        body = pickle.dumps(("error", JailError(f"{type(value).__name__}: {value} ({e})")))
+    body = encode(kind, value)
     data = memoryview(_FRAME.pack(len(body)) + body)
     while data:
         data = data[os.write(fd, data):]
@@ -357,7 +434,7 @@ def _control_loop(machine: MicroVM, control: int, timeouts: list[float | str | N
         machine.stop()
 
 
-PRELOAD = ("traceback", "linecache", "pickle", "queue", "microvm.printk", "microvm.kernellog",
+PRELOAD = ("traceback", "linecache", "msgpack", "queue", "microvm.printk", "microvm.kernellog",
            "encodings.utf_8", "encodings.latin_1", "encodings.ascii")
 
 

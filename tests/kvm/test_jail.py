@@ -247,3 +247,29 @@ def test_a_step_the_host_refuses_is_named(monkeypatch, clean):
     monkeypatch.setattr(jsys, "pivot_root", refused)
     with pytest.raises(JailError, match=r"entering the jail failed: .*pivot_root .*not permitted"):
         MicroVM(tiny_pvh_kernel(1, 0), force=True, mem_mib=32, jail=True).run(["true"], timeout=30)
+
+
+def test_what_the_vmm_sends_is_checked_never_unpickled():
+    """A subverted VMM talks to a caller that may be root: only data, checked, comes across."""
+    import msgpack
+
+    from microvm.errors import GuestPanicError
+    from microvm.jail.run import decode, encode
+    from microvm.machine import RunResult
+
+    r = RunResult(exit_code=3, stdout=b"out", console=b"con", reason="exit", timeline={"vm created": 0.5},
+                  stats={"vda": {"reads": 2}})
+    assert decode(encode("result", r), RunResult) == ("result", r)
+    kind, e = decode(encode("error", GuestPanicError("Kernel panic")), RunResult)
+    assert (kind, type(e), str(e)) == ("error", GuestPanicError, "Kernel panic")
+    kind, e = decode(encode("error", OSError(5, "EIO")), RunResult)
+    assert type(e) is JailError and "OSError" in str(e)
+    kind, e = decode(msgpack.packb({"kind": "error", "type": "__import__", "message": "os"}), RunResult)
+    assert type(e) is JailError  # a name outside the allow-list is only text
+    for bad in ({"kind": "started", "pid": "1"}, {"kind": "result", "exit_code": True}, {"kind": "nope"}, [1, 2],
+                {"kind": "result", "exit_code": 0, "stdout": "not bytes", "console": b"", "reason": "exit",
+                 "timeline": {}, "stats": {}}):
+        with pytest.raises((ValueError, TypeError, KeyError)):
+            decode(msgpack.packb(bad), RunResult)
+    with pytest.raises((ValueError, msgpack.UnpackException)):  # garbage: msgpack's own error
+        decode(b"\xc1\xff", RunResult)
