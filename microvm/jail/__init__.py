@@ -22,8 +22,10 @@ process of the caller:
    capability sets are emptied; no_new_privs is set. With seccomp= its
    main thread and its control thread are filtered too.
 4. Only then do its vCPU and I/O threads start. What the run gives (the
-   RunResult, or the exception) comes back to the caller through a pipe,
-   pickled; the caller's wait(), stop() and kill() reach it through another.
+   RunResult, or the exception) comes back to the caller through a pipe as
+   msgpack data, checked field by field (never pickle: the VMM may have been
+   subverted by its guest, the caller may be root); the caller's wait(),
+   stop() and kill() reach it through another.
 
 What works jailed: run(), start() with a command, wait(), stop(), kill(),
 disks, NICs, vsock (the host program and the guest's host ports as usual;
