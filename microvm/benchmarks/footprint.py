@@ -8,9 +8,10 @@ addresses the VM knows (MicroVM.vm.mem.regions); /proc/self/pagemap says
 which of their pages are resident: what the guest touched, the initramfs the
 loader wrote, and the kernel image's pages, mapped copy-on-write from one
 memfd and shared by every guest of the process until written
-(loader/kernelcache.py), so counted once. Those pages are the process's
-alone, so they weigh the same in RSS and PSS, and VMM = whole process -
-resident guest pages, for RSS and PSS alike. (Per-mapping smaps entries would not do: the kernel
+(loader/kernelcache.py). A guest's own pages weigh the same in RSS and PSS.
+A shared image page is in RSS once per guest that maps it, and in PSS once
+(split between its mappings). So VMM RSS = RSS - guest pages with shared ones
+counted per mapping, and VMM PSS = PSS - guest pages counted once. (Per-mapping smaps entries would not do: the kernel
 merges a guest mapping with a neighbouring anonymous mapping of the same
 flags, such as the next guest's.) Kernel memory KVM allocates (its page
 tables, vCPU state) is no part of any process's RSS and not counted here.
@@ -49,15 +50,18 @@ _libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctype
 
 @dataclass(frozen=True)
 class Usage:
-    """Bytes resident in one process, and how many of them are guest RAM."""
+    """Bytes resident in one process, and how many of them are guest RAM:
+    `guest` counts each page once; `guest_mapped` counts a kernel image page
+    as often as guests map it, as RSS does (PSS, like `guest`, counts it once)."""
 
     rss: int
     pss: int
     guest: int
+    guest_mapped: int = -1  # -1: as `guest` (no page shared)
 
     @property
     def vmm_rss(self) -> int:
-        return self.rss - self.guest
+        return self.rss - (self.guest if self.guest_mapped < 0 else self.guest_mapped)
 
     @property
     def vmm_pss(self) -> int:
@@ -104,10 +108,13 @@ def resident_split(address: int, length: int) -> tuple[int, int]:
 
 def measure(guest: Iterable[tuple[int, int]] = ()) -> Usage:
     """The process's RSS and PSS, and its resident guest pages: each guest's
-    own, plus the kernel image pages they share, once (their largest count)."""
+    own, plus the kernel image pages they share: once (their largest count),
+    and as often as they are mapped (what RSS sees)."""
     info = psutil.Process().memory_full_info()
     split = [resident_split(start, end - start) for start, end in guest]
-    return Usage(info.rss, info.pss, sum(p for p, _ in split) + max((s for _, s in split), default=0))
+    private = sum(p for p, _ in split)
+    return Usage(info.rss, info.pss, private + max((s for _, s in split), default=0),
+                 private + sum(s for _, s in split))
 
 
 def guest_ranges(vms: Iterable[Any]) -> list[tuple[int, int]]:

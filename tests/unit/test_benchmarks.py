@@ -194,7 +194,9 @@ def test_resident_split_tells_a_guests_own_pages_from_a_shared_images(tmp_path) 
         splits = [footprint.resident_split(m.address, 16 * page) for m in guests]
         assert splits == [(2 * page, 3 * page)] * 2
         usage = footprint.measure([(m.address, m.address + 16 * page) for m in guests])
-        assert usage.guest == 2 * 2 * page + 3 * page
+        assert usage.guest == 2 * 2 * page + 3 * page  # the shared pages once
+        assert usage.guest_mapped == 2 * 2 * page + 2 * 3 * page  # as RSS counts them
+        assert usage.vmm_rss == usage.rss - usage.guest_mapped and usage.vmm_pss == usage.pss - usage.guest
     finally:
         for m in guests:
             m.close()
