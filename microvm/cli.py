@@ -102,8 +102,9 @@ def _timeout(ctx: click.Context, param: click.Parameter, value: float | None) ->
               help="Show every kernel message, as --console does, but printed once the guest is done: "
                    "cheap (live, only warnings and worse cross the serial port).")
 @click.option("--timeline", "show_timeline", is_flag=True, help="Print the boot timeline to stderr.")
-@click.option("--seccomp", type=click.Choice(["kill", "errno", "log", "off"]), default="kill", show_default=True,
-              help="What a VMM thread's forbidden system call meets (microvm/seccomp.py); off: no filter.")
+@click.option("--seccomp", type=click.Choice(["auto", "kill", "errno", "log", "off"]), default="auto",
+              show_default=True, help="What a VMM thread's forbidden system call meets (microvm/seccomp.py): "
+                                      "auto is kill when jailed, errno otherwise; off: no filter.")
 @click.option("--jail", is_flag=True, help="Run the VMM jailed: own namespaces, an empty root, no capabilities, "
                                            "the --jail-user's uid and gid, a cgroup with the VM's limits.")
 @click.option("--jail-user", default="65534:65534", show_default=True, metavar="UID:GID",

@@ -88,4 +88,5 @@ def sink(target: BinaryIO | Callable[[bytes], Any] | None) -> Callable[[bytes], 
         if b"\n" in data:
             stream.flush()
 
+    write.stream = stream  # type: ignore[attr-defined]  # its fd stays open in a jailed VMM (jail/run.py)
     return write

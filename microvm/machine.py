@@ -132,7 +132,7 @@ class MicroVM(MicroVMSnapshots, MicroVMInput):
         files: Mapping[str, bytes] | None = None,
         forkable: bool = False,
         full_log: bool = False,
-        seccomp: str | None = "kill",
+        seccomp: str | None = "auto",
         jail: Jail | bool | None = None,
         force: bool = False,
     ):
@@ -254,7 +254,8 @@ class MicroVM(MicroVMSnapshots, MicroVMInput):
             slots = layout.ram_ranges(self.mem_mib * MIB)
             try:
                 self.vm = vm = Vm(slots, vcpus=self.vcpus, irqchip=True, forkable=self.forkable)
-                vm.confine_threads(confiner("vcpu", self.seccomp), confiner("io", self.seccomp))
+                jailed = self._enter_jail is not None
+                vm.confine_threads(confiner("vcpu", self.seccomp, jailed), confiner("io", self.seccomp, jailed))
             except BaseException:
                 self.backends.close()
                 raise

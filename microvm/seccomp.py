@@ -9,7 +9,8 @@ socket's non-blocking mode), `socket` only for AF_UNIX (vsock's host side);
 nothing else opens files there); anything else meets the chosen action:
 "kill" ends the whole process with SIGSYS, "errno" fails the call with
 EPERM, "log" lets it through and has the kernel log it (for finding what a
-policy lacks). A filter cannot be removed, and only those threads carry
+policy lacks), "auto" (the default) is "kill" in a jailed VMM (microvm/jail:
+its own process) and "errno" in the caller's. A filter cannot be removed, and only those threads carry
 one: the program's own threads (pytest, a Dask worker, the caller) never do.
 
 What runs in those threads runs under the filter: device models, and the
@@ -25,7 +26,7 @@ from collections.abc import Callable
 
 from microvm.errors import ConfigError
 
-ACTIONS = ("kill", "errno", "log")
+ACTIONS = ("auto", "kill", "errno", "log")
 
 COMMON = (
     # threads, signals, memory (the interpreter's allocator and ours)
@@ -79,9 +80,11 @@ def check_action(action: object) -> str | None:
     return str(action)
 
 
-def confine(kind: str, action: str) -> None:
+def confine(kind: str, action: str, jailed: bool = False) -> None:
     """Load the policy for a `kind` ("vcpu", "io", "main") of thread on the calling thread, for good."""
     from microvm import _seccomp
+
+    action = effective(action, jailed) or "errno"
 
     # (In "errno" mode everything not allowed fails with EPERM already: libseccomp
     # refuses a rule that says what the default does.)
@@ -90,8 +93,20 @@ def confine(kind: str, action: str) -> None:
                      arg1={"ioctl": IOCTLS[kind]}, errno_calls=eperm, err=errno.EPERM)
 
 
-def confiner(kind: str, action: str | None) -> Callable[[], None] | None:
+def effective(action: str | None, jailed: bool) -> str | None:
+    """"auto" (the default): "kill" in a jailed VMM, its own process; "errno"
+    in the caller's process, where a kill would take the program down with it
+    (a logging handler rotating its file or a finalizer the garbage collector
+    runs on a VMM thread would do); the call fails and the device that made it
+    reports the error."""
+    if action == "auto":
+        return "kill" if jailed else "errno"
+    return action
+
+
+def confiner(kind: str, action: str | None, jailed: bool = False) -> Callable[[], None] | None:
     """What a thread of that kind calls first, or None without seccomp."""
+    action = effective(action, jailed)
     if action is None:
         return None
     return lambda: confine(kind, action)

@@ -64,6 +64,10 @@ def _clear_stale(path: str) -> None:
 class Listener:
     """The non-blocking listening socket at `path` (checked, stale socket replaced)."""
 
+    # False in a jailed VMM (microvm/jail): its uid may not unlink what root
+    # made, nor seccomp let it try; its caller unlinks the path after it.
+    unlink_on_close = True
+
     def __init__(self, path: str | Path):
         self.path = check_uds_path(path)
         _clear_stale(self.path)
@@ -94,6 +98,8 @@ class Listener:
         if self.sock.fileno() < 0:
             return
         self.sock.close()
+        if not self.unlink_on_close:
+            return
         try:
             st = os.stat(self.path)
             if (st.st_dev, st.st_ino) == self._ident:

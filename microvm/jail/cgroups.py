@@ -18,6 +18,8 @@ process is gone.
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,12 +170,35 @@ class Cgroup:
                     return True
         return False
 
+    def kill_all(self) -> None:
+        """SIGKILL every process left in the group (cgroup.kill on v2, each PID on v1)."""
+        import signal
+
+        d = self.dirs["pids"]
+        if self.version == 2 and d.joinpath("cgroup.kill").exists():
+            with contextlib.suppress(OSError):
+                _write(d / "cgroup.kill", "1")
+            return
+        with contextlib.suppress(OSError):
+            for pid in d.joinpath("cgroup.procs").read_text().split():
+                with contextlib.suppress(OSError):
+                    os.kill(int(pid), signal.SIGKILL)
+
     def remove(self) -> None:
         """Remove the group (its processes gone); idempotent. A group still busy
-        (EBUSY) is left for the next jail's sweep_groups()."""
+        (EBUSY: a killed process not yet gone) is tried again for a moment, then
+        left for the next jail's sweep_groups()."""
+        import time
+
         for d in dict.fromkeys(self.dirs.values()):
-            with contextlib.suppress(OSError):
-                d.rmdir()
+            for _ in range(50):
+                try:
+                    d.rmdir()
+                    break
+                except OSError as e:
+                    if e.errno != errno.EBUSY:
+                        break
+                    time.sleep(0.01)
 
 
 def sweep_groups(stale: Callable[[str], bool]) -> None:

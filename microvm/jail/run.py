@@ -4,6 +4,7 @@ child (JailedVmm), the two children's steps, and enter(), the jail itself."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import itertools
 import os
@@ -11,6 +12,7 @@ import select
 import shutil
 import signal
 import socket
+import stat
 import struct
 import sys
 import tempfile
@@ -53,11 +55,12 @@ class MicroVM(Protocol):
 
 RunResult = Any  # microvm.machine.RunResult, sent across as msgpack
 ROOT_PREFIX = "microvm-jail-"
-MAX_MESSAGE = 1 << 30  # bytes: a result's stdout and console, with room
+MAX_MESSAGE = 512 << 20  # bytes: a result's stdout and console, with room
 SETUP_TIMEOUT = 300.0  # seconds for the jailed VMM to open and load everything (a boot takes well under 1)
 REPLY_GRACE = 30.0  # seconds the caller waits past a run's timeout before killing the VMM itself
 _FRAME = struct.Struct("<Q")
 _open_pipes: set[int] = set()  # every live jail's pipe ends in this process: a new child closes them
+_pipes_lock = threading.Lock()
 _names = itertools.count()
 
 
@@ -73,6 +76,9 @@ class JailedVmm:
         if os.geteuid() != 0:
             raise JailError("a jail is set up by root (namespaces, pivot_root, cgroups, the change of uid); "
                             f"this process runs as uid {os.geteuid()}")
+        if machine.vsock is not None and os.path.dirname(os.path.realpath(machine.vsock)) == "/":
+            raise JailError("a jailed VM's vsock socket is bound into the jail with its directory: "
+                            "give it a directory of its own, not /")
         self.name = f"{os.getpid()}-{next(_names)}"
         self.limits = jail.limits(machine.mem_mib, machine.vcpus,
                                   len(machine.drives) + len(machine.nics) + (machine.vsock is not None))
@@ -84,7 +90,9 @@ class JailedVmm:
         self._fds: list[int] = []
         self.result: RunResult | None = None
         self._result_type = result_type  # microvm.machine.RunResult (no import: machine imports us)
+        self.vsock = None if machine.vsock is None else os.fspath(machine.vsock)
         self.killed = False
+        self._waiter: int | None = None  # the thread in wait(), if one is
         try:
             self.root: str | None = tempfile.mkdtemp(prefix=f"{ROOT_PREFIX}{self.name}-", dir=jail.base)
             self._launch(machine, argv)
@@ -95,40 +103,52 @@ class JailedVmm:
     def _launch(self, machine: MicroVM, argv: Sequence[str]) -> None:
         results_r, results_w = os.pipe()
         control_r, control_w = os.pipe()
+        pid_r, pid_w = os.pipe()  # the intermediate (trusted: no guest code runs there) names the VMM's PID
         self._fds = [results_r, control_w]
-        _open_pipes.update(self._fds)
+        with _pipes_lock:  # every end, before any fork: a jail forked meanwhile by another thread closes them
+            _open_pipes.update((results_r, results_w, control_r, control_w, pid_r, pid_w))
         for stream in (sys.stdout, sys.stderr):  # the child must not write the caller's buffered output again
             with contextlib.suppress(Exception):
                 stream.flush()
         machine._times["jail set up"] = time.monotonic_ns()  # the cgroup and root made: the fork is next
+        keep = sink_fds(machine)
         frozen = gc.get_freeze_count() > 0  # the caller's own gc.freeze() stays as it was
         gc.freeze()  # the child's collections leave the caller's heap alone: fewer pages copied
         try:
             pid = os.fork()
-        except BaseException:
+            if pid == 0:
+                try:
+                    _intermediate(self, machine, argv, results_w, control_r, pid_w, keep)
+                finally:
+                    os._exit(1)  # never back into the caller's code
+        finally:
             if not frozen:
                 gc.unfreeze()
+            with _pipes_lock:
+                _open_pipes.difference_update((results_w, control_r, pid_r, pid_w))
             os.close(results_w)
             os.close(control_r)
-            raise
-        if pid == 0:
-            _intermediate(self, machine, argv, results_w, control_r)
-        if not frozen:
-            gc.unfreeze()
+            os.close(pid_w)
         self.pid = pid
-        os.close(results_w)
-        os.close(control_r)
+        try:
+            vmm_pid = _read_pid(pid_r)
+        finally:
+            os.close(pid_r)
+        if vmm_pid is not None:
+            self.vmm_pid = vmm_pid
+            with contextlib.suppress(OSError):
+                self._pidfd = os.pidfd_open(vmm_pid)
         try:
             kind, value = self._receive(SETUP_TIMEOUT)
         except GuestTimeoutError:
             self.kill()
             raise JailError(f"the jailed VMM did not set its VM up within {SETUP_TIMEOUT:.0f} s; killed") from None
-        if kind != "started":
+        if kind == "error":
             self._reap()
             raise value
-        self.vmm_pid = value
-        with contextlib.suppress(OSError):
-            self._pidfd = os.pidfd_open(value)
+        if kind != "started" or vmm_pid is None:
+            self.kill()
+            raise JailError(f"the jailed VMM sent {kind!r} where it reports its start; killed")
 
     def wait(self, timeout: float | None) -> RunResult:
         if self.result is not None:
@@ -136,17 +156,23 @@ class JailedVmm:
         if self.pid is None or self.killed:
             raise VmStoppedError("the VM was stopped by the host before the guest finished")
         self._send("wait none" if timeout is None else f"wait {timeout!r}")
+        self._waiter = threading.get_ident()  # close() from another thread meanwhile only kills: we clean up
         try:
             kind, value = self._receive(None if timeout is None else timeout + REPLY_GRACE)
         except GuestTimeoutError:
             self.kill()
             raise GuestTimeoutError(f"guest did not finish within {timeout} s and its jailed VMM did not "
                                     f"answer for {REPLY_GRACE} s more; killed") from None
+        finally:
+            self._waiter = None
         self._reap()  # the VMM ends after its answer
         if kind == "result":
             self.result = value
             return value
-        raise value
+        if kind == "error":
+            raise value
+        self.kill()
+        raise JailError(f"the jailed VMM sent {kind!r} where it reports its end; killed")
 
     def stop(self) -> None:
         if self._fds:  # else closed: nothing runs
@@ -167,12 +193,18 @@ class JailedVmm:
                 os.kill(self.pid, signal.SIGKILL)
 
     def close(self) -> None:
-        """Kill the VMM if it still runs, reap it, remove its cgroup and root; idempotent."""
+        """Kill the VMM if it still runs, reap it, remove its cgroup and root; idempotent.
+        From another thread than a wait() in progress: only the kill (that wait
+        sees the end of its pipe, and its caller closes)."""
         if self.pid is not None and self.result is None:
             self.kill()
+        waiter = self._waiter
+        if waiter is not None and waiter != threading.get_ident():
+            return
         self._reap()
         for fd in self._fds:
-            _open_pipes.discard(fd)
+            with _pipes_lock:
+                _open_pipes.discard(fd)
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._fds = []
@@ -180,7 +212,13 @@ class JailedVmm:
             os.close(self._pidfd)
             self._pidfd = None
         if self.cgroup is not None:
+            self.cgroup.kill_all()  # anything left (the VMM, should it have outlived its parent)
             self.cgroup.remove()
+        if self.vsock is not None:  # the VMM's listener, which it could not unlink
+            with contextlib.suppress(OSError):
+                if stat.S_ISSOCK(os.lstat(self.vsock).st_mode):
+                    os.unlink(self.vsock)
+            self.vsock = None
         root = getattr(self, "root", None)
         if root is not None:
             shutil.rmtree(root, ignore_errors=True)
@@ -226,8 +264,10 @@ class JailedVmm:
             self.kill()
             return "error", JailError(f"the jailed VMM sent a malformed message ({e}); killed")
 
-    def _death(self) -> JailError:
+    def _death(self) -> MicroVMError:
         status = self._reap()
+        if self.killed:  # by us: kill(), from another thread, while a wait() read
+            return VmStoppedError("the VM was stopped by the host before the guest finished")
         if self.cgroup is not None and self.cgroup.oom_killed():
             return JailError(f"the jailed VMM was killed for going over its memory limit of "
                              f"{self.limits.memory_bytes >> 20} MiB (Jail(memory_mib=...))")
@@ -280,7 +320,9 @@ def encode(kind: str, value: Any) -> bytes:
 def decode(body: bytes, result_type: Callable[..., Any]) -> tuple[str, Any]:
     """A message back, checked field by field; an error as one of microvm's
     exception classes (by name, from an allow-list) or a JailError."""
-    m = msgpack.unpackb(body, raw=False, strict_map_key=True)
+    # Limits: a result is two byte strings and a few dozen keys, never millions of objects.
+    m = msgpack.unpackb(body, raw=False, strict_map_key=True, max_bin_len=MAX_MESSAGE, max_str_len=1 << 20,
+                        max_array_len=0, max_map_len=4096, max_ext_len=0)
     if not isinstance(m, dict):
         raise ValueError("not a map")
     kind = m["kind"]
@@ -333,13 +375,14 @@ def _write_message(fd: int, kind: str, value: object) -> None:
 # --- the child's side ------------------------------------------------------------
 
 
-def _intermediate(vmm: JailedVmm, machine: MicroVM, argv: Sequence[str], results: int, control: int) -> None:
-    """In the first child: join the cgroup, new namespaces, fork the VMM, pass on its status."""
+def _intermediate(vmm: JailedVmm, machine: MicroVM, argv: Sequence[str], results: int, control: int,
+                  pid_out: int, keep: set[int]) -> None:
+    """In the first child: nothing of the caller's but what the VMM needs,
+    join the cgroup, new namespaces, fork the VMM, name it, pass on its status."""
     status = 1
     try:
-        for fd in _open_pipes:  # ours and other jails': their VMMs see the end of file when the caller goes
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the VMM's to report; we wait for its status
+        close_inherited({0, 1, 2, results, control, pid_out, *keep})
         if vmm.cgroup is not None:
             vmm.cgroup.join(os.getpid())
         flags = jsys.CLONE_NEWNS | jsys.CLONE_NEWPID | jsys.CLONE_NEWIPC | jsys.CLONE_NEWUTS
@@ -350,8 +393,15 @@ def _intermediate(vmm: JailedVmm, machine: MicroVM, argv: Sequence[str], results
         socket.sethostname(vmm.jail.hostname)
         pid = os.fork()
         if pid == 0:
-            jsys.prctl(jsys.PR_SET_PDEATHSIG, signal.SIGKILL)  # this process gone: the VMM too
-            _vmm(vmm, machine, argv, results, control)
+            try:
+                os.close(pid_out)
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                jsys.prctl(jsys.PR_SET_PDEATHSIG, signal.SIGKILL)  # this process gone: the VMM too
+                _vmm(vmm, machine, argv, results, control)
+            finally:
+                os._exit(1)
+        os.write(pid_out, struct.pack("<q", pid))
+        os.close(pid_out)
         os.close(results)
         os.close(control)
         while True:
@@ -369,13 +419,52 @@ def _intermediate(vmm: JailedVmm, machine: MicroVM, argv: Sequence[str], results
         os._exit(status)
 
 
+def close_inherited(keep: set[int]) -> None:
+    """Close every fd but `keep`: the VMM must hold nothing of its caller's
+    (files, sockets, other VMs' KVM fds, memfds, signal wakeup fds). The
+    fd caches of our own modules go with them."""
+    from microvm.loader import kernelcache
+
+    top = os.sysconf("SC_OPEN_MAX")
+    low = 0
+    for fd in [*sorted(keep), top]:
+        if fd > low:
+            os.closerange(low, fd)
+        low = fd + 1
+    kernelcache.forget()
+
+
+def sink_fds(machine: MicroVM) -> set[int]:
+    """The fds of file sinks (console=, stdout= given as files): kept open for the VMM."""
+    fds = set()
+    for sink in (getattr(machine, "_console_sink", None), getattr(machine, "_stdout_sink", None)):
+        target = getattr(sink, "stream", None) or getattr(sink, "__self__", None)  # a stream, a file's write()
+        with contextlib.suppress(Exception):
+            fds.add(int(target.fileno()))  # type: ignore[union-attr]
+    return fds
+
+
+def _read_pid(fd: int) -> int | None:
+    data = b""
+    while len(data) < 8:
+        chunk = os.read(fd, 8 - len(data))
+        if not chunk:
+            return None  # the intermediate ended before its fork: its error follows on the results pipe
+        data += chunk
+    return int(struct.unpack("<q", data)[0])
+
+
 def _vmm(vmm: JailedVmm, machine: MicroVM, argv: Sequence[str], results: int, control: int) -> None:
     """In the VMM (PID 1 of its namespace): set the VM up, enter the jail, run, report."""
     status = 1
     try:
         try:
-            host_pid = int(os.readlink("/proc/self"))  # the host's /proc, still: our PID out there
-            binds = [str(Path(machine.vsock).parent)] if machine.vsock is not None else []
+            binds = []
+            if machine.vsock is not None:  # guest connections to host ports go to <path>_PORT beside it
+                from microvm.backends.vsock import Listener
+
+                Listener.unlink_on_close = False  # this process only: the caller unlinks it
+                binds.append(os.path.dirname(os.path.realpath(machine.vsock)))
             root = vmm.root
             assert root is not None
             machine._enter_jail = lambda: enter(vmm.jail, root, binds)
@@ -389,11 +478,11 @@ def _vmm(vmm: JailedVmm, machine: MicroVM, argv: Sequence[str], results: int, co
             if machine.seccomp is not None:  # after the last thread has started: each has its own
                 from microvm.seccomp import confine
 
-                confine("main", machine.seccomp)
+                confine("main", machine.seccomp, jailed=True)
         except BaseException as e:
             _write_message(results, "error", e)
             return
-        _write_message(results, "started", host_pid)
+        _write_message(results, "started", 0)  # the PID comes from the intermediate
         ready.wait()
         if timeouts[0] == "eof":  # the caller is gone
             machine.kill()
@@ -415,7 +504,7 @@ def _control_loop(machine: MicroVM, control: int, timeouts: list[float | str | N
     if machine.seccomp is not None:
         from microvm.seccomp import confine
 
-        confine("main", machine.seccomp)
+        confine("main", machine.seccomp, jailed=True)
     with os.fdopen(control, "rb", buffering=0) as f:
         for raw in iter(f.readline, b""):
             word, _, arg = raw.decode(errors="replace").strip().partition(" ")
@@ -449,6 +538,9 @@ def enter(jail: Jail, root: str, binds: Sequence[str]) -> None:
 
 
 def _enter(jail: Jail, root: str, binds: Sequence[str]) -> None:
+    for d in binds:
+        if not os.path.isabs(d) or os.path.realpath(d) == "/":
+            raise OSError(errno.EINVAL, f"a jailed VM's vsock socket needs a directory of its own, not {d!r}")
     for module in PRELOAD:  # nothing can be imported once the root is gone
         __import__(module)
     last_cap = jsys.last_capability()
@@ -463,11 +555,14 @@ def _enter(jail: Jail, root: str, binds: Sequence[str]) -> None:
     os.chdir("/")
     jsys.umount2("/.old", jsys.MNT_DETACH)
     os.rmdir("/.old")
-    jsys.mount(None, "/", None, jsys.MS_REMOUNT | jsys.MS_RDONLY | jsys.MS_NOSUID | jsys.MS_NODEV | jsys.MS_NOEXEC)
+    # Read-only for this mount only (MS_BIND): never a superblock's flags.
+    jsys.mount(None, "/", None,
+               jsys.MS_REMOUNT | jsys.MS_BIND | jsys.MS_RDONLY | jsys.MS_NOSUID | jsys.MS_NODEV | jsys.MS_NOEXEC)
     jsys.drop_bounding_set(last_cap)
     jsys.prctl(jsys.PR_CAP_AMBIENT, jsys.PR_CAP_AMBIENT_CLEAR_ALL)
     os.setgroups([])
     os.setresgid(jail.gid, jail.gid, jail.gid)
     os.setresuid(jail.uid, jail.uid, jail.uid)
+    jsys.prctl(jsys.PR_SET_PDEATHSIG, signal.SIGKILL)  # a change of uid clears it: again
     jsys.clear_capabilities()
     jsys.prctl(jsys.PR_SET_NO_NEW_PRIVS, 1)

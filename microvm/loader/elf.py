@@ -382,8 +382,7 @@ def _read_segments(mem: GuestMemory, path: str, segments: list[Segment]) -> None
     except OSError as e:
         raise LoaderError(f"cannot read kernel {path}: {e.strerror or e}") from e
     finally:
-        if shared is None:
-            os.close(fd)
+        os.close(fd)
 
 
 def _pread(mem: GuestMemory, fd: int, path: str, s: Segment, start: int, end: int) -> None:

@@ -45,8 +45,9 @@ os.register_at_fork(after_in_child=_reset_after_fork)
 
 def image_fd(path: str, ranges: Sequence[tuple[int, int]]) -> int | None:
     """A sealed memfd holding the file's bytes in `ranges` ((offset, size):
-    the loadable segments) at their offsets, holes elsewhere (ours: do not
-    close it); None if it cannot be made (the caller then reads the file)."""
+    the loadable segments) at their offsets, holes elsewhere: a new fd of it,
+    the caller's to close (the cache may close its own meanwhile, in another
+    thread); None if it cannot be made (the caller then reads the file)."""
     try:
         st = os.stat(path)
     except OSError:
@@ -56,14 +57,14 @@ def image_fd(path: str, ranges: Sequence[tuple[int, int]]) -> int | None:
         fd = _images.get(key)
         if fd is not None:
             _images.move_to_end(key)
-            return fd
+            return os.dup(fd)
         fd = _copy(path, st.st_size, ranges)
         if fd is None:
             return None
         _images[key] = fd
         while len(_images) > MAX_IMAGES:
             os.close(_images.popitem(last=False)[1])
-        return fd
+        return os.dup(fd)
 
 
 def _copy(path: str, size: int, ranges: Sequence[tuple[int, int]]) -> int | None:
@@ -95,6 +96,14 @@ def _copy(path: str, size: int, ranges: Sequence[tuple[int, int]]) -> int | None
         return None
     finally:
         os.close(src)
+
+
+def forget() -> None:
+    """Drop the cache without closing: after close_inherited() (jail/run.py)
+    closed its fds in a forked child, their numbers mean nothing here."""
+    global _lock
+    _lock = threading.Lock()
+    _images.clear()
 
 
 def clear() -> None:

@@ -309,7 +309,7 @@ class MicroVMSnapshots:
                                "tx_rate_limit": rate_limit_from(spec.get("tx_rate_limit"))})
                         for spec in config["nics"]],
                     vsock=path, vsock_cid=config["vsock_cid"], console=console, stdout=stdout, force=force,
-                    seccomp=config.get("seccomp", "kill"))
+                    seccomp=config.get("seccomp", "auto"))
             if len(m.nics) != len(config["nics"]):
                 raise SnapshotError(f"the snapshot has {len(config['nics'])} NICs, {len(m.nics)} given")
             m.rootfs = bool(config["rootfs"])

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -273,3 +274,27 @@ def test_what_the_vmm_sends_is_checked_never_unpickled():
             decode(msgpack.packb(bad), RunResult)
     with pytest.raises((ValueError, msgpack.UnpackException)):  # garbage: msgpack's own error
         decode(b"\xc1\xff", RunResult)
+
+
+def test_a_jailed_vm_with_vsock_under_the_default_seccomp(tmp_path, clean):
+    """The listener is made before the jail and its directory bound in; the VMM (uid nobody,
+    seccomp "kill" in the jail) leaves its socket for the caller to remove."""
+    sock = tmp_path / "vsock" / "v.sock"
+    sock.parent.mkdir()
+    vm = MicroVM(tiny_pvh_kernel(1, 9), force=True, mem_mib=32, vsock=sock, jail=True)
+    assert vm.seccomp == "auto"
+    assert vm.run(["true"], timeout=30).exit_code == 9
+    assert not sock.exists()
+    with pytest.raises(JailError, match="directory of its own"):
+        MicroVM(tiny_pvh_kernel(1, 9), force=True, mem_mib=32, vsock="/v.sock", jail=True).run(["true"])
+
+
+def test_kill_from_another_thread_during_wait(tmp_path, clean):
+    """wait() in one thread, kill() in another: the wait ends (stopped), nothing is left behind."""
+    vm = MicroVM(spin_kernel(tmp_path), force=True, mem_mib=32, jail=True).start(["true"])
+    killer = threading.Timer(0.5, vm.kill)
+    killer.start()
+    with pytest.raises(VmStoppedError):
+        vm.wait(30)
+    killer.join()
+    vm.close()

@@ -121,6 +121,7 @@ def test_mapping_map_file_checks_its_arguments(tmp_path):
     assert fd is not None
     m = Mapping(4 * PAGE)
     try:
+        assert fd not in kernelcache._images.values()  # the caller's own copy of the fd
         with pytest.raises(ValueError, match="page-aligned"):
             m.map_file(1, PAGE, fd, 0)
         with pytest.raises(ValueError, match="page-aligned"):
@@ -139,3 +140,4 @@ def test_mapping_map_file_checks_its_arguments(tmp_path):
             shared.map_file(0, PAGE, fd, 0)
     finally:
         shared.close()
+        os.close(fd)
