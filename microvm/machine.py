@@ -237,6 +237,13 @@ class MicroVM(MicroVMSnapshots, MicroVMInput):
             raise
         return self
 
+    def _kernel_path(self) -> Path | None:
+        """The kernel this VM boots (the default one if none was given), or None if there is none yet."""
+        try:
+            return self.kernel or _default_kernel()
+        except ConfigError:
+            return None
+
     def _prepare_host(self) -> None:
         check_host(self.force)  # measured once per process, not part of the boot
         tune_switch_interval()

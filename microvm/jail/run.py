@@ -47,6 +47,7 @@ class MicroVM(Protocol):
     _times: dict[str, int]
 
     def _prepare_host(self) -> None: ...
+    def _kernel_path(self) -> Any: ...
     def _start(self, argv: Sequence[str] | None) -> None: ...
     def wait(self, timeout: float | None = None) -> Any: ...
     def stop(self) -> None: ...
@@ -83,6 +84,11 @@ class JailedVmm:
         self.limits = jail.limits(machine.mem_mib, machine.vcpus,
                                   len(machine.drives) + len(machine.nics) + (machine.vsock is not None))
         sweep(jail)
+        kernel = machine._kernel_path()
+        if kernel is not None:
+            from microvm.loader.elf import share_image
+
+            share_image(kernel)  # once, here: every jailed VMM maps these pages instead of copying its own
         self.cgroup = Cgroup.create(self.name, self.limits, jail.cgroup) if jail.cgroup else None
         self.pid: int | None = None  # the intermediate child's (ours to reap)
         self.vmm_pid: int | None = None  # the VMM's, in the caller's PID namespace
@@ -420,18 +426,17 @@ def _intermediate(vmm: JailedVmm, machine: MicroVM, argv: Sequence[str], results
 
 
 def close_inherited(keep: set[int]) -> None:
-    """Close every fd but `keep`: the VMM must hold nothing of its caller's
-    (files, sockets, other VMs' KVM fds, memfds, signal wakeup fds). The
-    fd caches of our own modules go with them."""
+    """Close every fd but `keep` and the kernel cache's sealed memfds (shared
+    with the jailed VMM: read-only kernels): the VMM must hold nothing else of
+    its caller's (files, sockets, other VMs' KVM fds and RAM, signal wakeup fds)."""
     from microvm.loader import kernelcache
 
     top = os.sysconf("SC_OPEN_MAX")
     low = 0
-    for fd in [*sorted(keep), top]:
+    for fd in [*sorted(keep | kernelcache.fds()), top]:
         if fd > low:
             os.closerange(low, fd)
         low = fd + 1
-    kernelcache.forget()
 
 
 def sink_fds(machine: MicroVM) -> set[int]:

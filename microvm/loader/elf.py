@@ -360,6 +360,19 @@ def load(mem: GuestMemory, image: ElfImage, zero_bss: bool = True) -> LoadedKern
     return LoadedKernel(image.entry, start, end)
 
 
+def share_image(path: str | os.PathLike[str]) -> None:
+    """Make the kernel cache's memfd for a vmlinux now (jail/run.py, before it
+    forks: every jailed VMM then maps the same pages instead of copying its
+    own). Nothing for a file that is no ELF or cannot be read: loading names it."""
+    try:
+        image = parse_file(path)
+    except LoaderError:
+        return
+    fd = kernelcache.image_fd(os.fspath(path), [(s.offset, s.filesz) for s in image.segments])
+    if fd is not None:
+        os.close(fd)
+
+
 def _read_segments(mem: GuestMemory, path: str, segments: list[Segment]) -> None:
     """Each segment into guest memory: its whole pages mapped copy-on-write
     from the image's sealed memfd (kernelcache.py: no copy, pages shared by

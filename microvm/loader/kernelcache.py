@@ -98,6 +98,12 @@ def _copy(path: str, size: int, ranges: Sequence[tuple[int, int]]) -> int | None
         os.close(src)
 
 
+def fds() -> set[int]:
+    """The cached images' fds (a jailed VMM keeps them: sealed, read-only kernels)."""
+    with _lock:
+        return set(_images.values())
+
+
 def forget() -> None:
     """Drop the cache without closing: after close_inherited() (jail/run.py)
     closed its fds in a forked child, their numbers mean nothing here."""

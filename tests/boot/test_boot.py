@@ -10,6 +10,7 @@ import pytest
 from microvm.errors import MicroVMError
 from microvm.kernelbuild import find_default_kernel
 from microvm.machine import GuestPanicError, GuestTimeoutError, MicroVM
+from tests.support.resources import open_fds
 
 
 @pytest.fixture(params=["vmlinux", "bzImage"], scope="module")
@@ -84,12 +85,12 @@ def test_timeout_kills_and_frees() -> None:
     art = find_default_kernel()
     assert art is not None
     proc = psutil.Process()
-    fds, threads = proc.num_fds(), threading.active_count()
+    fds, threads = open_fds(proc), threading.active_count()
     vm = MicroVM(art.vmlinux)
     with pytest.raises(GuestTimeoutError, match="did not finish within 5"):
         vm.run(["sleep", "1000"], timeout=5)
     assert vm.vm is None
-    assert proc.num_fds() == fds
+    assert open_fds(proc) == fds
     assert threading.active_count() == threads
 
 
@@ -116,10 +117,10 @@ def test_many_boots_leak_nothing() -> None:
 
     for _ in range(5):  # warm caches (initramfs, imports)
         boot()
-    fds, threads, rss = proc.num_fds(), threading.active_count(), proc.memory_info().rss
+    fds, threads, rss = open_fds(proc), threading.active_count(), proc.memory_info().rss
     for _ in range(100):
         boot()
-    assert proc.num_fds() == fds
+    assert open_fds(proc) == fds
     assert threading.active_count() == threads
     # Guest memory is unmapped at teardown; what remains is Python's own heap.
     assert proc.memory_info().rss - rss < 32 << 20

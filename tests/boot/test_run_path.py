@@ -18,6 +18,7 @@ from microvm.errors import GuestError, MicroVMError
 from microvm.kernelbuild import find_default_kernel
 from microvm.machine import GuestPanicError, MicroVM
 from microvm.specs import Drive
+from tests.support.resources import open_fds
 
 MIB = 1 << 20
 
@@ -119,7 +120,7 @@ def test_random_interrupts_with_linux_leave_nothing_behind(vmlinux: str) -> None
     rng = random.Random(4321)
     MicroVM(vmlinux, mem_mib=64).run(["true"], timeout=120)  # warm caches
     proc = psutil.Process()
-    before = proc.num_fds(), proc.num_threads()
+    before = open_fds(proc), proc.num_threads()
     main = threading.main_thread().ident
     assert main is not None
     outcomes: list[str] = []
@@ -144,7 +145,7 @@ def test_random_interrupts_with_linux_leave_nothing_behind(vmlinux: str) -> None
         assert m.vm is None
     # A joined thread may still be listed by the kernel for a moment while it exits.
     deadline = time.monotonic() + 2.0
-    while (now := (proc.num_fds(), proc.num_threads())) != before and time.monotonic() < deadline:
+    while (now := (open_fds(proc), proc.num_threads())) != before and time.monotonic() < deadline:
         time.sleep(0.01)
     assert now == before, outcomes
 

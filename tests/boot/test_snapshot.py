@@ -27,6 +27,7 @@ from microvm.snapshot import Snapshot
 from microvm.specs import Drive, Nic
 from tests.boot.conftest import boots_here
 from tests.support import pyenv
+from tests.support.resources import open_fds
 
 pytestmark = pytest.mark.boot
 ROOT = Path(__file__).resolve().parents[2]
@@ -106,7 +107,7 @@ def test_a_changed_disk_or_kernel_is_refused_before_anything_runs(tmp_path: Path
     shutil.copy2(art.vmlinux, kernel)
     snap, disk, _ = snapshot_mid_workload(tmp_path, kernel)
     me = psutil.Process()
-    fds, threads = me.num_fds(), me.num_threads()
+    fds, threads = open_fds(me), me.num_threads()
     st = disk.stat()
     with open(disk, "r+b") as f:  # one byte, same size: the mtime tells
         f.seek(1 << 20)
@@ -126,9 +127,9 @@ def test_a_changed_disk_or_kernel_is_refused_before_anything_runs(tmp_path: Path
     with pytest.raises(SnapshotError, match=f"the kernel {kernel} the snapshot uses is gone"):
         MicroVM.restore(snap)
     deadline = time.monotonic() + 2.0  # an exiting thread may be listed for a moment more
-    while (me.num_fds(), me.num_threads()) != (fds, threads) and time.monotonic() < deadline:
+    while (open_fds(me), me.num_threads()) != (fds, threads) and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert (me.num_fds(), me.num_threads()) == (fds, threads)
+    assert (open_fds(me), me.num_threads()) == (fds, threads)
     assert "mvsnap0" not in os.listdir("/sys/class/net")
 
 

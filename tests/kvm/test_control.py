@@ -12,6 +12,7 @@ import pytest
 from microvm.errors import DeviceError, GuestCrashError
 from microvm.vcpu import StopReason
 from tests.kvm.guests import Recorder, long_mode_vm
+from tests.support.resources import open_fds
 
 
 class Stamps:
@@ -132,13 +133,13 @@ def test_pause_and_resume() -> None:
 
 def test_teardown_closes_fds_and_joins_threads() -> None:
     proc = psutil.Process()
-    fds_before = proc.num_fds()
+    fds_before = open_fds(proc)
     threads_before = threading.active_count()
     for _ in range(20):
         with long_mode_vm("spin: jmp spin", vcpus=2) as vm:
             vm.start()
             time.sleep(0.002)
-    assert proc.num_fds() == fds_before
+    assert open_fds(proc) == fds_before
     assert threading.active_count() == threads_before
     maps = open(f"/proc/{os.getpid()}/maps").read()
     assert "kvm-vcpu" not in maps

@@ -24,6 +24,7 @@ from microvm.errors import ConfigError, LoaderError, MicroVMError
 from microvm.machine import GuestTimeoutError, MicroVM, VmStoppedError
 from microvm.specs import Drive
 from tests.kvm.pvh import tiny_pvh_kernel
+from tests.support.resources import open_fds
 
 SPIN = 20_000  # ~50-100 ms of guest kernel-mode loop on a PVM host, far less on hardware
 
@@ -38,7 +39,7 @@ GUEST_MIB = 32
 def resources() -> tuple[int, int, tuple[int, int]]:
     """Open fds, threads, and guest-RAM mappings (count, bytes) in this process."""
     me = psutil.Process()
-    return me.num_fds(), me.num_threads(), _kvm.live_mappings()
+    return open_fds(me), me.num_threads(), _kvm.live_mappings()
 
 
 def settled(expected: tuple[int, int, tuple[int, int]], within: float = 2.0) -> tuple[int, int, tuple[int, int]]:

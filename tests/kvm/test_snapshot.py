@@ -27,6 +27,7 @@ from microvm.errors import SnapshotError
 from microvm.snapshot import files
 from microvm.vm import Vm
 from tests.kvm.asm import assemble
+from tests.support.resources import open_fds
 
 ROOT = Path(__file__).resolve().parents[2]
 COUNTER = 0x200000  # where the counting guest keeps its count
@@ -347,10 +348,10 @@ def _rewrite_state(snap: Path, change: Any) -> None:
 
 
 def _restore_fails(snap: Path, match: str, **kw: Any) -> None:
-    before = (psutil.Process().num_fds(), _kvm.live_mappings())
+    before = (open_fds(), _kvm.live_mappings())
     with pytest.raises(SnapshotError, match=match):
         snapshot.Snapshot.load(snap).restore_vm(**kw)
-    assert (psutil.Process().num_fds(), _kvm.live_mappings()) == before
+    assert (open_fds(), _kvm.live_mappings()) == before
 
 
 def test_a_flipped_byte_in_the_state_is_caught(snap: Path) -> None:
