@@ -31,10 +31,12 @@ What works jailed: run(), start() with a command, wait(), stop(), kill(),
 disks, NICs, vsock (the host program and the guest's host ports as usual;
 the jail's uid needs write access to a socket a guest connects to), rng,
 full_log, seccomp. Device callbacks and sinks (console=, stdout=) run in
-the VMM's process, as the jail's uid, inside its root: they can write to
-files and fds they had before the fork, and their side effects stay in that
-process. Not jailed yet: interactive shells (argv None), host input,
-changing rate limits while running, snapshots, fork, Sandboxes and pools.
+the VMM's process, as the jail's uid, inside its root, and their side
+effects stay in that process. The VMM keeps none of its caller's fds but
+stdio, a stream given as a sink and the kernel cache's sealed images
+(run.close_inherited): a callable sink has stdout and stderr only.
+Not jailed yet: interactive shells (argv None), host input, changing rate
+limits while running, snapshots, fork, Sandboxes and pools.
 """
 
 from __future__ import annotations
