@@ -8,7 +8,6 @@ import errno
 import gc
 import itertools
 import os
-import select
 import shutil
 import signal
 import socket
@@ -28,6 +27,7 @@ from microvm.errors import GuestTimeoutError, MicroVMError, VmStoppedError
 from microvm.jail import Jail, JailError
 from microvm.jail import sys as jsys
 from microvm.jail.cgroups import Cgroup
+from microvm.jail.wire import FRAME, MAX_MESSAGE, decode, read_exactly, write_message
 
 
 class MicroVM(Protocol):
@@ -56,10 +56,8 @@ class MicroVM(Protocol):
 
 RunResult = Any  # microvm.machine.RunResult, sent across as msgpack
 ROOT_PREFIX = "microvm-jail-"
-MAX_MESSAGE = 512 << 20  # bytes: a result's stdout and console, with room
 SETUP_TIMEOUT = 300.0  # seconds for the jailed VMM to open and load everything (a boot takes well under 1)
 REPLY_GRACE = 30.0  # seconds the caller waits past a run's timeout before killing the VMM itself
-_FRAME = struct.Struct("<Q")
 _open_pipes: set[int] = set()  # every live jail's pipe ends in this process: a new child closes them
 _pipes_lock = threading.Lock()
 _names = itertools.count()
@@ -235,14 +233,10 @@ class JailedVmm:
         if self.pid is None:
             return None
         pid, self.pid = self.pid, None
-        while True:
-            try:
-                _, status = os.waitpid(pid, 0)
-                break
-            except InterruptedError:
-                continue
-            except ChildProcessError:
-                return None
+        try:
+            _, status = os.waitpid(pid, 0)  # an interrupted wait is retried by Python (PEP 475)
+        except ChildProcessError:
+            return None
         self.status = os.waitstatus_to_exitcode(status)
         return self.status
 
@@ -256,12 +250,12 @@ class JailedVmm:
         fd = self._fds[0]
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            head = _read_exactly(fd, _FRAME.size, deadline)
-            (size,) = _FRAME.unpack(head)
+            head = read_exactly(fd, FRAME.size, deadline)
+            (size,) = FRAME.unpack(head)
             if size > MAX_MESSAGE:
                 self.kill()
                 return "error", JailError(f"the jailed VMM sent a {size}-byte message (at most {MAX_MESSAGE}); killed")
-            body = _read_exactly(fd, size, deadline)
+            body = read_exactly(fd, size, deadline)
         except EOFError:
             return "error", self._death()
         try:
@@ -296,88 +290,6 @@ def sweep(jail: Jail) -> None:
         sweep_groups(lambda name: name.split("-")[0].isdigit() and not os.path.exists(f"/proc/{name.split('-')[0]}"))
 
 
-def _read_exactly(fd: int, n: int, deadline: float | None) -> bytes:
-    chunks = bytearray()
-    while len(chunks) < n:
-        if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
-                raise GuestTimeoutError("no answer from the jailed VMM")
-        chunk = os.read(fd, min(n - len(chunks), 1 << 20))
-        if not chunk:
-            raise EOFError
-        chunks += chunk
-    return bytes(chunks)
-
-
-def encode(kind: str, value: Any) -> bytes:
-    """A message of the VMM's: "started" (its PID), "result" (a RunResult) or "error" (an exception)."""
-    if kind == "started":
-        message: dict[str, Any] = {"kind": kind, "pid": int(value)}
-    elif kind == "result":
-        message = {"kind": kind, "exit_code": value.exit_code, "stdout": bytes(value.stdout),
-                   "console": bytes(value.console), "reason": value.reason, "timeline": dict(value.timeline),
-                   "stats": {k: dict(v) for k, v in value.stats.items()}}
-    else:
-        message = {"kind": "error", "type": type(value).__name__, "message": str(value)}
-    return msgpack.packb(message, use_bin_type=True)
-
-
-def decode(body: bytes, result_type: Callable[..., Any]) -> tuple[str, Any]:
-    """A message back, checked field by field; an error as one of microvm's
-    exception classes (by name, from an allow-list) or a JailError."""
-    # Limits: a result is two byte strings and a few dozen keys, never millions of objects.
-    m = msgpack.unpackb(body, raw=False, strict_map_key=True, max_bin_len=MAX_MESSAGE, max_str_len=1 << 20,
-                        max_array_len=0, max_map_len=4096, max_ext_len=0)
-    if not isinstance(m, dict):
-        raise ValueError("not a map")
-    kind = m["kind"]
-    if kind == "started":
-        return kind, _checked(m["pid"], int)
-    if kind == "result":
-        exit_code = m["exit_code"]
-        if exit_code is not None:
-            _checked(exit_code, int)
-        timeline = {_checked(k, str): float(_checked(v, int | float)) for k, v in _checked(m["timeline"], dict).items()}
-        stats = {_checked(k, str): {_checked(a, str): _checked(b, int) for a, b in _checked(v, dict).items()}
-                 for k, v in _checked(m["stats"], dict).items()}
-        return kind, result_type(exit_code=exit_code, stdout=_checked(m["stdout"], bytes),
-                                 console=_checked(m["console"], bytes), reason=_checked(m["reason"], str),
-                                 timeline=timeline, stats=stats)
-    if kind == "error":
-        return kind, _exception(_checked(m["type"], str), _checked(m["message"], str))
-    raise ValueError(f"unknown kind {kind!r}")
-
-
-def _checked(value: Any, kind: Any) -> Any:
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
-        raise TypeError(f"{value!r:.60} is not {kind}")
-    return value
-
-
-def _exception(name: str, message: str) -> BaseException:
-    """The VMM's exception, rebuilt here: microvm's own classes by name, KeyboardInterrupt; else a JailError."""
-    from microvm import errors
-    from microvm.jail import cgroups
-
-    if name == "KeyboardInterrupt":
-        return KeyboardInterrupt()
-    cls = getattr(errors, name, None) or getattr(cgroups, name, None) or (JailError if name == "JailError" else None)
-    if isinstance(cls, type) and issubclass(cls, MicroVMError):
-        try:
-            return cls(message)
-        except TypeError:
-            pass
-    return JailError(f"{name}: {message}")
-
-
-def _write_message(fd: int, kind: str, value: object) -> None:
-    body = encode(kind, value)
-    data = memoryview(_FRAME.pack(len(body)) + body)
-    while data:
-        data = data[os.write(fd, data):]
-
-
 # --- the child's side ------------------------------------------------------------
 
 
@@ -410,17 +322,12 @@ def _intermediate(vmm: JailedVmm, machine: MicroVM, argv: Sequence[str], results
         os.close(pid_out)
         os.close(results)
         os.close(control)
-        while True:
-            try:
-                _, wstatus = os.waitpid(pid, 0)
-                break
-            except InterruptedError:
-                continue
+        _, wstatus = os.waitpid(pid, 0)
         code = os.waitstatus_to_exitcode(wstatus)
         status = code if code >= 0 else 128 - code
     except BaseException as e:
         with contextlib.suppress(BaseException):
-            _write_message(results, "error", JailError(f"setting up the jail failed: {e}"))
+            write_message(results, "error", JailError(f"setting up the jail failed: {e}"))
     finally:
         os._exit(status)
 
@@ -450,13 +357,10 @@ def sink_fds(machine: MicroVM) -> set[int]:
 
 
 def _read_pid(fd: int) -> int | None:
-    data = b""
-    while len(data) < 8:
-        chunk = os.read(fd, 8 - len(data))
-        if not chunk:
-            return None  # the intermediate ended before its fork: its error follows on the results pipe
-        data += chunk
-    return int(struct.unpack("<q", data)[0])
+    try:
+        return int(struct.unpack("<q", read_exactly(fd, 8, None))[0])
+    except EOFError:  # the intermediate ended before its fork: its error follows on the results pipe
+        return None
 
 
 def _vmm(vmm: JailedVmm, machine: MicroVM, argv: Sequence[str], results: int, control: int) -> None:
@@ -485,9 +389,9 @@ def _vmm(vmm: JailedVmm, machine: MicroVM, argv: Sequence[str], results: int, co
 
                 confine("main", machine.seccomp, jailed=True)
         except BaseException as e:
-            _write_message(results, "error", e)
+            write_message(results, "error", e)
             return
-        _write_message(results, "started", 0)  # the PID comes from the intermediate
+        write_message(results, "started", 0)  # the PID comes from the intermediate
         ready.wait()
         if timeouts[0] == "eof":  # the caller is gone
             machine.kill()
@@ -495,9 +399,9 @@ def _vmm(vmm: JailedVmm, machine: MicroVM, argv: Sequence[str], results: int, co
         try:
             result = machine.wait(timeouts[0])  # type: ignore[arg-type]
         except BaseException as e:
-            _write_message(results, "error", e)
+            write_message(results, "error", e)
         else:
-            _write_message(results, "result", result)
+            write_message(results, "result", result)
         status = 0
     finally:
         os._exit(status)

@@ -257,7 +257,7 @@ def test_what_the_vmm_sends_is_checked_never_unpickled():
     import msgpack
 
     from microvm.errors import GuestPanicError
-    from microvm.jail.run import decode, encode
+    from microvm.jail.wire import decode, encode
     from microvm.machine import RunResult
 
     r = RunResult(exit_code=3, stdout=b"out", console=b"con", reason="exit", timeline={"vm created": 0.5},
