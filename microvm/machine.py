@@ -179,6 +179,7 @@ class MicroVM(MicroVMSnapshots, MicroVMInput):
         if self.jail is not None and self.forkable:
             raise ConfigError("a jailed VM cannot be forkable: fork() shares RAM within one process")
         self._jailed: JailedVmm | None = None  # the caller's handle on a jailed VMM
+        self._initrd_made: tuple[tuple[str, ...] | None, bytes] | None = None  # _initrd()'s, until _start loads it
         self._enter_jail: Callable[[], None] | None = None  # set in the jailed VMM: before the threads start
         self.full_log = FullLog() if full_log else None  # every kernel message, cheaply (printk.py)
         if full_log and KERNEL_CONSOLE in f"{self.cmdline} {self.append}".split():
@@ -257,6 +258,7 @@ class MicroVM(MicroVMSnapshots, MicroVMInput):
             self._t0 = self._t0 or time.monotonic_ns()  # a jailed VMM's is its caller's
             kernel = self.kernel = self.kernel or _default_kernel()
             initrd = self._initrd(argv)
+            self._initrd_made = None  # loaded next: no copy kept
             self.backends.open()  # a bad image or tap is an error before any VM exists
             slots = layout.ram_ranges(self.mem_mib * MIB)
             try:
@@ -430,8 +432,8 @@ class MicroVM(MicroVMSnapshots, MicroVMInput):
         vm = getattr(self, "_vm_closed", None) or self.vm
         if vm is not None and vm.vcpus and vm.vcpus[0].first_entry_ns:
             t["first vcpu entry"] = vm.vcpus[0].first_entry_ns
-        order = ["jail set up", "vm created", "memory mapped", "kernel loaded", "jail entered", "first vcpu entry",
-                 "init reached",
+        order = ["jail set up", "jail cgroup joined", "jail namespaces made", "vmm forked", "vm created",
+                 "memory mapped", "kernel loaded", "jail entered", "first vcpu entry", "init reached",
                  "command started", "command done", "vm ended"]
         return {k: (t[k] - self._t0) / 1e9 for k in order if k in t}
 
@@ -454,19 +456,27 @@ class MicroVM(MicroVMSnapshots, MicroVMInput):
         return self.vm
 
     def _initrd(self, argv: Sequence[str] | None) -> bytes:
+        """The initrd for a run of argv; made once (a jail makes it before its
+        fork, where the caller's caches are: the VMM only loads it)."""
         from microvm.guestinit import command_archive, initramfs_for
 
+        key = None if argv is None else tuple(argv)
+        if self._initrd_made is not None and self._initrd_made[0] == key:
+            return self._initrd_made[1]
         if self.initrd is None:
-            return initramfs_for(argv, self.env, self.files)
-        if isinstance(self.initrd, bytes):
-            base = self.initrd
+            data = initramfs_for(argv, self.env, self.files)
         else:
-            try:
-                base = Path(self.initrd).read_bytes()
-            except OSError as e:
-                raise LoaderError(f"cannot read initrd {self.initrd}: {e.strerror}") from e
-        # A user initrd gets the command appended too; its /init may use it.
-        return base + command_archive(argv, self.env, self.files) if argv or self.files else base
+            if isinstance(self.initrd, bytes):
+                base = self.initrd
+            else:
+                try:
+                    base = Path(self.initrd).read_bytes()
+                except OSError as e:
+                    raise LoaderError(f"cannot read initrd {self.initrd}: {e.strerror}") from e
+            # A user initrd gets the command appended too; its /init may use it.
+            data = base + command_archive(argv, self.env, self.files) if argv or self.files else base
+        self._initrd_made = (key, data)
+        return data
 
     def _load(self, vm: Vm, kernel: Path, initrd: bytes, slots: list[tuple[int, int]]) -> None:
         ram, reserved = layout.e820(slots)

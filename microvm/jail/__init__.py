@@ -34,7 +34,8 @@ full_log, seccomp. Device callbacks and sinks (console=, stdout=) run in
 the VMM's process, as the jail's uid, inside its root, and their side
 effects stay in that process. The VMM keeps none of its caller's fds but
 stdio, a stream given as a sink and the kernel cache's sealed images
-(run.close_inherited): a callable sink has stdout and stderr only.
+(run.close_inherited): a callable sink has stdout and stderr only. Its log
+records are handled by the caller's logging (logs.py).
 Not jailed yet: interactive shells (argv None), host input, changing rate
 limits while running, snapshots, fork, Sandboxes and pools.
 """
@@ -67,7 +68,7 @@ class Jail:
     memory_mib: int | None = None  # default guest RAM + OVERHEAD_MIB
     pids: int | None = None  # tasks (threads count); default PIDS_SPARE + vCPUs + 4 per device
     cgroup: str | None = "auto"  # "auto": v2 where delegated, else v1; "v1", "v2"; None: no limits
-    base: str | None = None  # where the root directories are made (default: the temporary directory)
+    base: str | None = None  # where the root directories are made (default: <tmp>/microvm-jails, root's, 0700)
     hostname: str = "microvm"
 
     def __post_init__(self) -> None:

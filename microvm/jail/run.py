@@ -19,12 +19,12 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import msgpack
 
 from microvm.errors import GuestTimeoutError, MicroVMError, VmStoppedError
-from microvm.jail import Jail, JailError
+from microvm.jail import Jail, JailError, logs
 from microvm.jail import sys as jsys
 from microvm.jail.cgroups import Cgroup
 from microvm.jail.wire import FRAME, MAX_MESSAGE, decode, read_exactly, write_message
@@ -48,6 +48,7 @@ class MicroVM(Protocol):
 
     def _prepare_host(self) -> None: ...
     def _kernel_path(self) -> Any: ...
+    def _initrd(self, argv: Sequence[str] | None) -> bytes: ...
     def _start(self, argv: Sequence[str] | None) -> None: ...
     def wait(self, timeout: float | None = None) -> Any: ...
     def stop(self) -> None: ...
@@ -56,6 +57,7 @@ class MicroVM(Protocol):
 
 RunResult = Any  # microvm.machine.RunResult, sent across as msgpack
 ROOT_PREFIX = "microvm-jail-"
+BASE_NAME = "microvm-jails"  # in the temporary directory: where the roots are made, unless Jail(base=...)
 SETUP_TIMEOUT = 300.0  # seconds for the jailed VMM to open and load everything (a boot takes well under 1)
 REPLY_GRACE = 30.0  # seconds the caller waits past a run's timeout before killing the VMM itself
 _open_pipes: set[int] = set()  # every live jail's pipe ends in this process: a new child closes them
@@ -87,6 +89,8 @@ class JailedVmm:
             from microvm.loader.elf import share_image
 
             share_image(kernel)  # once, here: every jailed VMM maps these pages instead of copying its own
+        machine._initrd(argv)  # here too, from the caller's caches (a bad initrd is named before any fork)
+        preload()  # imported once here, not in every VMM
         self.cgroup = Cgroup.create(self.name, self.limits, jail.cgroup) if jail.cgroup else None
         self.pid: int | None = None  # the intermediate child's (ours to reap)
         self.vmm_pid: int | None = None  # the VMM's, in the caller's PID namespace
@@ -97,8 +101,9 @@ class JailedVmm:
         self.vsock = None if machine.vsock is None else os.fspath(machine.vsock)
         self.killed = False
         self._waiter: int | None = None  # the thread in wait(), if one is
+        self._logs: logs.Receiver | None = None
         try:
-            self.root: str | None = tempfile.mkdtemp(prefix=f"{ROOT_PREFIX}{self.name}-", dir=jail.base)
+            self.root: str | None = tempfile.mkdtemp(prefix=f"{ROOT_PREFIX}{self.name}-", dir=base_dir(jail))
             self._launch(machine, argv)
         except BaseException:
             self.close()
@@ -108,9 +113,11 @@ class JailedVmm:
         results_r, results_w = os.pipe()
         control_r, control_w = os.pipe()
         pid_r, pid_w = os.pipe()  # the intermediate (trusted: no guest code runs there) names the VMM's PID
+        log_r, log_w = os.pipe()  # the VMM's log records (logs.py)
         self._fds = [results_r, control_w]
+        ends = ChildEnds(results_w, control_r, pid_w, log_w)
         with _pipes_lock:  # every end, before any fork: a jail forked meanwhile by another thread closes them
-            _open_pipes.update((results_r, results_w, control_r, control_w, pid_r, pid_w))
+            _open_pipes.update((results_r, control_w, pid_r, log_r, *ends))
         for stream in (sys.stdout, sys.stderr):  # the child must not write the caller's buffered output again
             with contextlib.suppress(Exception):
                 stream.flush()
@@ -122,22 +129,26 @@ class JailedVmm:
             pid = os.fork()
             if pid == 0:
                 try:
-                    _intermediate(self, machine, argv, results_w, control_r, pid_w, keep)
+                    _intermediate(self, machine, argv, ends, keep)
                 finally:
                     os._exit(1)  # never back into the caller's code
+        except BaseException:
+            for fd in (pid_r, log_r):
+                os.close(fd)
+            raise
         finally:
             if not frozen:
                 gc.unfreeze()
             with _pipes_lock:
-                _open_pipes.difference_update((results_w, control_r, pid_r, pid_w))
-            os.close(results_w)
-            os.close(control_r)
-            os.close(pid_w)
+                _open_pipes.difference_update((pid_r, log_r, *ends))
+            for fd in ends:
+                os.close(fd)
         self.pid = pid
         try:
             vmm_pid = _read_pid(pid_r)
         finally:
             os.close(pid_r)
+        self._logs = logs.Receiver(log_r, vmm_pid or pid)  # closes log_r at the pipe's end
         if vmm_pid is not None:
             self.vmm_pid = vmm_pid
             with contextlib.suppress(OSError):
@@ -212,6 +223,9 @@ class JailedVmm:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._fds = []
+        if self._logs is not None:  # ends with the pipe: the VMM and the intermediate are gone
+            self._logs.join(5.0)
+            self._logs = None
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
@@ -278,11 +292,27 @@ class JailedVmm:
         return JailError(f"the jailed VMM ended (status {status}) without a result")
 
 
+def base_dir(jail: Jail) -> str:
+    """Jail(base=...), else a directory of our own in the temporary one (a
+    sweep lists it alone, not all of /tmp). Root's, and only root may write
+    there: else another user could have put a link or files where roots go."""
+    if jail.base is not None:
+        return jail.base
+    base = os.path.join(tempfile.gettempdir(), BASE_NAME)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(base, 0o700)
+    st = os.lstat(base)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
+        raise JailError(f"{base} is not a directory of root's that only root can write to: remove it, "
+                        "or give the jail a directory (Jail(base=...))")
+    return base
+
+
 def sweep(jail: Jail) -> None:
     """Remove the cgroups and root directories of jails whose caller died (SIGKILL) before it could."""
     from microvm.jail.cgroups import sweep_groups
 
-    for path in Path(jail.base or tempfile.gettempdir()).glob(f"{ROOT_PREFIX}*"):
+    for path in Path(base_dir(jail)).glob(f"{ROOT_PREFIX}*"):
         owner = path.name[len(ROOT_PREFIX):].split("-")[0]
         if owner.isdigit() and not os.path.exists(f"/proc/{owner}"):
             shutil.rmtree(path, ignore_errors=True)
@@ -293,35 +323,46 @@ def sweep(jail: Jail) -> None:
 # --- the child's side ------------------------------------------------------------
 
 
-def _intermediate(vmm: JailedVmm, machine: MicroVM, argv: Sequence[str], results: int, control: int,
-                  pid_out: int, keep: set[int]) -> None:
+class ChildEnds(NamedTuple):
+    """The pipe ends a jail's children get: they report on the first, are told on the second."""
+
+    results: int  # the VMM's messages (wire.py)
+    control: int  # the caller's "wait T", "stop"
+    pid_out: int  # the intermediate names the VMM's PID
+    log: int  # the VMM's log records (logs.py)
+
+
+def _intermediate(vmm: JailedVmm, machine: MicroVM, argv: Sequence[str], ends: ChildEnds, keep: set[int]) -> None:
     """In the first child: nothing of the caller's but what the VMM needs,
     join the cgroup, new namespaces, fork the VMM, name it, pass on its status."""
     status = 1
+    results, pid_out = ends.results, ends.pid_out
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the VMM's to report; we wait for its status
-        close_inherited({0, 1, 2, results, control, pid_out, *keep})
+        close_inherited({0, 1, 2, *ends, *keep})
         if vmm.cgroup is not None:
             vmm.cgroup.join(os.getpid())
+            machine._times["jail cgroup joined"] = time.monotonic_ns()  # the VMM's copy carries these back
         flags = jsys.CLONE_NEWNS | jsys.CLONE_NEWPID | jsys.CLONE_NEWIPC | jsys.CLONE_NEWUTS
         if not machine.nics:
             flags |= jsys.CLONE_NEWNET
         jsys.unshare(flags)
         jsys.mount(None, "/", None, jsys.MS_REC | jsys.MS_PRIVATE)  # nothing we mount reaches the host
         socket.sethostname(vmm.jail.hostname)
+        machine._times["jail namespaces made"] = time.monotonic_ns()
         pid = os.fork()
         if pid == 0:
             try:
+                machine._times["vmm forked"] = time.monotonic_ns()
                 os.close(pid_out)
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 jsys.prctl(jsys.PR_SET_PDEATHSIG, signal.SIGKILL)  # this process gone: the VMM too
-                _vmm(vmm, machine, argv, results, control)
+                _vmm(vmm, machine, argv, ends)
             finally:
                 os._exit(1)
         os.write(pid_out, struct.pack("<q", pid))
-        os.close(pid_out)
-        os.close(results)
-        os.close(control)
+        for fd in ends:
+            os.close(fd)
         _, wstatus = os.waitpid(pid, 0)
         code = os.waitstatus_to_exitcode(wstatus)
         status = code if code >= 0 else 128 - code
@@ -363,11 +404,13 @@ def _read_pid(fd: int) -> int | None:
         return None
 
 
-def _vmm(vmm: JailedVmm, machine: MicroVM, argv: Sequence[str], results: int, control: int) -> None:
+def _vmm(vmm: JailedVmm, machine: MicroVM, argv: Sequence[str], ends: ChildEnds) -> None:
     """In the VMM (PID 1 of its namespace): set the VM up, enter the jail, run, report."""
     status = 1
+    results, control = ends.results, ends.control
     try:
         try:
+            logs.forward(ends.log)
             binds = []
             if machine.vsock is not None:  # guest connections to host ports go to <path>_PORT beside it
                 from microvm.backends.vsock import Listener
@@ -436,6 +479,11 @@ PRELOAD = ("traceback", "linecache", "msgpack", "queue", "microvm.printk", "micr
            "encodings.utf_8", "encodings.latin_1", "encodings.ascii")
 
 
+def preload() -> None:
+    for module in PRELOAD:
+        __import__(module)
+
+
 def enter(jail: Jail, root: str, binds: Sequence[str]) -> None:
     """Become the jail: a read-only empty root, no capabilities, the jail's uid
     and gid. A step the host refuses (a container without mount rights, a
@@ -450,8 +498,7 @@ def _enter(jail: Jail, root: str, binds: Sequence[str]) -> None:
     for d in binds:
         if not os.path.isabs(d) or os.path.realpath(d) == "/":
             raise OSError(errno.EINVAL, f"a jailed VM's vsock socket needs a directory of its own, not {d!r}")
-    for module in PRELOAD:  # nothing can be imported once the root is gone
-        __import__(module)
+    preload()  # nothing can be imported once the root is gone
     last_cap = jsys.last_capability()
     jsys.mount("tmpfs", root, "tmpfs", jsys.MS_NOSUID | jsys.MS_NODEV | jsys.MS_NOEXEC, "size=64k,mode=0755")
     for d in binds:

@@ -14,7 +14,6 @@ I/O error, a drop), never in an exception out of the transport.
 
 from __future__ import annotations
 
-import logging
 import socket
 import tempfile
 from collections.abc import Callable
@@ -36,8 +35,9 @@ from microvm.loader import load_linux
 from microvm.memory import GuestMemory
 from tests.support.fakes import FakeTap
 
-# The devices log a guest's mistakes (sparingly, but a fuzzer makes millions): not here.
-logging.disable(logging.CRITICAL)
+# The devices log a guest's mistakes (sparingly, but a fuzzer makes millions): the fuzzing
+# process (run.py) and the replay test turn logging off, never an import of this module:
+# that would silence every later test of the same pytest process.
 
 MEM = 1 << 18  # 256 KiB of guest RAM for the virtio targets
 RINGS = 0x1000  # queue q's ring: desc at RINGS + q * 0x1000, avail +0x400, used +0x800

@@ -62,7 +62,7 @@ def leftovers(before: set[str]) -> set[str]:
         d = root / PARENT
         if d.is_dir():
             found |= {str(p) for p in d.iterdir() if p.is_dir()}
-    found |= {str(p) for p in Path("/tmp").glob("microvm-jail-*")}
+    found |= {str(p) for p in Path("/tmp/microvm-jails").glob("microvm-jail-*")}
     return found - before
 
 
@@ -300,3 +300,47 @@ def test_kill_from_another_thread_during_wait(tmp_path, clean):
         vm.wait(30)
     killer.join()
     vm.close()
+
+
+def test_the_vmms_log_records_reach_the_callers_handlers(tmp_path, capfd, clean):
+    """The jailed VMM keeps none of the caller's files: its records cross to the caller, whose
+    FileHandler writes them (with the VMM's PID), instead of failing in the VMM on every record."""
+    import logging
+
+    from tests.kvm.hostile import hostile_kernel
+
+    log_file = tmp_path / "vmm.log"
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s %(processName)s %(jailed_vmm)s %(message)s"))
+    logger = logging.getLogger("microvm")
+    logger.addHandler(handler)
+    try:
+        vm = MicroVM(hostile_kernel(2000), force=True, mem_mib=32, jail=True)
+        vm.run(["true"], timeout=60)
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    lines = log_file.read_text().splitlines()
+    refused = [line for line in lines if "refused" in line]
+    assert refused, lines
+    assert all(line.startswith("WARNING microvm.devices.virtio.mmio jailed VMM ") for line in refused), refused[:3]
+    assert vm._jailed is not None and {line.split()[4] for line in refused} == {str(vm._jailed.vmm_pid)}
+    assert "Logging error" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("planted", ["writable", "link"])
+def test_a_base_directory_another_user_could_have_planted_is_refused(tmp_path, monkeypatch, planted, clean):
+    """The roots go in <tmp>/microvm-jails: one that others may write to, or a link, is named, not used."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    base = tmp_path / "microvm-jails"
+    if planted == "writable":
+        base.mkdir(mode=0o777)
+        base.chmod(0o777)
+    else:
+        (tmp_path / "elsewhere").mkdir(mode=0o700)
+        base.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(JailError, match="microvm-jails is not a directory of root's that only root can write"):
+        MicroVM(tiny_pvh_kernel(1, 0), force=True, mem_mib=32, jail=True).run(["true"], timeout=30)
+    assert not list((tmp_path / ("elsewhere" if planted == "link" else "microvm-jails")).iterdir())
