@@ -123,9 +123,15 @@ cdef class _Fd:
     def close(self):
         if self._nogil_calls:
             raise RuntimeError(f"{type(self).__name__} is in use by an ioctl in another thread")
-        if self.fd >= 0:
-            s.close(self.fd)
-            self.fd = -1
+        cdef int fd = self.fd
+        if fd >= 0:
+            self.fd = -1  # first, under the GIL: closed exactly once
+            # Without the GIL: the last close of a VM's fd destroys the VM in
+            # the kernel (its memslots, MMU, an SRCU grace period: 18 ms on a
+            # PVM host), and the process's other threads (other VMs' vCPUs)
+            # must not wait for it.
+            with nogil:
+                s.close(fd)
 
     def __dealloc__(self):
         # No ioctl can be in flight: each holds a reference to us.

@@ -102,3 +102,37 @@ def test_a_vm_keeps_running_while_another_maps_4_gib() -> None:
         assert progress.grew_during("unmap"), f"no exit handled while 4 GiB were unmapped: {progress.seen}"
         running.stop()
         assert running.wait(10) is StopReason.STOPPED
+
+
+def test_a_vm_keeps_running_while_others_are_destroyed() -> None:
+    """The last close of a VM's fd destroys it in the kernel (memslots, MMU, a
+    grace period: up to ~20 ms on a loaded host). Other VMs of the process go on
+    meanwhile: the close releases the GIL."""
+    with long_mode_vm(LOOP) as running:
+        progress = Progress()
+        running.pio.register(0x80, 1, progress)
+        running.start()
+        deadline = time.monotonic() + 10
+        while progress.exits < 100 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert progress.exits >= 100, "the running VM did not start"
+        with _kvm.Kvm() as kvm, no_forced_gil_switch():
+            doomed = []
+            for _ in range(4):
+                vm = kvm.create_vm()
+                vm.create_irqchip()
+                ram = _kvm.Mapping(64 << 20)
+                vm.set_user_memory_region(0, 0, 64 << 20, ram.address)
+                doomed.append((vm, vm.create_vcpu(0), ram))
+
+            def destroy() -> None:
+                for vm, vcpu, _ in doomed:
+                    vcpu.close()
+                    vm.close()
+
+            progress.during("destroy", destroy)
+            for _, _, ram in doomed:
+                ram.close()
+        assert progress.grew_during("destroy"), f"no exit handled while 4 VMs were destroyed: {progress.seen}"
+        running.stop()
+        assert running.wait(10) is StopReason.STOPPED
