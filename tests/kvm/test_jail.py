@@ -5,6 +5,7 @@ read back from /proc and the cgroup's files while the VMM runs."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -83,7 +84,10 @@ def clean():
 def test_a_jailed_run_gives_the_guests_result(clean):
     r = MicroVM(tiny_pvh_kernel(1, 5), force=True, mem_mib=32, jail=True).run(["true"], timeout=30)
     assert (r.exit_code, r.reason) == (5, "exit")
-    assert "vm created" in r.timeline and "kernel loaded" in r.timeline
+    marks = ["jail set up", "jail cgroup joined", "jail namespaces made", "vmm forked", "vm created",
+             "kernel loaded", "jail entered", "first vcpu entry", "vm ended"]
+    assert [m for m in r.timeline if m in marks] == marks  # the jail's steps, in order, as data
+    assert all(r.timeline[a] <= r.timeline[b] for a, b in itertools.pairwise(marks)), r.timeline
 
 
 def test_the_vmm_runs_unprivileged_in_its_own_namespaces_and_cgroup(tmp_path, clean):
