@@ -35,19 +35,7 @@ class Closable(Protocol):
 
 def destroy(vm_fd: Closable, confine: Callable[[], None] | None = None) -> None:
     """Close `vm_fd` (the VM's last reference) in a thread of its own; confine() first there."""
-
-    def close() -> None:
-        if confine is not None:
-            confine()
-        vm_fd.close()
-
-    later(close, "vm-destroy", fallback=vm_fd.close)
-
-
-def later(work: Callable[[], None], name: str, fallback: Callable[[], None] | None = None) -> None:
-    """Run `work` in a thread of its own that drain() waits for; where no
-    thread can start, `fallback` (default: `work`) runs right here."""
-    thread = threading.Thread(target=_run, args=(work, name), name=name)
+    thread = threading.Thread(target=_destroy, args=(vm_fd, confine), name="vm-destroy")
     with _lock:
         _pending.add(thread)
     try:
@@ -55,14 +43,16 @@ def later(work: Callable[[], None], name: str, fallback: Callable[[], None] | No
     except RuntimeError:  # no thread to be had: here, then
         with _lock:
             _pending.discard(thread)
-        (fallback or work)()
+        vm_fd.close()
 
 
-def _run(work: Callable[[], None], name: str) -> None:
+def _destroy(vm_fd: Closable, confine: Callable[[], None] | None) -> None:
     try:
-        work()
-    except Exception:  # nothing to raise to: the thread that handed it over has gone on
-        log.exception("%s failed", name)
+        if confine is not None:
+            confine()
+        vm_fd.close()
+    except Exception:  # nothing to raise to: the closing thread has gone on
+        log.exception("destroying a closed VM failed")
     finally:
         with _lock:
             _pending.discard(threading.current_thread())

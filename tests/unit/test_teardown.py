@@ -66,7 +66,7 @@ def test_a_failing_close_is_logged_not_lost(caplog: pytest.LogCaptureFixture) ->
 
     teardown.destroy(Broken())
     assert teardown.drain(30)
-    assert any("vm-destroy failed" in r.getMessage() and r.exc_info for r in caplog.records)
+    assert any("destroying a closed VM failed" in r.getMessage() and r.exc_info for r in caplog.records)
 
 
 def test_a_forked_child_does_not_wait_for_its_parents_vms() -> None:
