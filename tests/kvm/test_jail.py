@@ -225,7 +225,8 @@ def test_the_vmm_goes_when_its_caller_dies(tmp_path):
         assert not Path(f"/proc/{vmm}").exists()
         # What the dead caller could not remove, the next jail does.
         MicroVM(tiny_pvh_kernel(1, 0), force=True, mem_mib=32, jail=True).run(["true"], timeout=30)
-        assert not [p for p in leftovers(set()) if f"{p.pid}-" in p]
+        dead = f"{p.pid}-"  # (the comprehension's name once shadowed p: this check could not fail)
+        assert not [left for left in leftovers(set()) if dead in left]
     finally:
         p.kill()
         p.wait()
