@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from microvm import _kvm
 from microvm.vcpu import StopReason
@@ -82,15 +82,21 @@ def no_forced_gil_switch() -> Iterator[None]:
             gc.enable()
 
 
+def started(running: Any) -> Progress:
+    """Start `running` (the LOOP guest) with a Progress on its port; once it has made 100 exits."""
+    progress = Progress()
+    running.pio.register(0x80, 1, progress)
+    running.start()
+    deadline = time.monotonic() + 10
+    while progress.exits < 100 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert progress.exits >= 100, "the running VM did not start"
+    return progress
+
+
 def test_a_vm_keeps_running_while_another_maps_4_gib() -> None:
     with long_mode_vm(LOOP) as running:
-        progress = Progress()
-        running.pio.register(0x80, 1, progress)
-        running.start()
-        deadline = time.monotonic() + 10
-        while progress.exits < 100 and time.monotonic() < deadline:
-            time.sleep(0.001)
-        assert progress.exits >= 100, "the running VM did not start"
+        progress = started(running)
         with _kvm.Kvm() as kvm, no_forced_gil_switch():
             with kvm.create_vm() as other:
                 # MAP_POPULATE: every page faulted in now, so the call lasts
@@ -112,13 +118,7 @@ def test_a_vm_keeps_running_while_others_are_destroyed() -> None:
     the GIL would never let it, however many batches; a loaded host may take
     more than one batch to schedule its thread."""
     with long_mode_vm(LOOP) as running:
-        progress = Progress()
-        running.pio.register(0x80, 1, progress)
-        running.start()
-        deadline = time.monotonic() + 10
-        while progress.exits < 100 and time.monotonic() < deadline:
-            time.sleep(0.001)
-        assert progress.exits >= 100, "the running VM did not start"
+        progress = started(running)
         with _kvm.Kvm() as kvm, no_forced_gil_switch():
             for batch in range(16):
                 doomed = []
