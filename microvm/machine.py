@@ -265,6 +265,7 @@ class MicroVM(MicroVMSnapshots, MicroVMInput):
                 self.vm = vm = Vm(slots, vcpus=self.vcpus, irqchip=True, forkable=self.forkable)
                 jailed = self._enter_jail is not None
                 vm.confine_threads(confiner("vcpu", self.seccomp, jailed), confiner("io", self.seccomp, jailed))
+                vm.destroy_in_background = not jailed  # the jailed VMM's own threads are all there is
             except BaseException:
                 self.backends.close()
                 raise
@@ -293,7 +294,9 @@ class MicroVM(MicroVMSnapshots, MicroVMInput):
 
         However the wait ends (the guest's end, an error, a timeout, or an
         interrupt such as Ctrl-C, which is re-raised), the VM is gone
-        afterwards: vCPUs stopped, threads joined, fds closed, memory unmapped.
+        afterwards: vCPUs stopped, threads joined, fds closed, memory unmapped
+        (the kernel's destruction of the VM itself finishes a few ms later:
+        teardown.py).
         """
         timeout = checks.timeout(timeout)
         if self._jailed is not None:

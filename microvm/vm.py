@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from microvm import _kvm
+from microvm import _kvm, teardown
 from microvm.arch.x86_64.layout import KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR
 from microvm.bus import MmioBus, PioBus
 from microvm.errors import ConfigError, DeviceError, KvmError, MicroVMError
@@ -78,6 +78,10 @@ class Vm:
         self.ioeventfds: list[int] = []
         self.io_threads: list[IoThread] = []
         self._io_start: Callable[[], None] | None = None  # confine_threads'
+        # close() leaves the kernel's destruction of the VM to a thread of its
+        # own (teardown.py); False where no thread may be started (a jailed
+        # VMM's main thread is under seccomp by then).
+        self.destroy_in_background = True
         self.io = self.io_thread("virtio-io")  # shared by devices without one of their own
         self.timestamps: dict[str, int] = {}
         self._closed = False
@@ -250,6 +254,8 @@ class Vm:
 
     def close(self) -> None:
         """Stop the vCPUs, join their threads, close every fd, unmap memory.
+        The VM's own fd is closed in a thread of its own (teardown.py): the
+        kernel destroys the VM there, without holding this thread up.
 
         Safe to call from several threads and again after a failure: each
         resource is released once, and guest memory stays mapped for as long
@@ -275,13 +281,19 @@ class Vm:
             while self.ioeventfds:
                 os.close(self.ioeventfds[-1])
                 self.ioeventfds.pop()
-            if getattr(self, "fd", None) is not None:
-                self.fd.close()  # the VM, its memslots and the PIT thread go with the last fd
             while self.before_unmap:
                 self.before_unmap.pop()()
+            # RAM goes before the VM itself: no vCPU can run any more, and KVM
+            # lets go of unmapped memory through its MMU notifier.
             if self.memory is not None:
                 self.memory.close()
                 self.memory = None
+            fd = getattr(self, "fd", None)
+            if fd is not None:  # the VM, its memslots and the PIT thread go with the last fd
+                if self.destroy_in_background:
+                    teardown.destroy(fd)
+                else:
+                    fd.close()
             self.kvm.close()
             self._closed = True
 

@@ -104,3 +104,15 @@ def virtqueue(request: pytest.FixtureRequest) -> Iterator[str]:
         yield request.param
     finally:
         vq.Queue = before  # type: ignore[misc]
+
+
+@pytest.fixture(autouse=True)
+def _closed_vms_destroyed() -> Iterator[None]:
+    """Each test starts with no VM of an earlier test still being destroyed
+    and no vm-destroy thread (microvm/teardown.py): that thread ends when
+    idle, and would otherwise come and go in the middle of a test that counts
+    threads or fds."""
+    from microvm import teardown
+
+    assert teardown.drain(60.0), "VMs closed by an earlier test were not destroyed within 60 s"
+    yield

@@ -43,7 +43,11 @@ def echo(*args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
 
 
 def kvm_vms() -> int:
-    """How many KVM VMs this process holds (its /proc/self/fd), run on a worker."""
+    """How many KVM VMs this process holds (its /proc/self/fd), run on a worker,
+    once those closed are destroyed (teardown.py)."""
+    from microvm import teardown
+
+    teardown.drain(30.0)
     count = 0
     for fd in os.listdir("/proc/self/fd"):
         try:

@@ -74,7 +74,10 @@ def clean():
     fds = set(os.listdir("/proc/self/fd"))
     yield
     assert leftovers(before) == set()
+    from microvm import teardown
     from microvm.loader import kernelcache  # its sealed kernel images live as long as the process
+
+    assert teardown.drain(30.0)  # VMs closed in this process: destroyed
 
     assert set(os.listdir("/proc/self/fd")) - {str(fd) for fd in kernelcache.fds()} <= fds
     with pytest.raises(ChildProcessError):

@@ -1,0 +1,187 @@
+"""A closed VM's last step, off the thread that closes it.
+
+The last close of a VM's fd is where the kernel destroys the VM: its MMU and
+memslots, and a grace period of the MMU notifier's SRCU (1-20 ms on this
+host, depending on load: most of a tiny VM's whole run). Everything else of
+a VM's teardown stays where close() is called: its threads joined, its
+devices closed, its guest RAM unmapped, every other fd closed. Only this one
+kernel object outlives close(), by those milliseconds.
+
+One thread of the process ("vm-destroy") closes those fds in turn, as they
+come. It is started by the first one and ends once none has come for
+IDLE_S, so a process that has stopped running VMs keeps no thread for it;
+fifty VMs closed at once make one thread, not fifty (each thread would leave
+glibc a cached stack and an arena to keep). It loads the seccomp policy of
+microvm's I/O threads, in "errno" mode (the caller's process), before its
+first close: all it does is close(2).
+
+drain() waits until every fd handed over so far is closed and the thread has
+gone (what a test counting fds or threads does first); so does the
+interpreter's exit. Where no thread can be started (a pids limit, the
+interpreter shutting down) the fd is closed right there; a jailed VMM (whose
+main thread is under a filter that lets no thread start) closes its own.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+IDLE_S = 2.0
+
+
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
+class _Destroyer:
+    """The queue of fds to close and the one thread closing them."""
+
+    def __init__(self, confine: Callable[[], None] | None) -> None:
+        self.confine = confine
+        self.cond = threading.Condition(threading.Lock())
+        self.queue: deque[Closable] = deque()
+        self.busy = 0  # fds taken from the queue, not closed yet
+        self.thread: threading.Thread | None = None
+        self.stop = False
+
+    def put(self, fd: Closable) -> None:
+        with self.cond:
+            self.queue.append(fd)
+            if self.thread is not None:
+                self.cond.notify_all()
+                return
+            thread = threading.Thread(target=self._serve, name="vm-destroy", daemon=True)
+            self.thread, self.stop = thread, False
+        try:
+            thread.start()
+        except RuntimeError:  # no thread to be had: here, then
+            with self.cond:
+                if self.thread is thread:
+                    self.thread = None
+                taken = list(self.queue)
+                self.queue.clear()
+                self.cond.notify_all()
+            for item in taken:
+                _close(item)
+
+    def _serve(self) -> None:
+        me = threading.current_thread()
+        try:
+            if self.confine is not None:
+                self.confine()
+        except Exception:  # an unfiltered thread that only closes fds still does its job
+            log.exception("vm-destroy: the seccomp policy could not be loaded")
+        with self.cond:
+            while True:
+                if self.queue:
+                    fd = self.queue.popleft()
+                    self.busy += 1
+                    self.cond.release()
+                    try:
+                        _close(fd)
+                    finally:
+                        del fd
+                        self.cond.acquire()
+                        self.busy -= 1
+                        self.cond.notify_all()
+                    continue
+                if self.stop or (not self.cond.wait(IDLE_S) and not self.queue):
+                    break
+            if self.thread is me:
+                self.thread = None
+            self.cond.notify_all()
+
+    def drain(self, timeout: float | None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.cond:
+            while self.queue or self.busy:
+                if not self.cond.wait(_left(deadline)) and _left(deadline) == 0:
+                    return False
+            thread = self.thread
+            if thread is None:
+                return True
+            self.stop = True
+            self.cond.notify_all()
+        thread.join(_left(deadline))
+        return not thread.is_alive() and _gone(thread, deadline)
+
+    def pending(self) -> int:
+        with self.cond:
+            return len(self.queue) + self.busy
+
+
+def _close(fd: Closable) -> None:
+    try:
+        fd.close()
+    except Exception:  # nothing to raise to: the closing thread has gone on
+        log.exception("destroying a closed VM failed")
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(deadline - time.monotonic(), 0.0)
+
+
+def _gone(thread: threading.Thread, deadline: float | None) -> bool:
+    """A joined thread has run its last line, but the kernel lists it a moment
+    more while it exits: True once it does not (a count of this process's
+    threads is then right)."""
+    task = f"/proc/self/task/{thread.native_id}"
+    while os.path.exists(task):
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+        time.sleep(0.0005)
+    return True
+
+
+def _io_policy() -> Callable[[], None] | None:
+    from microvm import seccomp
+
+    try:
+        seccomp.check_action("errno")
+    except Exception:  # no libseccomp extension: nothing to load
+        return None
+    return seccomp.confiner("io", "errno")
+
+
+_destroyer = _Destroyer(_io_policy())
+
+
+def destroy(vm_fd: Closable) -> None:
+    """Close `vm_fd` (the VM's last reference) on the vm-destroy thread."""
+    _destroyer.put(vm_fd)
+
+
+def drain(timeout: float | None = None) -> bool:
+    """Wait until every VM handed to destroy() so far is destroyed and the
+    vm-destroy thread has gone; False if `timeout` s passed first."""
+    return _destroyer.drain(timeout)
+
+
+def pending() -> int:
+    """VM fds handed over and not closed yet."""
+    return _destroyer.pending()
+
+
+def _after_fork_in_child() -> None:
+    """The parent's thread does not exist here, and may have held the lock.
+    The child's copies of the fds still queued are closed (the parent's are
+    the last references, so this is quick); the one being closed in the
+    parent reads as closed here already (_kvm's _Fd marks itself first)."""
+    global _destroyer
+    queued = list(_destroyer.queue)
+    _destroyer = _Destroyer(_destroyer.confine)
+    for fd in queued:
+        _close(fd)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(drain, 30.0)
