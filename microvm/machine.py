@@ -265,7 +265,8 @@ class MicroVM(MicroVMSnapshots, MicroVMInput):
                 self.vm = vm = Vm(slots, vcpus=self.vcpus, irqchip=True, forkable=self.forkable)
                 jailed = self._enter_jail is not None
                 vm.confine_threads(confiner("vcpu", self.seccomp, jailed), confiner("io", self.seccomp, jailed))
-                vm.destroy_in_background = not jailed  # the jailed VMM's own threads are all there is
+                if jailed:  # its result goes first; its exit destroys the VM (no thread may start there)
+                    vm.destroy = "exit"
             except BaseException:
                 self.backends.close()
                 raise

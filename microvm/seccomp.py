@@ -1,12 +1,14 @@
 """Seccomp for the VMM's own threads: MicroVM(seccomp="kill" | "errno" | "log").
 
-Each thread microvm starts for a VM (its vCPUs, its I/O threads) loads a
-filter as its first act (libseccomp through microvm._seccomp): the system
-calls below go ahead, `ioctl` only with the requests named (KVM_RUN and the
-register reads of a crash report on vCPU threads; a tap's offloads and a
-socket's non-blocking mode), `socket` only for AF_UNIX (vsock's host side);
-`openat` fails with EPERM (a traceback's source lines are then left out,
-nothing else opens files there); anything else meets the chosen action:
+Each thread microvm starts for a VM (its vCPUs, its I/O threads, and the one
+that destroys closed VMs: teardown.py) loads a filter as its first act
+(libseccomp through microvm._seccomp): the system calls below go ahead,
+`ioctl` only with the requests named (KVM_RUN and the register reads of a
+crash report on vCPU threads; a tap's offloads and a socket's non-blocking
+mode), `socket` only for AF_UNIX (vsock's host side); `openat` fails with
+EPERM (a traceback's source lines are then left out, nothing else opens
+files there; the teardown thread opens and removes a jail's directories);
+anything else meets the chosen action:
 "kill" ends the whole process with SIGSYS, "errno" fails the call with
 EPERM, "log" lets it through and has the kernel log it (for finding what a
 policy lacks), "auto" (the default) is "kill" in a jailed VMM (microvm/jail:
@@ -55,8 +57,12 @@ TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int)
 FIONBIO, FIOCLEX, FIONREAD = 0x5421, 0x5451, 0x541B
 AF_UNIX = 1
 
-# calls only some kinds of thread make: the main thread holds Ctrl-C off while it frees the VM (hostprocess.py)
-EXTRA_CALLS = {"main": ("rt_sigaction",)}
+# calls only some kinds of thread make: the main thread holds Ctrl-C off while it frees the VM (hostprocess.py);
+# the teardown thread (teardown.py) reaps a jail's VMM, and removes its cgroup and root directory
+EXTRA_CALLS = {
+    "main": ("rt_sigaction",),
+    "teardown": ("wait4", "waitid", "kill", "pidfd_send_signal", "openat", "getdents64", "unlinkat", "rmdir"),
+}
 
 IOCTLS = {
     "vcpu": (KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS, TUNSETOFFLOAD, FIONBIO, FIOCLEX, FIONREAD),
@@ -64,6 +70,7 @@ IOCTLS = {
     # a jailed VMM's main and control threads (microvm/jail): they wait, stop the vCPUs and close
     # the devices (a NIC's reset turns its tap's offloads off)
     "main": (KVM_GET_REGS, KVM_GET_SREGS, TUNSETOFFLOAD, FIONBIO, FIOCLEX, FIONREAD),
+    "teardown": (),
 }
 
 
@@ -81,15 +88,16 @@ def check_action(action: object) -> str | None:
 
 
 def confine(kind: str, action: str, jailed: bool = False) -> None:
-    """Load the policy for a `kind` ("vcpu", "io", "main") of thread on the calling thread, for good."""
+    """Load the policy for a `kind` ("vcpu", "io", "main", "teardown") of thread on the calling thread, for good."""
     from microvm import _seccomp
 
     action = effective(action, jailed) or "errno"
 
     # (In "errno" mode everything not allowed fails with EPERM already: libseccomp
     # refuses a rule that says what the default does.)
-    eperm = {} if action == "errno" else {"openat": errno.EPERM, "open": errno.EPERM}
-    _seccomp.confine(action, COMMON + EXTRA_CALLS.get(kind, ()), arg0={"socket": (AF_UNIX,)},
+    allow = COMMON + EXTRA_CALLS.get(kind, ())
+    eperm = {} if action == "errno" else {call: errno.EPERM for call in ("openat", "open") if call not in allow}
+    _seccomp.confine(action, allow, arg0={"socket": (AF_UNIX,)},
                      arg1={"ioctl": IOCTLS[kind]}, errno_calls=eperm, err=errno.EPERM)
 
 

@@ -1,4 +1,4 @@
-"""A closed VM's last step, off the thread that closes it.
+"""A closed VM's last steps, off the thread that closes it.
 
 The last close of a VM's fd is where the kernel destroys the VM: its MMU and
 memslots, and a grace period of the MMU notifier's SRCU (1-20 ms on this
@@ -11,9 +11,11 @@ One thread of the process ("vm-destroy") closes those fds in turn, as they
 come. It is started by the first one and ends once none has come for
 IDLE_S, so a process that has stopped running VMs keeps no thread for it;
 fifty VMs closed at once make one thread, not fifty (each thread would leave
-glibc a cached stack and an arena to keep). It loads the seccomp policy of
-microvm's I/O threads, in "errno" mode (the caller's process), before its
-first close: all it does is close(2).
+glibc a cached stack and an arena to keep). A jail's end after its result
+comes here too (later(): the VMM's exit, in which the kernel destroys its
+VM, reaped; its cgroup and root removed). The thread loads seccomp's
+"teardown" policy, in "errno" mode (the caller's process), before its first
+step: closing, reaping, removing directories, nothing else.
 
 drain() waits until every fd handed over so far is closed and the thread has
 gone (what a test counting fds or threads does first); so does the
@@ -31,7 +33,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -42,20 +44,26 @@ class Closable(Protocol):
     def close(self) -> None: ...
 
 
+class _Job(NamedTuple):
+    work: Callable[[], None]
+    what: str  # for the log, should it fail
+    fd: Closable | None  # destroy()'s: a forked child closes its copy
+
+
 class _Destroyer:
-    """The queue of fds to close and the one thread closing them."""
+    """The queue of steps and the one thread taking them."""
 
     def __init__(self, confine: Callable[[], None] | None) -> None:
         self.confine = confine
         self.cond = threading.Condition(threading.Lock())
-        self.queue: deque[Closable] = deque()
-        self.busy = 0  # fds taken from the queue, not closed yet
+        self.queue: deque[_Job] = deque()
+        self.busy = 0  # jobs taken from the queue, not done yet
         self.thread: threading.Thread | None = None
         self.stop = False
 
-    def put(self, fd: Closable) -> None:
+    def put(self, job: _Job) -> None:
         with self.cond:
-            self.queue.append(fd)
+            self.queue.append(job)
             if self.thread is not None:
                 self.cond.notify_all()
                 return
@@ -71,7 +79,7 @@ class _Destroyer:
                 self.queue.clear()
                 self.cond.notify_all()
             for item in taken:
-                _close(item)
+                _do(item)
 
     def _serve(self) -> None:
         me = threading.current_thread()
@@ -83,13 +91,13 @@ class _Destroyer:
         with self.cond:
             while True:
                 if self.queue:
-                    fd = self.queue.popleft()
+                    job = self.queue.popleft()
                     self.busy += 1
                     self.cond.release()
                     try:
-                        _close(fd)
+                        _do(job)
                     finally:
-                        del fd
+                        del job
                         self.cond.acquire()
                         self.busy -= 1
                         self.cond.notify_all()
@@ -119,11 +127,11 @@ class _Destroyer:
             return len(self.queue) + self.busy
 
 
-def _close(fd: Closable) -> None:
+def _do(job: _Job) -> None:
     try:
-        fd.close()
-    except Exception:  # nothing to raise to: the closing thread has gone on
-        log.exception("destroying a closed VM failed")
+        job.work()
+    except Exception:  # nothing to raise to: the thread that handed it over has gone on
+        log.exception("%s failed", job.what)
 
 
 def _left(deadline: float | None) -> float | None:
@@ -142,22 +150,29 @@ def _gone(thread: threading.Thread, deadline: float | None) -> bool:
     return True
 
 
-def _io_policy() -> Callable[[], None] | None:
+def _policy() -> Callable[[], None] | None:
     from microvm import seccomp
 
     try:
         seccomp.check_action("errno")
     except Exception:  # no libseccomp extension: nothing to load
         return None
-    return seccomp.confiner("io", "errno")
+    return seccomp.confiner("teardown", "errno")
 
 
-_destroyer = _Destroyer(_io_policy())
+_destroyer = _Destroyer(_policy())
 
 
 def destroy(vm_fd: Closable) -> None:
     """Close `vm_fd` (the VM's last reference) on the vm-destroy thread."""
-    _destroyer.put(vm_fd)
+    _destroyer.put(_Job(vm_fd.close, "destroying a closed VM", vm_fd))
+
+
+def later(work: Callable[[], None], what: str) -> None:
+    """Run `work` on the vm-destroy thread, after what was handed over
+    before it (where no thread can start: right here). Not in a forked
+    child: work of the parent's left there is dropped."""
+    _destroyer.put(_Job(work, what, None))
 
 
 def drain(timeout: float | None = None) -> bool:
@@ -167,7 +182,7 @@ def drain(timeout: float | None = None) -> bool:
 
 
 def pending() -> int:
-    """VM fds handed over and not closed yet."""
+    """Steps handed over and not done yet."""
     return _destroyer.pending()
 
 
@@ -175,12 +190,13 @@ def _after_fork_in_child() -> None:
     """The parent's thread does not exist here, and may have held the lock.
     The child's copies of the fds still queued are closed (the parent's are
     the last references, so this is quick); the one being closed in the
-    parent reads as closed here already (_kvm's _Fd marks itself first)."""
+    parent reads as closed here already (_kvm's _Fd marks itself first).
+    The parent's other steps (its jails' ends) are its own: dropped."""
     global _destroyer
-    queued = list(_destroyer.queue)
+    queued = [job for job in _destroyer.queue if job.fd is not None]
     _destroyer = _Destroyer(_destroyer.confine)
-    for fd in queued:
-        _close(fd)
+    for job in queued:
+        _do(job)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

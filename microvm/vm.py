@@ -54,6 +54,9 @@ class IrqLine:
                 self.efd = -1
 
 
+_at_exit: list[Any] = []  # VMs' fds left for the process's exit to close (Vm.destroy == "exit")
+
+
 class Vm:
     """A KVM virtual machine with its memory and vCPUs (not yet running)."""
 
@@ -78,10 +81,11 @@ class Vm:
         self.ioeventfds: list[int] = []
         self.io_threads: list[IoThread] = []
         self._io_start: Callable[[], None] | None = None  # confine_threads'
-        # close() leaves the kernel's destruction of the VM to a thread of its
-        # own (teardown.py); False where no thread may be started (a jailed
-        # VMM's main thread is under seccomp by then).
-        self.destroy_in_background = True
+        # Where close() leaves the kernel's destruction of the VM: "thread", the
+        # process's vm-destroy thread (teardown.py); "exit", the process's exit (a jailed VMM,
+        # whose main thread may start no thread under its seccomp filter and
+        # which exits once it has sent its result); "here".
+        self.destroy = "thread"
         self.io = self.io_thread("virtio-io")  # shared by devices without one of their own
         self.timestamps: dict[str, int] = {}
         self._closed = False
@@ -290,8 +294,10 @@ class Vm:
                 self.memory = None
             fd = getattr(self, "fd", None)
             if fd is not None:  # the VM, its memslots and the PIT thread go with the last fd
-                if self.destroy_in_background:
+                if self.destroy == "thread":
                     teardown.destroy(fd)
+                elif self.destroy == "exit":
+                    _at_exit.append(fd)  # kept open (a collected VmFd closes itself) until os._exit
                 else:
                     fd.close()
             self.kvm.close()

@@ -102,6 +102,7 @@ class JailedVmm:
         self.killed = False
         self._waiter: int | None = None  # the thread in wait(), if one is
         self._logs: logs.Receiver | None = None
+        self._finishing = False  # close() has handed the reaping and removals over
         try:
             self.root: str | None = tempfile.mkdtemp(prefix=f"{ROOT_PREFIX}{self.name}-", dir=base_dir(jail))
             self._launch(machine, argv)
@@ -180,7 +181,8 @@ class JailedVmm:
                                     f"answer for {REPLY_GRACE} s more; killed") from None
         finally:
             self._waiter = None
-        self._reap()  # the VMM ends after its answer
+        if kind != "result":  # it ends after its answer; after a result, close() reaps it (off our path)
+            self._reap()
         if kind == "result":
             self.result = value
             return value
@@ -210,19 +212,39 @@ class JailedVmm:
     def close(self) -> None:
         """Kill the VMM if it still runs, reap it, remove its cgroup and root; idempotent.
         From another thread than a wait() in progress: only the kill (that wait
-        sees the end of its pipe, and its caller closes)."""
+        sees the end of its pipe, and its caller closes). After a result the
+        VMM has closed its devices and only exits (the kernel destroys its VM
+        as it does): the reaping and the removals are then left to a thread
+        of their own (microvm/teardown.py), so a run's result does not wait
+        for them."""
         if self.pid is not None and self.result is None:
             self.kill()
         waiter = self._waiter
         if waiter is not None and waiter != threading.get_ident():
             return
-        self._reap()
         for fd in self._fds:
             with _pipes_lock:
                 _open_pipes.discard(fd)
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._fds = []
+        if self.vsock is not None:  # the VMM's listener, which it could not unlink
+            with contextlib.suppress(OSError):
+                if stat.S_ISSOCK(os.lstat(self.vsock).st_mode):
+                    os.unlink(self.vsock)
+            self.vsock = None
+        if not self._finishing:
+            self._finishing = True
+            if self.result is None:  # killed, or it failed: gone (its taps, its images) before we return
+                self._finish()
+            else:  # it closed its VM's devices before it sent its result, and only exits
+                from microvm import teardown
+
+                teardown.later(self._finish, "jail-cleanup")
+
+    def _finish(self) -> None:
+        """After close(): reap the VMM, then its cgroup and root go."""
+        self._reap()
         if self._logs is not None:  # ends with the pipe: the VMM and the intermediate are gone
             self._logs.join(5.0)
             self._logs = None
@@ -232,11 +254,7 @@ class JailedVmm:
         if self.cgroup is not None:
             self.cgroup.kill_all()  # anything left (the VMM, should it have outlived its parent)
             self.cgroup.remove()
-        if self.vsock is not None:  # the VMM's listener, which it could not unlink
-            with contextlib.suppress(OSError):
-                if stat.S_ISSOCK(os.lstat(self.vsock).st_mode):
-                    os.unlink(self.vsock)
-            self.vsock = None
+            self.cgroup = None
         root = getattr(self, "root", None)
         if root is not None:
             shutil.rmtree(root, ignore_errors=True)

@@ -73,11 +73,11 @@ def clean():
     before = leftovers(set())
     fds = set(os.listdir("/proc/self/fd"))
     yield
-    assert leftovers(before) == set()
     from microvm import teardown
     from microvm.loader import kernelcache  # its sealed kernel images live as long as the process
 
-    assert teardown.drain(30.0)  # VMs closed in this process: destroyed
+    assert teardown.drain(30.0)  # closed jails reaped and removed, VMs closed in this process destroyed
+    assert leftovers(before) == set()
 
     assert set(os.listdir("/proc/self/fd")) - {str(fd) for fd in kernelcache.fds()} <= fds
     with pytest.raises(ChildProcessError):
@@ -228,6 +228,9 @@ def test_the_vmm_goes_when_its_caller_dies(tmp_path):
         assert not Path(f"/proc/{vmm}").exists()
         # What the dead caller could not remove, the next jail does.
         MicroVM(tiny_pvh_kernel(1, 0), force=True, mem_mib=32, jail=True).run(["true"], timeout=30)
+        from microvm import teardown
+
+        assert teardown.drain(30.0)
         dead = f"{p.pid}-"  # (the comprehension's name once shadowed p: this check could not fail)
         assert not [left for left in leftovers(set()) if dead in left]
     finally:

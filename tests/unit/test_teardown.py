@@ -5,6 +5,7 @@ KVM test (tests/support/resources.open_fds drains first)."""
 from __future__ import annotations
 
 import os
+import socket
 import threading
 
 import pytest
@@ -79,23 +80,32 @@ def test_the_thread_ends_when_idle(monkeypatch: pytest.MonkeyPatch) -> None:
     assert teardown.drain(30) and again.closed_in == "vm-destroy"
 
 
-def test_the_thread_is_under_the_io_seccomp_policy() -> None:
+def test_the_thread_is_under_the_teardown_seccomp_policy() -> None:
     if teardown._destroyer.confine is None:
         pytest.skip("microvm._seccomp is not built")
     seen: list[BaseException | None] = []
 
-    class Probe:
-        def close(self) -> None:  # the policy fails openat with EPERM (seccomp.py)
-            try:
-                open("/dev/null").close()
-                seen.append(None)
-            except OSError as e:
-                seen.append(e)
+    def probe() -> None:  # the policy allows sockets of AF_UNIX only (seccomp.py)
+        try:
+            socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()
+            seen.append(None)
+        except OSError as e:
+            seen.append(e)
 
-    teardown.destroy(Probe())
+    teardown.later(probe, "probe")
     assert teardown.drain(30)
     assert isinstance(seen[0], PermissionError), seen
-    open("/dev/null").close()  # this thread: no filter
+    socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()  # this thread: no filter
+
+
+def test_later_runs_in_order_with_the_closes() -> None:
+    order: list[str] = []
+    fd = SlowFd()
+    fd.release.set()
+    teardown.destroy(fd)
+    teardown.later(lambda: order.append(f"later after {fd.closed_in}"), "a step")
+    assert teardown.drain(30)
+    assert order == ["later after vm-destroy"]
 
 
 def test_without_a_thread_the_fd_is_closed_right_there(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -127,16 +137,19 @@ def test_a_forked_child_closes_its_copies_and_does_not_wait_for_its_parents() ->
     """The parent's thread does not exist in a child (nor does the lock it may
     hold); the child's copies of fds still queued are closed there."""
     busy, queued = SlowFd(), SlowFd()
+    parents: list[int] = []
     teardown.destroy(busy)
     teardown.destroy(queued)
+    teardown.later(lambda: parents.append(os.getpid()), "the parent's own step")
     queued.release.set()
     try:
         pid = os.fork()
         if pid == 0:
-            ok = teardown.pending() == 0 and teardown.drain(1.0)
+            ok = teardown.pending() == 0 and teardown.drain(1.0) and parents == []
             os._exit(0 if ok and queued.closed_in == "MainThread" else 1)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
-        assert teardown.pending() == 2  # ours still closing here
+        assert teardown.pending() == 3  # ours still closing here
     finally:
         busy.release.set()
+    assert teardown.drain(30) and parents == [os.getpid()]
