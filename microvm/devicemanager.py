@@ -152,6 +152,8 @@ class DeviceManager:
             close = getattr(a.device, "close", None)  # host resources of its own (vsock's sockets)
             if callable(close):
                 close()
+            if a.transport is not None:
+                a.transport.detach()
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Every virtio device's counters (transport, queues and device together) by name, and the buses'."""

@@ -233,3 +233,7 @@ class IoThread:
             self._timers.clear()
             os.close(self._wake)
         self._exited.close()
+        # The devices' handlers and the VM's on_error: each holds what holds
+        # us (a reference cycle), and none can run any more.
+        self._handlers.clear()
+        self.on_error = None

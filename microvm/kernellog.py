@@ -29,24 +29,28 @@ MAX_LINE = 512  # a longer "line" is looked at in pieces: a guest cannot grow ou
 
 
 class KernelLog:
-    def __init__(self, on_end: Callable[[str], None]):
-        self.on_end = on_end
+    def __init__(self, on_end: Callable[[str], None] | None = None):
+        self.on_end = on_end  # or feed()'s return: the owner holds us, we hold nothing of it
         self.panicked = False
         self.panic_line = ""  # the panic's reason, as printed
         self.panic_deadline: float | None = None  # time.monotonic() by which the report should be complete
         self.initrd_failure = ""
         self._line = bytearray()
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes) -> str | None:
         """Bytes as they come: one at a time (the UART) or in pieces of any size
-        (a virtio console's buffers), lines split anywhere."""
+        (a virtio console's buffers), lines split anywhere. The first end
+        ("panic", "poweroff") their lines show, if any (on_end gets each)."""
+        ended = None
         while data:
             end = data.find(b"\n")
             piece, data = (data, b"") if end < 0 else (data[:end + 1], data[end + 1:])
             self._line += piece
             if end >= 0 or len(self._line) > MAX_LINE:
                 line, self._line = bytes(self._line), bytearray()
-                self._look_at(line)
+                reason = self._look_at(line)
+                ended = ended or reason
+        return ended
 
     def panic_summary(self) -> str:
         """The first line of a GuestPanicError: what panicked, and why if the log said."""
@@ -54,7 +58,7 @@ class KernelLog:
             return f"guest kernel panicked: the initrd could not be unpacked ({self.initrd_failure})"
         return f"guest kernel panicked: {self.panic_line}" if self.panic_line else "guest kernel panicked"
 
-    def _look_at(self, line: bytes) -> None:
+    def _look_at(self, line: bytes) -> str | None:
         # The end line repeats the marker ("---[ end Kernel panic - not syncing: ..."):
         # looked for first, or the report would only end by PANIC_GRACE.
         if PANIC_END_MARKER in line or PANIC_MARKER in line:
@@ -63,12 +67,18 @@ class KernelLog:
                 self.panic_line = printk_text(line)
                 self.panic_deadline = time.monotonic() + PANIC_GRACE
             if PANIC_END_MARKER in line:
-                self.on_end("panic")
+                return self._end("panic")
         elif not self.initrd_failure and any(m in line for m in INITRD_FAILURE_MARKERS):
             self.initrd_failure = printk_text(line)
         elif any(m in line for m in POWER_DOWN_MARKERS):
             # `poweroff -f` without ACPI: the kernel halts its CPUs; we end the VM.
-            self.on_end("poweroff")
+            return self._end("poweroff")
+        return None
+
+    def _end(self, reason: str) -> str:
+        if self.on_end is not None:
+            self.on_end(reason)
+        return reason
 
 
 def init_message(console: bytes | bytearray) -> str:

@@ -193,12 +193,16 @@ class MicroVM(MicroVMSnapshots, MicroVMInput):
         self.hvc: VirtioConsole | None = None
         self.vsock_device: VirtioVsock | None = None
         self.devices: DeviceManager | None = None
+        # (device, attribute) of each callback a device holds into this MicroVM
+        # or into the device graph: dropped once the VM is closed (close()), so
+        # no reference cycle keeps a finished VM for the garbage collector.
+        self._hooks: list[tuple[object, str]] = []
         self.console = bytearray()
         self.stdout = bytearray()
         self._in_command = False
         self._shutdown_deadline: float | None = None  # set when the guest shuts its devices down
         self._command_on_console = False  # the command writes to the serial console (no hvc0)
-        self.kernel_log = KernelLog(self._end)
+        self.kernel_log = KernelLog()  # feed() says how the log ends the VM: no callback, no cycle
         self._failure: int | None = None  # init's FAIL_* code
         self._started = False
         self._stopped_by_host = False
@@ -421,6 +425,9 @@ class MicroVM(MicroVMSnapshots, MicroVMInput):
                 self.vm = None
                 if self.devices is not None:
                     self.devices.close()
+                while self._hooks:  # the VM's threads are gone: no device calls back any more
+                    device, hook = self._hooks.pop()
+                    setattr(device, hook, None)
             self.backends.close()  # after the I/O thread is gone
 
     def __enter__(self) -> MicroVM:
@@ -507,14 +514,17 @@ class MicroVM(MicroVMSnapshots, MicroVMInput):
         self.devices = devices = DeviceManager(vm)
         self.serial = Serial(vm.irq_line(layout.COM1_IRQ), self._on_console)
         devices.add_pio("com1", self.serial, layout.COM1_PORT, layout.COM1_PORTS, layout.COM1_IRQ)
-        i8042 = I8042(lambda: self._end("reboot"))
-        devices.add_pio("i8042-data", i8042.data_port, layout.I8042_DATA_PORT, 1)
-        devices.add_pio("i8042-command", i8042.command_port, layout.I8042_COMMAND_PORT, 1)
+        i8042 = I8042(functools.partial(self._end, "reboot"))
+        i8042_data, i8042_command = i8042.ports()
+        devices.add_pio("i8042-data", i8042_data, layout.I8042_DATA_PORT, 1)
+        devices.add_pio("i8042-command", i8042_command, layout.I8042_COMMAND_PORT, 1)
         self.control = ControlDevice(self._on_exit, self._end, self._on_mark, self._on_fail)
         devices.add_mmio("control", self.control, layout.CONTROL_BASE, layout.CONTROL_SIZE)
         # The command's stdout and stderr travel over virtio-console (hvc0):
         # whole buffers per notification instead of an exit per byte.
         self.hvc = VirtioConsole(self._on_command_output)
+        self._hooks += [(self.serial, "output"), (i8042, "on_reset"), (self.hvc, "output")]
+        self._hooks += [(self.control, hook) for hook in ("on_exit", "on_power", "on_mark", "on_fail")]
         # No ioeventfd for the console: Linux's hvc busy-waits in the kernel
         # until the host has taken each buffer, so the notify is served right
         # in the vCPU's exit, never waiting for the I/O thread to be scheduled.
@@ -524,6 +534,7 @@ class MicroVM(MicroVMSnapshots, MicroVMInput):
         # devices probe in this order).
         if KERNEL_CONSOLE in f"{self.cmdline} {self.append}".split():
             hvc1 = VirtioConsole(self._on_log, self._on_kernel_console_reset)
+            self._hooks += [(hvc1, "output"), (hvc1, "on_reset")]
             devices.add_virtio("hvc1", hvc1, ioeventfd=False, share_line_of="hvc0")
         elif self.full_log is not None and not self.full_log.plan(self.kernel or _default_kernel()):
             devices.add_virtio("hvc1", VirtioConsole(self.full_log.dmesg.extend), ioeventfd=False,
@@ -532,6 +543,7 @@ class MicroVM(MicroVMSnapshots, MicroVMInput):
         # waits for its own pool (slow to fill in a quiet VM).
         rng = VirtioRng()
         rng.wakeup = IoWakeup(vm.io, devices.add_virtio("rng", rng).notify)  # work left for later: a timer
+        self._hooks.append((rng, "wakeup"))
         # Disks first (vda, vdb, ...: the kernel names them in probe order),
         # each with its own I/O thread; then eth0, ...
         if self.backends.disks:
@@ -565,7 +577,7 @@ class MicroVM(MicroVMSnapshots, MicroVMInput):
         whose output has no hvc0 runs, that command's output."""
         if self._in_command and self._command_on_console:
             self._on_command_output(data)
-            self.kernel_log.feed(data)
+            self._feed_log(data)
         else:
             self._on_log(data)
 
@@ -579,7 +591,12 @@ class MicroVM(MicroVMSnapshots, MicroVMInput):
         self.console += data
         if self._console_sink is not None:
             self._console_sink(data)
-        self.kernel_log.feed(data)
+        self._feed_log(data)
+
+    def _feed_log(self, data: bytes) -> None:
+        ended = self.kernel_log.feed(data)
+        if ended is not None:
+            self._end(ended)
 
     def _on_mark(self, mark: int) -> None:
         now = time.monotonic_ns()

@@ -218,6 +218,10 @@ class Throttle:
     def bind(self, call_later: Callable[[float, Callable[[], None]], None], retry: Callable[[], None]) -> None:
         self._call_later, self._retry = call_later, retry
 
+    def unbind(self) -> None:
+        """The VM is closed: no way back to its queue (nor a reference cycle through it)."""
+        self._call_later = self._retry = None
+
     def set(self, spec: RateLimit | None) -> None:
         """A new limit (None: none), from any thread; what waits is looked at again at once."""
         old = self.limiter

@@ -274,8 +274,10 @@ class Vm:
             if stuck:
                 # close() can be called again once the thread is out.
                 raise MicroVMError(f"vcpu(s) {stuck} did not stop within 5 s; VM left open")
+            for vcpu in self.vcpus:
+                vcpu.on_stop = None  # our bound method: a cycle, once no thread can call it
             for thread in self.io_threads:
-                thread.close()  # no device may touch guest memory after this
+                thread.close()  # no device may touch guest memory after this; its callbacks dropped
             while self.vcpus_open:
                 self.vcpus_open[-1].close()
                 self.vcpus_open.pop()

@@ -16,6 +16,18 @@ CMD_RESET_CPU = 0xFE
 STATUS_SYSTEM_FLAG = 0x04  # POST passed; input and output buffers stay empty
 
 
+def _read_nothing() -> int:
+    return 0
+
+
+def _read_status() -> int:
+    return STATUS_SYSTEM_FLAG
+
+
+def _ignore(value: int) -> None:
+    pass
+
+
 class _Port:
     """One of the controller's ports, as the bus and the device manager hold it;
     its state is the controller's."""
@@ -39,13 +51,16 @@ class _Port:
 
 
 class I8042:
-    """The controller; its two ports (0x60, 0x64) go on the bus separately."""
+    """The controller; its two ports (0x60, 0x64) go on the bus separately.
+    It holds none of them (each holds it): no reference cycle."""
 
-    def __init__(self, on_reset: Callable[[], None]):
+    def __init__(self, on_reset: Callable[[], None] | None):
         self.on_reset = on_reset
         self.resets = 0
-        self.data_port = _Port(self, lambda: 0, lambda value: None)
-        self.command_port = _Port(self, lambda: STATUS_SYSTEM_FLAG, self._command)
+
+    def ports(self) -> tuple[_Port, _Port]:
+        """(data port, command port), new each call: what the bus holds."""
+        return _Port(self, _read_nothing, _ignore), _Port(self, _read_status, self._command)
 
     def snapshot_state(self) -> State:
         """Nothing: no command byte, the output buffer always empty, the status fixed."""
@@ -57,4 +72,5 @@ class I8042:
     def _command(self, value: int) -> None:
         if value == CMD_RESET_CPU:
             self.resets += 1
-            self.on_reset()
+            if self.on_reset is not None:
+                self.on_reset()

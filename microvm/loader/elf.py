@@ -422,7 +422,8 @@ def write_start_info(
     """Write hvm_start_info, its module list and memory map; return its address."""
     if len(memmap) > MEMMAP_MAX:
         raise LoaderError(f"memory map has {len(memmap)} entries, PVH boot takes at most {MEMMAP_MAX}")
-    table = (HvmMemmapTableEntry * len(memmap))(*(HvmMemmapTableEntry(a, s, t, 0) for a, s, t in memmap))
+    # Entries one after another (an array type made per call would be a new class each time: garbage in cycles)
+    table = b"".join(bytes(HvmMemmapTableEntry(a, s, t, 0)) for a, s, t in memmap)
     info = HvmStartInfo(
         magic=XEN_HVM_START_MAGIC_VALUE,
         version=HVM_START_INFO_VERSION,
@@ -437,6 +438,6 @@ def write_start_info(
         mem.write_obj(MODLIST, HvmModlistEntry(paddr=initrd[0], size=initrd[1]))
         info.nr_modules = 1
         info.modlist_paddr = MODLIST
-    mem.write_obj(MEMMAP, table)
+    mem.write(MEMMAP, table)
     mem.write_obj(START_INFO, info)
     return START_INFO

@@ -91,10 +91,10 @@ def serial(data: bytes) -> None:
 
 
 def i8042(data: bytes) -> None:
-    controller = I8042(lambda: None)
+    data_port, command_port = I8042(lambda: None).ports()
     b = Bytes(data)
     while b.left() > 0:
-        port = controller.data_port if b.below(2) else controller.command_port
+        port = data_port if b.below(2) else command_port
         if b.below(2):
             port.read(0, 1)
         else:

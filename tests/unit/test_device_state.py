@@ -622,13 +622,13 @@ def test_serial_keeps_registers_pending_interrupt_and_unread_input() -> None:
 
 
 def test_i8042_and_control() -> None:
-    i8042 = I8042(lambda: None)
-    for port in (i8042.data_port, i8042.command_port):  # what the device manager holds
+    data_port, command_port = I8042(lambda: None).ports()
+    for port in (data_port, command_port):  # what the device manager holds
         state = roundtrip(port.snapshot_state())
         assert state == {"kind": "i8042"}
-        I8042(lambda: None).command_port.restore_state(state)
+        I8042(lambda: None).ports()[1].restore_state(state)
     with pytest.raises(SnapshotError, match="i8042 state: the state is of a 'serial' device"):
-        i8042.data_port.restore_state({"kind": "serial"})
+        data_port.restore_state({"kind": "serial"})
 
     exits: list[int] = []
     control = ControlDevice(exits.append, lambda _: None)

@@ -319,6 +319,16 @@ class MmioTransport:
             if release is not None:
                 release()
 
+    def detach(self) -> None:
+        """The VM is closed: the device lets go of what we gave it (our bound
+        methods: a reference cycle with it), and its rate limits of their way
+        back to us. Nothing calls either any more."""
+        for hook in ("config_changed", "notify_queue"):
+            if getattr(self.device, hook, None) is not None:
+                setattr(self.device, hook, None)
+        for throttle in getattr(self.device, "throttles", dict)().values():
+            throttle.unbind()
+
     # --- queues (I/O thread) ------------------------------------------------------
 
     def notify(self, index: int) -> None:

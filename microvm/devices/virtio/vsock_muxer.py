@@ -156,6 +156,10 @@ class _Conn:
                 and not self.guest_shut & VIRTIO_VSOCK_SHUTDOWN_RCV and self.credit() > 0)
 
 
+def _no_kick() -> None:
+    """A closed muxer's kick: nothing left to tell."""
+
+
 class VsockMuxer:
     """The listening socket and every connection; host socket events are served
     in host_events(), from the device, under the transport's lock."""
@@ -221,6 +225,9 @@ class VsockMuxer:
             self._unwatch(self._listener.fd)
             self._listener.close()
             self._listener = None
+        # The device's kick and the I/O loop: each leads back to us (a cycle), and nothing calls now.
+        self._kick = _no_kick
+        self._io = None
 
     def _watch(self, fd: int) -> None:
         if self._io is not None:
