@@ -1017,6 +1017,7 @@ cdef class Mapping:
     cdef readonly int fd  # the backing file (not ours: the caller closes it), or -1
     cdef readonly long offset
     cdef readonly bint shared
+    cdef readonly int map_file_refused  # errno of the last file mapping the kernel refused, or 0
 
     def __cinit__(self, size_t size, int fd=-1, long offset=0, bint shared=False,
                   bint hugepages=False, bint populate=False, bint thp=True):
@@ -1126,7 +1127,10 @@ cdef class Mapping:
         the range reads the file's pages (shared with every other mapping of
         them) and writes stay ours. Page aligned, inside the mapping and the
         file. For a kernel image in a sealed memfd (loader/kernelcache.py):
-        a file that can shrink under the mapping would be SIGBUS."""
+        a file that can shrink under the mapping would be SIGBUS. True when
+        mapped; False when the kernel refused (ENOMEM from a mapping count
+        limit, EACCES, ...): the range is anonymous zero RAM again and the
+        caller copies the bytes instead (map_file_refused says why)."""
         if self.base == NULL:
             raise ValueError("mapping is closed")
         if self.fd >= 0 or self.shared:
@@ -1148,7 +1152,9 @@ cdef class Mapping:
                        s.MAP_PRIVATE | s.MAP_ANONYMOUS | s.MAP_NORESERVE | s.MAP_FIXED, -1, 0)
             if p == s.MAP_FAILED:
                 _raise_errno(errno, "mmap(MAP_FIXED): guest memory lost, close the VM")
-            _raise_errno(err, "mmap(MAP_FIXED) of a file into guest memory")
+            self.map_file_refused = err
+            return False  # the range is zero RAM again: the caller copies instead
+        return True
 
     def remap(self, int fd, long offset=0, bint shared=False):
         """Replace the mapping, in place, by one of `fd` at `offset`: same

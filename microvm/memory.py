@@ -186,11 +186,10 @@ class GuestMemory:
         map_file = getattr(region.backing, "map_file", None)
         if map_file is None or getattr(region.backing, "fd", 0) >= 0 or getattr(region.backing, "shared", True):
             return False
-        try:
-            map_file(offset, length, fd, file_offset)
+        try:  # refused by the kernel (e.g. a mapping count limit): zero RAM there, copied into
+            return bool(map_file(offset, length, fd, file_offset))
         except ValueError:
             return False
-        return True
 
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         src = memoryview(data).cast("B")

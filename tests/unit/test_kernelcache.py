@@ -141,3 +141,32 @@ def test_mapping_map_file_checks_its_arguments(tmp_path):
     finally:
         shared.close()
         os.close(fd)
+
+
+def test_a_file_mapping_the_kernel_refuses_leaves_zero_ram_and_says_so(tmp_path):
+    """mmap refused (here EACCES: a file open for writing only) is no error:
+    the range is anonymous zero RAM again, writable, and the loader copies
+    instead (GuestMemory.map_file says False)."""
+    import errno
+
+    path = tmp_path / "image"
+    path.write_bytes(b"\xab" * (4 * PAGE))
+    fd = os.open(path, os.O_WRONLY)
+    m = Mapping(4 * PAGE)
+    try:
+        memoryview(m)[PAGE:2 * PAGE] = b"\x01" * PAGE
+        assert m.map_file(PAGE, PAGE, fd, 0) is False
+        assert m.map_file_refused == errno.EACCES
+        assert bytes(memoryview(m)[PAGE:2 * PAGE]) == bytes(PAGE)  # zero RAM, not a hole
+        memoryview(m)[PAGE:2 * PAGE] = b"\x02" * PAGE
+        assert bytes(memoryview(m)[PAGE:PAGE + 4]) == b"\x02" * 4
+    finally:
+        m.close()
+    mem = GuestMemory.anonymous([(0, 4 * PAGE)])
+    try:
+        assert mem.map_file(PAGE, PAGE, fd, 0) is False
+        mem.write(PAGE, b"copied")
+        assert mem.read(PAGE, 6) == b"copied"
+    finally:
+        mem.close()
+        os.close(fd)
