@@ -125,6 +125,10 @@ def test_the_vmm_runs_unprivileged_in_its_own_namespaces_and_cgroup(tmp_path, cl
         assert limits.cpus == 3.0  # two vCPUs and the I/O thread
         assert limits.memory_bytes == (64 + OVERHEAD_MIB) << 20
         assert limits.pids == PIDS_SPARE + 2
+        no_swap = {1: "memory.memsw.limit_in_bytes", 2: "memory.swap.max"}[jailed.cgroup.version]
+        if (jailed.cgroup.dirs["memory"] / no_swap).exists():  # the host accounts swap: none for the VMM
+            swap_limit = (jailed.cgroup.dirs["memory"] / no_swap).read_text().strip()
+            assert swap_limit == {1: str(limits.memory_bytes), 2: "0"}[jailed.cgroup.version]
         # Its threads too (the vCPUs started after the jail was entered).
         for tid in os.listdir(f"/proc/{pid}/task"):
             tst = status_fields(f"{pid}/task/{tid}")

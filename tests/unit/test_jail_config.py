@@ -52,6 +52,25 @@ def test_v2_where_the_controllers_are_delegated(tmp_path):
     group.remove()  # again: nothing to do
 
 
+def test_no_swap_where_the_host_accounts_it(tmp_path):
+    """memory.swap.max (v2) and memory.memsw.limit_in_bytes (v1) exist where
+    the kernel accounts swap: the group may then swap nothing."""
+    text = v2_tree(tmp_path) + v1_tree(tmp_path)
+    d = tmp_path / "unified" / PARENT / "42-2"
+    d.mkdir(parents=True)
+    (d / "memory.swap.max").write_text("max\n")
+    group = Cgroup.create("42-2", LIMITS, mounts_text=text)
+    assert (d / "memory.swap.max").read_text() == "0"
+    (tmp_path / "b").mkdir()
+    text = v2_tree(tmp_path / "b", controllers="") + v1_tree(tmp_path / "b")
+    memory = tmp_path / "b" / "memory" / PARENT / "42-3"
+    memory.mkdir(parents=True)
+    (memory / "memory.memsw.limit_in_bytes").write_text("9223372036854771712\n")
+    group = Cgroup.create("42-3", LIMITS, mounts_text=text)
+    assert group.dirs["memory"] == memory
+    assert (memory / "memory.memsw.limit_in_bytes").read_text() == str(300 << 20)
+
+
 def test_v1_where_v2_has_no_controllers(tmp_path):
     text = v2_tree(tmp_path, controllers="") + v1_tree(tmp_path)
     group = Cgroup.create("42-1", LIMITS, mounts_text=text)
@@ -62,14 +81,23 @@ def test_v1_where_v2_has_no_controllers(tmp_path):
     assert (group.dirs["memory"] / "memory.limit_in_bytes").read_text() == str(300 << 20)
     assert (group.dirs["pids"] / "pids.max").read_text() == "40"
     assert group.limits() == LIMITS
+    assert not (group.dirs["memory"] / "memory.memsw.limit_in_bytes").exists()  # no swap accounting: left alone
     group.join(99)
     for c in ("cpu", "memory", "pids"):
         assert (group.dirs[c] / "cgroup.procs").read_text() == "99"
     (group.dirs["memory"] / "memory.failcnt").write_text("0\n")
     (group.dirs["memory"] / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 0\n")
     assert not group.oom_killed()
-    (group.dirs["memory"] / "memory.failcnt").write_text("7\n")
-    (group.dirs["memory"] / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 1\n")
+    memory = group.dirs["memory"]
+    (memory / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 1\n")
+    for name, value in (("failcnt", "0"), ("max_usage_in_bytes", "1000"), ("limit_in_bytes", "2000")):
+        (memory / f"memory.{name}").write_text(f"{value}\n")
+        (memory / f"memory.memsw.{name}").write_text(f"{value}\n")
+    assert not group.oom_killed()  # killed under the limit: the host's OOM killer, not the jail's limit
+    (memory / "memory.failcnt").write_text("7\n")
+    assert group.oom_killed()
+    (memory / "memory.failcnt").write_text("0\n")
+    (memory / "memory.memsw.max_usage_in_bytes").write_text("2000\n")  # failcnt left at 0, the peak at the limit
     assert group.oom_killed()
 
 
