@@ -118,7 +118,19 @@ class Cgroup:
         _mkdir(parent)
         enable = " ".join(f"+{c}" for c in CONTROLLERS)
         for d in (root, parent):
-            _write(d / "cgroup.subtree_control", enable)
+            try:
+                _write(d / "cgroup.subtree_control", enable)
+            except CgroupError as e:
+                if not isinstance(e.__cause__, OSError) or e.__cause__.errno != errno.EBUSY:
+                    raise
+                # cgroup v2's "no internal processes" rule: a group with processes of its
+                # own hands no controllers down. The mount's root is such a group where it
+                # is not the host's root (a cgroup namespace, a delegated subtree).
+                raise CgroupError(
+                    f"cannot enable {enable} in {d}: that cgroup has processes of its own (cgroup v2 "
+                    "gives controllers only to groups whose parent has none; here the cgroup2 mount's "
+                    "root is not the host's, as in a container or a delegated subtree). Move this "
+                    "process into a leaf group first, or use Jail(cgroup='v1') or Jail(cgroup=None)") from e
         group = root / PARENT / name
         _mkdir(group)
         return cls(2, dict.fromkeys(CONTROLLERS, group))

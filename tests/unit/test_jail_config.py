@@ -101,6 +101,26 @@ def test_v1_where_v2_has_no_controllers(tmp_path):
     assert group.oom_killed()
 
 
+def test_a_v2_root_with_processes_of_its_own_is_named(tmp_path, monkeypatch):
+    """In a cgroup namespace or a delegated subtree the mount's root may hold
+    processes: enabling controllers below it fails with EBUSY, and the error
+    says why and what to do."""
+    import errno
+
+    from microvm.jail import cgroups
+
+    real = cgroups._write
+
+    def busy(path: Path, value: str) -> None:
+        if path.name == "cgroup.subtree_control":
+            raise CgroupError(f"cannot write {value!r} to {path}: busy") from OSError(errno.EBUSY, "busy")
+        real(path, value)
+
+    monkeypatch.setattr(cgroups, "_write", busy)
+    with pytest.raises(CgroupError, match=r"has processes of its own.*leaf group.*cgroup='v1'"):
+        Cgroup.create("42-9", LIMITS, mounts_text=v2_tree(tmp_path))
+
+
 def test_a_host_without_the_controllers_is_named(tmp_path):
     with pytest.raises(CgroupError, match=r"the cpu, memory, pids cgroup controller\(s\).*cgroup=None"):
         Cgroup.create("x", LIMITS, mounts_text="proc /proc proc rw 0 0\n")
