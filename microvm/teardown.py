@@ -11,7 +11,9 @@ One thread of the process ("vm-destroy") closes those fds in turn, as they
 come. It is started by the first one and ends once none has come for
 IDLE_S, so a process that has stopped running VMs keeps no thread for it;
 fifty VMs closed at once make one thread, not fifty (each thread would leave
-glibc a cached stack and an arena to keep). A jail's end after its result
+glibc a cached stack and an arena to keep). At most MAX_PENDING VMs wait for
+it: a VM closed while that many do is destroyed by the thread closing it, as
+before, so VMs closed faster than the kernel destroys them never pile up. A jail's end after its result
 comes here too (later(): the VMM's exit, in which the kernel destroys its
 VM, reaped; its cgroup and root removed). The thread loads seccomp's
 "teardown" policy, in "errno" mode (the caller's process), before its first
@@ -38,6 +40,10 @@ from typing import NamedTuple, Protocol
 log = logging.getLogger(__name__)
 
 IDLE_S = 2.0
+# VM fds waiting for the thread, at most: past that (VMs closed faster than the
+# kernel destroys them, as fifty at once are) the closing thread destroys its
+# own, as it did before this module: no backlog of VMs the kernel still holds.
+MAX_PENDING = 4
 
 
 class Closable(Protocol):
@@ -60,15 +66,23 @@ class _Destroyer:
         self.busy = 0  # jobs taken from the queue, not done yet
         self.thread: threading.Thread | None = None
         self.stop = False
+        self.inline = 0  # VM fds closed by their own thread: the queue was full
 
     def put(self, job: _Job) -> None:
         with self.cond:
-            self.queue.append(job)
-            if self.thread is not None:
-                self.cond.notify_all()
-                return
-            thread = threading.Thread(target=self._serve, name="vm-destroy", daemon=True)
-            self.thread, self.stop = thread, False
+            behind = job.fd is not None and self.busy + sum(j.fd is not None for j in self.queue) >= MAX_PENDING
+            if behind:
+                self.inline += 1
+            else:
+                self.queue.append(job)
+                if self.thread is not None:
+                    self.cond.notify_all()
+                    return
+                thread = threading.Thread(target=self._serve, name="vm-destroy", daemon=True)
+                self.thread, self.stop = thread, False
+        if behind:
+            _do(job)
+            return
         try:
             thread.start()
         except RuntimeError:  # no thread to be had: here, then

@@ -52,13 +52,23 @@ def test_the_fd_is_closed_on_the_destroy_thread() -> None:
     assert destroyers() == []  # drain() ends the thread too: a count of threads is right after it
 
 
-def test_many_at_once_make_one_thread_and_close_in_order() -> None:
+def test_many_at_once_make_one_thread_close_in_order_and_never_pile_up() -> None:
+    """MAX_PENDING wait for the one thread; one more, closed meanwhile, is
+    destroyed by its own thread (VMs closed faster than the kernel destroys
+    them do not pile up)."""
     closes: list[SlowFd] = []
-    fds = [SlowFd(closes) for _ in range(20)]
+    fds = [SlowFd(closes) for _ in range(teardown.MAX_PENDING)]
     for fd in fds:
         teardown.destroy(fd)
     assert len(destroyers()) == 1
-    assert teardown.pending() == 20
+    assert teardown.pending() == teardown.MAX_PENDING
+    extra = SlowFd()
+    extra.release.set()
+    inline = teardown._destroyer.inline
+    teardown.destroy(extra)
+    assert extra.closed_in == threading.current_thread().name and teardown._destroyer.inline == inline + 1
+    teardown.later(lambda: None, "not a VM: always queued")
+    assert teardown.pending() == teardown.MAX_PENDING + 1
     for fd in fds:
         fd.release.set()
     assert teardown.drain(30)
