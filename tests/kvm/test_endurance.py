@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import statistics
 import threading
 import time
 
@@ -106,18 +107,23 @@ def fifty_at_once() -> None:
 def test_fifty_vms_at_once_again_and_again() -> None:
     """Rounds of 50 VMs at once: the first rounds grow what that many threads
     make glibc keep (malloc arenas, cached thread stacks, fragments); later
-    rounds must not grow it further. Round by round RSS moves by some MiB
-    either way, so the check is on plateaus: the highest of the last rounds
-    against the highest of the first ones (RSS moves by about 5 MiB a round;
-    a leak of 100 KiB a VM would pass the bound in 3 rounds)."""
-    first, last = [], []
+    rounds must not grow it further. Round by round RSS moves by up to 15
+    MiB either way in a process that has run other tests (measured: 79.5 to
+    111.9 MiB within three rounds), so the check is on levels: the median of
+    the last 4 rounds against the median of the first 4 (a leak of 100 KiB
+    a VM, 5 MiB a round, puts them 20 MiB apart; the highest of 3 against
+    the highest of 3 failed on a fresh clone from noise alone, +13.3 MiB)."""
+    first: list[tuple[int, float]] = []
+    last: list[tuple[int, float]] = []
     fifty_at_once()
     before, (maps0, _) = baseline(), footprint()
-    for series in (first,) * 3 + (last,) * 3:
+    for series in (first,) * 4 + (last,) * 4:
         fifty_at_once()
         series.append(footprint())
     assert grown(before) == []
     assert max(m for m, _ in last) <= maps0 + MAPS_SLACK, f"/proc/self/maps grew: {maps0} -> {last}"
-    top_first, top_last = max(r for _, r in first), max(r for _, r in last)
-    assert top_last <= top_first + RSS_SLACK_MIB / 2, (
-        f"RSS rose from {top_first:.1f} to {top_last:.1f} MiB over 3 rounds of {CONCURRENT} VMs of {GUEST_MIB} MiB")
+    level_first, level_last = (statistics.median(r for _, r in series) for series in (first, last))
+    assert level_last <= level_first + RSS_SLACK_MIB / 2, (
+        f"RSS rose from {level_first:.1f} to {level_last:.1f} MiB (medians of 4 rounds) over 4 rounds of "
+        f"{CONCURRENT} VMs of {GUEST_MIB} MiB: first {[round(r, 1) for _, r in first]}, "
+        f"last {[round(r, 1) for _, r in last]}")
