@@ -12,12 +12,14 @@ come. It is started by the first one and ends once none has come for
 IDLE_S, so a process that has stopped running VMs keeps no thread for it;
 fifty VMs closed at once make one thread, not fifty (each thread would leave
 glibc a cached stack and an arena to keep). At most MAX_PENDING VMs wait for
-it: a VM closed while that many do is destroyed by the thread closing it, as
-before, so VMs closed faster than the kernel destroys them never pile up. A jail's end after its result
-comes here too (later(): the VMM's exit, in which the kernel destroys its
-VM, reaped; its cgroup and root removed). The thread loads seccomp's
-"teardown" policy, in "errno" mode (the caller's process), before its first
-step: closing, reaping, removing directories, nothing else.
+it: a VM closed while that many do is destroyed by the thread closing it,
+so VMs closed faster than the kernel destroys them never pile up. MAX_PENDING
+is 0 for now (see below): every VM is destroyed where it is closed, and the
+thread only takes a jail's end after its result (later(): the VMM's exit, in
+which the kernel destroys its VM, reaped; its cgroup and root removed). The
+thread loads seccomp's "teardown" policy, in "errno" mode (the caller's
+process), before its first step: closing, reaping, removing directories,
+nothing else.
 
 drain() waits until every fd handed over so far is closed and the thread has
 gone (what a test counting fds or threads does first); so does the
