@@ -7,16 +7,21 @@ I/O threads included, natively on any KVM host, in milliseconds a VM.
 The bounds, stated: after the runs, fds, threads and guest-RAM mappings are
 no more than they were (fewer, if something an earlier test left ends
 meanwhile); the process's mappings (/proc/self/maps lines) within
-MAPS_SLACK and its RSS within RSS_SLACK_MIB of where they stood after a
-warm-up (malloc keeps some arenas and freed blocks for reuse; a leak of one
-guest RAM region alone, 32 MiB, would be past the bound).
+MAPS_SLACK; what is allocated, not what is resident: malloc's bytes in use
+(mallinfo2: in its arenas and in its own mmaps) within HEAP_SLACK and
+Python's allocated blocks within BLOCKS_SLACK of where they stood after a
+warm-up. A leak of 1 KiB or of one object a VM is past those bounds. RSS,
+which also counts what malloc keeps of freed memory and moves with how
+threads happened to spread over its arenas (rounds of 50 VMs at once: 67
+to 88 MiB with the heap in use steady to 4 KiB), gets a coarse bound only.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import gc
-import statistics
+import sys
 import threading
 import time
 
@@ -29,7 +34,11 @@ from tests.kvm.test_run_path import GUEST_MIB, resources, vm
 LIFECYCLES = 1000
 CONCURRENT = 50
 MAPS_SLACK = 16
+HEAP_SLACK = 256 << 10
+BLOCKS_SLACK = CONCURRENT
 RSS_SLACK_MIB = 24
+RSS_NOISE_MIB = 48  # rounds of many VMs at once: see the test
+ROUNDS = 6
 WARMUP = 30
 
 
@@ -57,35 +66,59 @@ def grown(before: tuple[int, int, tuple[int, int]]) -> list[str]:
         time.sleep(0.01)
 
 
-def footprint() -> tuple[int, float]:
-    """(lines of /proc/self/maps, RSS in MiB), once the garbage collector and
-    malloc have handed back what they can. A closed VM's objects can wait in
-    reference cycles for a full collection, which Python runs rarely: without
-    one, rounds of 50 VMs measured 1.2-1.6 MiB more each round (uncollected,
-    not leaked: with it, 16 rounds level off at +0.5 MiB), and the bound failed
-    in a process that had run other tests first. The VMs closed last are
-    destroyed first (microvm/teardown.py: the kernel's part, a moment after
-    close(), at most a few of them at a time)."""
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+_libc = ctypes.CDLL(None)
+_libc.mallinfo2.restype = _Mallinfo2
+
+
+@dataclasses.dataclass(frozen=True)
+class Footprint:
+    maps: int  # lines of /proc/self/maps
+    heap: int  # bytes malloc has handed out and not had back, all arenas and its mmaps
+    blocks: int  # Python's allocated memory blocks (sys.getallocatedblocks)
+    rss_mib: float
+
+
+def footprint() -> Footprint:
+    """The process's footprint once pending VM teardowns are done and the
+    garbage collector and malloc have handed back what they can. Anything
+    left in reference cycles would count as in use until a full collection
+    (a finished VM leaves none now: tests/kvm/test_run_path.py)."""
     assert teardown.drain(30.0)
     gc.collect()
-    ctypes.CDLL(None).malloc_trim(0)
-    me = psutil.Process()
+    _libc.malloc_trim(0)
+    info = _libc.mallinfo2()
     with open("/proc/self/maps") as f:
         maps = sum(1 for _ in f)
-    return maps, me.memory_info().rss / (1 << 20)
+    return Footprint(maps, info.uordblks + info.hblkhd, sys.getallocatedblocks(),
+                     psutil.Process().memory_info().rss / (1 << 20))
+
+
+def not_grown(first: Footprint, now: Footprint, *, rss_slack_mib: float) -> list[str]:
+    """How `now` is past the bounds from `first`, in words (empty: it is not)."""
+    checks = (("/proc/self/maps lines", first.maps, now.maps, MAPS_SLACK),
+              ("malloc bytes in use", first.heap, now.heap, HEAP_SLACK),
+              ("Python blocks", first.blocks, now.blocks, BLOCKS_SLACK),
+              ("RSS MiB", first.rss_mib, now.rss_mib, rss_slack_mib))
+    return [f"{what} {a:.1f} -> {b:.1f} (bound +{slack})" for what, a, b, slack in checks if b > a + slack]
 
 
 def test_a_thousand_lifecycles_in_one_process() -> None:
-    for _ in range(WARMUP):  # caches, malloc's arenas, thread stacks glibc keeps for reuse
-        vm().run(["true"], timeout=30)
-    before, (maps0, rss0) = baseline(), footprint()
+    # Caches, malloc's arenas, thread stacks glibc keeps for reuse; and each of
+    # the 7 kernels once (the loader keeps a parsed kernel's symbols and an fd
+    # of its image: ~35 Python blocks a kernel, a bounded cache).
+    for i in range(WARMUP):
+        vm(status=i % 7).run(["true"], timeout=30)
+    before, first = baseline(), footprint()
     for i in range(LIFECYCLES):
         r = vm(status=i % 7).run(["echo", str(i)], timeout=30)
         assert (r.exit_code, r.reason) == (i % 7, "exit")
     assert grown(before) == []
-    maps, rss = footprint()
-    assert maps <= maps0 + MAPS_SLACK, f"/proc/self/maps grew from {maps0} to {maps} lines"
-    assert rss <= rss0 + RSS_SLACK_MIB, f"RSS grew from {rss0:.1f} to {rss:.1f} MiB over {LIFECYCLES} VMs"
+    assert not_grown(first, footprint(), rss_slack_mib=RSS_SLACK_MIB) == [], f"over {LIFECYCLES} VMs"
 
 
 def fifty_at_once() -> None:
@@ -105,25 +138,20 @@ def fifty_at_once() -> None:
 
 
 def test_fifty_vms_at_once_again_and_again() -> None:
-    """Rounds of 50 VMs at once: the first rounds grow what that many threads
-    make glibc keep (malloc arenas, cached thread stacks, fragments); later
-    rounds must not grow it further. Round by round RSS moves by up to 15
-    MiB either way in a process that has run other tests (measured: 79.5 to
-    111.9 MiB within three rounds), so the check is on levels: the median of
-    the last 4 rounds against the median of the first 4 (a leak of 100 KiB
-    a VM, 5 MiB a round, puts them 20 MiB apart; the highest of 3 against
-    the highest of 3 failed on a fresh clone from noise alone, +13.3 MiB)."""
-    first: list[tuple[int, float]] = []
-    last: list[tuple[int, float]] = []
+    """Rounds of 50 VMs at once: the first round grows what that many threads
+    make glibc keep (malloc arenas, cached thread stacks); later rounds must
+    not grow what is in use. RSS moves round by round by up to 25 MiB either
+    way (193.9 to 218.7 MiB in one CI run, medians 198.7 -> 214.9, with the
+    heap in use steady), as the threads spread over malloc's arenas and
+    fragment them differently each time, so it is held to a coarse bound: a
+    lost guest RAM region, 32 MiB, is past it; it is counted among the guest
+    mappings anyway."""
     fifty_at_once()
-    before, (maps0, _) = baseline(), footprint()
-    for series in (first,) * 4 + (last,) * 4:
+    before, first = baseline(), footprint()
+    rounds = []
+    for _ in range(ROUNDS):
         fifty_at_once()
-        series.append(footprint())
+        rounds.append(footprint())
     assert grown(before) == []
-    assert max(m for m, _ in last) <= maps0 + MAPS_SLACK, f"/proc/self/maps grew: {maps0} -> {last}"
-    level_first, level_last = (statistics.median(r for _, r in series) for series in (first, last))
-    assert level_last <= level_first + RSS_SLACK_MIB / 2, (
-        f"RSS rose from {level_first:.1f} to {level_last:.1f} MiB (medians of 4 rounds) over 4 rounds of "
-        f"{CONCURRENT} VMs of {GUEST_MIB} MiB: first {[round(r, 1) for _, r in first]}, "
-        f"last {[round(r, 1) for _, r in last]}")
+    assert not_grown(first, rounds[-1], rss_slack_mib=RSS_NOISE_MIB) == [], (
+        f"over {ROUNDS} rounds of {CONCURRENT} VMs of {GUEST_MIB} MiB: {first} -> {rounds}")
