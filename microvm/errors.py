@@ -92,6 +92,10 @@ class LaneTimeout(LaneError):
     """The command did not finish in time; QEMU was killed."""
 
 
+class LaneFrozen(LaneTimeout):
+    """QEMU used no CPU and did no I/O for long: frozen, killed early."""
+
+
 class SandboxError(MicroVMError):
     """A sandbox could not do what was asked (the subclass says why)."""
 

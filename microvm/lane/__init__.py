@@ -13,10 +13,10 @@ command inside, where /dev/kvm is nested KVM with hardware semantics.
   modules.py inside the lane: load a module of its kernel that /init did not (vhost_vsock)
 """
 
-from microvm.errors import LaneError, LaneTimeout
+from microvm.errors import LaneError, LaneFrozen, LaneTimeout
 from microvm.lane.cli import main
 from microvm.lane.rerun import in_lane, rerun_in_lane_if_pvm
 from microvm.lane.run import LaneResult, lane_available, run_in_lane
 
-__all__ = ["LaneError", "LaneResult", "LaneTimeout", "in_lane", "lane_available", "main", "rerun_in_lane_if_pvm",
-           "run_in_lane"]
+__all__ = ["LaneError", "LaneFrozen", "LaneResult", "LaneTimeout", "in_lane", "lane_available", "main",
+           "rerun_in_lane_if_pvm", "run_in_lane"]

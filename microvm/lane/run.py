@@ -20,11 +20,13 @@ busybox and is built once per content hash.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import os
 import re
 import select
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -35,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from microvm import initramfs
-from microvm.errors import LaneError, LaneTimeout
+from microvm.errors import LaneError, LaneFrozen, LaneTimeout
 from microvm.lane.initrd import END_MARK, START_MARK, initrd_path
 from microvm.lane.kernel import boot_image, cache_dir, cached_kernel, find_kernel
 
@@ -93,17 +95,22 @@ def _virtfs(path: Path | str, tag: str, readonly: bool = False) -> list[str]:
 
 
 def qemu_command(kernel: Path, initrd: Path, ctl_dir: Path, out_dir: Path, *,
-                 smp: int = DEFAULT_SMP, mem_mib: int = 2048, debug: bool = False) -> list[str]:
+                 smp: int = DEFAULT_SMP, mem_mib: int = 2048, debug: bool = False,
+                 monitor: Path | None = None) -> list[str]:
+    """QEMU's command line; `monitor`: a unix socket for its human monitor
+    (what a frozen lane's report asks: is the guest halted, where is it)."""
     accel = "tcg,thread=multi" if smp > 1 else "tcg"
     # loglevel=3 leaves oopses and panics (crit and above) on the console: rare,
     # and what a failure needs. Errors stay off: KVM logs one per nested guest
     # boot ("Unhandled WRMSR(0xc0010007)", an AMD perf counter it does not emulate).
     append = "console=ttyS0 panic=-1 " + ("lane.debug loglevel=7" if debug else "quiet loglevel=3")
     return [
-        QEMU, "-M", "q35", "-accel", accel, "-cpu", "max,+svm", "-smp", str(smp), "-m", str(mem_mib),
+        QEMU, "-name", "lane,debug-threads=on",
+        "-M", "q35", "-accel", accel, "-cpu", "max,+svm", "-smp", str(smp), "-m", str(mem_mib),
         "-nodefaults", "-display", "none", "-no-reboot", "-serial", "stdio",
         "-kernel", str(kernel), "-initrd", str(initrd), "-append", append,
         *_virtfs("/", "host", readonly=True), *_virtfs(ctl_dir, "ctl"), *_virtfs(out_dir, "out"),
+        *(["-monitor", f"unix:{monitor},server=on,wait=off"] if monitor else []),
     ]
 
 
@@ -204,10 +211,11 @@ def run_in_lane(argv: Sequence[str], *, cwd: str | None = None, env: Mapping[str
         (ctl / "config").write_text(f"LANE_OUT_PATH={shlex.quote(inside_out)}\n")
         full_env = lane_env(env, inside_out, tty=stream and sys.stdout.isatty())
         (ctl / "run.sh").write_text(run_script(argv, cwd or os.getcwd(), full_env))
+        monitor = Path(tmp) / "monitor"  # beside ctl, not in it: ctl is shared with the guest
         cmd = qemu_command(boot_image(kernel), initrd, ctl, out, smp=smp or DEFAULT_SMP,
-                           mem_mib=mem_mib, debug=debug)
+                           mem_mib=mem_mib, debug=debug, monitor=monitor)
         console = _Console(stream, passthrough=debug)
-        qemu_status = _run_qemu(cmd, console, timeout)
+        qemu_status = _run_qemu(cmd, console, timeout, monitor=monitor)
         try:
             returncode = int((ctl / "status").read_text())
         except (OSError, ValueError) as e:
@@ -219,40 +227,106 @@ def run_in_lane(argv: Sequence[str], *, cwd: str | None = None, env: Mapping[str
 # The lane (nested SVM under TCG) now and then freezes outright: QEMU's main
 # loop and its vCPU thread both asleep, for good. A running lane, even an idle
 # one, uses CPU (its guest's timers tick), so a QEMU that used none for this
-# long is frozen: a LaneTimeout now, not at the end of the timeout.
-FREEZE_AFTER = 60.0
+# long, did no I/O (reads and writes: 9p, the console) and had no thread
+# waiting on the host's disk is frozen: a LaneTimeout now, not at the end of
+# the timeout. A guest waiting on a slow host disk through 9p is not frozen.
+FREEZE_AFTER = 90.0
 FREEZE_CPU = 0.05  # seconds of CPU below which a window counts as none
 _CHECK_EVERY = 5.0
 
 
-def _cpu_seconds(pid: int) -> float | None:
-    """User and system CPU time of process `pid` (all its threads), or None if gone."""
+@dataclass(frozen=True)
+class _Activity:
+    cpu_s: float  # user + system CPU time, all threads
+    io: tuple[int, ...]  # /proc/PID/io: rchar, wchar, syscr, syscw
+    on_disk: tuple[str, ...]  # threads in uninterruptible sleep (state D): waiting on the host
+
+
+def _proc_fields(path: str) -> dict[str, str]:
+    with open(path) as f:
+        return dict(line.split(":", 1) for line in f if ":" in line)
+
+
+def _activity(pid: int) -> _Activity | None:
+    """What process `pid` has done so far, or None if it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (stat(5) 14, 15)
+        io = _proc_fields(f"/proc/{pid}/io")
+        on_disk = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                status = _proc_fields(f"/proc/{pid}/task/{tid}/status")
+                if status["State"].strip().startswith("D"):
+                    on_disk.append(status["Name"].strip())
     except OSError:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (stat(5) 14, 15)
+    return _Activity(cpu, tuple(int(io[k]) for k in ("rchar", "wchar", "syscr", "syscw")), tuple(on_disk))
 
 
-def _run_qemu(cmd: list[str], console: _Console, timeout: float, freeze_after: float = FREEZE_AFTER) -> int:
+def _threads(pid: int) -> str:
+    """QEMU's threads, one line each: name, state, where in the kernel it sleeps;
+    and the host's pressure: what a frozen lane's report needs."""
+    lines = []
+    with contextlib.suppress(OSError):
+        for tid in sorted(os.listdir(f"/proc/{pid}/task"), key=int):
+            with contextlib.suppress(OSError, KeyError):
+                status = _proc_fields(f"/proc/{pid}/task/{tid}/status")
+                with open(f"/proc/{pid}/task/{tid}/wchan") as f:
+                    wchan = f.read().strip() or "-"
+                lines.append(f"  {tid} {status['Name'].strip()}: {status['State'].strip()}, in {wchan}")
+    for what in ("io", "cpu", "memory"):
+        with contextlib.suppress(OSError), open(f"/proc/pressure/{what}") as f:
+            lines.append(f"  host {what} pressure: {f.readline().strip()}")
+    return "\n".join(lines)
+
+
+def _ask_monitor(path: Path, commands: Sequence[str], wait: float = 3.0) -> str:
+    """QEMU's human monitor's answers to `commands`, or why there are none
+    (a QEMU whose main loop is stuck does not answer: that is an answer too)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(wait)
+            sock.connect(str(path))
+            sock.sendall("".join(c + "\n" for c in commands).encode())
+            got, deadline = b"", time.monotonic() + wait
+            while commands[-1].encode() not in got.rsplit(b"(qemu)", 1)[0] or not got.endswith(b"(qemu) "):
+                sock.settimeout(max(deadline - time.monotonic(), 0.01))
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                got += chunk
+    except OSError as e:  # socket.timeout included
+        return f"  the monitor did not answer: {e or type(e).__name__}"
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]|\r", "", got.decode(errors="replace"))
+    # The run state, each vCPU's thread, and where vCPU 0 is: RIP (EIP) with HLT=, CR0, EFER.
+    keep = ("VM status", "* CPU #", "CPU #", "RIP=", "EIP=", "CR0=", "EFER=")
+    return "\n".join("  " + line.strip() for line in text.splitlines() if line.strip().startswith(keep))
+
+
+def _run_qemu(cmd: list[str], console: _Console, timeout: float, freeze_after: float = FREEZE_AFTER,
+              monitor: Path | None = None) -> int:
     deadline = time.monotonic() + timeout
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
-    busy_at, busy_cpu = time.monotonic(), 0.0  # when QEMU last used CPU, and its total then
+    busy_at, busy = time.monotonic(), _Activity(0.0, (), ())  # when QEMU last did something, and what
     try:
         while True:
             now = time.monotonic()
             left = deadline - now
             if left <= 0:
                 raise LaneTimeout(f"no result after {timeout:.0f} s; console tail:\n{console.tail()}")
-            cpu = _cpu_seconds(proc.pid)
-            if cpu is not None and cpu - busy_cpu >= FREEZE_CPU:
-                busy_at, busy_cpu = now, cpu
+            act = _activity(proc.pid)
+            if act is not None and (act.cpu_s - busy.cpu_s >= FREEZE_CPU or act.io != busy.io or act.on_disk):
+                busy_at, busy = now, act
             elif now - busy_at >= freeze_after:
-                raise LaneTimeout(f"the lane froze: QEMU used no CPU for {now - busy_at:.0f} s; "
-                                  f"console tail:\n{console.tail()}")
+                guest = _ask_monitor(monitor, ("info status", "info cpus", "info registers")) if monitor else ""
+                raise LaneFrozen(f"the lane froze: QEMU used no CPU and did no I/O for {now - busy_at:.0f} s; "
+                                  f"its threads:\n{_threads(proc.pid)}\n"
+                                  + (f"its guest:\n{guest}\n" if guest else "")
+                                  + f"console tail:\n{console.tail()}")
             if select.select([fd], [], [], min(left, _CHECK_EVERY, freeze_after / 4))[0]:
                 chunk = os.read(fd, 65536)
                 console.feed(chunk, final=not chunk)

@@ -47,7 +47,7 @@ def _mode() -> str:
 def _lane_results(config: pytest.Config, selection: tuple[str, ...]) -> dict[str, tuple[str, str]]:
     """Run the selected boot tests inside the lane, one lane per test file (a
     frozen lane then costs one file's time, not the suite's); nodeid -> (outcome, text)."""
-    from microvm.lane import LaneError, LaneTimeout, lane_available, run_in_lane
+    from microvm.lane import LaneError, LaneFrozen, LaneTimeout, lane_available, run_in_lane
 
     reason = lane_available()
     if reason is not None:
@@ -69,18 +69,27 @@ def _lane_results(config: pytest.Config, selection: tuple[str, ...]) -> dict[str
         print(f"\n[tests/boot] PVM host: running {selection[0].split('::')[0]} ({len(selection)} tests) "
               f"inside the hardware-virtualization lane",
               flush=True)
-        # A file takes up to ~6 minutes in the lane. The lane
-        # (nested SVM under TCG) has been seen to freeze outright now and then,
-        # so a run that overstays is killed and tried once more.
-        for attempt in (1, 2):
+        # A file takes up to ~6 minutes in the lane. The lane (nested SVM under
+        # TCG) has been seen to freeze outright now and then: a frozen lane is
+        # caught within ~2 minutes and tried again, up to 3 times in all; a
+        # run that overstays its timeout is tried once more.
+        smp, mem_mib = LANE_SIZE.get(Path(selection[0].split("::")[0]).stem, (1, 2048))
+        frozen = timed_out = 0
+        while True:
             try:
-                smp, mem_mib = LANE_SIZE.get(Path(selection[0].split("::")[0]).stem, (1, 2048))
                 result = run_in_lane(argv, cwd=str(ROOT), env=env, out_dir=out_dir, timeout=LANE_TIMEOUT,
                                      smp=smp, mem_mib=mem_mib)
                 break
+            except LaneFrozen as e:
+                frozen += 1
+                print(f"[tests/boot] lane attempt {frozen + timed_out} froze: {e}", flush=True)
+                if frozen == 3:
+                    return {"__error__": ("failed", f"the hardware-virtualization lane froze 3 times: {e}")}
             except LaneTimeout as e:
-                print(f"[tests/boot] lane attempt {attempt} timed out: {str(e).splitlines()[0]}", flush=True)
-                if attempt == 2:
+                timed_out += 1
+                print(f"[tests/boot] lane attempt {frozen + timed_out} timed out: {str(e).splitlines()[0]}",
+                      flush=True)
+                if timed_out == 2:
                     return {"__error__": ("failed", f"the hardware-virtualization lane timed out twice: {e}")}
             except LaneError as e:
                 return {"__error__": ("failed", f"the hardware-virtualization lane failed: {e}")}

@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import json
 import lzma
+import re
 import shlex
+import shutil
 import struct
 import subprocess
 import sys
@@ -263,11 +265,44 @@ def test_real_lane_round_trip(tmp_path: Path) -> None:
 def test_a_frozen_lane_is_caught_by_its_idle_cpu_not_its_timeout() -> None:
     """QEMU asleep for good (seen now and then under nested SVM): a process using no CPU."""
     t0 = time.monotonic()
-    with pytest.raises(lane.LaneTimeout, match="the lane froze: QEMU used no CPU for"):
+    with pytest.raises(lane.LaneFrozen, match="the lane froze: QEMU used no CPU and did no I/O for"):
         run._run_qemu(["sleep", "60"], run._Console(stream=False), timeout=60, freeze_after=1.5)
     assert time.monotonic() - t0 < 10
+
+
+def test_a_frozen_lanes_report_names_its_threads_and_where_they_sleep() -> None:
+    with pytest.raises(lane.LaneTimeout) as e:
+        run._run_qemu(["sleep", "60"], run._Console(stream=False), timeout=60, freeze_after=1.5)
+    assert re.search(r"its threads:\n  \d+ sleep: S \(sleeping\), in \S+\n", str(e.value)), str(e.value)
+
+
+def test_a_lane_doing_io_on_little_cpu_is_not_taken_for_a_frozen_one() -> None:
+    """Its guest waiting on 9p reads of a slow host disk, say: QEMU reads and
+    writes now and then, on next to no CPU."""
+    trickle = ["sh", "-c", "for i in 1 2 3 4 5 6; do echo $i; sleep 0.5; done"]
+    assert run._run_qemu(trickle, run._Console(stream=False), timeout=60, freeze_after=1.5) == 0
 
 
 def test_a_busy_lane_is_not_taken_for_a_frozen_one() -> None:
     spin = [sys.executable, "-c", "import time\nt = time.monotonic() + 3\nwhile time.monotonic() < t: pass"]
     assert run._run_qemu(spin, run._Console(stream=False), timeout=60, freeze_after=1.5) == 0
+
+
+def test_a_frozen_lanes_report_asks_qemu_where_its_guest_is(tmp_path: Path) -> None:
+    """A real QEMU, stopped before its first instruction (-S): no CPU, no I/O.
+    The report carries the monitor's answers: the run state, the vCPU's
+    thread, where vCPU 0 is and whether it is halted."""
+    if shutil.which(run.QEMU) is None:
+        pytest.skip(f"{run.QEMU} not found")
+    monitor = tmp_path / "monitor"
+    cmd = [run.QEMU, "-S", "-display", "none", "-nodefaults", "-monitor", f"unix:{monitor},server=on,wait=off"]
+    with pytest.raises(lane.LaneTimeout) as e:
+        run._run_qemu(cmd, run._Console(stream=False), timeout=60, freeze_after=1.5, monitor=monitor)
+    report = str(e.value)
+    assert "its guest:\n  VM status: paused (prelaunch)\n  * CPU #0: thread_id=" in report, report
+    assert re.search(r"\n  EIP=0000fff0 .* HLT=0\n  CR0=60000010 ", report), report
+
+
+def test_a_monitor_that_does_not_answer_is_reported_as_such(tmp_path: Path) -> None:
+    assert run._ask_monitor(tmp_path / "none", ["info status"], wait=0.5).startswith(
+        "  the monitor did not answer: ")
