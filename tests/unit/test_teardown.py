@@ -34,7 +34,7 @@ def destroyers() -> list[threading.Thread]:
 
 @pytest.fixture(autouse=True)
 def nothing_left(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(teardown, "MAX_PENDING", 4)  # VM fds go to the thread (off by default for now)
+    monkeypatch.setattr(teardown, "MAX_PENDING", 4)  # the default, whatever a test before set
     assert teardown.drain(30)
     yield
     assert teardown.drain(30)
