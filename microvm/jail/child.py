@@ -13,7 +13,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol
 
 from microvm.jail import Jail, JailError, logs
@@ -65,16 +65,23 @@ class ChildEnds(NamedTuple):
 
 
 def intermediate(vmm: Handle, machine: MicroVM, argv: Sequence[str], ends: ChildEnds, keep: set[int]) -> None:
-    """In the first child: nothing of the caller's but what the VMM needs,
-    join the cgroup, new namespaces, fork the VMM, name it, pass on its status."""
+    """In the first child: nothing of the caller's but what the VMM needs, new
+    namespaces, fork the VMM, name it, move it into the cgroup, pass on its status.
+
+    The move into the cgroup overlaps the VMM's setup: the kernel's first
+    migration into a v1 cgroup waits for an RCU grace period (5-15 ms here),
+    about as long as the VMM takes to make its VM. The VMM runs no guest code
+    and starts no thread before it is told the move is done (enter_when_joined),
+    so the guest's memory, its threads and its CPU time all count against the
+    limits; what the VMM allocated before (its VM's kernel structures, the
+    loaded kernel's pages) counts where the caller's does."""
     status = 1
     results, pid_out = ends.results, ends.pid_out
+    joined_r = joined_w = -1
+    pid = 0
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the VMM's to report; we wait for its status
         close_inherited({0, 1, 2, *ends, *keep})
-        if vmm.cgroup is not None:
-            vmm.cgroup.join(os.getpid())
-            machine._times["jail cgroup joined"] = time.monotonic_ns()  # the VMM's copy carries these back
         flags = jsys.CLONE_NEWNS | jsys.CLONE_NEWPID | jsys.CLONE_NEWIPC | jsys.CLONE_NEWUTS
         if not machine.nics:
             flags |= jsys.CLONE_NEWNET
@@ -82,16 +89,30 @@ def intermediate(vmm: Handle, machine: MicroVM, argv: Sequence[str], ends: Child
         jsys.mount(None, "/", None, jsys.MS_REC | jsys.MS_PRIVATE)  # nothing we mount reaches the host
         socket.sethostname(vmm.jail.hostname)
         machine._times["jail namespaces made"] = time.monotonic_ns()
+        if vmm.cgroup is not None:
+            joined_r, joined_w = os.pipe()
         pid = os.fork()
         if pid == 0:
             try:
                 machine._times["vmm forked"] = time.monotonic_ns()
                 os.close(pid_out)
+                if joined_w >= 0:
+                    os.close(joined_w)
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 jsys.prctl(jsys.PR_SET_PDEATHSIG, signal.SIGKILL)  # this process gone: the VMM too
-                _vmm(vmm, machine, argv, ends)
+                _vmm(vmm, machine, argv, ends, joined_r)
             finally:
                 os._exit(1)
+        if vmm.cgroup is not None:
+            os.close(joined_r)
+            try:
+                vmm.cgroup.join(pid)
+            except BaseException:
+                os.kill(pid, signal.SIGKILL)  # it writes nothing more: ours is the error the caller reads
+                os.waitpid(pid, 0)
+                raise
+            os.write(joined_w, struct.pack("<q", time.monotonic_ns()))
+            os.close(joined_w)
         os.write(pid_out, struct.pack("<q", pid))
         for fd in ends:
             os.close(fd)
@@ -103,6 +124,20 @@ def intermediate(vmm: Handle, machine: MicroVM, argv: Sequence[str], ends: Child
             write_message(results, "error", JailError(f"setting up the jail failed: {e}"))
     finally:
         os._exit(status)
+
+
+def enter_when_joined(machine: MicroVM, joined: int, enter_jail: Callable[[], None]) -> None:
+    """Wait until the intermediate has moved us into the cgroup (its stamp of
+    when, for the timeline), then enter the jail."""
+    if joined >= 0:
+        try:
+            stamp = os.read(joined, 8)
+        finally:
+            os.close(joined)
+        if len(stamp) != 8:
+            raise JailError("the jail's cgroup was not joined (its intermediate process ended)")
+        machine._times["jail cgroup joined"] = struct.unpack("<q", stamp)[0]
+    enter_jail()
 
 
 def close_inherited(keep: set[int]) -> None:
@@ -119,7 +154,7 @@ def close_inherited(keep: set[int]) -> None:
         low = fd + 1
 
 
-def _vmm(vmm: Handle, machine: MicroVM, argv: Sequence[str], ends: ChildEnds) -> None:
+def _vmm(vmm: Handle, machine: MicroVM, argv: Sequence[str], ends: ChildEnds, joined: int) -> None:
     """In the VMM (PID 1 of its namespace): set the VM up, enter the jail, run, report."""
     status = 1
     results, control = ends.results, ends.control
@@ -134,7 +169,7 @@ def _vmm(vmm: Handle, machine: MicroVM, argv: Sequence[str], ends: ChildEnds) ->
                 binds.append(os.path.dirname(os.path.realpath(machine.vsock)))
             root = vmm.root
             assert root is not None
-            machine._enter_jail = lambda: enter(vmm.jail, root, binds)
+            machine._enter_jail = lambda: enter_when_joined(machine, joined, lambda: enter(vmm.jail, root, binds))
             machine._jailed = None
             machine._prepare_host()
             machine._start(argv)

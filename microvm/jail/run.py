@@ -21,6 +21,7 @@ from typing import Any
 
 import msgpack
 
+from microvm import teardown
 from microvm.errors import GuestTimeoutError, MicroVMError, VmStoppedError
 from microvm.jail import Jail, JailError, logs
 from microvm.jail.cgroups import Cgroup
@@ -55,7 +56,8 @@ class JailedVmm:
         self.name = f"{os.getpid()}-{next(_names)}"
         self.limits = jail.limits(machine.mem_mib, machine.vcpus,
                                   len(machine.drives) + len(machine.nics) + (machine.vsock is not None))
-        sweep(jail)
+        base = base_dir(jail)  # here: the teardown thread's seccomp policy lets it make nothing
+        teardown.later(lambda: sweep(base, bool(jail.cgroup)), "removing what jails of dead callers left")  # ~1 ms
         kernel = machine._kernel_path()
         if kernel is not None:
             from microvm.loader.elf import share_image
@@ -76,7 +78,7 @@ class JailedVmm:
         self._logs: logs.Receiver | None = None
         self._finishing = False  # close() has handed the reaping and removals over
         try:
-            self.root: str | None = tempfile.mkdtemp(prefix=f"{ROOT_PREFIX}{self.name}-", dir=base_dir(jail))
+            self.root: str | None = tempfile.mkdtemp(prefix=f"{ROOT_PREFIX}{self.name}-", dir=base)
             self._launch(machine, argv)
         except BaseException:
             self.close()
@@ -210,8 +212,6 @@ class JailedVmm:
             if self.result is None:  # killed, or it failed: gone (its taps, its images) before we return
                 self._finish()
             else:  # it closed its VM's devices before it sent its result, and only exits
-                from microvm import teardown
-
                 teardown.later(self._finish, "jail-cleanup")
 
     def _finish(self) -> None:
@@ -298,15 +298,16 @@ def base_dir(jail: Jail) -> str:
     return base
 
 
-def sweep(jail: Jail) -> None:
-    """Remove the cgroups and root directories of jails whose caller died (SIGKILL) before it could."""
+def sweep(base: str, cgroups: bool) -> None:
+    """Remove the root directories under `base` and (if `cgroups`) the cgroups
+    of jails whose caller died (SIGKILL) before it could."""
     from microvm.jail.cgroups import sweep_groups
 
-    for path in Path(base_dir(jail)).glob(f"{ROOT_PREFIX}*"):
+    for path in Path(base).glob(f"{ROOT_PREFIX}*"):
         owner = path.name[len(ROOT_PREFIX):].split("-")[0]
         if owner.isdigit() and not os.path.exists(f"/proc/{owner}"):
             shutil.rmtree(path, ignore_errors=True)
-    if jail.cgroup:
+    if cgroups:
         sweep_groups(lambda name: name.split("-")[0].isdigit() and not os.path.exists(f"/proc/{name.split('-')[0]}"))
 
 

@@ -89,10 +89,12 @@ def clean():
 def test_a_jailed_run_gives_the_guests_result(clean):
     r = MicroVM(tiny_pvh_kernel(1, 5), force=True, mem_mib=32, jail=True).run(["true"], timeout=30)
     assert (r.exit_code, r.reason) == (5, "exit")
-    marks = ["jail set up", "jail cgroup joined", "jail namespaces made", "vmm forked", "vm created",
-             "kernel loaded", "jail entered", "first vcpu entry", "vm ended"]
+    marks = ["jail set up", "jail namespaces made", "vmm forked", "vm created", "kernel loaded", "jail entered",
+             "first vcpu entry", "vm ended"]
     assert [m for m in r.timeline if m in marks] == marks  # the jail's steps, in order, as data
     assert all(r.timeline[a] <= r.timeline[b] for a, b in itertools.pairwise(marks)), r.timeline
+    # The cgroup is joined while the VMM makes its VM, and before the jail is entered (no guest code yet)
+    assert r.timeline["vmm forked"] <= r.timeline["jail cgroup joined"] <= r.timeline["jail entered"], r.timeline
 
 
 def test_the_vmm_runs_unprivileged_in_its_own_namespaces_and_cgroup(tmp_path, clean):
@@ -267,6 +269,18 @@ def test_a_step_the_host_refuses_is_named(monkeypatch, clean):
     monkeypatch.setattr(jsys, "pivot_root", refused)
     with pytest.raises(JailError, match=r"entering the jail failed: .*pivot_root .*not permitted"):
         MicroVM(tiny_pvh_kernel(1, 0), force=True, mem_mib=32, jail=True).run(["true"], timeout=30)
+
+
+def test_a_cgroup_the_vmm_cannot_join_stops_the_run_before_any_guest_code(monkeypatch, tmp_path, clean):
+    """The VMM is moved into its cgroup while it makes its VM (jail/child.py);
+    a move that fails kills it before it enters the jail: the caller hears
+    why, nothing is left, and the guest never ran (its spin would not end)."""
+    def refused(self: Cgroup, pid: int) -> None:
+        raise CgroupError(f"cannot write {pid!r} to cgroup.procs: No space left on device")
+
+    monkeypatch.setattr(Cgroup, "join", refused)
+    with pytest.raises(JailError, match=r"setting up the jail failed: cannot write \d+ to cgroup.procs: No space"):
+        MicroVM(spin_kernel(tmp_path), force=True, mem_mib=32, jail=True).run(["true"], timeout=30)
 
 
 def test_what_the_vmm_sends_is_checked_never_unpickled():
