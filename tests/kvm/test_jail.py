@@ -57,6 +57,20 @@ def status_fields(pid: int | str) -> dict[str, str]:
     return fields
 
 
+def open_fds() -> dict[int, str]:
+    """This process's fds and what each is (the listing's own fd left out)."""
+    with os.scandir("/proc/self/fd") as listing:
+        found = {int(e.name): e.path for e in listing}
+    return {fd: target for fd, path in found.items() if (target := _readlink(path)) is not None}
+
+
+def _readlink(path: str) -> str | None:
+    try:
+        return os.readlink(path)
+    except OSError:  # the listing's own fd, closed by now
+        return None
+
+
 def leftovers(before: set[str]) -> set[str]:
     """Jail cgroups and root directories that outlived their VM."""
     found = set()
@@ -72,7 +86,7 @@ def leftovers(before: set[str]) -> set[str]:
 def clean():
     """Nothing of a jail is left behind: cgroups, root directories, children, fds."""
     before = leftovers(set())
-    fds = set(os.listdir("/proc/self/fd"))
+    fds = open_fds().keys()
     children = {c.pid for c in psutil.Process().children()}  # others' (multiprocessing's resource tracker)
     yield
     from microvm import teardown
@@ -81,7 +95,8 @@ def clean():
     assert teardown.drain(30.0)  # closed jails reaped and removed, VMs closed in this process destroyed
     assert leftovers(before) == set()
 
-    assert set(os.listdir("/proc/self/fd")) - {str(fd) for fd in kernelcache.fds()} <= fds
+    now = open_fds()
+    assert not now.keys() - fds - kernelcache.fds(), {fd: now[fd] for fd in now.keys() - fds - kernelcache.fds()}
     left = [(c.pid, c.status()) for c in psutil.Process().children() if c.pid not in children]
     assert left == []  # a jail's children reaped (a zombie is listed too), none running
 
