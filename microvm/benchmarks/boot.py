@@ -114,6 +114,7 @@ def boot_ours(config: BootConfig, timeout: float, calls: list[list[tuple[str, in
               ) -> dict[str, float]:
     """One boot running `true`; with `calls`, one with initcall_debug running
     `dmesg`, whose initcalls (initcalls.parse) are appended to `calls`."""
+    from microvm import teardown
     from microvm.machine import MicroVM
 
     cmdline, command = config.cmdline(), ["true"]
@@ -123,6 +124,9 @@ def boot_ours(config: BootConfig, timeout: float, calls: list[list[tuple[str, in
                  cmdline=cmdline, full_log=config.cmdline_variant == "full-log",
                  jail=config.cmdline_variant == "jail")
     r = vm.run(command, timeout=timeout)
+    # Each boot alone: the kernel's destruction of this VM (off run()'s path,
+    # teardown.py) and a jail's cleanup end here, not during the next boot.
+    teardown.drain()
     if r.exit_code != 0:
         raise RunFailed(f"{config.label}: `{' '.join(command)}` exited {r.exit_code}\n{vm.console_tail()}")
     if calls is not None:
