@@ -12,8 +12,6 @@ from __future__ import annotations
 import enum
 import functools
 import os
-import platform
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -76,6 +74,8 @@ def _time_loop(fd: _kvm.VcpuFd, gdt_limit: int, user: bool, iterations: int) -> 
 
 def measure_loop_ns(kvm: _kvm.Kvm, user: bool, iterations: int, repeat: int = 3) -> float:
     """Median ns per `dec; jnz` iteration at CPL3 (user) or CPL0."""
+    import statistics  # here: `microvm run` imports this module, and needs this only once per host boot
+
     vm = kvm.create_vm()
     mem = GuestMemory.anonymous([(0, flat.RAM)])
     try:
@@ -107,7 +107,7 @@ class Report:
     pvm_module: bool = False
     cpl0_ns_per_iter: float | None = None
     cpl3_ns_per_iter: float | None = None
-    host: str = field(default_factory=lambda: " ".join(platform.uname()[i] for i in (0, 2, 4)))
+    host: str = field(default_factory=lambda: " ".join(os.uname()[i] for i in (0, 2, 4)))
     error: str | None = None
 
     @property
@@ -173,7 +173,7 @@ def _verdict_cache() -> Path | None:
     except OSError:
         return None
     base = Path(os.environ.get("MICROVM_CACHE") or Path.home() / ".cache" / "microvm")
-    return base / "doctor" / f"verdict-{boot_id}-{platform.release()}"
+    return base / "doctor" / f"verdict-{boot_id}-{os.uname().release}"
 
 
 def plainly_hardware(pvm_module: str = "/sys/module/kvm_pvm", cpuinfo: str = "/proc/cpuinfo") -> bool:
