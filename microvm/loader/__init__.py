@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from microvm.arch.x86_64.layout import CMDLINE, CMDLINE_MAX, HIMEM_START, START_INFO, ZERO_PAGE
 from microvm.errors import GuestMemoryError, LoaderError
-from microvm.loader import bzimage, elf
+from microvm.loader import elf
 from microvm.loader.layout import (
     E820_TYPE_RAM,
     E820_TYPE_RESERVED,
@@ -99,6 +99,8 @@ def load_linux(
         source, load = elf.parse_file(kernel), _load_pvh
     else:
         data = read_input(kernel, "kernel")
+        from microvm.loader import bzimage  # here: a vmlinux (the usual kernel) never needs it
+
         if data[:4] == ELF_MAGIC:
             source, load = elf.parse(data), _load_pvh
         elif bzimage.is_bzimage(data):
@@ -168,6 +170,8 @@ def _load_bzimage(
     ram: Sequence[tuple[int, int]],
     e820: list[tuple[int, int, int]],
 ) -> BootInfo:
+    from microvm.loader import bzimage
+
     image = bzimage.parse(source)
     raw_cmdline = encode_cmdline(cmdline, image.cmdline_size)
     loaded = bzimage.load(mem, image)
