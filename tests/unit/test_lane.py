@@ -5,9 +5,11 @@ from __future__ import annotations
 import io
 import json
 import lzma
+import os
 import re
 import shlex
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -15,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from microvm import lane
@@ -283,6 +286,25 @@ def test_a_lane_doing_io_on_little_cpu_is_not_taken_for_a_frozen_one() -> None:
     assert run._run_qemu(trickle, run._Console(stream=False), timeout=60, freeze_after=1.5) == 0
 
 
+def test_a_lane_that_a_nudge_wakes_goes_on(capsys: pytest.CaptureFixture[str]) -> None:
+    """As an idle guest whose next timer never came, woken by an NMI: here a
+    process stopped until the nudge sends it SIGCONT."""
+    proc: list[int] = []
+    stopped = ["sh", "-c", "kill -STOP $$; echo woke"]
+
+    def nudge() -> None:
+        for p in psutil.process_iter(["cmdline"]):
+            if p.info["cmdline"] == stopped:
+                proc.append(p.pid)
+                os.kill(p.pid, signal.SIGCONT)
+
+    console = run._Console(stream=False)
+    assert run._run_qemu(stopped, console, timeout=60, freeze_after=1.5, nudge=nudge, nudge_grace=1.5) == 0
+    assert len(proc) == 1 and console.tail() == "woke"
+    assert "[lane] QEMU used no CPU and did no I/O for 2 s, its guest not halted: nudging it (1 of 3)" in (
+        capsys.readouterr().err)
+
+
 def test_a_busy_lane_is_not_taken_for_a_frozen_one() -> None:
     spin = [sys.executable, "-c", "import time\nt = time.monotonic() + 3\nwhile time.monotonic() < t: pass"]
     assert run._run_qemu(spin, run._Console(stream=False), timeout=60, freeze_after=1.5) == 0
@@ -296,9 +318,11 @@ def test_a_frozen_lanes_report_asks_qemu_where_its_guest_is(tmp_path: Path) -> N
         pytest.skip(f"{run.QEMU} not found")
     monitor = tmp_path / "monitor"
     cmd = [run.QEMU, "-S", "-display", "none", "-nodefaults", "-monitor", f"unix:{monitor},server=on,wait=off"]
-    with pytest.raises(lane.LaneTimeout) as e:
-        run._run_qemu(cmd, run._Console(stream=False), timeout=60, freeze_after=1.5, monitor=monitor)
+    with pytest.raises(lane.LaneFrozen) as e:
+        run._run_qemu(cmd, run._Console(stream=False), timeout=60, freeze_after=1.5, monitor=monitor,
+                      nudge=lambda: run._send_nmi(monitor), nudge_grace=1.5)
     report = str(e.value)
+    assert "did no I/O for 2 s after a nudge; its threads:" in report, report  # an NMI wakes no paused VM
     assert "its guest:\n  VM status: paused (prelaunch)\n  * CPU #0: thread_id=" in report, report
     assert re.search(r"\n  EIP=0000fff0 .* HLT=0\n  CR0=60000010 ", report), report
 
