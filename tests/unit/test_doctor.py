@@ -49,3 +49,18 @@ def test_plainly_hardware(tmp_path: Path, pvm_module: bool, flags: str, want: bo
     if pvm_module:
         module.mkdir()
     assert plainly_hardware(str(module), str(cpuinfo)) is want
+
+
+def test_check_host_reads_the_cpu_flags_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every VM's start calls check_host(); /proc/cpuinfo is read at the first only."""
+    from microvm import doctor
+
+    reads: list[str] = []
+    monkeypatch.setattr(doctor, "plainly_hardware", lambda: reads.append("cpuinfo") or True)
+    doctor.plainly_hardware_here.cache_clear()
+    try:
+        for _ in range(3):
+            doctor.check_host()
+        assert reads == ["cpuinfo"]
+    finally:
+        doctor.plainly_hardware_here.cache_clear()
