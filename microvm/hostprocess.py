@@ -45,6 +45,12 @@ def interrupts_deferred() -> Iterator[None]:
             raise KeyboardInterrupt
 
 
+def proc_fields(path: str) -> dict[str, str]:
+    """A /proc file of "Key: value" lines (PID/status, PID/io) as a dict, values stripped."""
+    with open(path) as f:
+        return {key: value.strip() for key, sep, value in (line.partition(":") for line in f) if sep}
+
+
 def raise_fd_limit() -> None:
     """Raise this process's soft limit on open files to its hard limit (once).
 

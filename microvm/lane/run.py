@@ -32,12 +32,13 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from microvm import initramfs
 from microvm.errors import LaneError, LaneFrozen, LaneTimeout
+from microvm.hostprocess import proc_fields
 from microvm.lane.initrd import END_MARK, START_MARK, initrd_path
 from microvm.lane.kernel import boot_image, cache_dir, cached_kernel, find_kernel
 
@@ -103,7 +104,9 @@ def qemu_command(kernel: Path, initrd: Path, ctl_dir: Path, out_dir: Path, *,
     # loglevel=3 leaves oopses and panics (crit and above) on the console: rare,
     # and what a failure needs. Errors stay off: KVM logs one per nested guest
     # boot ("Unhandled WRMSR(0xc0010007)", an AMD perf counter it does not emulate).
-    append = "console=ttyS0 panic=-1 " + ("lane.debug loglevel=7" if debug else "quiet loglevel=3")
+    # nokaslr: a frozen lane's report gives the guest's RIP, which the kernel's
+    # System.map (in the lane's cache) then names.
+    append = "console=ttyS0 panic=-1 nokaslr " + ("lane.debug loglevel=7" if debug else "quiet loglevel=3")
     return [
         QEMU, "-name", "lane,debug-threads=on",
         "-M", "q35", "-accel", accel, "-cpu", "max,+svm", "-smp", str(smp), "-m", str(mem_mib),
@@ -245,24 +248,19 @@ class _Activity:
     on_disk: tuple[str, ...]  # threads in uninterruptible sleep (state D): waiting on the host
 
 
-def _proc_fields(path: str) -> dict[str, str]:
-    with open(path) as f:
-        return dict(line.split(":", 1) for line in f if ":" in line)
-
-
 def _activity(pid: int) -> _Activity | None:
     """What process `pid` has done so far, or None if it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (stat(5) 14, 15)
-        io = _proc_fields(f"/proc/{pid}/io")
+        io = proc_fields(f"/proc/{pid}/io")
         on_disk = []
         for tid in os.listdir(f"/proc/{pid}/task"):
             with contextlib.suppress(OSError):
-                status = _proc_fields(f"/proc/{pid}/task/{tid}/status")
-                if status["State"].strip().startswith("D"):
-                    on_disk.append(status["Name"].strip())
+                status = proc_fields(f"/proc/{pid}/task/{tid}/status")
+                if status["State"].startswith("D"):
+                    on_disk.append(status["Name"])
     except OSError:
         return None
     # Bytes, not calls: a read that finds nothing (QEMU's main loop polling
@@ -277,10 +275,10 @@ def _threads(pid: int) -> str:
     with contextlib.suppress(OSError):
         for tid in sorted(os.listdir(f"/proc/{pid}/task"), key=int):
             with contextlib.suppress(OSError, KeyError):
-                status = _proc_fields(f"/proc/{pid}/task/{tid}/status")
+                status = proc_fields(f"/proc/{pid}/task/{tid}/status")
                 with open(f"/proc/{pid}/task/{tid}/wchan") as f:
                     wchan = f.read().strip() or "-"
-                lines.append(f"  {tid} {status['Name'].strip()}: {status['State'].strip()}, in {wchan}")
+                lines.append(f"  {tid} {status['Name']}: {status['State']}, in {wchan}")
     for what in ("io", "cpu", "memory"):
         with contextlib.suppress(OSError), open(f"/proc/pressure/{what}") as f:
             lines.append(f"  host {what} pressure: {f.readline().strip()}")
@@ -305,8 +303,9 @@ def _ask_monitor(path: Path, commands: Sequence[str], wait: float = 3.0) -> str:
     except OSError as e:  # socket.timeout included
         return f"  the monitor did not answer: {e or type(e).__name__}"
     text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]|\r", "", got.decode(errors="replace"))
-    # The run state, each vCPU's thread, and where vCPU 0 is: RIP (EIP) with HLT=, CR0, EFER.
-    keep = ("VM status", "* CPU #", "CPU #", "RIP=", "EIP=", "CR0=", "EFER=")
+    # The run state, each vCPU's thread, where vCPU 0 is (RIP or EIP, with HLT=), CR0, EFER; and
+    # its local APIC: the timer, the interrupts requested (IRR) and in service (ISR), the priorities.
+    keep = ("VM status", "* CPU #", "CPU #", "RIP=", "EIP=", "CR0=", "EFER=", "LVTT", "Timer", "ISR", "IRR", "APR")
     return "\n".join("  " + line.strip() for line in text.splitlines() if line.strip().startswith(keep))
 
 
@@ -330,7 +329,8 @@ def _run_qemu(cmd: list[str], console: _Console, timeout: float, freeze_after: f
             if act is not None and (act.cpu_s - busy.cpu_s >= FREEZE_CPU or act.io != busy.io or act.on_disk):
                 busy_at, busy = now, act
             elif now - busy_at >= freeze_after:
-                guest = _ask_monitor(monitor, ("info status", "info cpus", "info registers")) if monitor else ""
+                guest = (_ask_monitor(monitor, ("info status", "info cpus", "info registers", "info lapic"))
+                         if monitor else "")
                 raise LaneFrozen(f"the lane froze: QEMU used no CPU and did no I/O for {now - busy_at:.0f} s"
                                  f"; its threads:\n{_threads(proc.pid)}\n"
                                  + (f"its guest:\n{guest}\n" if guest else "")

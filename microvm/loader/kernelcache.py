@@ -104,14 +104,6 @@ def fds() -> set[int]:
         return set(_images.values())
 
 
-def forget() -> None:
-    """Drop the cache without closing: after close_inherited() (jail/run.py)
-    closed its fds in a forked child, their numbers mean nothing here."""
-    global _lock
-    _lock = threading.Lock()
-    _images.clear()
-
-
 def clear() -> None:
     """Close every cached image (tests; a process that is done booting)."""
     with _lock:

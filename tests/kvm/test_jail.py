@@ -19,6 +19,7 @@ import psutil
 import pytest
 
 from microvm.errors import ConfigError, GuestTimeoutError, LoaderError, VmStoppedError
+from microvm.hostprocess import proc_fields
 from microvm.jail import OVERHEAD_MIB, PIDS_SPARE, Jail, JailError
 from microvm.jail.cgroups import PARENT, Cgroup, CgroupError, cgroup_paths, mounts, v1_roots
 from microvm.machine import MicroVM
@@ -46,15 +47,6 @@ SPIN = """
 
 def spin_kernel(tmp: Path, top_mib: int = 0) -> Path:
     return guest(SPIN, tmp, top=top_mib << 20)
-
-
-def status_fields(pid: int | str) -> dict[str, str]:
-    """/proc/PID/status (or PID/task/TID/status) as a dict."""
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        fields[key] = value.strip()
-    return fields
 
 
 def open_fds() -> dict[int, str]:
@@ -120,7 +112,7 @@ def test_the_vmm_runs_unprivileged_in_its_own_namespaces_and_cgroup(tmp_path, cl
         assert jailed is not None
         pid = jailed.vmm_pid
         assert pid is not None and pid != os.getpid()
-        st = status_fields(pid)
+        st = proc_fields(f"/proc/{pid}/status")
         assert st["Uid"].split() == ["4242"] * 4
         assert st["Gid"].split() == ["4343"] * 4
         assert st["Groups"] == ""
@@ -150,7 +142,7 @@ def test_the_vmm_runs_unprivileged_in_its_own_namespaces_and_cgroup(tmp_path, cl
             assert swap_limit == {1: str(limits.memory_bytes), 2: "0"}[jailed.cgroup.version]
         # Its threads too (the vCPUs started after the jail was entered).
         for tid in os.listdir(f"/proc/{pid}/task"):
-            tst = status_fields(f"{pid}/task/{tid}")
+            tst = proc_fields(f"/proc/{pid}/task/{tid}/status")
             assert tst["Uid"].split()[0] == "4242" and int(tst["CapBnd"], 16) == 0 and tst["NoNewPrivs"] == "1"
         assert len(os.listdir(f"/proc/{pid}/task")) >= 3  # main, control, two vCPUs, I/O
     finally:
@@ -169,7 +161,7 @@ def test_a_vm_with_a_nic_keeps_the_hosts_network_namespace(tmp_path, clean):
         pid = vm._jailed.vmm_pid  # type: ignore[union-attr]
         assert os.readlink(f"/proc/{pid}/ns/net") == os.readlink("/proc/self/ns/net")
         assert os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
-        assert int(status_fields(pid)["CapEff"], 16) == 0
+        assert int(proc_fields(f"/proc/{pid}/status")["CapEff"], 16) == 0
     finally:
         vm.kill()
     assert not Path(f"/sys/class/net/{tap}").exists()  # its fd went with the VMM

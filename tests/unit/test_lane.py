@@ -5,11 +5,9 @@ from __future__ import annotations
 import io
 import json
 import lzma
-import os
 import re
 import shlex
 import shutil
-import signal
 import struct
 import subprocess
 import sys
@@ -17,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
 from microvm import lane
