@@ -26,6 +26,9 @@ ROOT = Path(__file__).resolve().parents[2]
 IN_LANE = in_lane()
 # Per test file: the slowest (256 MiB over the network both ways) needs ~6 minutes.
 LANE_TIMEOUT = float(os.environ.get("MICROVM_LANE_TIMEOUT", "1200"))
+# Below the lane's freeze detection (microvm/lane/run.py FREEZE_AFTER, 90 s); above the
+# slowest single test seen there (~70 s: 256 MiB over TCP under load).
+LANE_STACKS_AFTER = 80
 # Files that run many VMs at once get more memory: (vCPUs, MiB); others (1, 2048). One
 # vCPU throughout: a 2-vCPU lane runs QEMU's multi-threaded TCG, and the one guest
 # triple fault we ever saw in the lane (1 boot of ~20, never reproduced in 48 more) was there.
@@ -57,8 +60,11 @@ def _lane_results(config: pytest.Config, selection: tuple[str, ...]) -> dict[str
     out_dir.mkdir(parents=True, exist_ok=True)
     report = out_dir / f"boot-junit-{Path(selection[0].split('::')[0]).stem}.xml"
     report.unlink(missing_ok=True)
+    # faulthandler_timeout: a test still running after LANE_STACKS_AFTER s prints every thread's
+    # stack (once): a test waiting on a deadlock says where, and its output shows the lane is not
+    # frozen (a frozen lane's timers stop, this one's included: then no stacks come).
     argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
-            "-o", "junit_family=xunit1", *selection]
+            "-o", "junit_family=xunit1", "-o", f"faulthandler_timeout={LANE_STACKS_AFTER:.0f}", *selection]
     env = {IN_LANE_ENV: "1", "PYTHONDONTWRITEBYTECODE": "1"}
     for key in ("MICROVM_CACHE", "HOME", "PATH", "MICROVM_REQUIRE_KVM"):
         if key in os.environ:
