@@ -5,7 +5,7 @@
         print(r.stdout, r.exit_code, r.timeline)
 
 Configuration, lifecycle and results: it puts the pieces together (the VM,
-vm.py; its devices, through the device manager, devicemanager.py; the
+vm.py; its devices, made by builder.py on the device manager, devicemanager.py; the
 kernel, through the loader; the vCPUs' boot state, arch/x86_64/boot.py) and
 turns what the guest does into a result: the command's output and exit
 status, or an error naming what went wrong (panic, triple fault, a failed
@@ -14,7 +14,6 @@ device, timeout).
 
 from __future__ import annotations
 
-import functools
 import os
 import threading
 import time
@@ -26,6 +25,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from microvm import _kvm, checks, loader
 from microvm.arch.x86_64 import boot, layout, mptable
 from microvm.backends import Backends
+from microvm.builder import Callbacks, Wanted
+from microvm.builder import build as build_devices
 from microvm.devicemanager import MAX_USER_DEVICES, DeviceManager
 from microvm.devices.control import (
     FAIL_NAMES,
@@ -34,10 +35,8 @@ from microvm.devices.control import (
     MARK_INIT,
     ControlDevice,
 )
-from microvm.devices.i8042 import I8042
 from microvm.devices.serial import Serial
 from microvm.devices.virtio.console import VirtioConsole
-from microvm.devices.virtio.rng import IoWakeup, VirtioRng
 from microvm.doctor import check_host
 from microvm.errors import (
     ConfigError,
@@ -61,7 +60,7 @@ from microvm.ratelimit import RateLimit, as_rate_limit
 from microvm.seccomp import check_action as check_seccomp
 from microvm.seccomp import confiner
 from microvm.snapshot.machine import MicroVMSnapshots
-from microvm.specs import Drive, Nic, as_drive, disk_name, guest_ip_args
+from microvm.specs import Drive, Nic, as_drive, guest_ip_args
 from microvm.vcpu import StopReason
 from microvm.vm import Vm
 
@@ -512,59 +511,16 @@ class MicroVM(MicroVMSnapshots, MicroVMInput):
             self.full_log.watch(vm, self.boot)
 
     def _wire_devices(self, vm: Vm) -> None:
-        self.devices = devices = DeviceManager(vm)
-        self.serial = Serial(vm.irq_line(layout.COM1_IRQ), self._on_console)
-        devices.add_pio("com1", self.serial, layout.COM1_PORT, layout.COM1_PORTS, layout.COM1_IRQ)
-        i8042 = I8042(functools.partial(self._end, "reboot"))
-        i8042_data, i8042_command = i8042.ports()
-        devices.add_pio("i8042-data", i8042_data, layout.I8042_DATA_PORT, 1)
-        devices.add_pio("i8042-command", i8042_command, layout.I8042_COMMAND_PORT, 1)
-        self.control = ControlDevice(self._on_exit, self._end, self._on_mark, self._on_fail)
-        devices.add_mmio("control", self.control, layout.CONTROL_BASE, layout.CONTROL_SIZE)
-        # The command's stdout and stderr travel over virtio-console (hvc0):
-        # whole buffers per notification instead of an exit per byte.
-        self.hvc = VirtioConsole(self._on_command_output)
-        self._hooks += [(self.serial, "output"), (i8042, "on_reset"), (self.hvc, "output")]
-        self._hooks += [(self.control, hook) for hook in ("on_exit", "on_power", "on_mark", "on_fail")]
-        # No ioeventfd for the console: Linux's hvc busy-waits in the kernel
-        # until the host has taken each buffer, so the notify is served right
-        # in the vCPU's exit, never waiting for the I/O thread to be scheduled.
-        devices.add_virtio("hvc0", self.hvc, ioeventfd=False)
-        # The kernel's messages (console=hvc1), or init's copy of them (full_log):
-        # the second virtio console the guest probes is hvc1 (the virtio-mmio
-        # devices probe in this order).
-        if KERNEL_CONSOLE in f"{self.cmdline} {self.append}".split():
-            hvc1 = VirtioConsole(self._on_log, self._on_kernel_console_reset)
-            self._hooks += [(hvc1, "output"), (hvc1, "on_reset")]
-            devices.add_virtio("hvc1", hvc1, ioeventfd=False, share_line_of="hvc0")
-        elif self.full_log is not None and not self.full_log.plan(self.kernel or _default_kernel()):
-            devices.add_virtio("hvc1", VirtioConsole(self.full_log.dmesg.extend), ioeventfd=False,
-                               share_line_of="hvc0")
-        # Entropy from the host (/dev/hwrng), so the guest's getrandom() never
-        # waits for its own pool (slow to fill in a quiet VM).
-        rng = VirtioRng()
-        rng.wakeup = IoWakeup(vm.io, devices.add_virtio("rng", rng).notify)  # work left for later: a timer
-        self._hooks.append((rng, "wakeup"))
-        # Disks first (vda, vdb, ...: the kernel names them in probe order),
-        # each with its own I/O thread; then eth0, ...
-        if self.backends.disks:
-            from microvm.devices.virtio.block import VirtioBlock
-        for i, disk in enumerate(self.backends.disks):
-            devices.add_virtio(disk_name(i), VirtioBlock(disk, rate_limit=self.drives[i].rate_limit), own_thread=True)
-        if self.backends.taps:
-            from microvm.devices.virtio.net import RX_QUEUE, VirtioNet
-        for i, tap in enumerate(self.backends.taps):
-            nic = self.nics[i]
-            transport = devices.add_virtio(f"eth{i}", VirtioNet(tap, mac=nic.mac, rx_rate_limit=nic.rx_rate_limit,
-                                                                tx_rate_limit=nic.tx_rate_limit))
-            # A frame waiting on the tap is like a receive-queue notification.
-            devices.watch_fd(f"eth{i}", tap.fd, functools.partial(transport.notify, RX_QUEUE))
-        if self.vsock is not None:
-            from microvm.devices.virtio.vsock import VirtioVsock
-
-            self.vsock_device = VirtioVsock(self.vsock_cid, self.vsock)
-            devices.add_virtio("vsock", self.vsock_device)
-            self.vsock_device.attach(vm.io)  # its host sockets are served by the same I/O thread
+        self.devices = DeviceManager(vm)
+        wanted = Wanted(kernel=self.kernel or _default_kernel(),
+                        kernel_console=KERNEL_CONSOLE in f"{self.cmdline} {self.append}".split(),
+                        full_log=self.full_log, backends=self.backends, drives=self.drives, nics=self.nics,
+                        vsock=self.vsock, vsock_cid=self.vsock_cid)
+        on = Callbacks(console=self._on_console, command_output=self._on_command_output, log=self._on_log,
+                       kernel_console_reset=self._on_kernel_console_reset, end=self._end, exit=self._on_exit,
+                       mark=self._on_mark, fail=self._on_fail)
+        board = build_devices(self.devices, wanted, on, self._hooks)
+        self.serial, self.control, self.hvc, self.vsock_device = board.serial, board.control, board.hvc, board.vsock
 
     # --- device callbacks (vCPU threads) ---------------------------------------------
 
