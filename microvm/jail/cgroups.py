@@ -175,6 +175,28 @@ class Cgroup:
         for d in dict.fromkeys(self.dirs.values()):
             _write(d / "cgroup.procs", str(pid))
 
+    @property
+    def self_join_is_cheap(self) -> bool:
+        """v1: a single-threaded process moves itself in ~0.05 ms (join_self), where
+        moving a process by its PID (join) waits for an RCU grace period (5-15 ms)."""
+        return self.version == 1
+
+    def join_self(self) -> None:
+        """Move the calling process into the group (v1), from its one thread.
+
+        Written as thread 0 into each hierarchy's `tasks`: moving only the
+        calling thread takes no threadgroup lock (kernel/cgroup/cgroup.c,
+        cgroup_procs_write_start: a write of pid 0 for one thread), so the
+        kernel does not wait for an RCU grace period as it does for a whole
+        process. With one thread, that thread is the process; a process with
+        more is refused (the others would stay outside)."""
+        threads = len(os.listdir("/proc/self/task"))
+        if threads != 1:
+            raise CgroupError(f"only a single-threaded process can join its cgroup by itself; this one has "
+                              f"{threads} threads")
+        for d in dict.fromkeys(self.dirs.values()):
+            _write(d / "tasks", "0")
+
     def oom_killed(self) -> bool:
         """Did the kernel kill a process of the group for its memory limit?"""
         d = self.dirs["memory"]

@@ -66,15 +66,15 @@ class ChildEnds(NamedTuple):
 
 def intermediate(vmm: Handle, machine: MicroVM, argv: Sequence[str], ends: ChildEnds, keep: set[int]) -> None:
     """In the first child: nothing of the caller's but what the VMM needs, new
-    namespaces, fork the VMM, name it, move it into the cgroup, pass on its status.
+    namespaces, fork the VMM, name it, (v2) move it into the cgroup, pass on its status.
 
-    The move into the cgroup overlaps the VMM's setup: the kernel's first
-    migration into a v1 cgroup waits for an RCU grace period (5-15 ms here),
-    about as long as the VMM takes to make its VM. The VMM runs no guest code
-    and starts no thread before it is told the move is done (enter_when_joined),
-    so the guest's memory, its threads and its CPU time all count against the
-    limits; what the VMM allocated before (its VM's kernel structures, the
-    loaded kernel's pages) counts where the caller's does."""
+    A v1 cgroup the VMM joins by itself, first thing, while it has one thread
+    (Cgroup.join_self: no RCU grace period). A v2 cgroup's move, by PID, waits
+    for one (5-15 ms): it overlaps the VMM's setup, about as long. The VMM runs
+    no guest code and starts no thread before it is told the move is done
+    (enter_when_joined), so the guest's memory, its threads and its CPU time
+    all count against the limits; what it allocated before (its VM's kernel
+    structures, the loaded kernel's pages) counts where the caller's does."""
     status = 1
     results, pid_out = ends.results, ends.pid_out
     joined_r = joined_w = -1
@@ -89,7 +89,7 @@ def intermediate(vmm: Handle, machine: MicroVM, argv: Sequence[str], ends: Child
         jsys.mount(None, "/", None, jsys.MS_REC | jsys.MS_PRIVATE)  # nothing we mount reaches the host
         socket.sethostname(vmm.jail.hostname)
         machine._times["jail namespaces made"] = time.monotonic_ns()
-        if vmm.cgroup is not None:
+        if vmm.cgroup is not None and not vmm.cgroup.self_join_is_cheap:
             joined_r, joined_w = os.pipe()
         pid = os.fork()
         if pid == 0:
@@ -103,7 +103,7 @@ def intermediate(vmm: Handle, machine: MicroVM, argv: Sequence[str], ends: Child
                 _vmm(vmm, machine, argv, ends, joined_r)
             finally:
                 os._exit(1)
-        if vmm.cgroup is not None:
+        if joined_w >= 0 and vmm.cgroup is not None:
             os.close(joined_r)
             try:
                 vmm.cgroup.join(pid)
@@ -160,6 +160,10 @@ def _vmm(vmm: Handle, machine: MicroVM, argv: Sequence[str], ends: ChildEnds, jo
     results, control = ends.results, ends.control
     try:
         try:
+            if vmm.cgroup is not None and vmm.cgroup.self_join_is_cheap:
+                # First, while we have one thread: everything the VMM allocates counts against the limits.
+                vmm.cgroup.join_self()
+                machine._times["jail cgroup joined"] = time.monotonic_ns()
             logs.forward(ends.log)
             binds = []
             if machine.vsock is not None:  # guest connections to host ports go to <path>_PORT beside it

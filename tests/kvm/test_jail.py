@@ -279,16 +279,41 @@ def test_a_step_the_host_refuses_is_named(monkeypatch, clean):
 
 
 def test_a_cgroup_the_vmm_cannot_join_stops_the_run_before_any_guest_code(monkeypatch, tmp_path, clean):
-    """The VMM is moved into its cgroup while it makes its VM (jail/child.py);
-    a move that fails kills it before it enters the jail: the caller hears
-    why, nothing is left, and the guest never ran (its spin would not end)."""
-    def refused(self: Cgroup, pid: int) -> None:
-        raise CgroupError(f"cannot write {pid!r} to cgroup.procs: No space left on device")
+    """The VMM joins its cgroup (v1: by itself, first thing; v2: moved by the
+    intermediate while it makes its VM, jail/child.py); a join that fails ends
+    it before it enters the jail: the caller hears why, nothing is left, and
+    the guest never ran (its spin would not end)."""
+    def refused(self: Cgroup, pid: int = 0) -> None:
+        raise CgroupError(f"cannot write {pid!r} to the group: No space left on device")
 
     monkeypatch.setattr(Cgroup, "join", refused)
-    with pytest.raises(JailError, match=r"setting up the jail failed: cannot write \d+ to cgroup.procs: No space"):
+    monkeypatch.setattr(Cgroup, "join_self", refused)
+    with pytest.raises((JailError, CgroupError), match=r"cannot write \d+ to the group: No space left on device"):
         MicroVM(spin_kernel(tmp_path), force=True, mem_mib=32, jail=True).run(["true"], timeout=30)
 
+
+def test_a_process_with_other_threads_cannot_join_a_cgroup_by_itself(tmp_path: Path) -> None:
+    """Cgroup.join_self moves only the calling thread: with others alive they would stay outside."""
+    group = Cgroup(1, {"cpu": tmp_path})
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        with pytest.raises(CgroupError, match=r"only a single-threaded process can join its cgroup by itself; "
+                                              r"this one has \d+ threads"):
+            group.join_self()
+    finally:
+        stop.set()
+        other.join()
+    assert not (tmp_path / "tasks").exists()
+
+
+def test_a_jailed_vmm_on_cgroup_v1_joins_by_itself_before_its_vm_exists(clean) -> None:
+    """v1: no move by PID (an RCU grace period, 5-15 ms, on the boot's path): the
+    VMM writes itself into each hierarchy first, so its VM's memory counts too."""
+    r = MicroVM(tiny_pvh_kernel(1, 5), force=True, mem_mib=32, jail=Jail(cgroup="v1")).run(["true"], timeout=30)
+    t = r.timeline
+    assert t["vmm forked"] <= t["jail cgroup joined"] <= t["vm created"] <= t["jail entered"], t
 
 def test_what_the_vmm_sends_is_checked_never_unpickled():
     """A subverted VMM talks to a caller that may be root: only data, checked, comes across."""
