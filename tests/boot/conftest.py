@@ -13,7 +13,11 @@ import contextlib
 import functools
 import os
 import sys
+import threading
+import time
+import traceback
 import xml.etree.ElementTree as ET
+from collections.abc import Generator
 from pathlib import Path
 
 import pytest
@@ -26,10 +30,12 @@ ROOT = Path(__file__).resolve().parents[2]
 IN_LANE = in_lane()
 # Per test file: the slowest (256 MiB over the network both ways) needs ~6 minutes.
 LANE_TIMEOUT = float(os.environ.get("MICROVM_LANE_TIMEOUT", "1200"))
-# Below the lane's freeze detection (microvm/lane/run.py FREEZE_AFTER, 90 s). A few tests
-# take longer by design (test_many_boots_leak_nothing: ~100 s): they print the stacks too,
-# once, as a note ("Timeout (0:01:20)!" in the log), not a failure.
-LANE_STACKS_AFTER = 80
+# Inside the lane, a test still running after this many seconds prints every thread's stack
+# (once): a test waiting on a deadlock says where, and the output shows the lane is not frozen
+# (a frozen lane's timers stop, this one's included: then no stacks come). Below the lane's
+# freeze detection (microvm/lane/run.py FREEZE_AFTER, 90 s). A few tests take longer by design
+# (test_many_boots_leak_nothing: ~100 s): they print the stacks too, as a note, not a failure.
+LANE_STACKS_AFTER = 80.0
 # Files that run many VMs at once get more memory: (vCPUs, MiB); others (1, 2048). One
 # vCPU throughout: a 2-vCPU lane runs QEMU's multi-threaded TCG, and the one guest
 # triple fault we ever saw in the lane (1 boot of ~20, never reproduced in 48 more) was there.
@@ -61,11 +67,8 @@ def _lane_results(config: pytest.Config, selection: tuple[str, ...]) -> dict[str
     out_dir.mkdir(parents=True, exist_ok=True)
     report = out_dir / f"boot-junit-{Path(selection[0].split('::')[0]).stem}.xml"
     report.unlink(missing_ok=True)
-    # faulthandler_timeout: a test still running after LANE_STACKS_AFTER s prints every thread's
-    # stack (once): a test waiting on a deadlock says where, and its output shows the lane is not
-    # frozen (a frozen lane's timers stop, this one's included: then no stacks come).
     argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
-            "-o", "junit_family=xunit1", "-o", f"faulthandler_timeout={LANE_STACKS_AFTER:.0f}", *selection]
+            "-o", "junit_family=xunit1", *selection]
     env = {IN_LANE_ENV: "1", "PYTHONDONTWRITEBYTECODE": "1"}
     for key in ("MICROVM_CACHE", "HOME", "PATH", "MICROVM_REQUIRE_KVM"):
         if key in os.environ:
@@ -154,3 +157,69 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
 def _boot_needs_kvm(request: pytest.FixtureRequest) -> None:
     if _mode() == "direct":
         require_kvm()
+
+
+
+class _Watchdog:
+    """One thread for the whole run (tests that count this process's threads
+    see the same number before and after, however long they take): it prints
+    every thread's stack once a test has run for LANE_STACKS_AFTER s. From
+    Python, with the GIL held (faulthandler's timeout dumps other threads
+    without it, and crashed the lane's pytest once, mid-dump, in a Dask test)."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.test: tuple[str, float] | None = None  # (nodeid, deadline)
+        thread = threading.Thread(target=self._watch, name="boot-test-watchdog", daemon=True)
+        thread.start()
+
+    def begin(self, nodeid: str) -> None:
+        with self.cond:
+            self.test = (nodeid, time.monotonic() + LANE_STACKS_AFTER)
+            self.cond.notify()
+
+    def end(self) -> None:
+        with self.cond:
+            self.test = None
+            self.cond.notify()
+
+    def _watch(self) -> None:
+        with self.cond:
+            while True:
+                test = self.test
+                if test is None:
+                    self.cond.wait()
+                elif (left := test[1] - time.monotonic()) > 0:
+                    self.cond.wait(left)
+                else:
+                    _print_stacks(test[0])
+                    while self.test is test:  # once per test
+                        self.cond.wait()
+
+
+def _print_stacks(nodeid: str) -> None:
+    names = {t.ident: t.name for t in threading.enumerate()}
+    lines = [f"\n[tests/boot] {nodeid} still running after {LANE_STACKS_AFTER:.0f} s; every thread's stack:\n"]
+    for ident, frame in sys._current_frames().items():
+        lines.append(f"--- thread {names.get(ident, '?')} ({ident}):\n")
+        lines.extend(traceback.format_stack(frame))
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        sys.__stderr__.write("".join(lines))  # type: ignore[union-attr]
+        sys.__stderr__.flush()  # type: ignore[union-attr]
+
+
+@functools.cache
+def _watchdog() -> _Watchdog:
+    return _Watchdog()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, None, None]:
+    if not IN_LANE:
+        yield
+        return
+    _watchdog().begin(item.nodeid)
+    try:
+        yield
+    finally:
+        _watchdog().end()
