@@ -159,7 +159,6 @@ def _boot_needs_kvm(request: pytest.FixtureRequest) -> None:
         require_kvm()
 
 
-
 class _Watchdog:
     """One thread for the whole run (tests that count this process's threads
     see the same number before and after, however long they take): it prints
@@ -203,9 +202,21 @@ def _print_stacks(nodeid: str) -> None:
     for ident, frame in sys._current_frames().items():
         lines.append(f"--- thread {names.get(ident, '?')} ({ident}):\n")
         lines.extend(traceback.format_stack(frame))
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        sys.__stderr__.write("".join(lines))  # type: ignore[union-attr]
-        sys.__stderr__.flush()  # type: ignore[union-attr]
+    data = "".join(lines).encode(errors="replace")
+    with contextlib.suppress(OSError):
+        while data:
+            data = data[os.write(_stderr_fd, data):]
+
+
+# pytest captures fd 2 while a test runs: the stacks go to a copy of the real one, made
+# in pytest_configure (capture is suspended then), as pytest's faulthandler plugin does.
+_stderr_fd = 2
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _stderr_fd
+    if IN_LANE and _stderr_fd == 2:
+        _stderr_fd = os.dup(2)
 
 
 @functools.cache
