@@ -1,6 +1,9 @@
-/* The baseline for microvm/benchmarks/exits.py: the same real-mode guest, driven by a
- * bare C loop over KVM_RUN with no dispatch at all. Prints ns per exit.
- * Usage: exits_raw N CODE_HEX CODE_ADDRESS (the guest's code, where it starts). */
+/* The baselines for microvm/benchmarks/exits.py: the same real-mode guest, driven by a
+ * bare C loop over KVM_RUN with no dispatch at all.
+ * As a program (raw-c): its own VM, in its own process. Prints ns per exit.
+ *   Usage: exits_raw N CODE_HEX CODE_ADDRESS (the guest's code, where it starts).
+ * Built with -DEXITS_LIB -shared (raw-c-here): exits_loop() runs the VM microvm made,
+ * in microvm's process, called through ctypes (which releases the GIL around it). */
 #include <fcntl.h>
 #include <linux/kvm.h>
 #include <stdint.h>
@@ -13,6 +16,29 @@
 
 #define MEM 0x10000
 
+/* KVM_RUN until an exit other than port I/O; the number of port-I/O exits in *exits,
+ * the ns per exit returned (-1 and errno if KVM_RUN or the run page's mapping failed). */
+double exits_loop(int vcpu, long *exits) {
+    struct kvm_run *run = mmap(NULL, 4096, PROT_READ, MAP_SHARED, vcpu, 0);
+    if (run == MAP_FAILED) return -1;
+    long n = 0;
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (;;) {
+        if (ioctl(vcpu, KVM_RUN, 0) < 0) {
+            munmap(run, 4096);
+            return -1;
+        }
+        if (run->exit_reason != KVM_EXIT_IO) break;
+        n++;
+    }
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    munmap(run, 4096);
+    *exits = n;
+    return ((t1.tv_sec - t0.tv_sec) * 1e9 + (t1.tv_nsec - t0.tv_nsec)) / (n ? n : 1);
+}
+
+#ifndef EXITS_LIB
 static void die(const char *what) { perror(what); exit(1); }
 
 int main(int argc, char **argv) {
@@ -62,3 +88,4 @@ int main(int argc, char **argv) {
     printf("%ld %.1f\n", exits, ns / exits);
     return 0;
 }
+#endif

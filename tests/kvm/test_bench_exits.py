@@ -1,0 +1,20 @@
+"""`microvm bench exits` runs each of its loops over a real tiny guest, each
+counting the guest's exits exactly (the C loop in this process included)."""
+
+from __future__ import annotations
+
+from microvm.benchmarks import exits
+
+
+def test_every_exit_loop_runs_the_guest_to_its_halt() -> None:
+    result = exits.run(exits=500, runs=2)
+    assert result["runs"] == {variant: 2 for variant in exits.VARIANTS}
+    for variant in exits.VARIANTS:
+        assert all(ns > 0 for ns in result["samples"][variant][exits.METRIC]), variant
+    assert set(result["ratio"]) == {"bus / raw-c-here", "noop / raw-c-here", "raw-py / raw-c-here",
+                                    "raw-c-here / raw-c"}
+
+
+def test_the_in_process_c_loop_counts_what_the_guest_does(tmp_path) -> None:
+    loop = exits.load_c(exits.build_c(tmp_path, library=True))
+    assert exits.raw_c_here(loop, 37) > 0  # asserts 37 port-I/O exits, then the halt
