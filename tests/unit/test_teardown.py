@@ -18,6 +18,7 @@ class SlowFd:
 
     def __init__(self, closes: list[SlowFd] | None = None) -> None:
         self.release = threading.Event()
+        self.started = threading.Event()  # set as its close begins
         self.closed_in: str | None = None
         self.closes = closes
 
@@ -25,6 +26,7 @@ class SlowFd:
         self.closed_in = threading.current_thread().name
         if self.closes is not None:
             self.closes.append(self)
+        self.started.set()
         assert self.release.wait(30)
 
 
@@ -153,6 +155,10 @@ def test_a_forked_child_closes_its_copies_and_does_not_wait_for_its_parents() ->
     teardown.destroy(queued)
     teardown.later(lambda: parents.append(os.getpid()), "the parent's own step")
     queued.release.set()
+    # Fork once the thread is closing `busy`: before, the child would find it
+    # queued too and close its copy, waiting the 30 s its release never comes
+    # there (a slow thread start under load did so in CI, stop 27).
+    assert busy.started.wait(30)
     try:
         pid = os.fork()
         if pid == 0:
