@@ -480,14 +480,12 @@ cdef int _port_write(dict ports, object pio, unsigned int port, unsigned int siz
     if entry is None:
         pio.write(port, size, value)  # nobody's port: the bus counts it
         return 0
-    base, device = entry
+    cdef tuple t = <tuple>entry  # (base, length, read, write): PioBus.ports
+    cdef unsigned int base = t[0]
     try:
-        device.write(port - base, size, value)
+        t[3](port - base, size, value)
     except Exception as e:
-        wrapped = pio.device_error(base, "write", port, e)
-        if wrapped is e:
-            raise
-        raise wrapped from e
+        _reraise(pio, base, "write", port, e)
     return 0
 
 
@@ -495,23 +493,58 @@ cdef uint64_t _port_read(dict ports, object pio, unsigned int port, unsigned int
     entry = ports.get(port)
     if entry is None:
         return _fits(pio.read(port, size), size, port)
-    base, device = entry
+    cdef tuple t = <tuple>entry
+    cdef unsigned int base = t[0]
     try:
-        return _fits(device.read(port - base, size), size, port)
+        return _fits(t[2](port - base, size), size, port)
     except Exception as e:
-        wrapped = pio.device_error(base, "read", port, e)
-        if wrapped is e:
-            raise
-        raise wrapped from e
+        _reraise(pio, base, "read", port, e)
 
 
-cdef uint64_t _mmio_read(object mmio, uint64_t addr, unsigned int size) except? 0xFFFFFFFFFFFFFFFF:
+cdef int _mmio_write(dict pages, object mmio, uint64_t addr, unsigned int size, uint64_t value) except -1:
+    entry = pages.get(addr >> 12) if pages is not None else None
+    cdef tuple t
+    cdef uint64_t base
+    if entry is not None:
+        t = <tuple>entry  # (base, length, read, write): MmioBus.pages
+        base = t[0]
+        if base <= addr and addr - base < <uint64_t>t[1]:
+            try:
+                t[3](addr - base, size, value)
+            except Exception as e:
+                _reraise(mmio, base, "write", addr, e)
+            return 0
+    mmio.write(addr, size, value)  # the bus finds the device (and names one that raises)
+    return 0
+
+
+cdef uint64_t _mmio_read(dict pages, object mmio, uint64_t addr, unsigned int size) except? 0xFFFFFFFFFFFFFFFF:
+    entry = pages.get(addr >> 12) if pages is not None else None
+    cdef tuple t
+    cdef uint64_t base
+    if entry is not None:
+        t = <tuple>entry
+        base = t[0]
+        if base <= addr and addr - base < <uint64_t>t[1]:
+            try:
+                return _fits(t[2](addr - base, size), size, addr)
+            except Exception as e:
+                _reraise(mmio, base, "read", addr, e)
     value = mmio.read(addr, size)  # the bus names a device that raises
     try:
         return _fits(value, size, addr)
     except ValueError as e:  # the device answered more than the access holds
         hit = mmio.find(addr)
         raise mmio.device_error(hit[0] if hit is not None else addr, "read", addr, e) from e
+
+
+cdef int _reraise(object bus, uint64_t base, str what, uint64_t addr, object e) except -1:
+    """Raise what the bus makes of a device's exception e (bus.device_error:
+    a DeviceError naming the device, or e itself), chained to e."""
+    wrapped = bus.device_error(base, what, addr, e)
+    if wrapped is e:
+        raise e
+    raise wrapped from e
 
 
 cdef uint64_t _fits(object value, unsigned int size, uint64_t addr) except? 0xFFFFFFFFFFFFFFFF:
@@ -657,19 +690,21 @@ cdef class VcpuFd(_Fd):
             return Intr.__new__(Intr)
         return self._decode_exit()
 
-    def run_dispatch(self, dict ports, object pio, object mmio):
+    def run_dispatch(self, dict ports, object pio, object mmio, dict pages=None):
         """KVM_RUN, again and again, answering the common exits here, until one
         it leaves to the caller, which it returns as run() would.
 
         Answered here, with no exit object: port I/O of one item of 1, 2 or 4
         bytes, and MMIO of 1, 2, 4 or 8 bytes, values as little-endian ints.
-        A port found in `ports` (port -> (base, device)) goes straight to
-        device.read(offset, size) / device.write(offset, size, value); any
-        other port to pio.read(port, size) / pio.write(port, size, value);
-        MMIO to mmio.read(addr, size) / mmio.write(addr, size, value). A
-        device's exception e is replaced by pio.device_error(base, what, port, e)
-        (the bus names the device; e itself if it needs no wrapping): the
-        policy stays in Python.
+        A port found in `ports` (port -> (base, length, read, write), the
+        device's bound methods) goes straight to read(offset, size) /
+        write(offset, size, value); any other port to pio.read(port, size) /
+        pio.write(port, size, value). An MMIO address inside the range found
+        in `pages` (page number -> (base, length, read, write)) likewise goes
+        straight to the device; any other to mmio.read(addr, size) /
+        mmio.write(addr, size, value). A device's exception e is replaced by
+        bus.device_error(base, what, addr, e) (the bus names the device; e
+        itself if it needs no wrapping): the policy stays in Python.
         A value read that does not fit the access is a ValueError.
 
         Returned: Intr (a signal or immediate_exit: the caller looks at its
@@ -707,9 +742,9 @@ cdef class VcpuFd(_Fd):
                 if r.mmio.is_write:
                     value = 0
                     memcpy(&value, r.mmio.data, size)
-                    mmio.write(r.mmio.phys_addr, size, value)
+                    _mmio_write(pages, mmio, r.mmio.phys_addr, size, value)
                 else:
-                    value = _mmio_read(mmio, r.mmio.phys_addr, size)
+                    value = _mmio_read(pages, mmio, r.mmio.phys_addr, size)
                     memcpy(r.mmio.data, &value, size)
                 continue
             return self._decode_exit()

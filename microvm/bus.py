@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import logging
 from collections import Counter
+from collections.abc import Callable
 from typing import Protocol
 
 from microvm.errors import BusError, DeviceError
@@ -21,6 +22,10 @@ from microvm.errors import BusError, DeviceError
 log = logging.getLogger(__name__)
 
 UNHANDLED_TRACKED = 256
+
+# What run_dispatch calls for a claimed address: (base, length, read, write),
+# the device's methods bound once (no attribute lookup per exit).
+Entry = tuple[int, int, Callable[[int, int], int], Callable[[int, int, int], None]]
 
 
 class BusDevice(Protocol):
@@ -124,27 +129,80 @@ class PioBus(Bus):
     def __init__(self) -> None:
         super().__init__("pio", 0x10000)
         self._ports: dict[int, tuple[int, BusDevice]] = {}
+        self._calls: dict[int, Entry] = {}
 
     def register(self, base: int, length: int, device: BusDevice, name: str = "") -> None:
         super().register(base, length, device, name)
+        entry = (base, length, device.read, device.write)
         for port in range(base, base + length):
             self._ports[port] = (base, device)
+            self._calls[port] = entry
 
     def unregister(self, base: int) -> BusDevice:
         device = super().unregister(base)
         for port in [p for p, (b, _) in self._ports.items() if b == base]:
             del self._ports[port]
+            del self._calls[port]
         return device
 
     def find(self, addr: int) -> tuple[int, BusDevice] | None:
         return self._ports.get(addr)
 
     @property
-    def ports(self) -> dict[int, tuple[int, BusDevice]]:
-        """port -> (base, device) for every claimed port: VcpuFd.run_dispatch's table."""
-        return self._ports
+    def ports(self) -> dict[int, Entry]:
+        """port -> (base, length, read, write) of the device claiming it, its
+        methods bound once: VcpuFd.run_dispatch's table."""
+        return self._calls
 
 
 class MmioBus(Bus):
+    """Guest-physical MMIO. Besides the sorted ranges, a per-page table
+    (`pages`) for run_dispatch: the hot devices (virtio-mmio transports, a
+    page each) are found with one dict lookup, their methods bound once."""
+
+    PAGE_SHIFT = 12
+    PAGED_MAX = 16  # pages: a range larger than this is found by bisection
+
     def __init__(self) -> None:
         super().__init__("mmio", 1 << 52)
+        self._pages: dict[int, Entry] = {}
+
+    def register(self, base: int, length: int, device: BusDevice, name: str = "") -> None:
+        super().register(base, length, device, name)
+        self._index()
+
+    def unregister(self, base: int) -> BusDevice:
+        device = super().unregister(base)
+        self._index()
+        return device
+
+    def _index(self) -> None:
+        """Rebuild `pages`: each page touched by exactly one range of at most
+        PAGED_MAX pages maps to it; a page shared by two ranges, or in a larger
+        one, is left to the bus (run_dispatch then calls write()/read())."""
+        owners: dict[int, list[tuple[int, int, BusDevice]]] = {}
+        for base, length, device in self._ranges:
+            first, last = base >> self.PAGE_SHIFT, (base + length - 1) >> self.PAGE_SHIFT
+            if last - first < self.PAGED_MAX:
+                for page in range(first, last + 1):
+                    owners.setdefault(page, []).append((base, length, device))
+        big = [(b >> self.PAGE_SHIFT, (b + n - 1) >> self.PAGE_SHIFT) for b, n, _ in self._ranges
+               if ((b + n - 1) >> self.PAGE_SHIFT) - (b >> self.PAGE_SHIFT) >= self.PAGED_MAX]
+        pages: dict[int, Entry] = {}
+        entries: dict[int, Entry] = {}
+        for page, held in owners.items():
+            if len(held) == 1 and not any(lo <= page <= hi for lo, hi in big):
+                base, length, device = held[0]
+                if base not in entries:
+                    entries[base] = (base, length, device.read, device.write)
+                pages[page] = entries[base]
+        # In place: a vCPU thread holds this dict. A lookup that misses in
+        # between goes to the bus, which is always right.
+        self._pages.clear()
+        self._pages.update(pages)
+
+    @property
+    def pages(self) -> dict[int, Entry]:
+        """page number -> (base, length, read, write) of the one device there:
+        VcpuFd.run_dispatch's table (an address outside the range goes to the bus)."""
+        return self._pages

@@ -166,6 +166,7 @@ class Vcpu:
         # ext calls the devices' read/write with ints, no exit object); what
         # comes back here is the rest: string I/O, interruptions, the end.
         run, ports, pio, mmio = self.fd.run_dispatch, getattr(self.pio, "ports", {}), self.pio, self.mmio
+        pages = getattr(self.mmio, "pages", None)
         pio_read, pio_write = self.pio.read, self.pio.write
         mmio_read, mmio_write = self.mmio.read, self.mmio.write
         IoOut, IoIn, MmioRead, MmioWrite, Intr = (
@@ -175,7 +176,7 @@ class Vcpu:
             return StopReason.STOPPED
         self.first_entry_ns = time.monotonic_ns()
         while True:
-            ex: Any = run(ports, pio, mmio)  # dispatched on its exact type below
+            ex: Any = run(ports, pio, mmio, pages)  # dispatched on its exact type below
             t = type(ex)
             if t is IoOut:  # string (rep) I/O: one write per item
                 size, data, port = ex.size, ex.data, ex.port

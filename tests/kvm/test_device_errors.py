@@ -49,9 +49,16 @@ def test_an_unexpected_exception_in_an_io_thread_ends_the_vm_with_a_device_error
         assert isinstance(info.value.__cause__, ZeroDivisionError)
 
 
-def test_a_device_that_raises_in_a_vcpu_exit_is_named() -> None:
+# One page: found in MmioBus.pages by run_dispatch; 1 MiB: past PAGED_MAX,
+# found by the bus's bisection. Both name the device alike.
+MMIO_LENGTHS = pytest.mark.parametrize("length", [0x1000, 0x10_0000], ids=["paged", "bisected"])
+
+
+@MMIO_LENGTHS
+def test_a_device_that_raises_in_a_vcpu_exit_is_named(length: int) -> None:
     with long_mode_vm(WRITE_THEN_SPIN, map_gib=4) as vm:
-        vm.mmio.register(WINDOW, 0x1000, Broken(), "gpu0")
+        vm.mmio.register(WINDOW, length, Broken(), "gpu0")
+        assert (WINDOW >> 12 in vm.mmio.pages) == (length == 0x1000)
         vm.start()
         with pytest.raises(DeviceError, match=r"device gpu0 failed on a mmio write at 0xc0000000: ZeroDivisionError"):
             vm.wait(30)
@@ -180,9 +187,10 @@ class Negative(Overflowing):
         return -1
 
 
-def test_an_mmio_read_answered_with_a_negative_value_names_the_device() -> None:
+@MMIO_LENGTHS
+def test_an_mmio_read_answered_with_a_negative_value_names_the_device(length: int) -> None:
     with long_mode_vm(MMIO_READ_THEN_SPIN, map_gib=4) as vm:
-        vm.mmio.register(WINDOW, 0x1000, Negative(), "gpu0")
+        vm.mmio.register(WINDOW, length, Negative(), "gpu0")
         vm.start()
         with pytest.raises(DeviceError, match=r"device gpu0 failed on a mmio read at 0xc0000000: ValueError: "
                                               r"a 4-byte read at 0xc0000000 was answered with -1"):

@@ -87,3 +87,41 @@ def test_unhandled_tracking_is_bounded() -> None:
         bus.read(addr, 8)
     assert len(bus.unhandled) == UNHANDLED_TRACKED + 1
     assert sum(bus.unhandled.values()) == 10_000
+
+
+def test_the_port_table_holds_each_claimed_port_with_the_devices_bound_methods() -> None:
+    bus = PioBus()
+    d = Dev()
+    bus.register(0x3F8, 8, d)
+    base, length, read, _write = bus.ports[0x3FB]
+    assert (base, length) == (0x3F8, 8)
+    assert read(3, 1) == 0x14 and d.log == [("r", 3, 1, 0)]
+    table = bus.ports
+    bus.unregister(0x3F8)
+    assert table == {} and bus.ports is table  # emptied in place: a vCPU thread holds it
+
+
+def test_the_page_table_maps_pages_of_one_small_range_only() -> None:
+    bus = MmioBus()
+    table = bus.pages
+    a, b, c, big = Dev(), Dev(), Dev(), Dev()
+    bus.register(0xD000_0000, 0x200, a)  # a virtio-mmio transport: part of one page
+    bus.register(0xD000_1000, 0x200, b)
+    bus.register(0xD000_1800, 0x100, c)  # shares b's page: that page is the bus's
+    bus.register(0xE000_0000, (MmioBus.PAGED_MAX + 1) << 12, big)  # too large for the table
+    assert set(table) == {0xD000_0}
+    base, length, _read, write = table[0xD000_0]
+    assert (base, length) == (0xD000_0000, 0x200)
+    write(4, 4, 9)
+    assert a.log == [("w", 4, 4, 9)]
+    bus.unregister(0xD000_1800)  # b's page is b's alone now
+    assert set(table) == {0xD000_0, 0xD000_1} and bus.pages is table
+    bus.register(0xE000_0000 + ((MmioBus.PAGED_MAX + 1) << 12), 0x100, Dev())  # on a page past big's end
+    assert 0xE000_0 + MmioBus.PAGED_MAX + 1 in table
+
+
+def test_a_small_range_on_a_page_a_large_one_reaches_is_left_to_the_bus() -> None:
+    bus = MmioBus()
+    bus.register(0xE000_0000, ((MmioBus.PAGED_MAX + 1) << 12) - 0x800, Dev())  # ends mid-page
+    bus.register(0xE000_0000 + ((MmioBus.PAGED_MAX + 1) << 12) - 0x800, 0x100, Dev())
+    assert bus.pages == {}
