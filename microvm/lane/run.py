@@ -239,6 +239,9 @@ FREEZE_CPU = 0.05  # seconds of CPU below which a window counts as none
 # (HLT=1, IF=1) and QEMU asleep. An NMI sent through the monitor did not
 # wake them (tried in stop 25, removed): the report below is what there is.
 _CHECK_EVERY = 5.0
+# Set (to anything), a frozen lane's QEMU is left as it is, for a debugger
+# (gdb -p PID: QEMU exports its symbols), until someone kills it.
+KEEP_FROZEN_ENV = "MICROVM_LANE_KEEP_FROZEN"
 
 
 @dataclass(frozen=True)
@@ -331,10 +334,15 @@ def _run_qemu(cmd: list[str], console: _Console, timeout: float, freeze_after: f
             elif now - busy_at >= freeze_after:
                 guest = (_ask_monitor(monitor, ("info status", "info cpus", "info registers", "info lapic"))
                          if monitor else "")
-                raise LaneFrozen(f"the lane froze: QEMU used no CPU and did no I/O for {now - busy_at:.0f} s"
-                                 f"; its threads:\n{_threads(proc.pid)}\n"
-                                 + (f"its guest:\n{guest}\n" if guest else "")
-                                 + f"console tail:\n{console.tail()}")
+                frozen = LaneFrozen(f"the lane froze: QEMU used no CPU and did no I/O for {now - busy_at:.0f} s"
+                                    f"; its threads:\n{_threads(proc.pid)}\n"
+                                    + (f"its guest:\n{guest}\n" if guest else "")
+                                    + f"console tail:\n{console.tail()}")
+                if os.environ.get(KEEP_FROZEN_ENV):
+                    print(f"{frozen}\nlane: QEMU (pid {proc.pid}) kept frozen for a debugger "
+                          f"(${KEEP_FROZEN_ENV}); kill it to go on", file=sys.stderr, flush=True)
+                    proc.wait()
+                raise frozen
             if select.select([fd], [], [], min(left, _CHECK_EVERY, freeze_after / 4))[0]:
                 chunk = os.read(fd, 65536)
                 console.feed(chunk, final=not chunk)

@@ -1,22 +1,22 @@
 """Linux-guest tests: run directly where KVM is hardware virtualization,
 through the QEMU hardware-virtualization lane where it is PVM.
 
-On a PVM host the first boot test starts the lane once and runs this whole
-directory inside it (`pytest tests/boot`, with a JUnit report written back
-through the lane's output share); each test here then reports the result
-its twin got inside. Nobody has to choose: `pytest` does the right thing.
+On a PVM host the first boot test of each file starts the lane and runs
+that file's selected tests inside it (each test's outcome written back, as
+it ends, through the lane's output share); each test here then reports the
+result its twin got inside. Nobody has to choose: `pytest` does the right thing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import sys
 import threading
 import time
 import traceback
-import xml.etree.ElementTree as ET
 from collections.abc import Generator
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from tests.conftest import require_kvm
 
 ROOT = Path(__file__).resolve().parents[2]
 IN_LANE = in_lane()
-# Per test file: the slowest (256 MiB over the network both ways) needs ~6 minutes.
+# Per lane run (a test file): the slowest needs ~6 minutes.
 LANE_TIMEOUT = float(os.environ.get("MICROVM_LANE_TIMEOUT", "1200"))
 # Inside the lane, a test still running after this many seconds prints every thread's stack
 # (once): a test waiting on a deadlock says where, and the output shows the lane is not frozen
@@ -53,10 +53,24 @@ def _mode() -> str:
     return "lane" if host_verdict() is Verdict.PVM else "direct"
 
 
+# Inside the lane, each test's outcome is appended to this file (in the lane's
+# output share) as it ends: a lane that freezes mid-file keeps what it finished.
+PROGRESS_ENV = "MICROVM_LANE_PROGRESS"
+# A test during which the lane froze this many times fails (the lane runs on
+# with the file's other tests); so does one the lane's timeout ended twice.
+MAX_FREEZES, MAX_TIMEOUTS = 3, 2
+
+
 @functools.cache
 def _lane_results(config: pytest.Config, selection: tuple[str, ...]) -> dict[str, tuple[str, str]]:
     """Run the selected boot tests inside the lane, one lane per test file (a
-    frozen lane then costs one file's time, not the suite's); nodeid -> (outcome, text)."""
+    frozen lane then costs one file's time, not the suite's); nodeid -> (outcome, text).
+
+    The lane (nested SVM under TCG) has been seen to freeze outright now and
+    then. Each test's result reaches us as it ends, so a frozen or overdue
+    lane is started again with the tests it had not finished: the one it
+    froze in is tried again, up to MAX_FREEZES times (MAX_TIMEOUTS for a run
+    that overstays its timeout), then fails alone."""
     from microvm.lane import LaneError, LaneFrozen, LaneTimeout, lane_available, run_in_lane
 
     reason = lane_available()
@@ -65,60 +79,104 @@ def _lane_results(config: pytest.Config, selection: tuple[str, ...]) -> dict[str
                                         f"unavailable: {reason}")}
     out_dir = Path(os.environ.get("MICROVM_LANE_OUT") or ROOT / "build" / "lane-out")
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = out_dir / f"boot-junit-{Path(selection[0].split('::')[0]).stem}.xml"
-    report.unlink(missing_ok=True)
-    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
-            "-o", "junit_family=xunit1", *selection]
-    env = {IN_LANE_ENV: "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    file = selection[0].split("::")[0]
+    progress = out_dir / f"boot-progress-{Path(file).stem}.jsonl"
+    progress.unlink(missing_ok=True)
+    env = {IN_LANE_ENV: "1", "PYTHONDONTWRITEBYTECODE": "1", PROGRESS_ENV: str(progress)}
     for key in ("MICROVM_CACHE", "HOME", "PATH", "MICROVM_REQUIRE_KVM"):
         if key in os.environ:
             env[key] = os.environ[key]
+    smp, mem_mib = LANE_SIZE.get(Path(file).stem, (1, 2048))
+    outcomes: dict[str, tuple[str, str]] = {}
+    freezes: dict[str, int] = {}
+    timeouts: dict[str, int] = {}
+    attempt = 0
     # Show the inner run's progress live (CI logs), not in pytest's capture.
     capture = config.pluginmanager.getplugin("capturemanager")
     with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
-        print(f"\n[tests/boot] PVM host: running {selection[0].split('::')[0]} ({len(selection)} tests) "
-              f"inside the hardware-virtualization lane",
-              flush=True)
-        # A file takes up to ~6 minutes in the lane. The lane (nested SVM under
-        # TCG) has been seen to freeze outright now and then: a frozen lane is
-        # caught within ~2 minutes and tried again, up to 3 times in all; a
-        # run that overstays its timeout is tried once more.
-        smp, mem_mib = LANE_SIZE.get(Path(selection[0].split("::")[0]).stem, (1, 2048))
-        frozen = timed_out = 0
-        while True:
+        while left := [nodeid for nodeid in selection if nodeid not in outcomes]:
+            attempt += 1
+            print(f"\n[tests/boot] PVM host: running {file} ({len(left)} tests) inside the "
+                  f"hardware-virtualization lane" + (f", attempt {attempt}" if attempt > 1 else ""), flush=True)
+            argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *left]
             try:
                 result = run_in_lane(argv, cwd=str(ROOT), env=env, out_dir=out_dir, timeout=LANE_TIMEOUT,
                                      smp=smp, mem_mib=mem_mib)
-                break
-            except LaneFrozen as e:
-                frozen += 1
-                print(f"[tests/boot] lane attempt {frozen + timed_out} froze: {e}", flush=True)
-                if frozen == 3:
-                    return {"__error__": ("failed", f"the hardware-virtualization lane froze 3 times: {e}")}
-            except LaneTimeout as e:
-                timed_out += 1
-                print(f"[tests/boot] lane attempt {frozen + timed_out} timed out: {str(e).splitlines()[0]}",
-                      flush=True)
-                if timed_out == 2:
-                    return {"__error__": ("failed", f"the hardware-virtualization lane timed out twice: {e}")}
+            except (LaneFrozen, LaneTimeout) as e:
+                started = _read_progress(progress, outcomes)
+                if started is None:  # between tests, or before the first: the next one's
+                    started = next((n for n in selection if n not in outcomes), None)
+                if started is None:
+                    break
+                what = "froze" if isinstance(e, LaneFrozen) else "timed out"
+                counts, limit = (freezes, MAX_FREEZES) if isinstance(e, LaneFrozen) else (timeouts, MAX_TIMEOUTS)
+                counts[started] = counts.get(started, 0) + 1
+                print(f"[tests/boot] lane attempt {attempt} {what} in {started} "
+                      f"({counts[started]} of {limit}): {e}", flush=True)
+                if counts[started] == limit:
+                    outcomes[started] = ("failed", f"the hardware-virtualization lane {what} {limit} times "
+                                                   f"in this test: {e}")
+                continue
             except LaneError as e:
-                return {"__error__": ("failed", f"the hardware-virtualization lane failed: {e}")}
-    if not report.exists():
-        # Cached like a result, so one broken lane run is not repeated per test.
-        return {"__error__": ("failed", f"the lane produced no test report (exit {result.returncode}):\n"
-                                        f"{result.output[-4000:]}")}
-    outcomes: dict[str, tuple[str, str]] = {}
-    for case in ET.parse(report).getroot().iter("testcase"):
-        file = case.get("file") or case.get("classname", "").replace(".", "/") + ".py"
-        nodeid = f"{file}::{case.get('name')}"
-        outcome, text = "passed", ""
-        for child in case:
-            if child.tag in ("failure", "error"):
-                outcome, text = "failed", (child.get("message") or "") + "\n" + (child.text or "")
-            elif child.tag == "skipped":
-                outcome, text = "skipped", child.get("message") or ""
-        outcomes[nodeid] = (outcome, text)
+                _read_progress(progress, outcomes)
+                for nodeid in left:
+                    outcomes.setdefault(nodeid, ("failed", f"the hardware-virtualization lane failed: {e}"))
+                break
+            _read_progress(progress, outcomes)
+            for nodeid in left:  # the lane ran to its end: a test it did not finish never will
+                outcomes.setdefault(nodeid, ("failed", f"the lane's pytest did not finish this test "
+                                                       f"(exit {result.returncode}):\n{result.output[-4000:]}"))
     return outcomes
+
+
+def _read_progress(path: Path, outcomes: dict[str, tuple[str, str]]) -> str | None:
+    """Add the outcomes the lane wrote to `path` to `outcomes`; the test it
+    started last and did not finish, if any."""
+    running = None
+    with contextlib.suppress(FileNotFoundError), path.open() as f:
+        for line in f:
+            try:
+                entry = json.loads(line)
+            except ValueError:  # a line cut short where the lane stopped
+                continue
+            if entry["event"] == "start":
+                running = entry["nodeid"]
+            else:
+                outcomes[entry["nodeid"]] = (entry["outcome"], entry["text"])
+                running = None
+    return running
+
+
+class _Progress:
+    """Inside the lane: each test's start and outcome, one JSON line each, to
+    the file the outer run reads (written through at once: the lane may
+    freeze the next moment)."""
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.result: dict[str, tuple[str, str]] = {}
+
+    def write(self, entry: dict[str, str]) -> None:
+        os.write(self.fd, (json.dumps(entry) + "\n").encode())
+        os.fsync(self.fd)
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_logstart(self, nodeid: str) -> None:
+        self.write({"event": "start", "nodeid": nodeid})
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        outcome, _ = self.result.get(report.nodeid, ("passed", ""))
+        if outcome == "failed":  # the first failure is the test's
+            return
+        if report.failed:
+            self.result[report.nodeid] = ("failed", report.longreprtext)
+        elif report.skipped:
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            self.result[report.nodeid] = ("skipped", reason)
+
+    def pytest_runtest_logfinish(self, nodeid: str) -> None:
+        outcome, text = self.result.pop(nodeid, ("passed", ""))
+        self.write({"event": "end", "nodeid": nodeid, "outcome": outcome, "text": text})
 
 
 def boots_here() -> bool:
@@ -217,6 +275,8 @@ def pytest_configure(config: pytest.Config) -> None:
     global _stderr_fd
     if IN_LANE and _stderr_fd == 2:
         _stderr_fd = os.dup(2)
+    if IN_LANE and os.environ.get(PROGRESS_ENV) and not config.pluginmanager.has_plugin("boot-progress"):
+        config.pluginmanager.register(_Progress(os.environ[PROGRESS_ENV]), "boot-progress")
 
 
 @functools.cache

@@ -1,4 +1,4 @@
-"""Guest networking over virtio-net and TAP: ping, 256 MiB both ways over TCP,
+"""Guest networking over virtio-net and TAP: ping, 64 MiB both ways over TCP,
 two guests on one bridge, a tap that disappears under a running guest.
 
 Every test runs in a fresh network namespace of its own (the test thread
@@ -24,7 +24,9 @@ from microvm.machine import Drive, MicroVM, Nic, RunResult
 
 CLONE_NEWNET = 0x40000000
 MIB = 1 << 20
-BIG = 256 * MIB
+# Each ring wraps hundreds of times. 64 MiB, not 256: in the lane a byte moves
+# at ~2.5 MB/s, and the lane's rare freezes come with its nested exits.
+BIG = 64 * MIB
 GUEST, HOST = "172.16.0.2", "172.16.0.1"
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -112,7 +114,7 @@ def guest_connects(vm: MicroVM, command: str, port: int, serve: Callable[[socket
         return vm.wait(300)
 
 
-def test_tcp_256mib_host_to_guest() -> None:
+def test_tcp_64mib_host_to_guest() -> None:
     sent = hashlib.sha256()
 
     def send(conn: socket.socket) -> None:
@@ -128,7 +130,7 @@ def test_tcp_256mib_host_to_guest() -> None:
     assert r.stats["eth0"]["rx_bytes"] > BIG
 
 
-def test_tcp_256mib_guest_to_host(tmp_path: Path) -> None:
+def test_tcp_64mib_guest_to_host(tmp_path: Path) -> None:
     blob = tmp_path / "blob.img"
     with blob.open("wb") as f:
         for _ in range(BIG // MIB):
