@@ -160,6 +160,12 @@ class _Progress:
         os.write(self.fd, (json.dumps(entry) + "\n").encode())
         os.fsync(self.fd)
 
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def pytest_unconfigure(self) -> None:
+        self.close()
+
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logstart(self, nodeid: str) -> None:
         self.write({"event": "start", "nodeid": nodeid})
