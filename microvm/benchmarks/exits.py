@@ -4,6 +4,9 @@ The guest (real mode, CPL0) executes `out 0x80, al` N times, then HLT. We
 time the whole run and divide by N, for:
   bus     microvm's vCPU loop dispatching each exit to a device on the PioBus
   noop    the same loop, the device's write() does nothing
+  mmio    the same loop and no-op device on the MMIO bus (one page: found
+          through MmioBus.pages, as a virtio-mmio transport is); the guest
+          writes a byte to it instead of a port (KVM decodes the access)
   raw-py  VcpuFd.run() called in a bare Python loop, no dispatch at all
   raw-c-here  the same KVM_RUN loop in C, over a VM microvm made, in this
           process (exits_raw.c built as a library, called through ctypes)
@@ -36,11 +39,14 @@ from microvm.vm import Vm
 
 # mov ecx, N; l: out 0x80, al; dec ecx; jnz l; hlt   (16-bit code, from GNU as)
 GUEST = bytes.fromhex("66b9e8030000e680664975faf4")
+# mov ecx, N; l: mov [0], al; dec ecx; jnz l; hlt   (ds = MMIO >> 4: outside RAM)
+MMIO_GUEST = bytes.fromhex("66b9e8030000a20000664975f9f4")
+MMIO = 0xF0000
 CODE = layout.FLAT_CODE  # where the tiny guests start
 RAM = 0x10000  # 64 KiB: the guest touches its code and nothing else
 PORT = 0x80  # the port GUEST writes (e6 80: out 0x80, al), POST diagnostics on a PC
 C_SOURCE = "exits_raw.c"
-VARIANTS = ("bus", "noop", "raw-py", "raw-c-here", "raw-c")
+VARIANTS = ("bus", "noop", "mmio", "raw-py", "raw-c-here", "raw-c")
 METRIC = "ns_per_exit"
 METRICS = {METRIC: ("one port-I/O exit", "ns")}
 
@@ -66,15 +72,17 @@ class Noop:
         pass
 
 
-def _vm(n: int) -> Vm:
+def _vm(n: int, guest: bytes = GUEST) -> Vm:
     vm = Vm([(0, RAM)], irqchip=False)
-    code = bytearray(GUEST)
+    code = bytearray(guest)
     code[2:6] = n.to_bytes(4, "little")
     vm.mem.write(CODE, code)
     fd = vm.vcpus[0].fd
     sregs = fd.get_sregs()
     sregs["cs"]["base"] = 0
     sregs["cs"]["selector"] = 0
+    sregs["ds"]["base"] = MMIO
+    sregs["ds"]["selector"] = MMIO >> 4
     fd.set_sregs(sregs)
     regs = fd.get_regs()
     regs.update(rip=CODE, rflags=2)
@@ -82,10 +90,13 @@ def _vm(n: int) -> Vm:
     return vm
 
 
-def run_loop(n: int, device: object) -> float:
+def run_loop(n: int, device: object, mmio: bool = False) -> float:
     """ns per exit through Vcpu.run_loop (the code path microvm uses)."""
-    with _vm(n) as vm:
-        vm.pio.register(PORT, 1, device)  # type: ignore[arg-type]
+    with _vm(n, MMIO_GUEST if mmio else GUEST) as vm:
+        if mmio:
+            vm.mmio.register(MMIO, 0x200, device)  # type: ignore[arg-type]
+        else:
+            vm.pio.register(PORT, 1, device)  # type: ignore[arg-type]
         vcpu = vm.vcpus[0]
         t0 = time.perf_counter()
         reason = vcpu.run_loop()
@@ -157,6 +168,7 @@ def run(exits: int, runs: int, advance: Callable[[str], None] = lambda _: None) 
         exe, loop = build_c(Path(tmp)), load_c(build_c(Path(tmp), library=True))
         measure: dict[str, Callable[[], float]] = {
             "bus": lambda: run_loop(exits, Counter()), "noop": lambda: run_loop(exits, Noop()),
+            "mmio": lambda: run_loop(exits, Noop(), mmio=True),
             "raw-py": lambda: raw_py(exits), "raw-c-here": lambda: raw_c_here(loop, exits),
             "raw-c": lambda: raw_c(exe, exits)}
         samples: dict[str, list[float]] = {v: [] for v in VARIANTS}
@@ -166,8 +178,9 @@ def run(exits: int, runs: int, advance: Callable[[str], None] = lambda _: None) 
                 advance(f"run {i + 1} {variant}: {samples[variant][-1]:.0f} ns")
     return {"benchmark": "exits", "exits": exits,
             **report.compare({v: {METRIC: s} for v, s in samples.items()}, [METRIC],
-                             [(v, "raw-c-here") for v in ("bus", "noop", "raw-py")] + [("raw-c-here", "raw-c")])}
+                             [(v, "raw-c-here") for v in ("bus", "noop", "raw-py")]
+                             + [("mmio", "noop"), ("raw-c-here", "raw-c")])}
 
 
 def title(result: dict[str, Any]) -> str:
-    return f"port-I/O exits, {result['exits']} per run"
+    return f"port-I/O and MMIO exits, {result['exits']} per run"

@@ -12,7 +12,13 @@ def test_every_exit_loop_runs_the_guest_to_its_halt() -> None:
     for variant in exits.VARIANTS:
         assert all(ns > 0 for ns in result["samples"][variant][exits.METRIC]), variant
     assert set(result["ratio"]) == {"bus / raw-c-here", "noop / raw-c-here", "raw-py / raw-c-here",
-                                    "raw-c-here / raw-c"}
+                                    "mmio / noop", "raw-c-here / raw-c"}
+
+
+def test_the_mmio_loop_counts_mmio_exits_through_the_page_table() -> None:
+    counter = exits.Counter()
+    assert exits.run_loop(41, counter, mmio=True) > 0  # asserts 41 exits, then the halt
+    assert counter.n == 41 and counter.last == 0  # al is 0: each exit wrote it to the device
 
 
 def test_the_in_process_c_loop_counts_what_the_guest_does(tmp_path) -> None:
