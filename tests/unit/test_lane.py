@@ -24,6 +24,12 @@ from microvm.lane import cli, initrd, kernel, run
 AWKWARD_ARGS = ["a b", "it's", '"q"', "$HOME", "\\back", "", "ünï", "x\ny", "*", "--", "-c"]
 
 
+@pytest.fixture(autouse=True)
+def _frozen_lanes_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A developer's MICROVM_LANE_KEEP_FROZEN would hold every frozen 'lane' below until it ends."""
+    monkeypatch.delenv(run.KEEP_FROZEN_ENV, raising=False)
+
+
 def test_run_script_passes_argv_cwd_and_env_intact(tmp_path: Path) -> None:
     probe = "import json, os, sys; print(json.dumps([sys.argv[1:], os.getcwd(), dict(os.environ)]))"
     env = {"PATH": "/usr/bin:/bin", "FOO": "va'l ue\n$x", "EMPTY": ""}
@@ -268,6 +274,17 @@ def test_a_frozen_lane_is_caught_by_its_idle_cpu_not_its_timeout() -> None:
     with pytest.raises(lane.LaneFrozen, match="the lane froze: QEMU used no CPU and did no I/O for"):
         run._run_qemu(["sleep", "60"], run._Console(stream=False), timeout=60, freeze_after=1.5)
     assert time.monotonic() - t0 < 10
+
+
+def test_a_frozen_lane_is_kept_for_a_debugger_when_asked(monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """MICROVM_LANE_KEEP_FROZEN: the frozen QEMU is left running, its pid named, until it ends."""
+    monkeypatch.setenv(run.KEEP_FROZEN_ENV, "1")
+    t0 = time.monotonic()
+    with pytest.raises(lane.LaneFrozen):
+        run._run_qemu(["sleep", "4"], run._Console(stream=False), timeout=60, freeze_after=1.5)
+    assert time.monotonic() - t0 >= 4  # it waited for the process, which nobody killed
+    assert re.search(r"QEMU \(pid \d+\) kept frozen for a debugger", capsys.readouterr().err)
 
 
 def test_a_frozen_lanes_report_names_its_threads_and_where_they_sleep() -> None:
