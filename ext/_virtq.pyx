@@ -17,9 +17,11 @@ orders every caller, and no call takes long enough to be worth releasing it.
 """
 
 from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
-from cpython.mem cimport PyMem_Calloc, PyMem_Free
+from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Realloc
+from libc.errno cimport E2BIG, ENOBUFS, errno
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memmove
+from posix.uio cimport iovec, readv, writev
 
 from microvm.devices.virtio import ring as _ring
 from microvm.errors import GuestMemoryError
@@ -58,12 +60,26 @@ cdef struct Region:
     uint64_t size
     char *host
 
+# Buffers of chains as iovecs for readv/writev: those a walk wanted (device-
+# readable to send, device-writable to receive into), their bytes, and how
+# many non-empty buffers of the other kind it met.
+cdef struct IovList:
+    iovec *v
+    Py_ssize_t n, cap
+    uint64_t nbytes
+    Py_ssize_t others
+
 cdef uint16_t F_NEXT = _ring.VRING_DESC_F_NEXT
 cdef uint16_t F_WRITE = _ring.VRING_DESC_F_WRITE
 cdef uint16_t F_INDIRECT = _ring.VRING_DESC_F_INDIRECT
 cdef uint16_t AVAIL_F_NO_INTERRUPT = _ring.VRING_AVAIL_F_NO_INTERRUPT
 cdef uint64_t MAX_CHAIN_BYTES = _ring.MAX_CHAIN_BYTES
 cdef unsigned int MAX_QUEUE_SIZE = _ring.MAX_QUEUE_SIZE
+cdef Py_ssize_t IOV_MAX = _ring.IOV_MAX
+cdef int SEND_WRITABLE = _ring.SEND_WRITABLE
+cdef int SEND_SHORT = _ring.SEND_SHORT
+cdef int SEND_LONG = _ring.SEND_LONG
+cdef int SEND_PARTIAL = _ring.SEND_PARTIAL
 
 QueueError = _ring.QueueError
 cdef object Descriptor = _ring.Descriptor
@@ -95,11 +111,25 @@ cdef class Queue:
     cdef Py_buffer *_buffers
     cdef Region *_regions
     cdef int _nregions
+    # send_chains' scratch list; reserve()'s buffers, chain after chain: the
+    # chains [_r_first, _r_first + _r_count) of the arrays below (head,
+    # capacity, number of iovecs), their iovecs from _rx.v[_rx_first] on.
+    cdef IovList _tx
+    cdef IovList _rx
+    cdef Py_ssize_t _rx_first
+    cdef uint16_t *_r_head
+    cdef uint64_t *_r_cap
+    cdef Py_ssize_t *_r_niov
+    cdef Py_ssize_t _r_first, _r_count
+    cdef uint64_t _r_room
 
     def __cinit__(self, *args, **kwargs):
         self._buffers = NULL
         self._regions = NULL
         self._nregions = 0
+        self._r_head = NULL
+        self._r_cap = NULL
+        self._r_niov = NULL
 
     def __init__(self, max_size):
         if not 1 <= max_size <= MAX_QUEUE_SIZE or max_size & (max_size - 1):
@@ -112,6 +142,11 @@ cdef class Queue:
 
     def __dealloc__(self):
         self._release()
+        PyMem_Free(self._tx.v)
+        PyMem_Free(self._rx.v)
+        PyMem_Free(self._r_head)
+        PyMem_Free(self._r_cap)
+        PyMem_Free(self._r_niov)
 
     def reset(self):
         _reset_queue(self)  # and mem = None: lets go of guest memory
@@ -168,6 +203,9 @@ cdef class Queue:
             self._regions = NULL
         self._nregions = 0
         self._desc = self._avail = self._used = NULL
+        # Reserved buffers point into the regions let go of: forgotten (as a reset forgets them).
+        self._r_first = self._r_count = self._rx_first = self._rx.n = 0
+        self._r_room = 0
 
     cdef char *_at(self, uint64_t addr, uint64_t length) noexcept:
         """The host address of guest [addr, addr+length), or NULL unless it lies
@@ -244,8 +282,22 @@ cdef class Queue:
     def pop(self):
         """The next available chain, or None (see PyQueue.pop)."""
         self._check_ready()
+        cdef int head = self._next_head()
+        if head < 0:
+            return None
+        descriptors = self._walk(head)
+        chain = DescriptorChain.__new__(DescriptorChain)
+        chain.head = head
+        chain.descriptors = descriptors
+        self._next_avail += 1
+        self.chains_popped += 1
+        return chain
+
+    cdef int _next_head(self) except -2:
+        """The head of the next available chain (not taken yet: the caller walks
+        it, then moves _next_avail on), or -1 for none."""
         cdef uint16_t nxt = self._next_avail
-        cdef uint16_t avail, head
+        cdef uint16_t avail
         cdef unsigned int pending
         if nxt == self._avail_seen:
             if self.event_idx:
@@ -254,22 +306,22 @@ cdef class Queue:
             avail = vq_load16(self._avail + 2)
             pending = <uint16_t>(avail - nxt)
             if pending == 0:
-                return None
+                return -1
             if pending > self._size:
                 raise QueueError(f"available index jumped by {pending}, more than the queue size {self._size}")
             self._avail_seen = avail
         vq_acquire_fence()  # the ring entry after the index that published it
-        head = vq_load16(self._avail + 4 + 2 * (nxt % self._size))
-        descriptors = self._walk(head)
-        chain = DescriptorChain.__new__(DescriptorChain)
-        chain.head = head
-        chain.descriptors = descriptors
-        self._next_avail = nxt + 1
-        self.chains_popped += 1
-        return chain
+        return vq_load16(self._avail + 4 + 2 * (nxt % self._size))
 
     cdef list _walk(self, uint16_t head):
         """Follow a chain from head, expanding at most one indirect table (PyQueue._walk)."""
+        cdef list out = []
+        self._walk_into(head, out, NULL, False)
+        return out
+
+    cdef int _walk_into(self, uint16_t head, list out, IovList *iov, bint writable) except -1:
+        """_walk's rules and errors; each buffer goes to `out` as a Descriptor, or
+        (out None) those of the kind `writable` asks for go to `iov`, the others counted."""
         cdef uint32_t size = self._size
         if head >= size:
             raise QueueError(f"descriptor index {head} out of range (queue size {size})")
@@ -280,7 +332,7 @@ cdef class Queue:
         cdef uint64_t total = 0
         cdef bint indirect = False
         cdef virtq_desc d
-        cdef list out = []
+        cdef char *host
         while True:
             seen += 1
             if seen > table_size:
@@ -308,14 +360,20 @@ cdef class Queue:
             if d.len:
                 # An empty buffer carries nothing (and may point anywhere): it
                 # is followed, never handed to a device.
-                if self._at(d.addr, d.len) == NULL:
+                host = self._at(d.addr, d.len)
+                if host == NULL:
                     raise QueueError(f"buffer {d.addr:#x}+{d.len:#x} is outside guest memory")
                 total += d.len
                 if total > MAX_CHAIN_BYTES:
                     raise QueueError("descriptor chain describes more than 4 GiB")
-                out.append(_tuple_new(Descriptor, (d.addr, d.len, (d.flags & F_WRITE) != 0)))
+                if out is not None:
+                    out.append(_tuple_new(Descriptor, (d.addr, d.len, (d.flags & F_WRITE) != 0)))
+                elif ((d.flags & F_WRITE) != 0) == writable:
+                    _iov_push(iov, host, d.len)
+                else:
+                    iov.others += 1
             if not d.flags & F_NEXT:
-                return out
+                return 0
             if d.next >= table_size:
                 raise QueueError(f"next descriptor {d.next} out of range ({table_size})")
             index = d.next
@@ -331,14 +389,22 @@ cdef class Queue:
         cdef uint32_t size = self._size
         cdef unsigned long n = self.next_used
         cdef unsigned long start = n
-        cdef uint32_t elem[2]
         for head, length in used:
             if not (0 <= head < size and 0 <= length <= 0xFFFF_FFFF):
                 raise QueueError(f"used element ({head}, {length}) out of range (queue size {size})")
-            elem[0] = head
-            elem[1] = length
-            memcpy(self._used + 4 + 8 * (n % size), elem, 8)  # struct virtq_used_elem, little-endian on x86
+            self._put_used(n, head, length)
             n += 1
+        self._publish_used(start, n)
+
+    cdef void _put_used(self, unsigned long n, uint32_t head, uint32_t length) noexcept:
+        cdef uint32_t elem[2]
+        elem[0] = head
+        elem[1] = length
+        memcpy(self._used + 4 + 8 * (n % self._size), elem, 8)  # struct virtq_used_elem, little-endian on x86
+
+    cdef void _publish_used(self, unsigned long start, unsigned long n) noexcept:
+        if n == start:
+            return
         self.used_added += n - start
         self.next_used = n & 0xFFFF
         vq_release_fence()  # the elements before the index that publishes them (2.7.8.2)
@@ -362,3 +428,208 @@ cdef class Queue:
         if not wanted:
             self.interrupts_suppressed += 1
         return wanted
+
+    # --- frames: a chain's buffers straight to and from an fd (PyQueue's API) ---------
+
+    def send_chains(self, int fd, uint64_t min_len, uint64_t max_len):
+        """Write each available chain's buffers to fd, one writev each, and return it
+        used (nothing written into it), until none is left, `size` are done, or one
+        fails: (chains sent, their bytes, None or (length, code, written)) as
+        PyQueue.send_chains; what was done before a QueueError is published."""
+        self._check_ready()
+        cdef unsigned long start = self.next_used
+        cdef unsigned long n = start
+        cdef Py_ssize_t sent = 0
+        cdef uint64_t total = 0, length
+        cdef ssize_t wrote
+        cdef int head, code
+        failure = None
+        try:
+            while n - start < self._size:
+                head = self._next_head()
+                if head < 0:
+                    break
+                self._tx.n = 0
+                self._tx.nbytes = 0
+                self._tx.others = 0
+                self._walk_into(head, None, &self._tx, False)
+                self._next_avail += 1
+                self.chains_popped += 1
+                self._put_used(n, head, 0)
+                n += 1
+                length = self._tx.nbytes
+                wrote = 0
+                if self._tx.others:
+                    code = SEND_WRITABLE
+                elif length < min_len:
+                    code = SEND_SHORT
+                elif length > max_len:
+                    code = SEND_LONG
+                else:
+                    with nogil:
+                        wrote = writev(fd, self._tx.v, <int>self._tx.n)
+                    if wrote < 0:
+                        code = errno
+                        wrote = 0
+                    elif <uint64_t>wrote != length:
+                        code = SEND_PARTIAL
+                    else:
+                        code = 0
+                if code:
+                    failure = (length, code, wrote)
+                    break
+                sent += 1
+                total += length
+        finally:
+            self._publish_used(start, n)
+        return sent, total, failure
+
+    def reserve(self, uint64_t room, unsigned int most, uint64_t min_capacity):
+        """Pop chains as receive buffers, kept in order, until they hold more than
+        `room` bytes, `most` are kept, or none is available: the bytes kept (PyQueue.reserve)."""
+        self._check_ready()
+        cdef uint32_t cap = self.max_size
+        cdef Py_ssize_t mark, slot
+        cdef int head
+        cdef uint64_t capacity
+        if self._r_head == NULL:
+            self._r_head = <uint16_t *>PyMem_Calloc(cap, sizeof(uint16_t))
+            self._r_cap = <uint64_t *>PyMem_Calloc(cap, sizeof(uint64_t))
+            self._r_niov = <Py_ssize_t *>PyMem_Calloc(cap, sizeof(Py_ssize_t))
+            if self._r_head == NULL or self._r_cap == NULL or self._r_niov == NULL:
+                raise MemoryError()
+        most = min(most, cap)
+        while self._r_room <= room and self._r_count < most:
+            head = self._next_head()
+            if head < 0:
+                break
+            if self._r_first + self._r_count == cap:  # the arrays' end: move what is kept to the front
+                memmove(self._r_head, self._r_head + self._r_first, self._r_count * sizeof(uint16_t))
+                memmove(self._r_cap, self._r_cap + self._r_first, self._r_count * sizeof(uint64_t))
+                memmove(self._r_niov, self._r_niov + self._r_first, self._r_count * sizeof(Py_ssize_t))
+                self._r_first = 0
+            mark = self._rx.n
+            self._rx.nbytes = 0
+            self._rx.others = 0
+            try:
+                self._walk_into(head, None, &self._rx, True)
+            except BaseException:
+                self._rx.n = mark
+                raise
+            self._next_avail += 1
+            self.chains_popped += 1
+            capacity = self._rx.nbytes
+            if self._rx.others:
+                self._rx.n = mark
+                raise QueueError("receive buffer has device-readable descriptors")
+            if capacity < min_capacity:
+                self._rx.n = mark
+                raise QueueError(f"receive buffer of {capacity} bytes is smaller than the {min_capacity}-byte header")
+            slot = self._r_first + self._r_count
+            self._r_head[slot] = head
+            self._r_cap[slot] = capacity
+            self._r_niov[slot] = self._rx.n - mark
+            self._r_count += 1
+            self._r_room += capacity
+        return self._r_room
+
+    @property
+    def reserved(self):
+        """Chains reserve() keeps."""
+        return self._r_count
+
+    def reserved_head_len(self):
+        """The first reserved buffer's length (0 with none)."""
+        return self._rx.v[self._rx_first].iov_len if self._rx_first < self._rx.n else 0
+
+    def readv_reserved(self, int fd):
+        """One readv from fd into every reserved buffer: the bytes read, or -errno
+        (-E2BIG: more buffers than one readv takes; -ENOBUFS: none reserved)."""
+        self._check_ready()
+        cdef Py_ssize_t count = self._rx.n - self._rx_first
+        cdef ssize_t got
+        if count == 0:
+            return -ENOBUFS
+        if count > IOV_MAX:
+            return -E2BIG
+        with nogil:
+            got = readv(fd, self._rx.v + self._rx_first, <int>count)
+        return got if got >= 0 else -errno
+
+    def peek_reserved(self, Py_ssize_t length):
+        """The first `length` bytes of the reserved buffers."""
+        self._check_ready()
+        out = bytearray(length)
+        cdef char *p = out
+        self._copy_reserved(p, length, False)
+        return out
+
+    def chains_for(self, uint64_t nbytes):
+        """How many reserved chains, from the first, hold nbytes (at least one)."""
+        cdef Py_ssize_t i = 0
+        cdef uint64_t room = 0
+        if nbytes > self._r_room or not self._r_count:
+            raise ValueError(f"{nbytes} bytes are more than the {self._r_room} reserved")
+        while True:
+            room += self._r_cap[self._r_first + i]
+            i += 1
+            if room >= nbytes:
+                return i
+
+    def use_reserved(self, uint64_t nbytes, const unsigned char[::1] front=None):
+        """Write `front` at the start of the reserved buffers, then return the
+        chains that hold nbytes to the driver (chains_for), each with what it got
+        of them: the number of chains (PyQueue.use_reserved)."""
+        self._check_ready()
+        cdef Py_ssize_t chosen = self.chains_for(nbytes)
+        cdef Py_ssize_t i, slot
+        cdef unsigned long start = self.next_used
+        cdef unsigned long n = start
+        cdef uint64_t left = nbytes, take
+        if front is not None and front.shape[0]:
+            if <uint64_t>front.shape[0] > self._r_room:
+                raise ValueError(f"{front.shape[0]} bytes are more than the {self._r_room} reserved")
+            self._copy_reserved(<char *>&front[0], front.shape[0], True)
+        for i in range(chosen):
+            slot = self._r_first + i
+            take = min(self._r_cap[slot], left)
+            self._put_used(n, self._r_head[slot], <uint32_t>take)
+            n += 1
+            left -= take
+            self._rx_first += self._r_niov[slot]
+            self._r_room -= self._r_cap[slot]
+        self._r_first += chosen
+        self._r_count -= chosen
+        if not self._r_count:
+            self._r_first = self._rx_first = self._rx.n = 0
+        self._publish_used(start, n)
+        return chosen
+
+    cdef void _copy_reserved(self, char *buf, Py_ssize_t length, bint to_guest) noexcept:
+        """Copy between buf and the first `length` bytes of the reserved buffers
+        (the caller checked that they hold it)."""
+        cdef Py_ssize_t i = self._rx_first, pos = 0, take
+        while pos < length and i < self._rx.n:
+            take = min(<Py_ssize_t>self._rx.v[i].iov_len, length - pos)
+            if to_guest:
+                memcpy(self._rx.v[i].iov_base, buf + pos, take)
+            else:
+                memcpy(buf + pos, self._rx.v[i].iov_base, take)
+            pos += take
+            i += 1
+
+
+cdef int _iov_push(IovList *iov, char *base, uint64_t length) except -1:
+    cdef Py_ssize_t cap
+    cdef iovec *grown
+    if iov.n == iov.cap:
+        cap = max(16, 2 * iov.cap)
+        grown = <iovec *>PyMem_Realloc(iov.v, cap * sizeof(iovec))
+        if grown == NULL:
+            raise MemoryError()
+        iov.v, iov.cap = grown, cap
+    iov.v[iov.n].iov_base = base
+    iov.v[iov.n].iov_len = length
+    iov.n += 1
+    iov.nbytes += length
+    return 0

@@ -7,14 +7,16 @@ guest and the host kernel as is, and checksum and segmentation offloads
 (CSUM, TSO4/6, ECN) need no work here: a 64 KiB TCP segment is one frame.
 
 Transmit gathers a chain's readable buffers into one writev() on the tap,
-straight from guest memory. Receive reads each frame straight into the
-guest's receive buffers, one readv() over the buffers it has popped, when
-they hold the largest frame the tap may give (mergeable receive buffers,
-5.1.6.3.2, or one big buffer): then nothing is copied, and the header's
-fields are fixed up in place. With fewer buffers posted, a frame is read
-into a host buffer and spread over as many as it needs once they are
-there; the tap is not read again until the guest adds buffers (its
-notification resumes us).
+straight from guest memory (Queue.send_chains). Receive reads each frame
+straight into the guest's receive buffers, one readv() over the buffers
+the queue keeps for us (Queue.reserve, readv_reserved), when they hold the
+largest frame the tap may give (mergeable receive buffers, 5.1.6.3.2, or
+one big buffer): then nothing is copied, and the header's fields are fixed
+up in place. With fewer buffers posted, a frame is read into a host buffer
+and spread over as many as it needs once they are there; the tap is not
+read again until the guest adds buffers (its notification resumes us).
+The per-buffer work (walking chains, the iovecs, the used ring) is the
+queue's, in C with the Cython queue; what a frame means stays here.
 
 A guest's mistake never takes the VMM down: a frame that is too short or
 too long, a transmit chain with writable buffers, a frame the host kernel
@@ -31,7 +33,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from typing import Protocol
 
@@ -39,7 +41,8 @@ from microvm.backends.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_E
 from microvm.checks import parse_mac
 from microvm.devices.state import Fields, State
 from microvm.devices.virtio import VIRTIO_ID_NET, QueueState, config_read
-from microvm.devices.virtio.queue import DescriptorChain, Queue, QueueError
+from microvm.devices.virtio.queue import DescriptorChain, Queue
+from microvm.devices.virtio.ring import SEND_LONG, SEND_PARTIAL, SEND_SHORT, SEND_WRITABLE
 from microvm.memory import GuestMemory
 from microvm.ratelimit import RateLimit, Throttle
 
@@ -146,11 +149,6 @@ class VirtioNet(QueueState):
         self.guest_csum = self.guest_tso4 = self.guest_tso6 = self.guest_ecn = False
         self._rx_view = memoryview(bytearray(MAX_FRAME + 1))  # one spare byte shows truncation
         self._pending = 0  # length of a frame read from the tap, waiting for buffers
-        # Receive chains popped and not used yet: (chain, capacity, views), the
-        # views of their descriptors also in one list (readv's), and their room.
-        self._stash: deque[tuple[DescriptorChain, int, int]] = deque()
-        self._stash_views: list[memoryview] = []
-        self._room = 0
         self._last_frame = 0  # the length of the frame _receive_direct read last
 
     # --- config space (5.1.4) ---------------------------------------------------------
@@ -171,7 +169,8 @@ class VirtioNet(QueueState):
     def chains_held(self) -> dict[int, int]:
         """Receive buffers popped for a frame not delivered yet, and a frame to send
         that the rate limit held back, go back to their rings."""
-        return ({RX_QUEUE: len(self._stash)} if self._stash else {}) | {q: 1 for q in self.held}
+        reserved = self.queues[RX_QUEUE].reserved if self.queues else 0
+        return ({RX_QUEUE: reserved} if reserved else {}) | {q: 1 for q in self.held}
 
     def throttles(self) -> dict[int, Throttle]:
         """Per queue, for DeviceManager.add_virtio to bind."""
@@ -198,8 +197,7 @@ class VirtioNet(QueueState):
         if len(mac) != 6:
             raise f.error(f"mac {mac.hex(':')} is not 6 bytes")
         self.mac, self.link_up = mac, f.flag("link_up") and self.link_up  # this tap may have failed already
-        self._pending = 0
-        self._clear_stash()
+        self._pending = 0  # (the queues' reserved buffers go with their own restore)
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -220,12 +218,7 @@ class VirtioNet(QueueState):
     def reset(self) -> None:
         super().reset()
         self._pending = 0
-        self._clear_stash()
         self._set_offload(0)
-
-    def release_memory(self) -> None:
-        """The VM is closing: let go of the views of receive buffers."""
-        self._clear_stash()
 
     def _set_offload(self, flags: int) -> None:
         if not self.link_up:
@@ -247,7 +240,41 @@ class VirtioNet(QueueState):
     # --- transmit (5.1.6.2) -------------------------------------------------------------
 
     def _transmit(self) -> None:
+        """Every frame the guest queued, to the tap: the queue's send_chains while the
+        link is up and no rate limit applies, chain by chain (drain) otherwise."""
+        q = self.queues[TX_QUEUE]
+        assert self.signal is not None
+        used = 0
+        try:
+            while self.link_up and self.tx_throttle.limiter is None and TX_QUEUE not in self.held:
+                sent, nbytes, failure = q.send_chains(self.backend.fd, VNET_HDR_SIZE + ETH_HLEN, MAX_FRAME)
+                used += sent
+                if sent:
+                    self.counters["tx_frames"] += sent
+                    self.counters["tx_bytes"] += nbytes - sent * VNET_HDR_SIZE
+                if failure is None:
+                    if sent < q.size:
+                        return  # (the queue is empty: the finally clause signals)
+                    continue
+                used += 1
+                self._send_failed(*failure)
+        finally:
+            if used:
+                self.signal(TX_QUEUE)
         self.drain(TX_QUEUE, self._send, self.tx_throttle, _frame_bytes)
+
+    def _send_failed(self, length: int, code: int, written: int) -> None:
+        """A frame send_chains could not send (dropped, counted): why, as _send says it."""
+        if code == SEND_WRITABLE:
+            self._drop("tx_malformed", "transmit chain has device-writable buffers")
+        elif code == SEND_SHORT:
+            self._drop("tx_malformed", f"transmit frame of {length} bytes is shorter than its headers")
+        elif code == SEND_LONG:
+            self._drop("tx_oversized", f"transmit frame of {length} bytes is longer than {MAX_FRAME}")
+        elif code == SEND_PARTIAL:
+            self._drop("tx_short", f"short write to the tap ({written} of {length})")
+        else:
+            self._write_failed(OSError(code, os.strerror(code)))
 
     def _send(self, mem: GuestMemory, chain: DescriptorChain) -> int:
         """One frame to the tap; the device writes nothing into a transmit buffer (0)."""
@@ -268,14 +295,8 @@ class VirtioNet(QueueState):
         views = [mem.view(d.addr, d.len) for d in readable if d.len]
         try:
             n = os.writev(self.backend.fd, views)
-        except BlockingIOError:
-            self.counters["tx_dropped_busy"] += 1
-            return 0
         except OSError as e:
-            if e.errno in TAP_GONE:
-                self._backend_failed("write", e)
-            else:  # EINVAL: the host kernel refused the header (bad GSO fields, ...)
-                self._drop("tx_rejected", f"the tap refused a frame: {e.strerror}")
+            self._write_failed(e)
             return 0
         finally:
             for v in views:
@@ -287,12 +308,20 @@ class VirtioNet(QueueState):
         self.counters["tx_bytes"] += length - VNET_HDR_SIZE
         return 0
 
+    def _write_failed(self, e: OSError) -> None:
+        if e.errno == errno.EAGAIN:
+            self.counters["tx_dropped_busy"] += 1
+        elif e.errno in TAP_GONE:
+            self._backend_failed("write", e)
+        else:  # EINVAL: the host kernel refused the header (bad GSO fields, ...)
+            self._drop("tx_rejected", f"the tap refused a frame: {e.strerror}")
+
     # --- receive (5.1.6.3, 5.1.6.4) --------------------------------------------------------
 
     def _receive(self) -> None:
         """Move frames from the tap into receive buffers until either runs out."""
-        mem = self.mem
-        assert mem is not None and self.signal is not None
+        q = self.queues[RX_QUEUE]
+        assert self.signal is not None
         used = 0
         errors = 0
         try:
@@ -300,7 +329,7 @@ class VirtioNet(QueueState):
                 if not self._pending and not self.rx_throttle.ready():
                     break  # the rate limit: the Throttle's retry brings us back
                 if not self._pending:
-                    got = self._receive_direct(mem)
+                    got = self._receive_direct(q)
                     if got == _NO_FRAME:
                         break
                     if got == _DROPPED:
@@ -316,8 +345,7 @@ class VirtioNet(QueueState):
                     self._pending = self._read_frame()  # too few buffers for the direct path
                     if not self._pending:
                         break
-                frame = self._rx_view[:self._pending]
-                taken = self._deliver(mem, frame)
+                taken = self._deliver(q, self._rx_view[:self._pending])
                 if taken is None:
                     break  # wait for the guest to post buffers; its notify brings us back
                 self.rx_throttle.charge(self._pending)
@@ -327,80 +355,54 @@ class VirtioNet(QueueState):
             if used:
                 self.signal(RX_QUEUE)
 
-    def _receive_direct(self, mem: GuestMemory) -> int | None:
-        """Read one frame from the tap straight into the stashed receive buffers:
+    def _receive_direct(self, q: Queue) -> int | None:
+        """Read one frame from the tap straight into the reserved receive buffers:
         the chains used, _NO_FRAME (nothing to read, or the tap is gone),
         _DROPPED (a bad frame: its buffers stay for the next), or None when the
         buffers posted cannot take the largest frame (the copy path's turn)."""
-        q = self.queues[RX_QUEUE]
         most = min(MAX_RX_CHAINS, q.size) if self.mergeable else 1
-        while self._room <= MAX_FRAME:  # one spare byte: a frame that filled them all was cut
-            if len(self._stash) >= most:
-                return None
-            chain = q.pop()
-            if chain is None:
-                return None
-            self._stash_push(mem, chain)
-        if self._stash[0][0].descriptors[0].len < VNET_HDR_SIZE:
-            return None  # a header split over descriptors: fixed up in the host buffer instead
-        n = self._tap_readv(self._stash_views)
+        # (more than MAX_FRAME: one spare byte shows a frame that filled them all was cut)
+        if q.reserve(MAX_FRAME, most, VNET_HDR_SIZE) <= MAX_FRAME or q.reserved_head_len() < VNET_HDR_SIZE:
+            return None  # too little room, or a header split over descriptors (fixed up in the host buffer)
+        n = self._tap_result(q.readv_reserved(self.backend.fd))
+        if n == -errno.E2BIG:
+            return None  # more buffers than one readv takes
         if n < 0:
             return n
-        with self._stash_views[0][:VNET_HDR_SIZE] as header:
-            if not self._offloads_ok(header):
-                return _DROPPED
-            chosen, room = 0, 0
-            for _, capacity, _ in self._stash:
-                chosen += 1
-                room += capacity
-                if room >= n:
-                    break
-            header[NUM_BUFFERS_OFFSET:NUM_BUFFERS_OFFSET + 2] = chosen.to_bytes(2, "little")
-        used, pos = [], 0
-        for _ in range(chosen):
-            chain, capacity = self._stash_pop()
-            take = min(capacity, n - pos)
-            used.append((chain.head, take))
-            pos += take
-        q.add_used_many(used)
+        header = q.peek_reserved(VNET_HDR_SIZE)
+        if not self._offloads_ok(header):
+            return _DROPPED
+        chosen = q.chains_for(n)
+        header[NUM_BUFFERS_OFFSET:NUM_BUFFERS_OFFSET + 2] = chosen.to_bytes(2, "little")
+        q.use_reserved(n, header)
         self.counters["rx_frames"] += 1
         self.counters["rx_bytes"] += n - VNET_HDR_SIZE
         self._last_frame = n
         return chosen
 
-    def _stash_push(self, mem: GuestMemory, chain: DescriptorChain) -> None:
-        capacity = self._rx_capacity(chain)
-        views = [mem.view(d.addr, d.len) for d in chain.descriptors]
-        self._stash.append((chain, capacity, len(views)))
-        self._stash_views.extend(views)
-        self._room += capacity
-
-    def _stash_pop(self) -> tuple[DescriptorChain, int]:
-        chain, capacity, nviews = self._stash.popleft()
-        for view in self._stash_views[:nviews]:
-            view.release()
-        del self._stash_views[:nviews]
-        self._room -= capacity
-        return chain, capacity
-
-    def _clear_stash(self) -> None:
-        while self._stash:
-            self._stash_pop()
-
     def _tap_readv(self, views: list[memoryview]) -> int:
-        """Read one frame from the tap into views: its length, _NO_FRAME
-        (nothing to read, or the tap is gone) or _DROPPED (counted, reported)."""
+        """Read one frame from the tap into views (see _tap_result)."""
         try:
-            n = os.readv(self.backend.fd, views)
-        except BlockingIOError:
-            return _NO_FRAME
+            return self._tap_result(os.readv(self.backend.fd, views))
         except OSError as e:
-            if e.errno in TAP_GONE:
-                self._backend_failed("read", e)
+            return self._tap_result(-(e.errno or errno.EIO))
+
+    def _tap_result(self, n: int) -> int:
+        """A read from the tap (bytes, or -errno): the frame's length, _NO_FRAME
+        (nothing to read, or the tap is gone), _DROPPED (counted, reported), or
+        -E2BIG as it came (too many buffers for one read: nothing was read)."""
+        if n == -errno.E2BIG:
+            return n
+        if n < 0:
+            code = -n
+            if code == errno.EAGAIN:
+                return _NO_FRAME
+            if code in TAP_GONE:
+                self._backend_failed("read", OSError(code, os.strerror(code)))
                 return _NO_FRAME
             # EINVAL: the tap could not express a frame in a virtio-net
             # header (and dropped it); the next one may be fine.
-            self._drop("rx_error", f"reading the tap failed: {e.strerror}")
+            self._drop("rx_error", f"reading the tap failed: {os.strerror(code)}")
             return _DROPPED
         if n == 0:
             self._backend_failed("read", OSError(errno.EIO, "end of file"))
@@ -423,52 +425,35 @@ class VirtioNet(QueueState):
                 return n
         return 0  # errors in a row: leave the rest for the next wake-up
 
-    def _deliver(self, mem: GuestMemory, frame: memoryview) -> int | None:
+    def _deliver(self, q: Queue, frame: memoryview) -> int | None:
         """Write one frame into receive buffers; the number used, or None if too few."""
-        q = self.queues[RX_QUEUE]
         need = len(frame)
-        # Gather chains (kept across calls) until they hold the frame.
-        chosen = 0
-        room = 0
-        while True:
-            if chosen == len(self._stash):
-                chain = q.pop()
-                if chain is None:
-                    if len(self._stash) >= q.size:  # we hold every buffer: it will never fit
-                        self._drop("rx_no_room", f"a {need}-byte frame is larger than the whole receive ring")
-                        return 0
-                    return None
-                self._stash_push(mem, chain)
-            room += self._stash[chosen][1]
-            chosen += 1
-            if room >= need:
-                break
-            if not self.mergeable:
+        most = min(MAX_RX_CHAINS, q.size) if self.mergeable else 1
+        room = q.reserve(need - 1, most, VNET_HDR_SIZE)  # until they hold the frame
+        if room < need:
+            if not self.mergeable and q.reserved:
                 # One buffer per frame: this one is too small. The frame is
                 # dropped; the buffer stays for the next frame.
                 self._drop("rx_no_room", f"a {need}-byte frame does not fit a {room}-byte receive buffer")
                 return 0
-            if chosen >= min(MAX_RX_CHAINS, q.size):
+            if q.reserved >= q.size:  # we hold every buffer: it will never fit
+                self._drop("rx_no_room", f"a {need}-byte frame is larger than the whole receive ring")
+                return 0
+            if q.reserved >= most:
                 self._drop("rx_no_room", f"a {need}-byte frame needs more than {MAX_RX_CHAINS} buffers")
                 return 0
+            return None
         if not self._offloads_ok(frame):
             return 0
+        chosen = q.chains_for(need)
         frame[NUM_BUFFERS_OFFSET:NUM_BUFFERS_OFFSET + 2] = chosen.to_bytes(2, "little")
-        pos = 0
-        used = []
-        for _ in range(chosen):
-            chain, capacity = self._stash_pop()
-            take = min(capacity, need - pos)
-            self._scatter(mem, chain, frame[pos:pos + take])
-            used.append((chain.head, take))
-            pos += take
-        q.add_used_many(used)
+        q.use_reserved(need, frame)
         self.counters["rx_frames"] += 1
         self.counters["rx_copied"] += 1  # read into our buffer first (too few posted for the direct path)
         self.counters["rx_bytes"] += need - VNET_HDR_SIZE
         return chosen
 
-    def _offloads_ok(self, frame: memoryview) -> bool:
+    def _offloads_ok(self, frame: memoryview | bytearray) -> bool:
         """5.1.6.4: the device uses only the receive offloads the driver negotiated.
 
         TUNSETOFFLOAD keeps the tap from producing others, but frames queued
@@ -487,25 +472,6 @@ class VirtioNet(QueueState):
                 return False
             frame[0:NUM_BUFFERS_OFFSET] = bytes(NUM_BUFFERS_OFFSET)  # no flags, no offload fields
         return True
-
-    def _rx_capacity(self, chain: DescriptorChain) -> int:
-        if any(not d.write for d in chain.descriptors):
-            raise QueueError("receive buffer has device-readable descriptors")
-        capacity = sum(d.len for d in chain.descriptors)
-        # 5.1.6.3.1: every receive buffer holds at least the header.
-        if capacity < VNET_HDR_SIZE:
-            raise QueueError(f"receive buffer of {capacity} bytes is smaller than the {VNET_HDR_SIZE}-byte header")
-        return capacity
-
-    @staticmethod
-    def _scatter(mem: GuestMemory, chain: DescriptorChain, data: memoryview) -> None:
-        pos = 0
-        for d in chain.descriptors:
-            if pos >= len(data):
-                break
-            take = min(d.len, len(data) - pos)
-            mem.write(d.addr, data[pos:pos + take])
-            pos += take
 
     # --- failures -----------------------------------------------------------------------------
 

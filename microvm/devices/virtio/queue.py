@@ -16,16 +16,23 @@ it up at each queue's creation (queue.Queue), so tests can run both.
 
 from __future__ import annotations
 
+import errno
 import os
+from collections import deque
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from microvm.devices.state import State
 from microvm.devices.virtio.ring import (
     DESC,
+    IOV_MAX,
     MAX_CHAIN_BYTES,
     MAX_QUEUE_SIZE,
     QUEUE_COUNTERS,
+    SEND_LONG,
+    SEND_PARTIAL,
+    SEND_SHORT,
+    SEND_WRITABLE,
     U32_MAX,
     USED_ELEM,
     VIRTQ_DESC_SIZE,
@@ -75,9 +82,14 @@ class PyQueue:
         self.chains_popped = 0  # chains handed to the device (pop)
         self.used_added = 0  # used ring elements written (add_used, add_used_many)
         self.interrupts_suppressed = 0  # used buffer notifications the driver let us skip (2.7.7, 2.7.10)
+        # reserve()'s chains (head, capacity, number of views) and the views of their buffers.
+        self._reserved: deque[tuple[int, int, int]] = deque()
+        self._reserved_views: list[memoryview] = []
+        self._reserved_room = 0
         self.reset()
 
     def reset(self) -> None:
+        self._drop_reserved()
         self.mem: GuestMemory | None = None
         self.event_idx = False
         self.signalled_used: int | None = None  # used idx at our last interrupt
@@ -87,6 +99,7 @@ class PyQueue:
 
     def release(self) -> None:
         """Let go of guest memory (the VM is closing); the queue is not ready from here."""
+        self._drop_reserved()
         self.mem = None
 
     # --- setup -----------------------------------------------------------------
@@ -97,6 +110,7 @@ class PyQueue:
 
     def activate(self, mem: GuestMemory, event_idx: bool) -> None:
         self.check_config(mem)
+        self._drop_reserved()
         self.mem = mem
         self.event_idx = event_idx
 
@@ -262,6 +276,163 @@ class PyQueue:
         if not wanted:
             self.interrupts_suppressed += 1
         return wanted
+
+
+    # --- frames: a chain's buffers straight to and from an fd -------------------------
+    #
+    # A device that moves whole frames between its queues and a host fd (virtio-net
+    # and its tap) does so here, without handing each buffer to Python: the Cython
+    # queue runs these in C over the same checks. The device keeps what frames mean.
+
+    def send_chains(self, fd: int, min_len: int, max_len: int) -> tuple[int, int, tuple[int, int, int] | None]:
+        """Write each available chain's buffers to fd, one writev each, and return it
+        used (0 bytes written into it), until none is left, `size` chains are done, or
+        one fails. A chain fails with device-writable buffers (code SEND_WRITABLE),
+        fewer than min_len bytes (SEND_SHORT), more than max_len (SEND_LONG), an
+        error from writev (its errno) or a short write (SEND_PARTIAL): it is used
+        too, and the call stops there. Returns (chains sent, their bytes, None or
+        the failed chain's (length, code, bytes written)); the chains done before
+        a QueueError (a broken chain) are published before it is raised."""
+        used: list[tuple[int, int]] = []
+        sent = total = 0
+        failure = None
+        try:
+            while len(used) < self.size:
+                chain = self.pop()
+                if chain is None:
+                    break
+                used.append((chain.head, 0))
+                length, code, written = self._send_chain(fd, chain, min_len, max_len)
+                if code:
+                    failure = (length, code, written)
+                    break
+                sent += 1
+                total += length
+        finally:
+            if used:
+                self.add_used_many(used)
+        return sent, total, failure
+
+    def _send_chain(self, fd: int, chain: DescriptorChain, min_len: int, max_len: int) -> tuple[int, int, int]:
+        mem = self._mem()
+        readable = [d for d in chain.descriptors if not d.write]
+        length = sum(d.len for d in readable)
+        if len(readable) != len(chain.descriptors):
+            return length, SEND_WRITABLE, 0
+        if length < min_len:
+            return length, SEND_SHORT, 0
+        if length > max_len:
+            return length, SEND_LONG, 0
+        views = [mem.view(d.addr, d.len) for d in readable]
+        try:
+            written = os.writev(fd, views)
+        except OSError as e:
+            return length, e.errno or errno.EIO, 0
+        finally:
+            for v in views:
+                v.release()
+        return length, 0 if written == length else SEND_PARTIAL, written
+
+    def reserve(self, room: int, most: int, min_capacity: int) -> int:
+        """Pop chains as receive buffers, kept in order, until they hold more than
+        `room` bytes, `most` (at most the queue's max_size) are kept, or none is
+        available; the bytes kept. A chain with device-readable buffers, or of
+        fewer than min_capacity bytes, is a QueueError (popped, not kept)."""
+        mem = self._mem()
+        most = min(most, self.max_size)
+        while self._reserved_room <= room and len(self._reserved) < most:
+            chain = self.pop()
+            if chain is None:
+                break
+            if any(not d.write for d in chain.descriptors):
+                raise QueueError("receive buffer has device-readable descriptors")
+            capacity = sum(d.len for d in chain.descriptors)
+            if capacity < min_capacity:
+                raise QueueError(f"receive buffer of {capacity} bytes is smaller than the {min_capacity}-byte header")
+            self._reserved_views += [mem.view(d.addr, d.len) for d in chain.descriptors]
+            self._reserved.append((chain.head, capacity, len(chain.descriptors)))
+            self._reserved_room += capacity
+        return self._reserved_room
+
+    @property
+    def reserved(self) -> int:
+        """Chains reserve() keeps."""
+        return len(self._reserved)
+
+    def reserved_head_len(self) -> int:
+        """The first reserved buffer's length (0 with none)."""
+        return len(self._reserved_views[0]) if self._reserved_views else 0
+
+    def readv_reserved(self, fd: int) -> int:
+        """One readv from fd into every reserved buffer: the bytes read, or -errno
+        (-E2BIG: more buffers than one readv takes; -ENOBUFS: none reserved)."""
+        self._mem()
+        if not self._reserved_views:
+            return -errno.ENOBUFS
+        if len(self._reserved_views) > IOV_MAX:
+            return -errno.E2BIG
+        try:
+            return os.readv(fd, self._reserved_views)
+        except OSError as e:
+            return -(e.errno or errno.EIO)
+
+    def peek_reserved(self, length: int) -> bytearray:
+        """The first `length` bytes of the reserved buffers."""
+        self._mem()
+        out = bytearray()
+        for view in self._reserved_views:
+            if len(out) >= length:
+                break
+            out += view[:length - len(out)]
+        return out + bytes(length - len(out))
+
+    def chains_for(self, nbytes: int) -> int:
+        """How many reserved chains, from the first, hold nbytes (at least one)."""
+        if nbytes > self._reserved_room or not self._reserved:
+            raise ValueError(f"{nbytes} bytes are more than the {self._reserved_room} reserved")
+        room = 0
+        for i, (_, capacity, _) in enumerate(self._reserved):
+            room += capacity
+            if room >= nbytes:
+                return i + 1
+        raise AssertionError("unreachable: the reserved room holds nbytes")
+
+    def use_reserved(self, nbytes: int, front: bytes | bytearray | memoryview | None = None) -> int:
+        """Write `front` at the start of the reserved buffers, then return the
+        chains that hold nbytes (chains_for) to the driver, each with what it got
+        of them, published with one index update: the number of chains."""
+        self._mem()
+        chosen = self.chains_for(nbytes)
+        if front is not None and len(front):
+            if len(front) > self._reserved_room:
+                raise ValueError(f"{len(front)} bytes are more than the {self._reserved_room} reserved")
+            pos = 0
+            for view in self._reserved_views:
+                take = min(len(view), len(front) - pos)
+                view[:take] = front[pos:pos + take]
+                pos += take
+                if pos == len(front):
+                    break
+        used, left = [], nbytes
+        for _ in range(chosen):
+            head, capacity = self._take_reserved()
+            used.append((head, min(capacity, left)))
+            left -= min(capacity, left)
+        self.add_used_many(used)
+        return chosen
+
+    def _take_reserved(self) -> tuple[int, int]:
+        head, capacity, nviews = self._reserved.popleft()
+        for view in self._reserved_views[:nviews]:
+            view.release()
+        del self._reserved_views[:nviews]
+        self._reserved_room -= capacity
+        return head, capacity
+
+    def _drop_reserved(self) -> None:
+        """A reset, a release or an activation forgets reserved buffers (and lets go of their views)."""
+        while self._reserved:
+            self._take_reserved()
 
 
 def _chosen() -> type[PyQueue]:

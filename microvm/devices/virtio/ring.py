@@ -31,6 +31,13 @@ MAX_CHAIN_BYTES = 1 << 32  # total length a chain may describe
 DESC = struct.Struct("<QIHH")  # addr, len, flags, next
 USED_ELEM = struct.Struct("<II")  # id, len
 U32_MAX = 0xFFFF_FFFF
+IOV_MAX = 1024  # the most buffers one readv/writev takes (Linux's UIO_MAXIOV)
+
+# Queue.send_chains(): why it stopped at a chain, besides an errno from writev.
+SEND_WRITABLE = -1  # the chain has device-writable buffers
+SEND_SHORT = -2  # its buffers hold fewer bytes than min_len
+SEND_LONG = -3  # more than max_len
+SEND_PARTIAL = -4  # writev wrote only part of it
 
 # Queue counters, summed over a device's queues in MmioTransport.stats().
 QUEUE_COUNTERS = ("chains_popped", "used_added", "interrupts_suppressed")
