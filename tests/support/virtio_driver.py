@@ -16,6 +16,7 @@ memory, raises nothing but QueueError and writes nothing but the used ring.
 
 from __future__ import annotations
 
+import os
 import random
 import struct
 from collections.abc import Callable, Sequence
@@ -454,11 +455,12 @@ def _check_chain(ring: HostileRing, chain: DescriptorChain, outcome: Outcome) ->
 
 
 def run_hostile(ring: HostileRing, pick: Picker, mutate: Callable[[HostileRing, Picker], None] | None = None,
-                queue_class: Callable[[int], Queue] | None = None) -> Outcome:
+                queue_class: Callable[[int], Queue] | None = None, frames: bool = False) -> Outcome:
     """Drive a Queue (the one in use, or queue_class) over `ring`: pop, add_used and
     needs_notification until the ring is empty or the queue raises QueueError. Any other
     exception propagates; a broken rule raises InvariantError. `mutate`, if given, plays
-    a guest rewriting its rings between pops."""
+    a guest rewriting its rings between pops. `frames`: some steps go through the
+    frame API instead (send_chains to /dev/null; reserve, peek and use_reserved)."""
     outcome = Outcome()
     queue = (queue_class or vq.Queue)(ring.max_size)
     queue.size = ring.size
@@ -486,6 +488,15 @@ def run_hostile(ring: HostileRing, pick: Picker, mutate: Callable[[HostileRing, 
 
     for _ in range(ring.size + 2):
         try:
+            if frames and pick.boolean(0.5):
+                if not _frame_step(queue, ring, pick, outcome):
+                    break
+                outcome.trace.append(queue.needs_notification())
+                if mutate is not None:
+                    check_untouched()
+                    mutate(ring, pick)
+                    snapshot = [bytes(b) for b in ring.backings]
+                continue
             chain = queue.pop()
         except QueueError as e:
             outcome.error = str(e)
@@ -504,6 +515,28 @@ def run_hostile(ring: HostileRing, pick: Picker, mutate: Callable[[HostileRing, 
             snapshot = [bytes(b) for b in ring.backings]
     check_untouched()
     return outcome
+
+
+def _frame_step(queue: Queue, ring: HostileRing, pick: Picker, outcome: Outcome) -> bool:
+    """One step through the frame API; False once nothing was available."""
+    if pick.boolean(0.5):
+        fd = os.open(os.devnull, os.O_WRONLY)
+        try:
+            sent, total, failure = queue.send_chains(fd, pick.integer(0, 64), pick.integer(0, 1 << 17))
+        finally:
+            os.close(fd)
+        outcome.trace.append(("send", sent, total, failure))
+        outcome.chains += sent + (failure is not None)
+        return bool(sent or failure)
+    before = queue.reserved
+    room = queue.reserve(pick.integer(0, 1 << 17), pick.integer(1, ring.size + 1), pick.integer(0, 64))
+    outcome.trace.append(("reserve", room, queue.reserved, queue.reserved_head_len(),
+                          bytes(queue.peek_reserved(pick.integer(0, 32)))))
+    outcome.chains += queue.reserved - before
+    if queue.reserved and pick.boolean(0.7):
+        nbytes = pick.integer(0, room)
+        outcome.trace.append(("use", queue.chains_for(nbytes), queue.use_reserved(nbytes)))
+    return queue.reserved > before or bool(queue.reserved)
 
 
 def mutate_ring(ring: HostileRing, pick: Picker) -> None:
@@ -581,13 +614,13 @@ class ReplayPicker(Picker):
 
 
 def _observed(pick: Picker, sizes: Sequence[int], mutate_rate: float,
-              queue_class: Callable[[int], Queue]) -> tuple[object, ...]:
+              queue_class: Callable[[int], Queue], frames: bool = False) -> tuple[object, ...]:
     """What one queue did to one hostile ring: its outcome (or the exception it
     raised, by type and message) and the guest memory it left."""
     ring = hostile_ring(pick, sizes)
     mutate = pick.boolean(mutate_rate)
     try:
-        outcome: object = run_hostile(ring, pick, mutate_ring if mutate else None, queue_class)
+        outcome: object = run_hostile(ring, pick, mutate_ring if mutate else None, queue_class, frames)
     except Divergence:
         raise
     except Exception as e:  # compared, not judged: run_hostile's own checks judge
@@ -596,17 +629,17 @@ def _observed(pick: Picker, sizes: Sequence[int], mutate_rate: float,
 
 
 def run_differential(pick: Picker, queues: Sequence[Callable[[int], Queue]], sizes: Sequence[int] = SIZES,
-                     mutate_rate: float = 0.2) -> tuple[object, bool]:
+                     mutate_rate: float = 0.2, frames: bool = False) -> tuple[object, bool]:
     """The same hostile ring (and the same racing guest) for each queue class in
     turn: Divergence unless every one returns the same chains, notifications and
     errors, raises the same exceptions and leaves the same guest memory. The first
     queue's outcome (an Outcome, or (exception type, message)) and whether the
     guest rewrote the ring between pops."""
     recorder = RecordingPicker(pick)
-    first = _observed(recorder, sizes, mutate_rate, queues[0])
+    first = _observed(recorder, sizes, mutate_rate, queues[0], frames)
     for other in queues[1:]:
         replay = ReplayPicker(recorder.log)
-        again = _observed(replay, sizes, mutate_rate, other)
+        again = _observed(replay, sizes, mutate_rate, other, frames)
         if replay.at != len(recorder.log):
             raise Divergence(f"{other} made the driver stop at choice {replay.at} of {len(recorder.log)}")
         for what, a, b in zip(("outcome", "rewritten", "guest memory"), first, again, strict=True):

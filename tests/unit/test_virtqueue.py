@@ -7,8 +7,11 @@ anything else and never writes outside the used ring.
 
 from __future__ import annotations
 
+import errno
 import mmap
-from collections.abc import Callable
+import os
+import socket
+from collections.abc import Callable, Iterator
 from random import Random
 
 import pytest
@@ -593,3 +596,100 @@ def test_wellformed_chains_round_trip(start: int, event_idx: bool,
             assert driver.avail_event() == queue.next_avail
     assert sorted(driver.free) == list(range(8))
     assert queue.next_avail == queue.next_used == driver.avail_idx == driver.used_idx()
+
+
+# --- the frame API (send_chains, reserve...): what virtio-net uses ----------------------
+
+
+@pytest.fixture
+def seqpacket() -> Iterator[tuple[socket.socket, socket.socket]]:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    a.setblocking(False)
+    b.settimeout(2)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_send_chains_writes_each_chain_as_one_record(seqpacket: tuple[socket.socket, socket.socket]) -> None:
+    _mem, driver, queue = setup()
+    heads = [driver.add_chain([(b"ab", False), (b"cd", False)]), driver.add_chain([(b"xyz", False)])]
+    assert queue.send_chains(seqpacket[0].fileno(), 1, 100) == (2, 7, None)
+    assert [seqpacket[1].recv(100) for _ in heads] == [b"abcd", b"xyz"]
+    assert driver.used() == [(heads[0], 0), (heads[1], 0)]
+    assert queue.send_chains(seqpacket[0].fileno(), 1, 100) == (0, 0, None)
+
+
+@pytest.mark.parametrize(("parts", "code"), [
+    ([(b"abc", False), (16, True)], vq.SEND_WRITABLE),
+    ([(b"a", False)], vq.SEND_SHORT),
+    ([(b"x" * 101, False)], vq.SEND_LONG),
+])
+def test_send_chains_stops_at_a_chain_it_refuses(seqpacket: tuple[socket.socket, socket.socket],
+                                                 parts: list[tuple[bytes | int, bool]], code: int) -> None:
+    _mem, driver, queue = setup()
+    good = driver.add_chain([(b"ok", False)])
+    bad = driver.add_chain(parts)
+    later = driver.add_chain([(b"later", False)])
+    sent, nbytes, failure = queue.send_chains(seqpacket[0].fileno(), 2, 100)
+    assert (sent, nbytes) == (1, 2) and failure is not None and failure[1] == code
+    assert driver.used() == [(good, 0), (bad, 0)]  # the refused chain goes back too, nothing written
+    assert queue.send_chains(seqpacket[0].fileno(), 2, 100) == (1, 5, None)
+    assert driver.used() == [(later, 0)]
+    assert [seqpacket[1].recv(100), seqpacket[1].recv(100)] == [b"ok", b"later"]
+
+
+def test_send_chains_reports_the_errno() -> None:
+    _mem, driver, queue = setup()
+    head = driver.add_chain([(b"frame", False)])
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        sent, _, failure = queue.send_chains(w, 1, 100)  # EPIPE (Python ignores SIGPIPE)
+    finally:
+        os.close(w)
+    assert sent == 0 and failure == (5, errno.EPIPE, 0)
+    assert driver.used() == [(head, 0)]
+
+
+def test_reserve_reads_and_uses_receive_buffers(seqpacket: tuple[socket.socket, socket.socket]) -> None:
+    mem, driver, queue = setup()
+    heads = [driver.add_chain([(4, True), (6, True)]), driver.add_chain([(10, True)]), driver.add_chain([(10, True)])]
+    assert queue.reserve(15, 8, 4) == 20  # more than 15 bytes: two chains
+    assert (queue.reserved, queue.reserved_head_len()) == (2, 4)
+    seqpacket[1].send(b"0123456789abcde")
+    assert queue.readv_reserved(seqpacket[0].fileno()) == 15
+    assert queue.peek_reserved(6) == b"012345"
+    assert queue.chains_for(15) == 2 and queue.chains_for(10) == 1
+    first = driver.buffers[heads[0]][0][0]
+    assert queue.use_reserved(15, b"HDR") == 2
+    assert driver.used() == [(heads[0], 10), (heads[1], 5)]
+    assert mem.read(first, 4) == b"HDR3"
+    assert queue.reserved == 0 and queue.readv_reserved(seqpacket[0].fileno()) == -errno.ENOBUFS
+    assert queue.reserve(0, 1, 0) == 10 and queue.reserved == 1  # the third chain; one at most
+    assert queue.readv_reserved(seqpacket[0].fileno()) == -errno.EAGAIN
+
+
+@pytest.mark.parametrize(("parts", "match"), [
+    ([(b"in", False), (8, True)], "device-readable"),
+    ([(3, True)], "3 bytes is smaller than the 4-byte header"),
+])
+def test_reserve_refuses_bad_receive_buffers(parts: list[tuple[bytes | int, bool]], match: str) -> None:
+    _mem, driver, queue = setup()
+    driver.add_chain([(8, True)])
+    driver.add_chain(parts)
+    with pytest.raises(QueueError, match=match):
+        queue.reserve(100, 8, 4)
+    assert queue.reserved == 1  # the good one stays
+
+
+def test_reserved_buffers_beyond_one_readv_and_a_reset() -> None:
+    _mem, driver, queue = setup(size=256)
+    for _ in range(5):
+        driver.add_indirect_chain([(1, True)] * 250)
+    assert queue.reserve(1 << 20, 256, 0) == 1250 and queue.reserved == 5
+    assert queue.readv_reserved(0) == -errno.E2BIG  # 1250 buffers: more than IOV_MAX, nothing read
+    with pytest.raises(ValueError):
+        queue.chains_for(1251)
+    queue.reset()
+    assert queue.reserved == 0 and queue.reserved_head_len() == 0

@@ -10,6 +10,7 @@ runs the same comparison over a million rings.
 
 from __future__ import annotations
 
+from collections import Counter
 from random import Random
 
 import pytest
@@ -49,6 +50,24 @@ def test_both_queues_agree_on_a_thousand_seeded_rings() -> None:
         assert isinstance(outcome, Outcome), outcome  # no other exception, no broken invariant
         kinds["refused" if outcome.config_error else "queue error" if outcome.error else "drained"] += 1
     assert all(n > 20 for n in kinds.values()), kinds  # every kind of ending was compared
+
+
+@fuzz
+@given(data=st.data(), mutate=st.booleans())
+def test_both_queues_agree_through_the_frame_api(data: st.DataObject, mutate: bool) -> None:
+    run_differential(DrawPicker(data), BOTH, sizes=[1, 2, 4, 8, 16], mutate_rate=1.0 if mutate else 0.0, frames=True)
+
+
+def test_both_queues_agree_through_the_frame_api_on_a_thousand_seeded_rings() -> None:
+    kinds = {"drained": 0, "queue error": 0, "refused": 0}
+    steps: Counter[str] = Counter()
+    for seed in range(1000):
+        outcome, _ = run_differential(RandomPicker(Random(f"frames:{seed}")), BOTH, frames=True)
+        assert isinstance(outcome, Outcome), outcome
+        kinds["refused" if outcome.config_error else "queue error" if outcome.error else "drained"] += 1
+        steps.update(str(step[0]) for step in outcome.trace if isinstance(step, tuple) and isinstance(step[0], str))
+    assert all(n > 20 for n in kinds.values()), kinds
+    assert steps["send"] > 100 and steps["reserve"] > 50 and steps["use"] > 5, steps  # each call compared
 
 
 class OffByOne(PyQueue):
