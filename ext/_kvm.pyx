@@ -85,6 +85,109 @@ class StaleExitError(RuntimeError):
     """
 
 
+# --- registers a vCPU answers in C, without the GIL -----------------------------------
+
+cdef extern from *:
+    """
+    /* A status word raised from a device thread, read and acknowledged by
+       vCPU threads with or without the GIL: atomic read-modify-writes. */
+    static inline uint32_t isr_load(uint32_t *p) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); }
+    static inline void isr_store(uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_SEQ_CST); }
+    static inline void isr_set(uint32_t *p, uint32_t v) { __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST); }
+    static inline void isr_clear(uint32_t *p, uint32_t v) { __atomic_fetch_and(p, ~v, __ATOMIC_SEQ_CST); }
+    """
+    uint32_t isr_load(uint32_t *p) nogil
+    void isr_store(uint32_t *p, uint32_t v) nogil
+    void isr_set(uint32_t *p, uint32_t v) nogil
+    void isr_clear(uint32_t *p, uint32_t v) nogil
+
+cdef enum:
+    C_FAST_READ = 1
+    C_FAST_ACK = 2
+
+FAST_READ = C_FAST_READ  # a 4-byte read answers the word
+FAST_ACK = C_FAST_ACK  # a 4-byte write clears the bits written (write-1-to-clear)
+
+
+cdef class InterruptStatus:
+    """An interrupt status word (virtio-mmio's InterruptStatus and
+    InterruptACK, 4.2.2): the device raises bits from its thread, the driver
+    reads and acknowledges them through a vCPU, which answers both in C
+    without taking the GIL when the word is in the bus's FastMmio table."""
+    cdef uint32_t word
+
+    @property
+    def value(self):
+        return isr_load(&self.word)
+
+    @value.setter
+    def value(self, uint32_t value):
+        isr_store(&self.word, value)
+
+    def raise_bits(self, uint32_t bits):
+        isr_set(&self.word, bits)
+
+    def ack(self, uint32_t bits):
+        isr_clear(&self.word, bits)
+
+
+cdef struct FastReg:
+    uint64_t addr
+    int kind
+    uint32_t *word
+
+
+cdef class FastMmio:
+    """Guest-physical addresses of InterruptStatus words, each with FAST_READ or
+    FAST_ACK: run_dispatch answers a 4-byte access of that kind there without
+    leaving C (any other access to the address goes the usual way). Built once
+    from (addr, kind, InterruptStatus) triples; it keeps the words alive."""
+    cdef FastReg *regs
+    cdef int n
+    cdef tuple _words
+
+    def __cinit__(self, entries=()):
+        entries = tuple(entries)
+        self.regs = <FastReg *>calloc(max(len(entries), 1), sizeof(FastReg))
+        if self.regs == NULL:
+            raise MemoryError()
+        cdef InterruptStatus word
+        for addr, kind, word in entries:
+            if kind != C_FAST_READ and kind != C_FAST_ACK:
+                raise ValueError(f"FastMmio: kind {kind} is neither FAST_READ nor FAST_ACK")
+            self.regs[self.n].addr = addr
+            self.regs[self.n].kind = kind
+            self.regs[self.n].word = &word.word
+            self.n += 1
+        self._words = tuple(e[2] for e in entries)
+
+    def __dealloc__(self):
+        free(self.regs)
+
+    def __len__(self):
+        return self.n
+
+
+cdef inline bint _serve_fast(k.kvm_run *r, FastReg *regs, int n) noexcept nogil:
+    """Answer an exit at one of regs in place: whether it was one."""
+    cdef uint32_t value
+    cdef int i
+    if r.exit_reason != k.KVM_EXIT_MMIO or r.mmio.len != 4:
+        return False
+    for i in range(n):
+        if regs[i].addr == r.mmio.phys_addr:
+            if regs[i].kind == C_FAST_READ and not r.mmio.is_write:
+                value = isr_load(regs[i].word)
+                memcpy(r.mmio.data, &value, 4)
+                return True
+            if regs[i].kind == C_FAST_ACK and r.mmio.is_write:
+                memcpy(&value, r.mmio.data, 4)
+                isr_clear(regs[i].word, value)
+                return True
+            return False
+    return False
+
+
 cdef int _raise_errno(int err, str name) except -1:
     """The OSError subclass for err (a non-zero errno), named after the call."""
     raise OSError(err, f"{name}: {strerror(err).decode()}")
@@ -617,8 +720,10 @@ cdef class VcpuFd(_Fd):
     cdef readonly bint in_run
     # KVM_RUN entries so far; read and written only with the GIL held.
     cdef readonly uint64_t run_seq
-    # Returns from KVM_RUN in run_dispatch (each exit, answered there or not).
+    # Returns from KVM_RUN in run_dispatch (each exit, answered there or not),
+    # and those of them answered in C from a FastMmio table.
     cdef public uint64_t exits
+    cdef public uint64_t fast_exits
 
     cdef _map_run(self, size_t size):
         cdef void *p = s.mmap(NULL, size, s.PROT_READ | s.PROT_WRITE, s.MAP_SHARED, self.fd, 0)
@@ -657,10 +762,17 @@ cdef class VcpuFd(_Fd):
         self._check_run()
         self.run_page.immediate_exit = 1 if value else 0
 
-    cdef int _enter(self) except -1:
-        """One KVM_RUN with the GIL released: 1 for an exit to decode, 0 when
-        a signal or immediate_exit interrupted it; raises on other errors."""
+    cdef int _enter(self, FastMmio fast=None) except -1:
+        """KVM_RUN with the GIL released, again while the exit is one `fast`
+        answers: 1 for an exit to decode, 0 when a signal or immediate_exit
+        interrupted it; raises on other errors."""
         cdef int ret, err = 0, fd
+        cdef FastReg *regs = NULL
+        cdef int nfast = 0
+        cdef uint64_t served = 0
+        cdef k.kvm_run *r = self.run_page
+        if fast is not None:
+            regs, nfast = fast.regs, fast.n
         self._check_run()
         if self.in_run:
             raise RuntimeError(f"vCPU {self.vcpu_id} is already running in another thread")
@@ -672,12 +784,19 @@ cdef class VcpuFd(_Fd):
         fd = self.fd
         with nogil:
             # The run page and fd stay valid: close() refuses while in_run,
-            # and in_run is only read and written with the GIL held.
-            ret = s.ioctl(fd, k.KVM_RUN, 0)
-            if ret < 0:
-                err = errno
+            # and in_run is only read and written with the GIL held. `fast`
+            # (and the words it points to) lives as long as our caller's frame.
+            while True:
+                ret = s.ioctl(fd, k.KVM_RUN, 0)
+                if ret < 0:
+                    err = errno
+                    break
+                if nfast == 0 or not _serve_fast(r, regs, nfast):
+                    break
+                served += 1
         self.in_run = False
-        self.exits += 1
+        self.exits += 1 + served
+        self.fast_exits += served
         if ret >= 0:
             return 1
         if err == EINTR or err == EAGAIN:
@@ -690,7 +809,7 @@ cdef class VcpuFd(_Fd):
             return Intr.__new__(Intr)
         return self._decode_exit()
 
-    def run_dispatch(self, dict ports, object pio, object mmio, dict pages=None):
+    def run_dispatch(self, dict ports, object pio, object mmio, dict pages=None, FastMmio fast=None):
         """KVM_RUN, again and again, answering the common exits here, until one
         it leaves to the caller, which it returns as run() would.
 
@@ -707,9 +826,14 @@ cdef class VcpuFd(_Fd):
         itself if it needs no wrapping): the policy stays in Python.
         A value read that does not fit the access is a ValueError.
 
+        An MMIO access that `fast` answers (an interrupt status word's read or
+        acknowledgement) is answered before the GIL is taken back, and KVM_RUN
+        entered again at once.
+
         Returned: Intr (a signal or immediate_exit: the caller looks at its
         flags), string or rep port I/O, and every other exit. Exits counts
-        every return from KVM_RUN, answered here or not.
+        every return from KVM_RUN, answered here or not (fast_exits those
+        `fast` answered).
         """
         cdef k.kvm_run *r
         cdef uint32_t reason
@@ -717,7 +841,7 @@ cdef class VcpuFd(_Fd):
         cdef unsigned int size
         cdef char *data
         while True:
-            if not self._enter():
+            if not self._enter(fast):
                 return Intr.__new__(Intr)
             r = self.run_page
             reason = r.exit_reason

@@ -165,8 +165,10 @@ class Vcpu:
         # Port I/O of one item and MMIO are answered inside run_dispatch (the
         # ext calls the devices' read/write with ints, no exit object); what
         # comes back here is the rest: string I/O, interruptions, the end.
-        run, ports, pio, mmio = self.fd.run_dispatch, getattr(self.pio, "ports", {}), self.pio, self.mmio
+        run, ports, pio = self.fd.run_dispatch, getattr(self.pio, "ports", {}), self.pio
+        mmio: Any = self.mmio
         pages = getattr(self.mmio, "pages", None)
+        has_fast = hasattr(self.mmio, "fast")  # (a bus's table changes as devices come and go)
         pio_read, pio_write = self.pio.read, self.pio.write
         mmio_read, mmio_write = self.mmio.read, self.mmio.write
         IoOut, IoIn, MmioRead, MmioWrite, Intr = (
@@ -176,7 +178,7 @@ class Vcpu:
             return StopReason.STOPPED
         self.first_entry_ns = time.monotonic_ns()
         while True:
-            ex: Any = run(ports, pio, mmio, pages)  # dispatched on its exact type below
+            ex: Any = run(ports, pio, mmio, pages, mmio.fast if has_fast else None)  # dispatched on its type below
             t = type(ex)
             if t is IoOut:  # string (rep) I/O: one write per item
                 size, data, port = ex.size, ex.data, ex.port

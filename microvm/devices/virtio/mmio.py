@@ -16,6 +16,7 @@ import logging
 import threading
 from dataclasses import dataclass
 
+from microvm._kvm import FAST_ACK, FAST_READ, InterruptStatus
 from microvm.devices import Irq
 from microvm.devices import virtio as v
 from microvm.devices.state import U8, U32, U64, Fields, State
@@ -100,10 +101,11 @@ class MmioTransport:
         # vCPU threads (registers, status changes) vs. the I/O thread (queue
         # processing): a reset never runs in the middle of a batch.
         self._lock = threading.RLock()
-        # interrupt_status alone: the guest's interrupt handler reads and
-        # acknowledges it while the I/O thread may be deep in a batch, and
-        # must not wait for that batch (nor for the GIL hand-offs it takes).
-        self._irq_lock = threading.Lock()
+        # InterruptStatus (and ACK): an atomic word, not under the lock: the
+        # guest's interrupt handler reads and acknowledges it while the I/O
+        # thread may be deep in a batch, and must not wait for that batch. A
+        # vCPU answers both in C, without the GIL (fast_registers, bus.MmioBus.fast).
+        self.isr = InterruptStatus()
         self.errors: list[str] = []  # why the device needed a reset, the first 100 times
         self.counters = TransportCounters()
         self._reset_state()
@@ -120,8 +122,7 @@ class MmioTransport:
         self.driver_features_sel = 0
         self.driver_features = 0
         self.queue_sel = 0
-        with self._irq_lock:
-            self.interrupt_status = 0
+        self.isr.value = 0
         self.config_generation = 0
         for q in self.queues:
             q.reset()
@@ -145,7 +146,7 @@ class MmioTransport:
 
     def read(self, offset: int, size: int) -> int:
         if offset == VIRTIO_MMIO_INTERRUPT_STATUS:
-            return self.interrupt_status if size == 4 else 0  # one load of an int: no lock needed
+            return self.isr.value if size == 4 else 0  # an atomic load: no lock needed
         with self._lock:
             if offset >= VIRTIO_MMIO_CONFIG:
                 return self.device.read_config(offset - VIRTIO_MMIO_CONFIG, size)
@@ -175,7 +176,7 @@ class MmioTransport:
     def write(self, offset: int, size: int, value: int) -> None:
         if offset == VIRTIO_MMIO_INTERRUPT_ACK:
             if size == 4:
-                self._raise_interrupt(0, clear=value)
+                self.isr.ack(value)
             return
         with self._lock:
             if offset >= VIRTIO_MMIO_CONFIG:
@@ -383,7 +384,7 @@ class MmioTransport:
                 "device_features": self.device_features, "status": self.status,
                 "features_sel": self.features_sel, "driver_features_sel": self.driver_features_sel,
                 "driver_features": self.driver_features, "queue_sel": self.queue_sel,
-                "interrupt_status": self.interrupt_status, "config_generation": self.config_generation,
+                "interrupt_status": self.isr.value, "config_generation": self.config_generation,
                 "queues": [q.snapshot_state(held.get(i, 0)) for i, q in enumerate(self.queues)],
                 "device": device_state() if callable(device_state) else None,
             }
@@ -437,8 +438,7 @@ class MmioTransport:
         self.status, self.driver_features = status, driver_features
         self.features_sel, self.driver_features_sel = registers["features_sel"], registers["driver_features_sel"]
         self.queue_sel, self.config_generation = registers["queue_sel"], registers["config_generation"]
-        with self._irq_lock:
-            self.interrupt_status = registers["interrupt_status"]
+        self.isr.value = registers["interrupt_status"]
         if status & v.STATUS_DRIVER_OK:
             try:
                 self._start_device()  # as _activate did; the queues keep their positions
@@ -466,11 +466,14 @@ class MmioTransport:
         self.status |= v.STATUS_DEVICE_NEEDS_RESET
         self._raise_interrupt(VIRTIO_MMIO_INT_CONFIG)
 
-    def _raise_interrupt(self, bits: int, clear: int = 0) -> None:
-        """Set (and trigger) or acknowledge interrupt status bits.
-        Raising (bits != 0) happens under self._lock, which guards the counter."""
-        with self._irq_lock:
-            self.interrupt_status = (self.interrupt_status & ~clear) | bits
-        if bits:
-            self.counters.interrupts += 1
-            self.irq.trigger()
+    def _raise_interrupt(self, bits: int) -> None:
+        """Set interrupt status bits and trigger the line (under self._lock, which
+        guards the counter)."""
+        self.isr.raise_bits(bits)
+        self.counters.interrupts += 1
+        self.irq.trigger()
+
+    def fast_registers(self) -> list[tuple[int, int, InterruptStatus]]:
+        """The registers a vCPU may answer without us (bus.MmioBus.fast):
+        InterruptStatus reads and InterruptACK writes, 4 bytes each."""
+        return [(VIRTIO_MMIO_INTERRUPT_STATUS, FAST_READ, self.isr), (VIRTIO_MMIO_INTERRUPT_ACK, FAST_ACK, self.isr)]
