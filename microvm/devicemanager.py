@@ -156,11 +156,15 @@ class DeviceManager:
                 a.transport.detach()
 
     def stats(self) -> dict[str, dict[str, int]]:
-        """Every virtio device's counters (transport, queues and device together) by name, and the buses'."""
+        """Every virtio device's counters (transport, queues and device together) by name, the
+        buses', and the vCPUs' exits ("vcpu0": every return from KVM_RUN, and those answered
+        in C without the GIL: an interrupt status read or acknowledgement)."""
         out: dict[str, dict[str, int]] = {}
         # Guest accesses nobody claimed (bus.py): counted there, reported here.
         out["bus"] = {"pio_unhandled": sum(self.vm.pio.unhandled.values()),
                       "mmio_unhandled": sum(self.vm.mmio.unhandled.values())}
+        for vcpu in self.vm.vcpus:
+            out[f"vcpu{vcpu.index}"] = {"exits": vcpu.fd.exits, "fast_exits": vcpu.fd.fast_exits}
         for a in self.devices:
             if a.transport is None:
                 continue
