@@ -4,8 +4,8 @@ Each thread microvm starts for a VM (its vCPUs, its I/O threads, and the one
 that destroys closed VMs: teardown.py) loads a filter as its first act
 (libseccomp through microvm._seccomp): the system calls below go ahead,
 `ioctl` only with the requests named (KVM_RUN and the register reads of a
-crash report on vCPU threads; a tap's offloads and a socket's non-blocking
-mode), `socket` only for AF_UNIX (vsock's host side); `openat` fails with
+crash report on vCPU threads; KVM_IRQ_LINE, a device's interrupt; a tap's
+offloads and a socket's non-blocking mode), `socket` only for AF_UNIX (vsock's host side); `openat` fails with
 EPERM (a traceback's source lines are then left out, nothing else opens
 files there; the teardown thread opens and removes a jail's directories);
 anything else meets the chosen action:
@@ -53,6 +53,7 @@ COMMON = (
 KVM_RUN = 0xAE80
 KVM_GET_REGS = 0x8090AE81  # _IOR(KVMIO, 0x81, struct kvm_regs)
 KVM_GET_SREGS = 0x8138AE83  # _IOR(KVMIO, 0x83, struct kvm_sregs)
+KVM_IRQ_LINE = 0x4008AE61  # _IOW(KVMIO, 0x61, struct kvm_irq_level): a device's interrupt (vm.IrqLine)
 TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int)
 FIONBIO, FIOCLEX, FIONREAD = 0x5421, 0x5451, 0x541B
 AF_UNIX = 1
@@ -65,11 +66,11 @@ EXTRA_CALLS = {
 }
 
 IOCTLS = {
-    "vcpu": (KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS, TUNSETOFFLOAD, FIONBIO, FIOCLEX, FIONREAD),
-    "io": (TUNSETOFFLOAD, FIONBIO, FIOCLEX, FIONREAD),
+    "vcpu": (KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS, KVM_IRQ_LINE, TUNSETOFFLOAD, FIONBIO, FIOCLEX, FIONREAD),
+    "io": (KVM_IRQ_LINE, TUNSETOFFLOAD, FIONBIO, FIOCLEX, FIONREAD),
     # a jailed VMM's main and control threads (microvm/jail): they wait, stop the vCPUs and close
     # the devices (a NIC's reset turns its tap's offloads off)
-    "main": (KVM_GET_REGS, KVM_GET_SREGS, TUNSETOFFLOAD, FIONBIO, FIOCLEX, FIONREAD),
+    "main": (KVM_GET_REGS, KVM_GET_SREGS, KVM_IRQ_LINE, TUNSETOFFLOAD, FIONBIO, FIOCLEX, FIONREAD),
     "teardown": (),
 }
 
