@@ -249,9 +249,17 @@ class PyQueue:
         for head, length in used:
             if not (0 <= head < size and 0 <= length <= U32_MAX):
                 raise QueueError(f"used element ({head}, {length}) out of range (queue size {size})")
-            elem = self.used_ring + 4 + VIRTQ_USED_ELEM_SIZE * (n % size)
-            USED_ELEM.pack_into(mem.view(elem, VIRTQ_USED_ELEM_SIZE), 0, head, length)
+            self._put_used(mem, n, head, length)
             n += 1
+        self._publish_used(mem, start, n)
+
+    def _put_used(self, mem: GuestMemory, n: int, head: int, length: int) -> None:
+        elem = self.used_ring + 4 + VIRTQ_USED_ELEM_SIZE * (n % self.size)
+        USED_ELEM.pack_into(mem.view(elem, VIRTQ_USED_ELEM_SIZE), 0, head, length)
+
+    def _publish_used(self, mem: GuestMemory, start: int, n: int) -> None:
+        if n == start:
+            return
         self.used_added += n - start
         n &= 0xFFFF
         self.next_used = n
@@ -293,15 +301,19 @@ class PyQueue:
         too, and the call stops there. Returns (chains sent, their bytes, None or
         the failed chain's (length, code, bytes written)); the chains done before
         a QueueError (a broken chain) are published before it is raised."""
-        used: list[tuple[int, int]] = []
+        mem = self._mem()
+        n = start = self.next_used
         sent = total = 0
         failure = None
         try:
-            while len(used) < self.size:
+            while n - start < self.size:
                 chain = self.pop()
                 if chain is None:
                     break
-                used.append((chain.head, 0))
+                # Each element as its chain is taken, the index once at the end (the
+                # Cython queue's order: a ring that overlaps the used ring sees the same).
+                self._put_used(mem, n, chain.head, 0)
+                n += 1
                 length, code, written = self._send_chain(fd, chain, min_len, max_len)
                 if code:
                     failure = (length, code, written)
@@ -309,8 +321,7 @@ class PyQueue:
                 sent += 1
                 total += length
         finally:
-            if used:
-                self.add_used_many(used)
+            self._publish_used(mem, start, n)
         return sent, total, failure
 
     def _send_chain(self, fd: int, chain: DescriptorChain, min_len: int, max_len: int) -> tuple[int, int, int]:
