@@ -235,9 +235,15 @@ def run_in_lane(argv: Sequence[str], *, cwd: str | None = None, env: Mapping[str
 # the timeout. A guest waiting on a slow host disk through 9p is not frozen.
 FREEZE_AFTER = 90.0
 FREEZE_CPU = 0.05  # seconds of CPU below which a window counts as none
-# Frozen lanes seen in CI (stop 25) had their vCPU halted with interrupts on
-# (HLT=1, IF=1) and QEMU asleep. An NMI sent through the monitor did not
-# wake them (tried in stop 25, removed): the report below is what there is.
+# Frozen lanes seen in CI had their vCPU halted with interrupts on (HLT=1,
+# IF=1), the local APIC's timer vector pending in IRR, and QEMU's CPU with no
+# interrupt request raised (read from its memory: a wake-up lost). An NMI did
+# not wake them (stop 25): nothing re-reads the APIC. A key pressed on the
+# lane's i8042 raises an external interrupt from outside the vCPU, which makes
+# QEMU poll the APIC again: after NUDGE_AFTER s idle, the lane gets one (a
+# shift key; the lane's serial console never sees it), at most MAX_NUDGES a run.
+NUDGE_AFTER = 30.0
+MAX_NUDGES = 2
 _CHECK_EVERY = 5.0
 # Set (to anything), a frozen lane's QEMU is left as it is, for a debugger
 # (gdb -p PID: QEMU exports its symbols), until someone kills it.
@@ -313,15 +319,18 @@ def _ask_monitor(path: Path, commands: Sequence[str], wait: float = 3.0) -> str:
 
 
 def _run_qemu(cmd: list[str], console: _Console, timeout: float, freeze_after: float = FREEZE_AFTER,
-              monitor: Path | None = None) -> int:
+              monitor: Path | None = None, nudge_after: float = NUDGE_AFTER) -> int:
     """Run QEMU to its end, its console into `console`; LaneTimeout after
     `timeout` s, LaneFrozen once it has used no CPU and done no I/O for
-    `freeze_after` s (the report asks `monitor`, if given, where the guest is)."""
+    `freeze_after` s (the report asks `monitor`, if given, where the guest is).
+    Idle `nudge_after` s, it gets a key pressed through `monitor` (see NUDGE_AFTER)."""
     deadline = time.monotonic() + timeout
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
     busy_at, busy = time.monotonic(), _Activity(0.0, (), ())  # when QEMU last did something, and what
+    nudged_at: float | None = None  # this idle spell's key press
+    nudges = 0
     try:
         while True:
             now = time.monotonic()
@@ -330,12 +339,23 @@ def _run_qemu(cmd: list[str], console: _Console, timeout: float, freeze_after: f
                 raise LaneTimeout(f"no result after {timeout:.0f} s; console tail:\n{console.tail()}")
             act = _activity(proc.pid)
             if act is not None and (act.cpu_s - busy.cpu_s >= FREEZE_CPU or act.io != busy.io or act.on_disk):
+                if nudged_at is not None:
+                    print(f"lane: QEMU was idle {nudged_at - busy_at:.0f} s; a key pressed through its monitor "
+                          f"woke it", file=sys.stderr, flush=True)
+                    nudged_at = None
                 busy_at, busy = now, act
+            elif (monitor is not None and nudged_at is None and nudges < MAX_NUDGES
+                    and now - busy_at >= nudge_after):
+                _ask_monitor(monitor, ("sendkey shift",))
+                nudged_at, nudges = now, nudges + 1
+                busy = _activity(proc.pid) or busy  # the monitor's own reads and writes are not the guest's
             elif now - busy_at >= freeze_after:
                 guest = (_ask_monitor(monitor, ("info status", "info cpus", "info registers", "info lapic"))
                          if monitor else "")
+                tried = (f" (a key pressed through its monitor after {nudged_at - busy_at:.0f} s did not wake it)"
+                         if nudged_at is not None else "")
                 frozen = LaneFrozen(f"the lane froze: QEMU used no CPU and did no I/O for {now - busy_at:.0f} s"
-                                    f"; its threads:\n{_threads(proc.pid)}\n"
+                                    f"{tried}; its threads:\n{_threads(proc.pid)}\n"
                                     + (f"its guest:\n{guest}\n" if guest else "")
                                     + f"console tail:\n{console.tail()}")
                 if os.environ.get(KEEP_FROZEN_ENV):

@@ -320,6 +320,50 @@ def test_a_frozen_lanes_report_asks_qemu_where_its_guest_is(tmp_path: Path) -> N
     assert re.search(r"\n  EIP=0000fff0 .* HLT=0\n  CR0=60000010 ", report), report
 
 
+# A stand-in for a frozen QEMU: a human monitor on a unix socket, no CPU used
+# until a key is pressed there; then (if it "wakes") a second of work, and the end.
+FAKE_FROZEN_QEMU = """
+import socket, sys, time
+srv = socket.socket(socket.AF_UNIX)
+srv.bind(sys.argv[1])
+srv.listen()
+wakes = sys.argv[2] == "wakes"
+while True:
+    conn, _ = srv.accept()
+    conn.sendall(b"QEMU monitor\\r\\n(qemu) ")
+    got = b""
+    while b"\\n" not in got:
+        got += conn.recv(100)
+    conn.sendall(got.strip() + b"\\r\\n(qemu) ")
+    conn.close()
+    if b"sendkey" in got and wakes:
+        t = time.monotonic() + 1
+        while time.monotonic() < t:
+            pass
+        print("woken", flush=True)
+        sys.exit(0)
+"""
+
+
+def test_a_frozen_lane_woken_by_a_key_goes_on(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    monitor = tmp_path / "monitor"
+    cmd = [sys.executable, "-c", FAKE_FROZEN_QEMU, str(monitor), "wakes"]
+    console = run._Console(stream=False)
+    assert run._run_qemu(cmd, console, timeout=60, freeze_after=30, monitor=monitor, nudge_after=2) == 0
+    assert "woken" in console.tail()
+    assert re.search(r"lane: QEMU was idle \d+ s; a key pressed through its monitor woke it", capsys.readouterr().err)
+
+
+def test_a_frozen_lane_a_key_does_not_wake_is_reported_frozen(tmp_path: Path) -> None:
+    monitor = tmp_path / "monitor"
+    cmd = [sys.executable, "-c", FAKE_FROZEN_QEMU, str(monitor), "sleeps"]
+    t0 = time.monotonic()
+    with pytest.raises(lane.LaneFrozen, match=r"did no I/O for \d+ s \(a key pressed through its monitor after "
+                                              r"\d+ s did not wake it\)"):
+        run._run_qemu(cmd, run._Console(stream=False), timeout=60, freeze_after=5, monitor=monitor, nudge_after=1.5)
+    assert time.monotonic() - t0 < 30
+
+
 def test_a_monitor_that_does_not_answer_is_reported_as_such(tmp_path: Path) -> None:
     assert run._ask_monitor(tmp_path / "none", ["info status"], wait=0.5).startswith(
         "  the monitor did not answer: ")
