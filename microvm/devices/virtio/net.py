@@ -264,7 +264,7 @@ class VirtioNet(QueueState):
         self.drain(TX_QUEUE, self._send, self.tx_throttle, _frame_bytes)
 
     def _send_failed(self, length: int, code: int, written: int) -> None:
-        """A frame send_chains could not send (dropped, counted): why, as _send says it."""
+        """A frame that was not sent (dropped, counted): send_chains' code for why."""
         if code == SEND_WRITABLE:
             self._drop("tx_malformed", "transmit chain has device-writable buffers")
         elif code == SEND_SHORT:
@@ -273,21 +273,22 @@ class VirtioNet(QueueState):
             self._drop("tx_oversized", f"transmit frame of {length} bytes is longer than {MAX_FRAME}")
         elif code == SEND_PARTIAL:
             self._drop("tx_short", f"short write to the tap ({written} of {length})")
-        else:
-            self._write_failed(OSError(code, os.strerror(code)))
+        elif code == errno.EAGAIN:
+            self.counters["tx_dropped_busy"] += 1
+        elif code in TAP_GONE:
+            self._backend_failed("write", OSError(code, os.strerror(code)))
+        else:  # EINVAL: the host kernel refused the header (bad GSO fields, ...)
+            self._drop("tx_rejected", f"the tap refused a frame: {os.strerror(code)}")
 
     def _send(self, mem: GuestMemory, chain: DescriptorChain) -> int:
-        """One frame to the tap; the device writes nothing into a transmit buffer (0)."""
+        """One frame to the tap, as send_chains sends it (the rate-limited way, and
+        with the link down); the device writes nothing into a transmit buffer (0)."""
         readable = [d for d in chain.descriptors if not d.write]
         length = sum(d.len for d in readable)
-        if len(readable) != len(chain.descriptors):
-            self._drop("tx_malformed", "transmit chain has device-writable buffers")
-            return 0
-        if length < VNET_HDR_SIZE + ETH_HLEN:
-            self._drop("tx_malformed", f"transmit frame of {length} bytes is shorter than its headers")
-            return 0
-        if length > MAX_FRAME:
-            self._drop("tx_oversized", f"transmit frame of {length} bytes is longer than {MAX_FRAME}")
+        code = (SEND_WRITABLE if len(readable) != len(chain.descriptors) else
+                SEND_SHORT if length < VNET_HDR_SIZE + ETH_HLEN else SEND_LONG if length > MAX_FRAME else 0)
+        if code:
+            self._send_failed(length, code, 0)
             return 0
         if not self.link_up:
             self.counters["tx_dropped_link_down"] += 1
@@ -296,25 +297,17 @@ class VirtioNet(QueueState):
         try:
             n = os.writev(self.backend.fd, views)
         except OSError as e:
-            self._write_failed(e)
+            self._send_failed(length, e.errno or errno.EIO, 0)
             return 0
         finally:
             for v in views:
                 v.release()
         if n != length:
-            self._drop("tx_short", f"short write to the tap ({n} of {length})")
+            self._send_failed(length, SEND_PARTIAL, n)
             return 0
         self.counters["tx_frames"] += 1
         self.counters["tx_bytes"] += length - VNET_HDR_SIZE
         return 0
-
-    def _write_failed(self, e: OSError) -> None:
-        if e.errno == errno.EAGAIN:
-            self.counters["tx_dropped_busy"] += 1
-        elif e.errno in TAP_GONE:
-            self._backend_failed("write", e)
-        else:  # EINVAL: the host kernel refused the header (bad GSO fields, ...)
-            self._drop("tx_rejected", f"the tap refused a frame: {e.strerror}")
 
     # --- receive (5.1.6.3, 5.1.6.4) --------------------------------------------------------
 
