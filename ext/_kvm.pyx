@@ -594,7 +594,7 @@ cdef int _port_write(dict ports, object pio, unsigned int port, unsigned int siz
     if entry is None:
         pio.write(port, size, value)  # nobody's port: the bus counts it
         return 0
-    cdef tuple t = <tuple>entry  # (base, length, read, write): PioBus.ports
+    cdef tuple t = <tuple>entry  # (base, length, read, write, device): PioBus.ports
     cdef unsigned int base = t[0]
     try:
         t[3](port - base, size, value)
@@ -615,35 +615,42 @@ cdef uint64_t _port_read(dict ports, object pio, unsigned int port, unsigned int
         _reraise(pio, base, "read", port, e)
 
 
+cdef inline tuple _paged(dict pages, uint64_t addr):
+    """The (base, length, read, write, device) of the device holding addr in its page
+    table entry (MmioBus.pages), or None: the bus then finds it."""
+    if pages is None:
+        return None
+    entry = pages.get(addr >> 12)
+    if entry is None:
+        return None
+    cdef tuple t = <tuple>entry
+    cdef uint64_t base = t[0]
+    return t if base <= addr and addr - base < <uint64_t>t[1] else None
+
+
 cdef int _mmio_write(dict pages, object mmio, uint64_t addr, unsigned int size, uint64_t value) except -1:
-    entry = pages.get(addr >> 12) if pages is not None else None
-    cdef tuple t
+    cdef tuple t = _paged(pages, addr)
     cdef uint64_t base
-    if entry is not None:
-        t = <tuple>entry  # (base, length, read, write): MmioBus.pages
+    if t is not None:
         base = t[0]
-        if base <= addr and addr - base < <uint64_t>t[1]:
-            try:
-                t[3](addr - base, size, value)
-            except Exception as e:
-                _reraise(mmio, base, "write", addr, e)
-            return 0
+        try:
+            t[3](addr - base, size, value)
+        except Exception as e:
+            _reraise(mmio, base, "write", addr, e)
+        return 0
     mmio.write(addr, size, value)  # the bus finds the device (and names one that raises)
     return 0
 
 
 cdef uint64_t _mmio_read(dict pages, object mmio, uint64_t addr, unsigned int size) except? 0xFFFFFFFFFFFFFFFF:
-    entry = pages.get(addr >> 12) if pages is not None else None
-    cdef tuple t
+    cdef tuple t = _paged(pages, addr)
     cdef uint64_t base
-    if entry is not None:
-        t = <tuple>entry
+    if t is not None:
         base = t[0]
-        if base <= addr and addr - base < <uint64_t>t[1]:
-            try:
-                return _fits(t[2](addr - base, size), size, addr)
-            except Exception as e:
-                _reraise(mmio, base, "read", addr, e)
+        try:
+            return _fits(t[2](addr - base, size), size, addr)
+        except Exception as e:
+            _reraise(mmio, base, "read", addr, e)
     value = mmio.read(addr, size)  # the bus names a device that raises
     try:
         return _fits(value, size, addr)
@@ -826,11 +833,11 @@ cdef class VcpuFd(_Fd):
 
         Answered here, with no exit object: port I/O of one item of 1, 2 or 4
         bytes, and MMIO of 1, 2, 4 or 8 bytes, values as little-endian ints.
-        A port found in `ports` (port -> (base, length, read, write), the
+        A port found in `ports` (port -> (base, length, read, write, ...), the
         device's bound methods) goes straight to read(offset, size) /
         write(offset, size, value); any other port to pio.read(port, size) /
         pio.write(port, size, value). An MMIO address inside the range found
-        in `pages` (page number -> (base, length, read, write)) likewise goes
+        in `pages` (page number -> (base, length, read, write, ...)) likewise goes
         straight to the device; any other to mmio.read(addr, size) /
         mmio.write(addr, size, value). A device's exception e is replaced by
         bus.device_error(base, what, addr, e) (the bus names the device; e

@@ -24,9 +24,10 @@ log = logging.getLogger(__name__)
 
 UNHANDLED_TRACKED = 256
 
-# What run_dispatch calls for a claimed address: (base, length, read, write),
-# the device's methods bound once (no attribute lookup per exit).
-Entry = tuple[int, int, Callable[[int, int], int], Callable[[int, int, int], None]]
+# What run_dispatch calls for a claimed address: (base, length, read, write,
+# device), the device's methods bound once (no attribute lookup per exit);
+# run_dispatch uses the first four.
+Entry = tuple[int, int, Callable[[int, int], int], Callable[[int, int, int], None], "BusDevice"]
 
 
 class BusDevice(Protocol):
@@ -129,31 +130,29 @@ class PioBus(Bus):
 
     def __init__(self) -> None:
         super().__init__("pio", 0x10000)
-        self._ports: dict[int, tuple[int, BusDevice]] = {}
-        self._calls: dict[int, Entry] = {}
+        self._ports: dict[int, Entry] = {}
 
     def register(self, base: int, length: int, device: BusDevice, name: str = "") -> None:
         super().register(base, length, device, name)
-        entry = (base, length, device.read, device.write)
+        entry = (base, length, device.read, device.write, device)
         for port in range(base, base + length):
-            self._ports[port] = (base, device)
-            self._calls[port] = entry
+            self._ports[port] = entry
 
     def unregister(self, base: int) -> BusDevice:
         device = super().unregister(base)
-        for port in [p for p, (b, _) in self._ports.items() if b == base]:
+        for port in range(base, base + self._ports[base][1]):
             del self._ports[port]
-            del self._calls[port]
         return device
 
     def find(self, addr: int) -> tuple[int, BusDevice] | None:
-        return self._ports.get(addr)
+        entry = self._ports.get(addr)
+        return None if entry is None else (entry[0], entry[4])
 
     @property
     def ports(self) -> dict[int, Entry]:
-        """port -> (base, length, read, write) of the device claiming it, its
-        methods bound once: VcpuFd.run_dispatch's table."""
-        return self._calls
+        """port -> (base, length, read, write, device) of the device claiming it,
+        its methods bound once: VcpuFd.run_dispatch's table."""
+        return self._ports
 
 
 class MmioBus(Bus):
@@ -198,7 +197,7 @@ class MmioBus(Bus):
             if len(held) == 1 and not any(lo <= page <= hi for lo, hi in big):
                 base, length, device = held[0]
                 if base not in entries:
-                    entries[base] = (base, length, device.read, device.write)
+                    entries[base] = (base, length, device.read, device.write, device)
                 pages[page] = entries[base]
         # In place: a vCPU thread holds this dict. A lookup that misses in
         # between goes to the bus, which is always right.
@@ -211,6 +210,6 @@ class MmioBus(Bus):
 
     @property
     def pages(self) -> dict[int, Entry]:
-        """page number -> (base, length, read, write) of the one device there:
+        """page number -> (base, length, read, write, device) of the one device there:
         VcpuFd.run_dispatch's table (an address outside the range goes to the bus)."""
         return self._pages

@@ -93,8 +93,8 @@ def test_the_port_table_holds_each_claimed_port_with_the_devices_bound_methods()
     bus = PioBus()
     d = Dev()
     bus.register(0x3F8, 8, d)
-    base, length, read, _write = bus.ports[0x3FB]
-    assert (base, length) == (0x3F8, 8)
+    base, length, read, _write, device = bus.ports[0x3FB]
+    assert (base, length) == (0x3F8, 8) and device is d and bus.find(0x3FB) == (0x3F8, d)
     assert read(3, 1) == 0x14 and d.log == [("r", 3, 1, 0)]
     table = bus.ports
     bus.unregister(0x3F8)
@@ -110,8 +110,8 @@ def test_the_page_table_maps_pages_of_one_small_range_only() -> None:
     bus.register(0xD000_1800, 0x100, c)  # shares b's page: that page is the bus's
     bus.register(0xE000_0000, (MmioBus.PAGED_MAX + 1) << 12, big)  # too large for the table
     assert set(table) == {0xD000_0}
-    base, length, _read, write = table[0xD000_0]
-    assert (base, length) == (0xD000_0000, 0x200)
+    base, length, _read, write, device = table[0xD000_0]
+    assert (base, length) == (0xD000_0000, 0x200) and device is a
     write(4, 4, 9)
     assert a.log == [("w", 4, 4, 9)]
     bus.unregister(0xD000_1800)  # b's page is b's alone now
