@@ -21,7 +21,10 @@ copied to AP_TRAMPOLINE, which loads a flat GDT and jumps to protected mode)
 and both run the loop, from different seeds, on their own stacks: two vCPUs
 set windows up, notify and write registers at the same time, racing each
 other in the transport as well as the I/O threads in the rings. The second
-one halts when its rounds are done; the first one's end ends the run.
+one, its rounds done, says so in memory (AP_DONE, rewritten in a loop: a
+device's garbage cannot erase it); the first one, its own done, waits for
+that before it ends the run: both go through all their rounds whichever is
+faster.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ STACK = 0x1F0000  # the top of a stack below the rings (the code is at 0x100000)
 AP_STACK = 0x1E0000  # the second vCPU's
 AP_TRAMPOLINE = 0x30000  # below 1 MiB, 4 KiB aligned: the start-up IPI's vector is its page number
 LAPIC = 0xFEE00000  # xAPIC registers: SVR at +0xF0, ICR at +0x300 (low) and +0x310 (high)
+AP_DONE = 0x1D0000  # the second vCPU writes DONE_MAGIC here once its rounds are done
+DONE_MAGIC = 0x600D0AB5  # (a value garbage from a device is unlikely to leave there)
 
 SOURCE = HEAD + """
 .text
@@ -70,11 +75,16 @@ next:
     dec edi
     jnz round
     test ebp, ebp
-    jnz halt                   # the second vCPU: done, it halts
+    jnz ap_done                # the second vCPU: done, it says so and halts
+{wait_ap}
     mov dword ptr [{exit:#x}], 0
 halt:
     hlt
     jmp halt
+ap_done:                       # again and again: garbage a device leaves there is written over
+    mov dword ptr [{ap_done:#x}], {done_magic:#x}
+    pause
+    jmp ap_done
 {ap_code}
 
 rand:                          # xorshift32 in esi
@@ -200,6 +210,13 @@ WAKE_AP = """
     mov dword ptr [{lapic:#x} + 0x300], {sipi:#x}
 """
 
+WAIT_AP = """
+wait_ap:                       # the first vCPU: the end waits for the second's rounds
+    pause
+    cmp dword ptr [{ap_done:#x}], {done_magic:#x}
+    jne wait_ap
+"""
+
 AP_CODE = """
 .code16
 trampoline:                    # runs at {tramp:#x} in real mode, CS = {tramp:#x} >> 4
@@ -248,9 +265,10 @@ def hostile_kernel(rounds: int, seed: int = 0x2545F491, vcpus: int = 1) -> Path:
             "avail": m.VIRTIO_MMIO_QUEUE_AVAIL_LOW, "used": m.VIRTIO_MMIO_QUEUE_USED_LOW,
             "ready": m.VIRTIO_MMIO_QUEUE_READY}
     two = {"tramp": AP_TRAMPOLINE, "lapic": LAPIC, "sipi": 0x4600 | AP_TRAMPOLINE >> 12, "ap_stack": AP_STACK,
-           "ap_seed": seed ^ 0x9E3779B9 or 1, "rounds": rounds}
+           "ap_seed": seed ^ 0x9E3779B9 or 1, "rounds": rounds, "ap_done": AP_DONE, "done_magic": DONE_MAGIC}
     src = SOURCE.format(wake_ap=WAKE_AP.format(**two) if vcpus == 2 else "",
                         ap_code=AP_CODE.format(**two) if vcpus == 2 else "", stack=STACK,
+                        wait_ap=WAIT_AP.format(**two) if vcpus == 2 else "", ap_done=AP_DONE, done_magic=DONE_MAGIC,
                         mark=CONTROL_BASE + REG_MARK, mark_init=MARK_INIT, exit=CONTROL_BASE + REG_EXIT, seed=seed,
                         rounds=rounds, windows_mask=WINDOWS - 1, mmio=VIRTIO_MMIO_BASE, rings=RINGS,
                         data=DATA, **regs)
