@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from microvm import _kvm, checks, loader
+from microvm import _kvm, checks, hangreport, loader
 from microvm.arch.x86_64 import boot, layout, mptable
 from microvm.backends import Backends
 from microvm.builder import Callbacks, Wanted
@@ -78,6 +78,7 @@ DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet 8250.nr_uarts=1"
 KERNEL_CONSOLE = "console=hvc1"
 CONSOLE_TAIL = 4000
 WAIT_SLICE = 0.25  # how often wait() looks at a panic or a shutdown in progress
+HANG_REPORT_PAUSE = 1.0  # seconds each vCPU gets to park for a timeout's report (hangreport.py)
 SHUTDOWN_GRACE = 2.0  # seconds from the kernel console's reset to a power-off (_on_kernel_console_reset)
 
 
@@ -321,12 +322,21 @@ class MicroVM(MicroVMSnapshots, MicroVMInput):
             self.kill()
             raise
         if reason is None:
+            report = self._hang_report(vm)
             self.kill()
             raise GuestTimeoutError(f"guest did not finish within {timeout} s; killed\n"
-                                    f"--- console tail ---\n{self.console_tail()}")
+                                    f"--- console tail ---\n{self.console_tail()}\n{report}")
         self._times["vm ended"] = time.monotonic_ns()
         self.close()
         return self._result(reason)
+
+    def _hang_report(self, vm: Vm) -> str:
+        """What the guest was doing when its time ran out (hangreport.py): the
+        vCPUs are parked for it; the kill that follows ends them."""
+        for vcpu in vm.vcpus:
+            vcpu.pause(HANG_REPORT_PAUSE)
+        attached = self.devices.devices if self.devices is not None else []
+        return hangreport.report(vm, attached, self.timeline())
 
     def _wait_jailed(self, jailed: JailedVmm, timeout: float | None) -> RunResult:
         try:

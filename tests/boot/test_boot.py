@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 
 import psutil
@@ -87,9 +88,15 @@ def test_timeout_kills_and_frees() -> None:
     proc = psutil.Process()
     fds, threads = open_fds(proc), threading.active_count()
     vm = MicroVM(art.vmlinux)
-    with pytest.raises(GuestTimeoutError, match="did not finish within 5"):
+    with pytest.raises(GuestTimeoutError, match="did not finish within 5") as info:
         vm.run(["sleep", "1000"], timeout=5)
     assert vm.vm is None
+    # What the guest was doing (hangreport.py): the command ran, its vCPU idles
+    # (halted, interrupts on, as `sleep` leaves it) and hvc0 has nothing pending.
+    report = str(info.value)
+    assert "boot reached: command started" in report, report
+    assert re.search(r"vcpu0: \d+ exits .*(halted|runnable), rip=0x[0-9a-f]+ cpl=\d IF=1", report), report
+    assert re.search(r"hvc0: gsi \d+ \(vector 0x[0-9a-f]+ edge.*InterruptStatus 0x0", report), report
     assert open_fds(proc) == fds
     assert threading.active_count() == threads
 

@@ -1,0 +1,114 @@
+"""What a guest that did not finish in time was doing: the text a GuestTimeoutError carries.
+
+A timeout alone says nothing of why. Before the VM is killed, its vCPUs are
+parked outside KVM_RUN (a register read waits for KVM_RUN to return) and we
+write down, best effort (a part that cannot be read says so, and the rest
+still comes):
+- how far the boot got (the timeline's last mark);
+- each vCPU: its exits (and those answered in C), where it is (RIP, CPL),
+  whether it takes interrupts (RFLAGS.IF), whether it is halted (mp_state),
+  the interrupt KVM is injecting, and its local APIC's requested (IRR) and
+  in-service (ISR) vectors;
+- each virtio device: its interrupt line as the I/O APIC has it (vector,
+  masked, the line's request bit), its InterruptStatus, its interrupts
+  raised, and each live queue's avail index (the driver's), what we popped,
+  and the used index we published.
+Read together: a vCPU halted with IF=1 and no vector requested while a
+device's InterruptStatus is raised is an interrupt lost on its way; a
+queue whose avail index is ahead of what we popped is a notification we
+never got; a vCPU in a loop of exits shows it in the count.
+"""
+
+from __future__ import annotations
+
+import functools
+import struct
+from collections.abc import Callable, Iterable
+from typing import Any
+
+MP_STATES = {0: "runnable", 1: "uninitialized", 2: "INIT received", 3: "halted", 4: "SIPI received"}
+IOAPIC_CHIP = 2  # KVM_IRQCHIP_IOAPIC
+# struct kvm_irqchip: chip_id, pad, then struct kvm_ioapic_state: base_address (u64),
+# ioregsel, id, irr, pad (u32 each), redirtbl[24] (u64 each).
+_IOAPIC_IRR, _IOAPIC_REDIR = 8 + 16, 8 + 24
+_APIC_ISR, _APIC_IRR = 0x100, 0x200  # the local APIC page: 8 x 32-bit registers, 16 bytes apart
+RFLAGS_IF = 1 << 9
+
+
+def _vectors(page: bytes, base: int) -> list[int]:
+    """The vectors whose bits are set in the 256-bit APIC register at `base`."""
+    found = []
+    for i in range(8):
+        word = int.from_bytes(page[base + 16 * i:base + 16 * i + 4], "little")
+        found += [32 * i + b for b in range(32) if word >> b & 1]
+    return found
+
+
+def _hexes(values: list[int]) -> str:
+    return "[" + " ".join(f"{v:#x}" for v in values) + "]"
+
+
+def _part(lines: list[str], what: str, read: Callable[[], Iterable[str]]) -> None:
+    """Append what read() says, or why it could not be read: never raises."""
+    try:
+        lines.extend(read())
+    except Exception as e:  # a report must come whatever it cannot read
+        lines.append(f"  {what}: unavailable ({e!r})")
+
+
+def vcpu_lines(index: int, vcpu: Any) -> list[str]:
+    """One vCPU, parked (or ended): a line."""
+    fd = vcpu.fd
+    regs, sregs = fd.get_regs(), fd.get_sregs()
+    lapic = fd.get_lapic()
+    events = fd.get_vcpu_events()
+    injected, vector = events[8], events[9]  # struct kvm_vcpu_events: interrupt.injected, .nr
+    cpl = sregs["cs"]["selector"] & 3 if isinstance(sregs.get("cs"), dict) else "?"
+    return [f"  vcpu{index}: {fd.exits} exits ({getattr(fd, 'fast_exits', 0)} in C), "
+            f"{MP_STATES.get(fd.get_mp_state(), 'mp_state ?')}, rip={regs['rip']:#x} cpl={cpl} "
+            f"IF={int(bool(regs['rflags'] & RFLAGS_IF))}, injecting "
+            f"{f'vector {vector:#x}' if injected else 'nothing'}, "
+            f"APIC IRR {_hexes(_vectors(lapic, _APIC_IRR))} ISR {_hexes(_vectors(lapic, _APIC_ISR))}"]
+
+
+def ioapic_pins(vm_fd: Any) -> dict[int, str]:
+    """gsi -> how the I/O APIC has that pin."""
+    chip = vm_fd.get_irqchip(IOAPIC_CHIP)
+    irr = struct.unpack_from("<I", chip, _IOAPIC_IRR)[0]
+    pins = {}
+    for gsi in range(24):
+        entry = struct.unpack_from("<Q", chip, _IOAPIC_REDIR + 8 * gsi)[0]
+        pins[gsi] = (f"vector {entry & 0xFF:#x}{' masked' if entry >> 16 & 1 else ''}"
+                     f"{' level' if entry >> 15 & 1 else ' edge'}{' remote-IRR' if entry >> 14 & 1 else ''}"
+                     f"{' requested' if irr >> gsi & 1 else ''}")
+    return pins
+
+
+def device_lines(attached: Any, pins: dict[int, str]) -> list[str]:
+    """One virtio device: its line, status, interrupt state and queues."""
+    t = attached.transport
+    line = f"  {attached.name}: gsi {attached.gsi} ({pins.get(attached.gsi, '?')}), status {t.status:#x}, " \
+           f"InterruptStatus {t.isr.value:#x}, {t.counters.interrupts} interrupts raised"
+    queues = []
+    for i, q in enumerate(t.queues):
+        if q.ready and q.mem is not None:
+            queues.append(f"q{i} avail {q.avail_idx()} popped {q.next_avail & 0xFFFF} used {q.next_used & 0xFFFF}")
+    return [line + (": " + "; ".join(queues) if queues else "")]
+
+
+def report(vm: Any, attached: Iterable[Any], timeline: dict[str, float]) -> str:
+    """The text: the VM's vCPUs should be parked first (vm.vcpus[i].pause())."""
+    lines = [f"--- what the guest was doing (boot reached: {next(reversed(timeline), 'nothing')}) ---"]
+    for i, vcpu in enumerate(vm.vcpus):
+        _part(lines, f"vcpu{i}", functools.partial(vcpu_lines, i, vcpu))
+    pins: dict[int, str] = {}
+
+    def read_pins() -> list[str]:
+        pins.update(ioapic_pins(vm.fd))
+        return []
+
+    _part(lines, "I/O APIC", read_pins)
+    for a in attached:
+        if a.transport is not None:
+            _part(lines, a.name, functools.partial(device_lines, a, pins))
+    return "\n".join(lines)
