@@ -316,7 +316,9 @@ class MmioTransport:
         with self._lock:
             for q in self.queues:
                 q.release()
-            release = getattr(self.device, "release_memory", None)  # views a device keeps (net's)
+            # Views into guest memory a device keeps itself (a user's device: ours
+            # keep none, their queues hold the buffers).
+            release = getattr(self.device, "release_memory", None)
             if release is not None:
                 release()
 
