@@ -5,7 +5,8 @@ parked outside KVM_RUN (a register read waits for KVM_RUN to return) and we
 write down, best effort (a part that cannot be read says so, and the rest
 still comes):
 - how far the boot got (the timeline's last mark);
-- each vCPU: its exits (and those answered in C), where it is (RIP, CPL),
+- each vCPU: its exits (and those answered in C), where it is (RIP, named
+  from an ELF kernel's symbol table when it is in the kernel; CPL),
   whether it takes interrupts (RFLAGS.IF), whether it is halted (mp_state),
   the interrupt KVM is injecting, and its local APIC's requested (IRR) and
   in-service (ISR) vectors;
@@ -24,7 +25,10 @@ from __future__ import annotations
 import functools
 import struct
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
+
+from microvm.loader.symbols import Symbols
 
 MP_STATES = {0: "runnable", 1: "uninitialized", 2: "INIT received", 3: "halted", 4: "SIPI received"}
 IOAPIC_CHIP = 2  # KVM_IRQCHIP_IOAPIC
@@ -56,7 +60,18 @@ def _part(lines: list[str], what: str, read: Callable[[], Iterable[str]]) -> Non
         lines.append(f"  {what}: unavailable ({e!r})")
 
 
-def vcpu_lines(index: int, vcpu: Any) -> list[str]:
+def kernel_symbols(kernel: Path | None) -> Symbols | None:
+    """The function symbols of an ELF vmlinux (None for a bzImage, or unreadable)."""
+    try:
+        with open(kernel or "", "rb") as f:
+            if f.read(4) != b"\x7fELF":
+                return None
+        return Symbols.of(Path(kernel or ""))
+    except Exception:  # the report goes on without names
+        return None
+
+
+def vcpu_lines(index: int, vcpu: Any, symbols: Symbols | None = None) -> list[str]:
     """One vCPU, parked (or ended): a line."""
     fd = vcpu.fd
     regs, sregs = fd.get_regs(), fd.get_sregs()
@@ -64,8 +79,10 @@ def vcpu_lines(index: int, vcpu: Any) -> list[str]:
     events = fd.get_vcpu_events()
     injected, vector = events[8], events[9]  # struct kvm_vcpu_events: interrupt.injected, .nr
     cpl = sregs["cs"]["selector"] & 3 if isinstance(sregs.get("cs"), dict) else "?"
+    where = symbols.at(regs["rip"]) if symbols is not None else None
+    rip = f"{regs['rip']:#x}" + (f" ({where})" if where else "")
     return [f"  vcpu{index}: {fd.exits} exits ({getattr(fd, 'fast_exits', 0)} in C), "
-            f"{MP_STATES.get(fd.get_mp_state(), 'mp_state ?')}, rip={regs['rip']:#x} cpl={cpl} "
+            f"{MP_STATES.get(fd.get_mp_state(), 'mp_state ?')}, rip={rip} cpl={cpl} "
             f"IF={int(bool(regs['rflags'] & RFLAGS_IF))}, injecting "
             f"{f'vector {vector:#x}' if injected else 'nothing'}, "
             f"APIC IRR {_hexes(_vectors(lapic, _APIC_IRR))} ISR {_hexes(_vectors(lapic, _APIC_ISR))}"]
@@ -96,11 +113,12 @@ def device_lines(attached: Any, pins: dict[int, str]) -> list[str]:
     return [line + (": " + "; ".join(queues) if queues else "")]
 
 
-def report(vm: Any, attached: Iterable[Any], timeline: dict[str, float]) -> str:
+def report(vm: Any, attached: Iterable[Any], timeline: dict[str, float], kernel: Path | None = None) -> str:
     """The text: the VM's vCPUs should be parked first (vm.vcpus[i].pause())."""
     lines = [f"--- what the guest was doing (boot reached: {next(reversed(timeline), 'nothing')}) ---"]
+    symbols = kernel_symbols(kernel)
     for i, vcpu in enumerate(vm.vcpus):
-        _part(lines, f"vcpu{i}", functools.partial(vcpu_lines, i, vcpu))
+        _part(lines, f"vcpu{i}", functools.partial(vcpu_lines, i, vcpu, symbols))
     pins: dict[int, str] = {}
 
     def read_pins() -> list[str]:

@@ -336,7 +336,7 @@ class MicroVM(MicroVMSnapshots, MicroVMInput):
         for vcpu in vm.vcpus:
             vcpu.pause(HANG_REPORT_PAUSE)
         attached = self.devices.devices if self.devices is not None else []
-        return hangreport.report(vm, attached, self.timeline())
+        return hangreport.report(vm, attached, self.timeline(), self.kernel)
 
     def _wait_jailed(self, jailed: JailedVmm, timeout: float | None) -> RunResult:
         try:

@@ -11,12 +11,12 @@ addresses).
 
 from __future__ import annotations
 
-import bisect
 import re
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+from microvm.loader.symbols import Symbols
 
 INITCALL_LINE = re.compile(rb"initcall (\S+) returned (-?\d+) after (\d+) usecs")
 CMDLINE_ARG = "initcall_debug"
@@ -27,44 +27,6 @@ SHOWN = 15  # the slowest this many, per configuration
 def parse(dmesg: bytes) -> list[tuple[str, int]]:
     """(function, microseconds) of every initcall the log shows, in order."""
     return [(m.group(1).decode(errors="replace"), int(m.group(3))) for m in INITCALL_LINE.finditer(dmesg)]
-
-
-class Symbols:
-    """Function symbols of a vmlinux, for naming addresses."""
-
-    def __init__(self, functions: Iterable[tuple[int, int, str]]):
-        """functions: (address, size, name)."""
-        ordered = sorted(f for f in functions if f[0])
-        self._starts = [f[0] for f in ordered]
-        self._functions = ordered
-
-    @classmethod
-    def of(cls, vmlinux: Path) -> Symbols:
-        from elftools.elf.elffile import ELFFile
-        from elftools.elf.sections import SymbolTableSection
-
-        with open(vmlinux, "rb") as f:
-            symtab = ELFFile(f).get_section_by_name(".symtab")
-            if not isinstance(symtab, SymbolTableSection):
-                return cls([])
-            return cls((s["st_value"], s["st_size"], s.name) for s in symtab.iter_symbols()
-                       if s["st_info"]["type"] == "STT_FUNC")
-
-    def name(self, text: str) -> str:
-        """`text` (0x... as %pS prints without kallsyms) as name+offset; anything else as it is."""
-        if not text.startswith("0x"):
-            return text
-        try:
-            addr = int(text, 16)
-        except ValueError:
-            return text
-        i = bisect.bisect_right(self._starts, addr) - 1
-        if i < 0:
-            return text
-        start, size, name = self._functions[i]
-        if size and addr >= start + size:
-            return text
-        return name if addr == start else f"{name}+{addr - start:#x}"
 
 
 def slowest(runs: Sequence[Sequence[tuple[str, int]]], symbols: Symbols, n: int = SHOWN) -> list[dict[str, Any]]:

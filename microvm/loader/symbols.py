@@ -1,0 +1,52 @@
+"""A vmlinux's function symbols, for naming guest addresses: an initcall
+that %pS printed bare (our kernel has no kallsyms: benchmarks/initcalls.py),
+or where a hung vCPU is (hangreport.py). A kernel without relocation runs at
+its link addresses, so the symbol table names them as they are."""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable
+from pathlib import Path
+
+
+class Symbols:
+    """Function symbols of a vmlinux, for naming addresses."""
+
+    def __init__(self, functions: Iterable[tuple[int, int, str]]):
+        """functions: (address, size, name)."""
+        ordered = sorted(f for f in functions if f[0])
+        self._starts = [f[0] for f in ordered]
+        self._functions = ordered
+
+    @classmethod
+    def of(cls, vmlinux: Path) -> Symbols:
+        from elftools.elf.elffile import ELFFile
+        from elftools.elf.sections import SymbolTableSection
+
+        with open(vmlinux, "rb") as f:
+            symtab = ELFFile(f).get_section_by_name(".symtab")
+            if not isinstance(symtab, SymbolTableSection):
+                return cls([])
+            return cls((s["st_value"], s["st_size"], s.name) for s in symtab.iter_symbols()
+                       if s["st_info"]["type"] == "STT_FUNC")
+
+    def name(self, text: str) -> str:
+        """`text` (0x... as %pS prints without kallsyms) as name+offset; anything else as it is."""
+        if not text.startswith("0x"):
+            return text
+        try:
+            addr = int(text, 16)
+        except ValueError:
+            return text
+        return self.at(addr) or text
+
+    def at(self, addr: int) -> str | None:
+        """name+offset of the function holding `addr`, or None."""
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i < 0:
+            return None
+        start, size, name = self._functions[i]
+        if size and addr >= start + size:
+            return None
+        return name if addr == start else f"{name}+{addr - start:#x}"
