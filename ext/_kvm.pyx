@@ -1076,6 +1076,13 @@ cdef class VcpuFd(_Fd):
         _copy_in(&st, sizeof(st), state, "KVM_SET_LAPIC")
         _check(s.ioctl(self.fd, k.KVM_SET_LAPIC, &st), "KVM_SET_LAPIC")
 
+    def get_tsc_khz(self):
+        """The vCPU's TSC frequency in kHz (KVM_GET_TSC_KHZ: the ioctl's return value)."""
+        cdef int khz = s.ioctl(self.fd, k.KVM_GET_TSC_KHZ, 0)
+        if khz < 0:
+            _raise_errno(errno, "KVM_GET_TSC_KHZ")
+        return khz
+
     def get_mp_state(self):
         cdef k.kvm_mp_state st
         _check(s.ioctl(self.fd, k.KVM_GET_MP_STATE, &st), "KVM_GET_MP_STATE")

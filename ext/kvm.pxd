@@ -62,6 +62,7 @@ cdef extern from "<linux/kvm.h>" nogil:
     unsigned long KVM_SET_VCPU_EVENTS
     unsigned long KVM_GET_DEBUGREGS
     unsigned long KVM_SET_DEBUGREGS
+    unsigned long KVM_GET_TSC_KHZ
 
     # exit reasons
     int KVM_EXIT_UNKNOWN

@@ -54,6 +54,15 @@ KVM_RUN = 0xAE80
 KVM_GET_REGS = 0x8090AE81  # _IOR(KVMIO, 0x81, struct kvm_regs)
 KVM_GET_SREGS = 0x8138AE83  # _IOR(KVMIO, 0x83, struct kvm_sregs)
 KVM_IRQ_LINE = 0x4008AE61  # _IOW(KVMIO, 0x61, struct kvm_irq_level): a device's interrupt (vm.IrqLine)
+# What a timeout's report reads of the parked vCPUs and the I/O APIC (hangreport.py): state, never a change.
+HANG_REPORT = (
+    0x8400AE8E,  # KVM_GET_LAPIC: _IOR(KVMIO, 0x8e, struct kvm_lapic_state)
+    0x8040AE9F,  # KVM_GET_VCPU_EVENTS: _IOR(KVMIO, 0x9f, struct kvm_vcpu_events)
+    0x8004AE98,  # KVM_GET_MP_STATE: _IOR(KVMIO, 0x98, struct kvm_mp_state)
+    0xC008AE88,  # KVM_GET_MSRS: _IOWR(KVMIO, 0x88, struct kvm_msrs)
+    0xAEA3,  # KVM_GET_TSC_KHZ: _IO(KVMIO, 0xa3)
+    0xC208AE62,  # KVM_GET_IRQCHIP: _IOWR(KVMIO, 0x62, struct kvm_irqchip)
+)
 TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int)
 FIONBIO, FIOCLEX, FIONREAD = 0x5421, 0x5451, 0x541B
 AF_UNIX = 1
@@ -69,8 +78,8 @@ IOCTLS = {
     "vcpu": (KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS, KVM_IRQ_LINE, TUNSETOFFLOAD, FIONBIO, FIOCLEX, FIONREAD),
     "io": (KVM_IRQ_LINE, TUNSETOFFLOAD, FIONBIO, FIOCLEX, FIONREAD),
     # a jailed VMM's main and control threads (microvm/jail): they wait, stop the vCPUs and close
-    # the devices (a NIC's reset turns its tap's offloads off)
-    "main": (KVM_GET_REGS, KVM_GET_SREGS, KVM_IRQ_LINE, TUNSETOFFLOAD, FIONBIO, FIOCLEX, FIONREAD),
+    # the devices (a NIC's reset turns its tap's offloads off); a timeout's report reads the VM's state
+    "main": (KVM_GET_REGS, KVM_GET_SREGS, KVM_IRQ_LINE, *HANG_REPORT, TUNSETOFFLOAD, FIONBIO, FIOCLEX, FIONREAD),
     "teardown": (),
 }
 

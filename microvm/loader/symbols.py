@@ -6,8 +6,12 @@ its link addresses, so the symbol table names them as they are."""
 from __future__ import annotations
 
 import bisect
+import struct
 from collections.abc import Iterable
 from pathlib import Path
+
+STT_FUNC = 2
+_ELF64_SYM = struct.Struct("<IBBHQQ")  # st_name, st_info, st_other, st_shndx, st_value, st_size
 
 
 class Symbols:
@@ -50,3 +54,30 @@ class Symbols:
         if size and addr >= start + size:
             return None
         return name if addr == start else f"{name}+{addr - start:#x}"
+
+
+def functions_at(vmlinux: Path, addrs: Iterable[int]) -> dict[int, str]:
+    """name+offset of the function holding each of `addrs` (those found): one
+    pass over the raw symbol table, no object per symbol (Symbols.of builds
+    one each: seconds for a vmlinux where Python is slow, as in the lane)."""
+    from elftools.elf.elffile import ELFFile
+
+    wanted = sorted(set(addrs))
+    best: dict[int, tuple[int, int, int]] = {}  # addr -> (start, size, st_name) of the closest function below
+    with open(vmlinux, "rb") as f:
+        elf = ELFFile(f)
+        symtab, strtab = elf.get_section_by_name(".symtab"), elf.get_section_by_name(".strtab")
+        if symtab is None or strtab is None or symtab["sh_entsize"] != _ELF64_SYM.size:
+            return {}
+        table, names = symtab.data(), strtab.data()
+    for st_name, info, _other, _shndx, value, size in _ELF64_SYM.iter_unpack(table):
+        if info & 0xF != STT_FUNC or not value:
+            continue
+        for addr in wanted:
+            if value <= addr < value + max(size, 1) and (addr not in best or value > best[addr][0]):
+                best[addr] = (value, size, st_name)
+    found = {}
+    for addr, (start, _size, st_name) in best.items():
+        name = names[st_name:names.index(b"\0", st_name)].decode(errors="replace")
+        found[addr] = name if addr == start else f"{name}+{addr - start:#x}"
+    return found
