@@ -397,17 +397,6 @@ cdef class VmFd(_Fd):
         lvl.level = level
         _check(s.ioctl(self.fd, k.KVM_IRQ_LINE, &lvl), "KVM_IRQ_LINE")
 
-    def irq_pulse(self, uint32_t irq):
-        """An edge on interrupt line `irq`: KVM_IRQ_LINE up, then down. The
-        interrupt is injected before this returns, from the calling thread
-        (an irqfd's goes through a kernel worker for an IOAPIC line)."""
-        cdef k.kvm_irq_level lvl
-        lvl.irq = irq
-        lvl.level = 1
-        _check(s.ioctl(self.fd, k.KVM_IRQ_LINE, &lvl), "KVM_IRQ_LINE")
-        lvl.level = 0
-        _check(s.ioctl(self.fd, k.KVM_IRQ_LINE, &lvl), "KVM_IRQ_LINE")
-
     def irqfd(self, int fd, uint32_t gsi, bint deassign=False):
         cdef k.kvm_irqfd req
         memset(&req, 0, sizeof(req))

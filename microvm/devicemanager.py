@@ -2,7 +2,7 @@
 
 It hands out virtio-mmio windows and interrupt lines from pools that fail
 loudly when empty (a ConfigError naming the limit, before any vCPU runs),
-registers bus ranges, ioeventfds and interrupt lines, writes the kernel
+registers bus ranges, ioeventfds and irqfds, writes the kernel
 command-line entries that announce the virtio devices, and keeps the
 ordered list of devices that stats, teardown and snapshots walk.
 (Firecracker's device_manager/mmio.rs plays the same part.)

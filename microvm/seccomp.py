@@ -4,8 +4,8 @@ Each thread microvm starts for a VM (its vCPUs, its I/O threads, and the one
 that destroys closed VMs: teardown.py) loads a filter as its first act
 (libseccomp through microvm._seccomp): the system calls below go ahead,
 `ioctl` only with the requests named (KVM_RUN and the register reads of a
-crash report on vCPU threads; KVM_IRQ_LINE, a device's interrupt; a tap's
-offloads and a socket's non-blocking mode), `socket` only for AF_UNIX (vsock's host side); `openat` fails with
+crash report on vCPU threads; a tap's offloads and a socket's non-blocking
+mode), `socket` only for AF_UNIX (vsock's host side); `openat` fails with
 EPERM (a traceback's source lines are then left out, nothing else opens
 files there; the teardown thread opens and removes a jail's directories);
 anything else meets the chosen action:
@@ -53,7 +53,6 @@ COMMON = (
 KVM_RUN = 0xAE80
 KVM_GET_REGS = 0x8090AE81  # _IOR(KVMIO, 0x81, struct kvm_regs)
 KVM_GET_SREGS = 0x8138AE83  # _IOR(KVMIO, 0x83, struct kvm_sregs)
-KVM_IRQ_LINE = 0x4008AE61  # _IOW(KVMIO, 0x61, struct kvm_irq_level): a device's interrupt (vm.IrqLine)
 # What a timeout's report reads of the parked vCPUs and the I/O APIC (hangreport.py): state, never a change.
 HANG_REPORT = (
     0x8400AE8E,  # KVM_GET_LAPIC: _IOR(KVMIO, 0x8e, struct kvm_lapic_state)
@@ -75,11 +74,11 @@ EXTRA_CALLS = {
 }
 
 IOCTLS = {
-    "vcpu": (KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS, KVM_IRQ_LINE, TUNSETOFFLOAD, FIONBIO, FIOCLEX, FIONREAD),
-    "io": (KVM_IRQ_LINE, TUNSETOFFLOAD, FIONBIO, FIOCLEX, FIONREAD),
+    "vcpu": (KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS, TUNSETOFFLOAD, FIONBIO, FIOCLEX, FIONREAD),
+    "io": (TUNSETOFFLOAD, FIONBIO, FIOCLEX, FIONREAD),
     # a jailed VMM's main and control threads (microvm/jail): they wait, stop the vCPUs and close
     # the devices (a NIC's reset turns its tap's offloads off); a timeout's report reads the VM's state
-    "main": (KVM_GET_REGS, KVM_GET_SREGS, KVM_IRQ_LINE, *HANG_REPORT, TUNSETOFFLOAD, FIONBIO, FIOCLEX, FIONREAD),
+    "main": (KVM_GET_REGS, KVM_GET_SREGS, *HANG_REPORT, TUNSETOFFLOAD, FIONBIO, FIOCLEX, FIONREAD),
     "teardown": (),
 }
 

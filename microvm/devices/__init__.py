@@ -8,6 +8,6 @@ from typing import Protocol
 
 
 class Irq(Protocol):
-    """An interrupt line as a device sees it (vm.IrqLine, or a fake in tests)."""
+    """An interrupt line as a device sees it (an irqfd, or a fake in tests)."""
 
     def trigger(self) -> None: ...
