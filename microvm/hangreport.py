@@ -13,6 +13,8 @@ still comes):
   when it injects the interrupt: one that passed a few ms ago was due while
   the vCPU was being parked, one that passed seconds ago is a timer
   interrupt never delivered);
+- the UART: its interrupt enables, a THRE interrupt waiting to be taken,
+  unread input;
 - each virtio device: its interrupt line as the I/O APIC has it (vector,
   masked, the line's request bit), its InterruptStatus, its interrupts
   raised, and each live queue's avail index (the driver's), what we popped,
@@ -157,6 +159,14 @@ def device_lines(attached: Any, pins: dict[int, str]) -> list[str]:
     return [line + (": " + "; ".join(queues) if queues else "")]
 
 
+def serial_lines(attached: Any, pins: dict[int, str]) -> list[str]:
+    """The UART: the interrupts it has on (IER), whether its THRE interrupt
+    waits for the guest to read IIR, and the input the guest has not read."""
+    uart = attached.device
+    return [f"  {attached.name}: gsi {attached.gsi} ({pins.get(attached.gsi, '?')}), IER {uart.ier:#x}, "
+            f"THRE interrupt {'pending' if uart.thri_pending else 'not pending'}, {uart.rx_pending} input bytes unread"]
+
+
 def report(vm: Any, attached: Iterable[Any], timeline: dict[str, float], kernel: Path | None = None) -> str:
     """The text: the VM's vCPUs should be parked first (vm.vcpus[i].pause())."""
     lines = [f"--- what the guest was doing (boot reached: {next(reversed(timeline), 'nothing')}) ---"]
@@ -179,5 +189,7 @@ def report(vm: Any, attached: Iterable[Any], timeline: dict[str, float], kernel:
     for a in attached:
         if a.transport is not None:
             _part(devices, a.name, functools.partial(device_lines, a, pins))
+        elif hasattr(a.device, "thri_pending"):
+            _part(devices, a.name, functools.partial(serial_lines, a, pins))
     names = kernel_functions(kernel, [v.regs["rip"] for v in vcpus if v.cpl == 0])
     return "\n".join(lines + [v.line(names) for v in vcpus] + devices)

@@ -100,6 +100,7 @@ def test_timeout_kills_and_frees() -> None:
     assert vcpu is not None, report
     assert vcpu.group(3) != "0" or vcpu.group(2), f"a kernel address without its function's name: {report}"
     assert re.search(r"hvc0: gsi \d+ \(vector 0x[0-9a-f]+ edge.*InterruptStatus 0x0", report), report
+    assert re.search(r"com1: gsi 4 \(vector 0x[0-9a-f]+ edge\), IER 0x[0-9a-f]+, THRE interrupt", report), report
     assert open_fds(proc) == fds
     assert threading.active_count() == threads
 
