@@ -31,7 +31,9 @@ Entry = tuple[int, int, Callable[[int, int], int], Callable[[int, int, int], Non
 
 
 class BusDevice(Protocol):
-    """What a device on a bus implements. Offsets are relative to its base."""
+    """What a device on a bus implements. Offsets are relative to its base.
+    A device may also offer report_state() -> str, a line on its state for a
+    timed-out guest's report (hangreport.py; the UART does)."""
 
     def read(self, offset: int, size: int) -> int: ...
 

@@ -90,11 +90,10 @@ def _part(lines: list[str], what: str, read: Callable[[], Iterable[str]]) -> Non
 
 def kernel_functions(kernel: Path | None, addrs: Iterable[int]) -> dict[int, str]:
     """Names of `addrs` in an ELF vmlinux ({} for a bzImage, or unreadable)."""
+    if kernel is None:
+        return {}
     try:
-        with open(kernel or "", "rb") as f:
-            if f.read(4) != b"\x7fELF":
-                return {}
-        return functions_at(Path(kernel or ""), addrs)
+        return functions_at(kernel, addrs)  # pyelftools refuses a bzImage
     except Exception:  # the report goes on without names
         return {}
 
@@ -159,12 +158,9 @@ def device_lines(attached: Any, pins: dict[int, str]) -> list[str]:
     return [line + (": " + "; ".join(queues) if queues else "")]
 
 
-def serial_lines(attached: Any, pins: dict[int, str]) -> list[str]:
-    """The UART: the interrupts it has on (IER), whether its THRE interrupt
-    waits for the guest to read IIR, and the input the guest has not read."""
-    uart = attached.device
-    return [f"  {attached.name}: gsi {attached.gsi} ({pins.get(attached.gsi, '?')}), IER {uart.ier:#x}, "
-            f"THRE interrupt {'pending' if uart.thri_pending else 'not pending'}, {uart.rx_pending} input bytes unread"]
+def state_lines(attached: Any, pins: dict[int, str]) -> list[str]:
+    """A device that says its own state (report_state(), as the UART does)."""
+    return [f"  {attached.name}: gsi {attached.gsi} ({pins.get(attached.gsi, '?')}), {attached.device.report_state()}"]
 
 
 def report(vm: Any, attached: Iterable[Any], timeline: dict[str, float], kernel: Path | None = None) -> str:
@@ -189,7 +185,7 @@ def report(vm: Any, attached: Iterable[Any], timeline: dict[str, float], kernel:
     for a in attached:
         if a.transport is not None:
             _part(devices, a.name, functools.partial(device_lines, a, pins))
-        elif hasattr(a.device, "thri_pending"):
-            _part(devices, a.name, functools.partial(serial_lines, a, pins))
+        elif callable(getattr(a.device, "report_state", None)):
+            _part(devices, a.name, functools.partial(state_lines, a, pins))
     names = kernel_functions(kernel, [v.regs["rip"] for v in vcpus if v.cpl == 0])
     return "\n".join(lines + [v.line(names) for v in vcpus] + devices)

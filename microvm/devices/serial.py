@@ -123,6 +123,13 @@ class Serial:
         """Bytes queued that the guest has not read yet."""
         return len(self.rx)
 
+    def report_state(self) -> str:
+        """For a timed-out guest's report (hangreport.py): the interrupts it has
+        on, whether its THRE interrupt waits for the guest to read IIR, and the
+        input the guest has not read."""
+        return (f"IER {self.ier:#x}, THRE interrupt {'pending' if self.thri_pending else 'not pending'}, "
+                f"{self.rx_pending} input bytes unread")
+
     # --- snapshots (devices/state.py) ----------------------------------------------
 
     def snapshot_state(self) -> State:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import bisect
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 STT_FUNC = 2
@@ -25,15 +25,8 @@ class Symbols:
 
     @classmethod
     def of(cls, vmlinux: Path) -> Symbols:
-        from elftools.elf.elffile import ELFFile
-        from elftools.elf.sections import SymbolTableSection
-
-        with open(vmlinux, "rb") as f:
-            symtab = ELFFile(f).get_section_by_name(".symtab")
-            if not isinstance(symtab, SymbolTableSection):
-                return cls([])
-            return cls((s["st_value"], s["st_size"], s.name) for s in symtab.iter_symbols()
-                       if s["st_info"]["type"] == "STT_FUNC")
+        table, names = _symbol_tables(vmlinux)
+        return cls((value, size, _name(names, st_name)) for value, size, st_name in _functions(table))
 
     def name(self, text: str) -> str:
         """`text` (0x... as %pS prints without kallsyms) as name+offset; anything else as it is."""
@@ -53,31 +46,47 @@ class Symbols:
         start, size, name = self._functions[i]
         if size and addr >= start + size:
             return None
-        return name if addr == start else f"{name}+{addr - start:#x}"
+        return _name_offset(name, start, addr)
 
 
 def functions_at(vmlinux: Path, addrs: Iterable[int]) -> dict[int, str]:
     """name+offset of the function holding each of `addrs` (those found): one
-    pass over the raw symbol table, no object per symbol (Symbols.of builds
-    one each: seconds for a vmlinux where Python is slow, as in the lane)."""
+    pass over the raw symbol table, decoding only the names it reports (a
+    Symbols decodes and sorts every function's: cheap here, seconds where
+    Python is slow, as in the lane)."""
+    wanted = sorted(set(addrs))
+    table, names = _symbol_tables(vmlinux)
+    best: dict[int, tuple[int, int]] = {}  # addr -> (start, st_name) of the closest function below
+    for value, size, st_name in _functions(table):
+        for addr in wanted:
+            if value <= addr < value + max(size, 1) and (addr not in best or value > best[addr][0]):
+                best[addr] = (value, st_name)
+    return {addr: _name_offset(_name(names, st_name), start, addr) for addr, (start, st_name) in best.items()}
+
+
+def _symbol_tables(vmlinux: Path) -> tuple[bytes, bytes]:
+    """The raw .symtab and .strtab of an ELF64 file (empty when it has none)."""
     from elftools.elf.elffile import ELFFile
 
-    wanted = sorted(set(addrs))
-    best: dict[int, tuple[int, int, int]] = {}  # addr -> (start, size, st_name) of the closest function below
     with open(vmlinux, "rb") as f:
         elf = ELFFile(f)
         symtab, strtab = elf.get_section_by_name(".symtab"), elf.get_section_by_name(".strtab")
         if symtab is None or strtab is None or symtab["sh_entsize"] != _ELF64_SYM.size:
-            return {}
-        table, names = symtab.data(), strtab.data()
+            return b"", b""
+        return symtab.data(), strtab.data()
+
+
+def _functions(table: bytes) -> Iterator[tuple[int, int, int]]:
+    """(address, size, name offset) of each function symbol with an address."""
     for st_name, info, _other, _shndx, value, size in _ELF64_SYM.iter_unpack(table):
-        if info & 0xF != STT_FUNC or not value:
-            continue
-        for addr in wanted:
-            if value <= addr < value + max(size, 1) and (addr not in best or value > best[addr][0]):
-                best[addr] = (value, size, st_name)
-    found = {}
-    for addr, (start, _size, st_name) in best.items():
-        name = names[st_name:names.index(b"\0", st_name)].decode(errors="replace")
-        found[addr] = name if addr == start else f"{name}+{addr - start:#x}"
-    return found
+        if info & 0xF == STT_FUNC and value:
+            yield value, size, st_name
+
+
+def _name(names: bytes, offset: int) -> str:
+    end = names.find(b"\0", offset)
+    return names[offset:end if end >= 0 else len(names)].decode(errors="replace")
+
+
+def _name_offset(name: str, start: int, addr: int) -> str:
+    return name if addr == start else f"{name}+{addr - start:#x}"

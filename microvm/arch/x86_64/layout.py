@@ -25,8 +25,11 @@ A Linux VM (microvm.machine)::
     MMIO_GAP_END (4 GiB): the rest of RAM
 
 Interrupt lines (I/O APIC pins, edge, as the MP table announces them):
-0-4 and 8, 12 keep their ISA meaning (COM1 is 4); virtio devices get
-VIRTIO_IRQS, 5..23. Ports: COM1 and the i8042 at their PC addresses.
+0-4 keep their ISA meaning (COM1 is 4); virtio devices get VIRTIO_IRQS,
+5..23, 8 and 12 included (no RTC, no PS/2 mouse here). Device interrupts
+go through irqfds: KVM_IRQ_LINE would have KVM treat GSI 8 as the RTC's
+and drop an edge as "coalesced" until the last one's EOI.
+Ports: COM1 and the i8042 at their PC addresses.
 """
 
 from __future__ import annotations
