@@ -23,8 +23,10 @@ from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Realloc
 from libc.errno cimport E2BIG, ENOBUFS, errno
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memmove
-from posix.uio cimport iovec, readv, writev
+from posix.types cimport off_t
+from posix.uio cimport iovec, preadv, pwritev, readv, writev
 
+from microvm.devices.virtio import blk_abi as _blk
 from microvm.devices.virtio import ring as _ring
 from microvm.errors import GuestMemoryError
 
@@ -82,8 +84,15 @@ cdef int SEND_WRITABLE = _ring.SEND_WRITABLE
 cdef int SEND_SHORT = _ring.SEND_SHORT
 cdef int SEND_LONG = _ring.SEND_LONG
 cdef int SEND_PARTIAL = _ring.SEND_PARTIAL
+cdef uint32_t BLK_T_IN = _blk.VIRTIO_BLK_T_IN
+cdef uint32_t BLK_T_OUT = _blk.VIRTIO_BLK_T_OUT
+cdef uint64_t BLK_HEADER = _blk.HEADER_SIZE
+cdef uint64_t BLK_SECTOR = _blk.SECTOR_SIZE
+cdef char BLK_S_OK = _blk.VIRTIO_BLK_S_OK
 
 QueueError = _ring.QueueError
+cdef int WANT_READABLE = 0, WANT_WRITABLE = 1, WANT_ALL = 2  # _walk_into's kinds
+
 cdef object Descriptor = _ring.Descriptor
 cdef object DescriptorChain = _ring.DescriptorChain
 cdef object _tuple_new = tuple.__new__
@@ -124,6 +133,10 @@ cdef class Queue:
     cdef Py_ssize_t *_r_niov
     cdef Py_ssize_t _r_first, _r_count
     cdef uint64_t _r_room
+    # serve_block_io's scratch: a chain's every buffer, and which are device-writable.
+    cdef IovList _blk
+    cdef unsigned char *_blk_w
+    cdef Py_ssize_t _blk_wcap
 
     def __cinit__(self, *args, **kwargs):
         self._buffers = NULL
@@ -132,6 +145,8 @@ cdef class Queue:
         self._r_head = NULL
         self._r_cap = NULL
         self._r_niov = NULL
+        self._blk_w = NULL
+        self._blk_wcap = 0
 
     def __init__(self, max_size):
         if not 1 <= max_size <= MAX_QUEUE_SIZE or max_size & (max_size - 1):
@@ -149,6 +164,8 @@ cdef class Queue:
         PyMem_Free(self._r_head)
         PyMem_Free(self._r_cap)
         PyMem_Free(self._r_niov)
+        PyMem_Free(self._blk.v)
+        PyMem_Free(self._blk_w)
 
     def reset(self):
         _reset_queue(self)  # and mem = None: lets go of guest memory
@@ -321,9 +338,11 @@ cdef class Queue:
         self._walk_into(head, out, NULL, False)
         return out
 
-    cdef int _walk_into(self, uint16_t head, list out, IovList *iov, bint writable) except -1:
+    cdef int _walk_into(self, uint16_t head, list out, IovList *iov, int want) except -1:
         """_walk's rules and errors; each buffer goes to `out` as a Descriptor, or
-        (out None) those of the kind `writable` asks for go to `iov`, the others counted."""
+        (out None) those of the kind `want` asks for (WANT_READABLE, WANT_WRITABLE)
+        go to `iov`, the others counted; WANT_ALL: every buffer to `iov`, its
+        kind to _blk_w (iov is then &_blk)."""
         cdef uint32_t size = self._size
         if head >= size:
             raise QueueError(f"descriptor index {head} out of range (queue size {size})")
@@ -370,7 +389,12 @@ cdef class Queue:
                     raise QueueError("descriptor chain describes more than 4 GiB")
                 if out is not None:
                     out.append(_tuple_new(Descriptor, (d.addr, d.len, (d.flags & F_WRITE) != 0)))
-                elif ((d.flags & F_WRITE) != 0) == writable:
+                elif want == WANT_ALL:
+                    _iov_push(iov, host, d.len)
+                    if self._blk_wcap < iov.cap:
+                        self._grow_blk_w(iov.cap)
+                    self._blk_w[iov.n - 1] = (d.flags & F_WRITE) != 0
+                elif ((d.flags & F_WRITE) != 0) == want:
                     _iov_push(iov, host, d.len)
                 else:
                     iov.others += 1
@@ -454,7 +478,7 @@ cdef class Queue:
                 self._tx.n = 0
                 self._tx.nbytes = 0
                 self._tx.others = 0
-                self._walk_into(head, None, &self._tx, False)
+                self._walk_into(head, None, &self._tx, WANT_READABLE)
                 self._next_avail += 1
                 self.chains_popped += 1
                 self._put_used(n, head, 0)
@@ -514,7 +538,7 @@ cdef class Queue:
             self._rx.nbytes = 0
             self._rx.others = 0
             try:
-                self._walk_into(head, None, &self._rx, True)
+                self._walk_into(head, None, &self._rx, WANT_WRITABLE)
             except BaseException:
                 self._rx.n = mark
                 raise
@@ -619,6 +643,116 @@ cdef class Queue:
                 memcpy(buf + pos, self._rx.v[i].iov_base, take)
             pos += take
             i += 1
+
+
+    cdef int _grow_blk_w(self, Py_ssize_t cap) except -1:
+        cdef unsigned char *grown = <unsigned char *>PyMem_Realloc(self._blk_w, cap)
+        if grown == NULL:
+            raise MemoryError()
+        self._blk_w, self._blk_wcap = grown, cap
+        return 0
+
+    # --- virtio-blk reads and writes: a request straight between a disk and guest memory ---
+
+    def serve_block_io(self, int fd, uint64_t capacity, Py_ssize_t seg_max, bint read_only):
+        """Serve each available virtio-blk read or write with one preadv/pwritev on
+        fd, as PyQueue.serve_block_io: (chains served, reads, bytes read, writes,
+        bytes written, declined); what was done before a QueueError is published."""
+        self._check_ready()
+        cdef unsigned long start = self.next_used
+        cdef unsigned long n = start
+        cdef unsigned long long served = 0, reads = 0, nread = 0, writes = 0, nwritten = 0
+        cdef uint64_t used, data
+        cdef uint32_t kind = 0
+        cdef int head
+        cdef bint declined = False
+        try:
+            while n - start < self._size:
+                head = self._next_head()
+                if head < 0:
+                    break
+                self._blk.n = 0
+                self._blk.nbytes = 0
+                self._blk.others = 0
+                self._walk_into(head, None, &self._blk, WANT_ALL)
+                used = self._block_io(fd, capacity, seg_max, read_only, &kind, &data)
+                if used == 0:
+                    declined = True  # not taken: the caller's pop() gets it
+                    break
+                self._next_avail += 1
+                self.chains_popped += 1
+                self._put_used(n, head, <uint32_t>used)
+                n += 1
+                served += 1
+                if kind == BLK_T_IN:
+                    reads += 1
+                    nread += data
+                else:
+                    writes += 1
+                    nwritten += data
+        finally:
+            self._publish_used(start, n)
+        return served, reads, nread, writes, nwritten, declined
+
+    cdef uint64_t _block_io(self, int fd, uint64_t capacity, Py_ssize_t seg_max, bint read_only,
+                            uint32_t *kind_out, uint64_t *data_out) noexcept:
+        """The request walked into _blk, served: its used length (at least 1, the
+        status byte), its type and data bytes in *kind_out, *data_out; or 0,
+        declined, untouched but for what a failed transfer left (PyQueue's rules)."""
+        cdef iovec *v = self._blk.v
+        cdef unsigned char *w = self._blk_w
+        cdef Py_ssize_t count = self._blk.n, fw = 0, i, first, segments
+        cdef uint64_t out_len = 0, in_len = 0, data, sector
+        cdef uint32_t kind
+        cdef char *status
+        cdef ssize_t got
+        while fw < count and not w[fw]:
+            out_len += v[fw].iov_len
+            fw += 1
+        if fw == 0 or fw == count:  # no header, or no byte for the status
+            return 0
+        for i in range(fw, count):
+            if not w[i]:  # device-readable after device-writable
+                return 0
+            in_len += v[i].iov_len
+        if v[0].iov_len < BLK_HEADER:  # a header split over buffers
+            return 0
+        memcpy(&kind, v[0].iov_base, 4)  # struct virtio_blk_outhdr: type, ioprio, sector (little-endian)
+        memcpy(&sector, <char *>v[0].iov_base + 8, 8)
+        vq_compiler_barrier()  # each field read once, from these copies
+        status = <char *>v[count - 1].iov_base + v[count - 1].iov_len - 1
+        if kind == BLK_T_IN:
+            if out_len != BLK_HEADER:
+                return 0
+            data = in_len - 1
+            v[count - 1].iov_len -= 1  # the status byte is no data
+            first = fw
+            segments = count - fw - (1 if v[count - 1].iov_len == 0 else 0)
+        elif kind == BLK_T_OUT:
+            if read_only or in_len != 1:
+                return 0
+            data = out_len - BLK_HEADER
+            v[0].iov_base = <char *>v[0].iov_base + BLK_HEADER
+            v[0].iov_len -= BLK_HEADER
+            first = 0 if v[0].iov_len else 1
+            segments = fw - first
+        else:
+            return 0
+        if (data % BLK_SECTOR or sector > capacity or data // BLK_SECTOR > capacity - sector
+                or segments > seg_max or segments > IOV_MAX):
+            return 0
+        if segments:
+            with nogil:
+                if kind == BLK_T_IN:
+                    got = preadv(fd, v + first, <int>segments, <off_t>(sector * BLK_SECTOR))
+                else:
+                    got = pwritev(fd, v + first, <int>segments, <off_t>(sector * BLK_SECTOR))
+            if got < 0 or <uint64_t>got != data:  # an error or a short transfer: the caller's path says which
+                return 0
+        status[0] = BLK_S_OK
+        kind_out[0] = kind
+        data_out[0] = data
+        return data + 1 if kind == BLK_T_IN else 1
 
 
 cdef int _iov_push(IovList *iov, char *base, uint64_t length) except -1:

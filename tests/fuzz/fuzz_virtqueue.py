@@ -17,8 +17,9 @@ Python reference (queue.PyQueue) and the Cython queue (microvm._virtq), with
 the same choices replayed for the second: any difference in the chains, the
 notification answers, the errors or the guest memory they leave is a finding
 (tests/support/virtio_driver.run_differential). --queues python|cython runs one.
-Every other ring also goes through the frame API (send_chains, reserve and
-use_reserved: what virtio-net does) between its pops.
+Of every three rings, one also goes through the frame API (send_chains,
+reserve and use_reserved: what virtio-net does) between its pops, and one
+through serve_block_io (virtio-blk's reads and writes, on an image in a memfd).
 """
 
 from __future__ import annotations
@@ -79,14 +80,16 @@ def main(argv: list[str] | None = None) -> int:
         counts["rings run"] += 1
         try:
             if single is None:
-                result, mutate = run_differential(pick, (PyQueue, CQueue), mutate_rate=MUTATE_RATE, frames=bool(i % 2))
+                result, mutate = run_differential(pick, (PyQueue, CQueue), mutate_rate=MUTATE_RATE,
+                                                  frames=i % 3 == 1, block=i % 3 == 2)
                 if not isinstance(result, Outcome):  # both raised the same: still a finding
                     raise InvariantError(f"both queues raised {result[0]}: {result[1]}")  # type: ignore[index]
                 outcome = result
             else:
                 ring = hostile_ring(pick)
                 mutate = pick.boolean(MUTATE_RATE)
-                outcome = run_hostile(ring, pick, mutate_ring if mutate else None, single, frames=bool(i % 2))
+                outcome = run_hostile(ring, pick, mutate_ring if mutate else None, single,
+                                      frames=i % 3 == 1, block=i % 3 == 2)
             counts["rings rewritten between pops"] += mutate
         except Exception as e:  # anything but QueueError (which run_hostile catches) is a finding
             label = ("difference between the queues" if isinstance(e, Divergence)

@@ -455,12 +455,15 @@ def _check_chain(ring: HostileRing, chain: DescriptorChain, outcome: Outcome) ->
 
 
 def run_hostile(ring: HostileRing, pick: Picker, mutate: Callable[[HostileRing, Picker], None] | None = None,
-                queue_class: Callable[[int], Queue] | None = None, frames: bool = False) -> Outcome:
+                queue_class: Callable[[int], Queue] | None = None, frames: bool = False,
+                block: bool = False) -> Outcome:
     """Drive a Queue (the one in use, or queue_class) over `ring`: pop, add_used and
     needs_notification until the ring is empty or the queue raises QueueError. Any other
     exception propagates; a broken rule raises InvariantError. `mutate`, if given, plays
     a guest rewriting its rings between pops. `frames`: some steps go through the
-    frame API instead (send_chains to /dev/null; reserve, peek and use_reserved)."""
+    frame API instead (send_chains to /dev/null; reserve, peek and use_reserved).
+    `block`: some steps go through serve_block_io (on an image in a memfd), which
+    writes the buffers of the requests it serves: memory is judged around them."""
     outcome = Outcome()
     queue = (queue_class or vq.Queue)(ring.max_size)
     queue.size = ring.size
@@ -488,6 +491,15 @@ def run_hostile(ring: HostileRing, pick: Picker, mutate: Callable[[HostileRing, 
 
     for _ in range(ring.size + 2):
         try:
+            if block and pick.boolean(0.3):
+                if not _block_step(queue, pick, outcome):
+                    break
+                outcome.trace.append(queue.needs_notification())
+                snapshot = [bytes(b) for b in ring.backings]  # (what it wrote is compared, not judged)
+                if mutate is not None:
+                    mutate(ring, pick)
+                    snapshot = [bytes(b) for b in ring.backings]
+                continue
             if frames and pick.boolean(0.5):
                 if not _frame_step(queue, ring, pick, outcome):
                     break
@@ -515,6 +527,26 @@ def run_hostile(ring: HostileRing, pick: Picker, mutate: Callable[[HostileRing, 
             snapshot = [bytes(b) for b in ring.backings]
     check_untouched()
     return outcome
+
+
+BLOCK_IMAGE = random.Random("hostile block image").randbytes(16 * 512)
+
+
+def _block_step(queue: Queue, pick: Picker, outcome: Outcome) -> bool:
+    """One serve_block_io over a 16-sector image (a capacity that may say more);
+    False once nothing was available. A garbage chain is seldom a request: here
+    the walk and the checks meet hostile rings (tests/unit/test_block_io.py
+    compares the two queues serving near-valid requests)."""
+    fd = os.memfd_create("hostile-disk", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, BLOCK_IMAGE)
+        result = queue.serve_block_io(fd, pick.integer(0, 20), pick.integer(0, 8), pick.boolean(0.3))
+        image = os.pread(fd, 1 << 16, 0)
+    finally:
+        os.close(fd)
+    outcome.trace.append(("block", result, image))
+    outcome.chains += result[0]
+    return bool(result[0] or result[5])
 
 
 def _frame_step(queue: Queue, ring: HostileRing, pick: Picker, outcome: Outcome) -> bool:
@@ -614,13 +646,13 @@ class ReplayPicker(Picker):
 
 
 def _observed(pick: Picker, sizes: Sequence[int], mutate_rate: float,
-              queue_class: Callable[[int], Queue], frames: bool = False) -> tuple[object, ...]:
+              queue_class: Callable[[int], Queue], frames: bool = False, block: bool = False) -> tuple[object, ...]:
     """What one queue did to one hostile ring: its outcome (or the exception it
     raised, by type and message) and the guest memory it left."""
     ring = hostile_ring(pick, sizes)
     mutate = pick.boolean(mutate_rate)
     try:
-        outcome: object = run_hostile(ring, pick, mutate_ring if mutate else None, queue_class, frames)
+        outcome: object = run_hostile(ring, pick, mutate_ring if mutate else None, queue_class, frames, block)
     except Divergence:
         raise
     except Exception as e:  # compared, not judged: run_hostile's own checks judge
@@ -629,17 +661,17 @@ def _observed(pick: Picker, sizes: Sequence[int], mutate_rate: float,
 
 
 def run_differential(pick: Picker, queues: Sequence[Callable[[int], Queue]], sizes: Sequence[int] = SIZES,
-                     mutate_rate: float = 0.2, frames: bool = False) -> tuple[object, bool]:
+                     mutate_rate: float = 0.2, frames: bool = False, block: bool = False) -> tuple[object, bool]:
     """The same hostile ring (and the same racing guest) for each queue class in
     turn: Divergence unless every one returns the same chains, notifications and
     errors, raises the same exceptions and leaves the same guest memory. The first
     queue's outcome (an Outcome, or (exception type, message)) and whether the
     guest rewrote the ring between pops."""
     recorder = RecordingPicker(pick)
-    first = _observed(recorder, sizes, mutate_rate, queues[0], frames)
+    first = _observed(recorder, sizes, mutate_rate, queues[0], frames, block)
     for other in queues[1:]:
         replay = ReplayPicker(recorder.log)
-        again = _observed(replay, sizes, mutate_rate, other, frames)
+        again = _observed(replay, sizes, mutate_rate, other, frames, block)
         if replay.at != len(recorder.log):
             raise Divergence(f"{other} made the driver stop at choice {replay.at} of {len(recorder.log)}")
         for what, a, b in zip(("outcome", "rewritten", "guest memory"), first, again, strict=True):

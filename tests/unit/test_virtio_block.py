@@ -35,7 +35,20 @@ from tests.support.fakes import FakeIrq
 from tests.support.virtio_driver import VirtqDriver, make_queue, used_ring_size
 from tests.unit.test_virtio_mmio import Driver
 
-pytestmark = pytest.mark.usefixtures("virtqueue")  # every test here runs with both queues
+pytestmark = pytest.mark.usefixtures("virtqueue", "blk_path")  # every test: both queues, both paths
+
+
+@pytest.fixture(params=["queue", "device"])
+def blk_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Reads and writes served in the queue (serve_block_io), or each by the device's _request."""
+    monkeypatch.setattr(VirtioBlock, "serve_in_queue", request.param == "queue")
+    return str(request.param)
+
+
+def device_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every request through the device's _request: host failures injected into os.* reach it
+    (the queue's path makes its own system calls, in C in the Cython queue)."""
+    monkeypatch.setattr(VirtioBlock, "serve_in_queue", False)
 
 # struct virtio_blk_outhdr { __virtio32 type; __virtio32 ioprio; __virtio64 sector; };
 OUTHDR = struct.Struct("<IIQ")
@@ -353,6 +366,7 @@ def test_used_length_counts_the_bytes_written(disk: Disk, parts: Parts, status: 
 
 def test_read_failing_halfway_counts_only_the_status(disk: Disk, monkeypatch: pytest.MonkeyPatch) -> None:
     """Some data landed before the host failed: it is undefined (5.2.6), so not counted."""
+    device_path(monkeypatch)
     real = os.preadv
     calls: list[int] = []
 
@@ -451,6 +465,7 @@ def test_enospc_is_ioerr(disk: Disk, image: tuple[Path, bytes], monkeypatch: pyt
     def full(fd: int, buffers: object, offset: int) -> int:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
+    device_path(monkeypatch)
     monkeypatch.setattr(os, "pwritev", full)
     assert disk.request([(hdr(T_OUT), False), (bytes(512), False), (1, True)])[:2] == (S_IOERR, 1)
     assert disk.request([(hdr(T_OUT), False), (bytes(512), False), (1, True)])[0] == S_IOERR
@@ -467,6 +482,7 @@ def test_eio_and_end_of_file_on_read(disk: Disk, image: tuple[Path, bytes],
     def eio(fd: int, buffers: object, offset: int) -> int:
         raise OSError(errno.EIO, "I/O error")
 
+    device_path(monkeypatch)
     monkeypatch.setattr(os, "preadv", eio)
     assert disk.request([(hdr(T_IN), False), (512, True), (1, True)])[:2] == (S_IOERR, 1)
     monkeypatch.undo()
@@ -500,6 +516,7 @@ def test_short_transfers_are_resumed(disk: Disk, image: tuple[Path, bytes], monk
             return int(real(fd, [first[:max(1, len(first) // 3)]], offset))
         return io
 
+    device_path(monkeypatch)
     monkeypatch.setattr(os, "preadv", short(real_preadv))
     monkeypatch.setattr(os, "pwritev", short(real_pwritev))
     data = Random(3).randbytes(2048)
@@ -719,3 +736,52 @@ def test_hostile_request_streams(stream: list[tuple[Parts, bool, list[int]]], se
                 check_request(dev, mem, model, buffers, used[0][1])
                 assert os.path.getsize(path) == CAP * 512
                 assert path.read_bytes() == model
+
+
+# --- reads and writes in the queue (Queue.serve_block_io) -----------------------------------
+
+
+def test_a_mixed_batch_is_served_whole_in_one_notification(image: tuple[Path, bytes]) -> None:
+    """Reads and writes go through the queue, the rest through the device's path, in the
+    driver's order, all in one notification; each counted once."""
+    disk = Disk(image[0], queue_size=32)
+    data = Random(5).randbytes(1024)
+    parts: list[Parts] = [
+        [(hdr(T_IN, 1), False), (512, True), (1, True)],
+        [(hdr(T_OUT, 4), False), (data, False), (1, True)],
+        [(hdr(T_FLUSH), False), (1, True)],
+        [(hdr(T_IN, SECTORS), False), (512, True), (1, True)],  # past the end: IOERR
+        [(hdr(T_GET_ID), False), (20, True), (1, True)],
+        [(hdr(T_OUT, 8), False), (data[:512], False), (1, True)],
+    ]
+    heads = [disk.submit(p)[0] for p in parts]
+    disk.d.w(m.VIRTIO_MMIO_QUEUE_NOTIFY, 0)
+    used = disk.q.used()
+    assert [h for h, _ in used] == heads
+    assert [n for _, n in used] == [513, 1, 1, 1, 21, 1]
+    c = disk.dev.counters
+    assert (c.reads, c.writes, c.flushes, c.get_ids, c.errors) == (1, 2, 1, 1, 1)
+    assert (c.bytes_read, c.bytes_written) == (512, 1536)
+    content = image[0].read_bytes()
+    assert content[4 * 512:6 * 512] == data and content[8 * 512:9 * 512] == data[:512]
+    assert disk.irq.count >= 1 and disk.t.active
+    disk.close()
+
+
+def test_requests_a_rate_limit_or_a_recording_disk_must_see_skip_the_queues_path(
+        image: tuple[Path, bytes], tmp_path: Path, blk_path: str) -> None:
+    from microvm.backends.recording import RecordingDisk
+    from microvm.ratelimit import RateLimit, TokenBucket
+
+    plain = RawDisk(image[0])
+    (tmp_path / "copy.img").write_bytes(image[1])
+    recording = RecordingDisk(tmp_path / "copy.img", tmp_path / "log")
+    try:
+        assert VirtioBlock(plain)._direct_fd() == (plain.fd if blk_path == "queue" else -1)
+        assert VirtioBlock(recording)._direct_fd() == -1  # it logs each write
+        limited = VirtioBlock(plain, rate_limit=RateLimit(ops=TokenBucket(100, 1.0)))
+        assert limited._direct_fd() == -1  # each request is counted against the limit
+    finally:
+        plain.close()
+        recording.close()
+    assert VirtioBlock(plain)._direct_fd() == -1  # closed

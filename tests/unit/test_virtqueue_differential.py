@@ -43,13 +43,27 @@ def test_both_queues_agree_on_hostile_rings(data: st.DataObject, mutate: bool) -
     run_differential(DrawPicker(data), BOTH, sizes=[1, 2, 4, 8, 16], mutate_rate=1.0 if mutate else 0.0)
 
 
-def test_both_queues_agree_on_a_thousand_seeded_rings() -> None:
+def seeded_rings(prefix: str, **options: bool) -> list[Outcome]:
+    """A thousand seeded rings through both queues: every one alike, every kind of ending met."""
     kinds = {"drained": 0, "queue error": 0, "refused": 0}
+    outcomes = []
     for seed in range(1000):
-        outcome, _ = run_differential(RandomPicker(Random(f"differential:{seed}")), BOTH)
+        outcome, _ = run_differential(RandomPicker(Random(f"{prefix}:{seed}")), BOTH, **options)
         assert isinstance(outcome, Outcome), outcome  # no other exception, no broken invariant
         kinds["refused" if outcome.config_error else "queue error" if outcome.error else "drained"] += 1
+        outcomes.append(outcome)
     assert all(n > 20 for n in kinds.values()), kinds  # every kind of ending was compared
+    return outcomes
+
+
+def steps(outcomes: list[Outcome]) -> Counter[str]:
+    """How often each call of the frame API or serve_block_io was compared."""
+    return Counter(str(step[0]) for o in outcomes for step in o.trace
+                   if isinstance(step, tuple) and isinstance(step[0], str))
+
+
+def test_both_queues_agree_on_a_thousand_seeded_rings() -> None:
+    seeded_rings("differential")
 
 
 @fuzz
@@ -59,15 +73,21 @@ def test_both_queues_agree_through_the_frame_api(data: st.DataObject, mutate: bo
 
 
 def test_both_queues_agree_through_the_frame_api_on_a_thousand_seeded_rings() -> None:
-    kinds = {"drained": 0, "queue error": 0, "refused": 0}
-    steps: Counter[str] = Counter()
-    for seed in range(1000):
-        outcome, _ = run_differential(RandomPicker(Random(f"frames:{seed}")), BOTH, frames=True)
-        assert isinstance(outcome, Outcome), outcome
-        kinds["refused" if outcome.config_error else "queue error" if outcome.error else "drained"] += 1
-        steps.update(str(step[0]) for step in outcome.trace if isinstance(step, tuple) and isinstance(step[0], str))
-    assert all(n > 20 for n in kinds.values()), kinds
-    assert steps["send"] > 100 and steps["reserve"] > 50 and steps["use"] > 5, steps  # each call compared
+    seen = steps(seeded_rings("frames", frames=True))
+    assert seen["send"] > 100 and seen["reserve"] > 50 and seen["use"] > 5, seen  # each call compared
+
+
+@fuzz
+@given(data=st.data(), mutate=st.booleans())
+def test_both_queues_agree_through_serve_block_io(data: st.DataObject, mutate: bool) -> None:
+    run_differential(DrawPicker(data), BOTH, sizes=[1, 2, 4, 8, 16], mutate_rate=1.0 if mutate else 0.0, block=True)
+
+
+def test_both_queues_agree_through_serve_block_io_on_a_thousand_seeded_rings() -> None:
+    calls = [step[1] for o in seeded_rings("block", block=True) for step in o.trace
+             if isinstance(step, tuple) and step[0] == "block"]
+    declined = sum(bool(result[5]) for result in calls)
+    assert declined > 1000 and len(calls) - declined > 50, (len(calls), declined)  # both ends compared
 
 
 @pytest.mark.parametrize("seed", ["29:9313", "29:14157", "29:17113", "29:32527", "29:46071"])
