@@ -224,11 +224,15 @@ class VirtioBlock(QueueState):
                 counters.bytes_read += nread
                 counters.writes += writes
                 counters.bytes_written += nwritten
-                if not declined and n < q.size:
-                    return  # (the queue is empty: the finally clause signals)
-                if declined and (chain := q.pop()) is not None:
-                    q.add_used(chain.head, self._request(mem, chain))
-                    served += 1
+                if not declined:
+                    if n < q.size:
+                        return  # the queue is empty (the finally clause signals)
+                    continue
+                chain = q.pop()  # the one declined
+                if chain is None:
+                    return
+                q.add_used(chain.head, self._request(mem, chain))
+                served += 1
         finally:
             if served:
                 self.signal(REQUEST_QUEUE)
