@@ -13,9 +13,10 @@ that region table here in C before any access.
 Everything the driver writes is read exactly once: a descriptor is copied
 out of guest memory whole and a compiler barrier keeps the compiler from
 reading it again. The GIL is held throughout (the transport's lock already
-orders every caller) but around the frame API's writev and readv, whose
-iovecs point into the regions this queue holds: no other call on the queue
-can run meanwhile, as every one comes under that same lock.
+orders every caller) but around the frame API's writev and readv and
+serve_block_io's preadv and pwritev, whose iovecs point into the regions
+this queue holds: no other call on the queue can run meanwhile, as every
+one comes under that same lock.
 """
 
 from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
