@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from microvm.devices.virtio import queue as vq
+from microvm.devices.virtio import ring
 from microvm.devices.virtio.queue import DescriptorChain, Queue, QueueError
 from microvm.memory import GuestMemory
 from tests.support.virtio_driver import (
@@ -621,9 +622,9 @@ def test_send_chains_writes_each_chain_as_one_record(seqpacket: tuple[socket.soc
 
 
 @pytest.mark.parametrize(("parts", "code"), [
-    ([(b"abc", False), (16, True)], vq.SEND_WRITABLE),
-    ([(b"a", False)], vq.SEND_SHORT),
-    ([(b"x" * 101, False)], vq.SEND_LONG),
+    ([(b"abc", False), (16, True)], ring.SEND_WRITABLE),
+    ([(b"a", False)], ring.SEND_SHORT),
+    ([(b"x" * 101, False)], ring.SEND_LONG),
 ])
 def test_send_chains_stops_at_a_chain_it_refuses(seqpacket: tuple[socket.socket, socket.socket],
                                                  parts: list[tuple[bytes | int, bool]], code: int) -> None:
