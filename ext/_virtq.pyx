@@ -23,11 +23,12 @@ from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Realloc
 from libc.errno cimport E2BIG, ENOBUFS, errno
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
-from libc.string cimport memcpy, memmove
+from libc.string cimport memcpy, memmove, memset
 from posix.types cimport off_t
 from posix.uio cimport iovec, preadv, pwritev, readv, writev
 
 from microvm.devices.virtio import blk_abi as _blk
+from microvm.devices.virtio import net_abi as _net
 from microvm.devices.virtio import ring as _ring
 from microvm.errors import GuestMemoryError
 
@@ -90,6 +91,11 @@ cdef uint32_t BLK_T_OUT = _blk.VIRTIO_BLK_T_OUT
 cdef uint64_t BLK_HEADER = _blk.HEADER_SIZE
 cdef uint64_t BLK_SECTOR = _blk.SECTOR_SIZE
 cdef char BLK_S_OK = _blk.VIRTIO_BLK_S_OK
+cdef enum:
+    NET_HDR_SIZE = 12  # struct virtio_net_hdr_v1 (net_abi.VNET_HDR_SIZE: checked below)
+cdef Py_ssize_t NET_NUM_BUFFERS = _net.NUM_BUFFERS_OFFSET
+cdef unsigned char NET_F_NEEDS_CSUM = _net.VIRTIO_NET_HDR_F_NEEDS_CSUM
+assert _net.VNET_HDR_SIZE == NET_HDR_SIZE
 
 QueueError = _ring.QueueError
 cdef int WANT_READABLE = 0, WANT_WRITABLE = 1, WANT_ALL = 2  # _walk_into's kinds
@@ -515,6 +521,10 @@ cdef class Queue:
         """Pop chains as receive buffers, kept in order, until they hold more than
         `room` bytes, `most` are kept, or none is available: the bytes kept (PyQueue.reserve)."""
         self._check_ready()
+        self._reserve(room, most, min_capacity)
+        return self._r_room
+
+    cdef int _reserve(self, uint64_t room, unsigned int most, uint64_t min_capacity) except -1:
         cdef uint32_t cap = self.max_size
         cdef Py_ssize_t mark, slot
         cdef int head
@@ -558,7 +568,7 @@ cdef class Queue:
             self._r_niov[slot] = self._rx.n - mark
             self._r_count += 1
             self._r_room += capacity
-        return self._r_room
+        return 0
 
     @property
     def reserved(self):
@@ -593,6 +603,9 @@ cdef class Queue:
 
     def chains_for(self, uint64_t nbytes):
         """How many reserved chains, from the first, hold nbytes (at least one)."""
+        return self._chains_for(nbytes)
+
+    cdef Py_ssize_t _chains_for(self, uint64_t nbytes) except -1:
         cdef Py_ssize_t i = 0
         cdef uint64_t room = 0
         if nbytes > self._r_room or not self._r_count:
@@ -608,15 +621,20 @@ cdef class Queue:
         chains that hold nbytes to the driver (chains_for), each with what it got
         of them: the number of chains (PyQueue.use_reserved)."""
         self._check_ready()
-        cdef Py_ssize_t chosen = self.chains_for(nbytes)
-        cdef Py_ssize_t i, slot
-        cdef unsigned long start = self.next_used
-        cdef unsigned long n = start
-        cdef uint64_t left = nbytes, take
+        cdef Py_ssize_t chosen = self._chains_for(nbytes)
         if front is not None and front.shape[0]:
             if <uint64_t>front.shape[0] > self._r_room:
                 raise ValueError(f"{front.shape[0]} bytes are more than the {self._r_room} reserved")
             self._copy_reserved(<char *>&front[0], front.shape[0], True)
+        self._use_reserved(chosen, nbytes)
+        return chosen
+
+    cdef void _use_reserved(self, Py_ssize_t chosen, uint64_t nbytes) noexcept:
+        """Give the first `chosen` reserved chains back, holding nbytes (_chains_for's count)."""
+        cdef Py_ssize_t i, slot
+        cdef unsigned long start = self.next_used
+        cdef unsigned long n = start
+        cdef uint64_t left = nbytes, take
         for i in range(chosen):
             slot = self._r_first + i
             take = min(self._r_cap[slot], left)
@@ -630,7 +648,51 @@ cdef class Queue:
         if not self._r_count:
             self._r_first = self._rx_first = self._rx.n = 0
         self._publish_used(start, n)
-        return chosen
+
+    def receive_frames(self, int fd, uint64_t max_frame, uint64_t min_frame, unsigned int most,
+                       const unsigned char[::1] accepted not None, bint csum):
+        """virtio-net's receive loop: frames from fd straight into reserved receive
+        buffers, one readv each, while a frame needs nothing but its num_buffers:
+        (frames, chains used, bytes, stop) as PyQueue.receive_frames."""
+        self._check_ready()
+        if accepted.shape[0] != 256:
+            raise ValueError(f"accepted has {accepted.shape[0]} entries, not one per gso_type value (256)")
+        cdef Py_ssize_t frames = 0, chains = 0, count, chosen
+        cdef uint64_t total = 0
+        cdef ssize_t got
+        cdef unsigned char header[NET_HDR_SIZE]
+        while True:
+            try:
+                self._reserve(max_frame, most, NET_HDR_SIZE)
+            except QueueError as e:
+                return frames, chains, total, e
+            if (self._r_room <= max_frame or self._rx_first >= self._rx.n
+                    or self._rx.v[self._rx_first].iov_len < NET_HDR_SIZE):
+                return frames, chains, total, None
+            count = self._rx.n - self._rx_first
+            if count > IOV_MAX:
+                return frames, chains, total, -E2BIG
+            with nogil:
+                got = readv(fd, self._rx.v + self._rx_first, <int>count)
+            if got < 0:
+                return frames, chains, total, -errno
+            if <uint64_t>got < min_frame or <uint64_t>got > max_frame:
+                return frames, chains, total, got
+            # The header as read, checked and fixed up here, then written back whole:
+            # the driver sees the one we checked, whatever it writes meanwhile.
+            self._copy_reserved(<char *>header, NET_HDR_SIZE, False)
+            if not accepted[header[1]] or (not csum and header[0] & NET_F_NEEDS_CSUM):
+                return frames, chains, total, got
+            if not csum:
+                memset(header, 0, NET_NUM_BUFFERS)
+            chosen = self._chains_for(<uint64_t>got)
+            header[NET_NUM_BUFFERS] = chosen & 0xFF
+            header[NET_NUM_BUFFERS + 1] = chosen >> 8
+            self._copy_reserved(<char *>header, NET_HDR_SIZE, True)
+            self._use_reserved(chosen, <uint64_t>got)
+            frames += 1
+            chains += chosen
+            total += <uint64_t>got
 
     cdef void _copy_reserved(self, char *buf, Py_ssize_t length, bint to_guest) noexcept:
         """Copy between buf and the first `length` bytes of the reserved buffers

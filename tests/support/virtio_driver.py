@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from microvm.devices.virtio import net_abi
 from microvm.devices.virtio import queue as vq
 from microvm.devices.virtio.queue import DescriptorChain, Queue, QueueError
 from microvm.memory import GuestMemory
@@ -501,7 +503,10 @@ def run_hostile(ring: HostileRing, pick: Picker, mutate: Callable[[HostileRing, 
                     snapshot = [bytes(b) for b in ring.backings]
                 continue
             if frames and pick.boolean(0.5):
-                if not _frame_step(queue, ring, pick, outcome):
+                more = _frame_step(queue, ring, pick, outcome)
+                if outcome.trace and outcome.trace[-1][0] == "receive":
+                    snapshot = [bytes(b) for b in ring.backings]  # (what it wrote is compared, not judged)
+                if not more:
                     break
                 outcome.trace.append(queue.needs_notification())
                 if mutate is not None:
@@ -551,6 +556,8 @@ def _block_step(queue: Queue, pick: Picker, outcome: Outcome) -> bool:
 
 def _frame_step(queue: Queue, ring: HostileRing, pick: Picker, outcome: Outcome) -> bool:
     """One step through the frame API; False once nothing was available."""
+    if pick.boolean(0.15):
+        return _receive_step(queue, ring, pick, outcome)
     if pick.boolean(0.5):
         fd = os.open(os.devnull, os.O_WRONLY)
         try:
@@ -569,6 +576,38 @@ def _frame_step(queue: Queue, ring: HostileRing, pick: Picker, outcome: Outcome)
         nbytes = pick.integer(0, room)
         outcome.trace.append(("use", queue.chains_for(nbytes), queue.use_reserved(nbytes)))
     return queue.reserved > before or bool(queue.reserved)
+
+
+# Headers a tap may give: the flags and gso_type bytes a receive header starts with.
+_RX_FLAGS = (0, net_abi.VIRTIO_NET_HDR_F_NEEDS_CSUM, net_abi.VIRTIO_NET_HDR_F_DATA_VALID, 0xFF)
+_RX_GSO = (0, net_abi.VIRTIO_NET_HDR_GSO_TCPV4, net_abi.VIRTIO_NET_HDR_GSO_TCPV6, 0x81, 0x84, 0x80, 3, 0xFF)
+
+
+def _receive_step(queue: Queue, ring: HostileRing, pick: Picker, outcome: Outcome) -> bool:
+    """One receive_frames over a few frames a tap might give (mostly plain headers,
+    sometimes an offload the driver did not negotiate, sizes around the limits);
+    the frames it read are in guest memory, compared with the other queue's
+    through the trace (what it writes lands in buffers it was given)."""
+    reader, writer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        reader.setblocking(False)
+        for _ in range(pick.integer(0, 3)):
+            header = bytes([pick.choice(_RX_FLAGS), pick.choice(_RX_GSO)]) + pick.raw(10)
+            writer.send(header + pick.raw(pick.integer(0, 120)))
+        accepted = net_abi.gso_accepted(pick.boolean(), pick.boolean(), pick.boolean())
+        result = queue.receive_frames(reader.fileno(), pick.integer(12, 1 << 10), pick.integer(0, 40),
+                                      pick.integer(1, ring.size + 1), accepted, pick.boolean())
+    finally:
+        reader.close()
+        writer.close()
+    frames, chains, nbytes, stop = result
+    outcome.trace.append(("receive", frames, chains, nbytes, str(stop) if isinstance(stop, QueueError) else stop,
+                          queue.reserved, tuple(bytes(b) for b in ring.backings)))
+    outcome.chains += chains
+    if isinstance(stop, QueueError):
+        outcome.error = str(stop)
+        return False
+    return bool(chains) or bool(queue.reserved)
 
 
 def mutate_ring(ring: HostileRing, pick: Picker) -> None:

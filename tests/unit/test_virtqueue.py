@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from microvm.devices.virtio import net_abi, ring
 from microvm.devices.virtio import queue as vq
-from microvm.devices.virtio import ring
 from microvm.devices.virtio.queue import DescriptorChain, Queue, QueueError
 from microvm.memory import GuestMemory
 from tests.support.virtio_driver import (
@@ -682,6 +682,92 @@ def test_reserve_refuses_bad_receive_buffers(parts: list[tuple[bytes | int, bool
     with pytest.raises(QueueError, match=match):
         queue.reserve(100, 8, 4)
     assert queue.reserved == 1  # the good one stays
+
+
+# receive_frames: virtio-net's receive loop in the queue. Frames here are a
+# 12-byte struct virtio_net_hdr_v1 (flags, gso_type, ..., num_buffers at 10) and a body.
+ACCEPT_NONE = net_abi.gso_accepted(False, False, False)
+
+
+def net_frame(body: int, flags: int = 0, gso: int = 0, fill: int = 0x5A) -> bytes:
+    return bytes([flags, gso]) + bytes(range(2, 10)) + b"\xff\xff" + bytes([fill]) * body
+
+
+def test_receive_frames_gives_back_each_plain_frame(seqpacket: tuple[socket.socket, socket.socket]) -> None:
+    mem, driver, queue = setup(size=16)
+    heads = [driver.add_chain([(32, True)]) for _ in range(8)]
+    addrs = [driver.buffers[h][0][0] for h in heads]
+    frames = [net_frame(20, fill=1), net_frame(50, fill=2), net_frame(14, fill=3)]
+    for f in frames:
+        seqpacket[1].send(f)
+    # max_frame 64: room for more than 64 bytes takes three 32-byte chains each time
+    got = queue.receive_frames(seqpacket[0].fileno(), 64, 26, 8, ACCEPT_NONE, True)
+    assert got == (3, 4, 32 + 62 + 26, -errno.EAGAIN)
+    used = driver.used()
+    assert [u[1] for u in used] == [32, 32, 30, 26]
+    assert mem.read(addrs[0], 32) == frames[0][:10] + b"\x01\x00" + frames[0][12:]  # num_buffers 1
+    second = mem.read(addrs[1], 32) + mem.read(addrs[2], 30)
+    assert second == frames[1][:10] + b"\x02\x00" + frames[1][12:]  # two chains
+    assert queue.reserved == 3  # kept for the next frame
+
+
+def test_receive_frames_without_csum_clears_the_offload_fields(seqpacket: tuple[socket.socket, socket.socket]) -> None:
+    mem, driver, queue = setup(size=16)
+    head = driver.add_chain([(128, True)])
+    addr = driver.buffers[head][0][0]
+    seqpacket[1].send(net_frame(20, flags=net_abi.VIRTIO_NET_HDR_F_DATA_VALID))
+    assert queue.receive_frames(seqpacket[0].fileno(), 100, 26, 1, ACCEPT_NONE, False)[:2] == (1, 1)
+    assert mem.read(addr, 12) == bytes(10) + b"\x01\x00"
+
+
+@pytest.mark.parametrize(("frame", "csum"), [
+    (net_frame(20, gso=net_abi.VIRTIO_NET_HDR_GSO_TCPV4), True),  # TSO4 not negotiated
+    (net_frame(20, flags=net_abi.VIRTIO_NET_HDR_F_NEEDS_CSUM), False),  # a partial checksum, no GUEST_CSUM
+    (net_frame(5), True),  # shorter than min_frame
+    (net_frame(101), True),  # longer than max_frame: the readv filled the room and more
+])
+def test_receive_frames_leaves_a_frame_it_does_not_take(seqpacket: tuple[socket.socket, socket.socket],
+                                                        frame: bytes, csum: bool) -> None:
+    _mem, driver, queue = setup(size=16)
+    good = driver.add_chain([(128, True)])
+    driver.add_chain([(128, True)])
+    seqpacket[1].send(net_frame(20))
+    seqpacket[1].send(frame)
+    seqpacket[1].send(net_frame(30))
+    frames, chains, nbytes, stop = queue.receive_frames(seqpacket[0].fileno(), 100, 26, 1, ACCEPT_NONE, csum)
+    assert (frames, chains, nbytes) == (1, 1, 32) and stop == min(len(frame), 128)
+    assert driver.used() == [(good, 32)]
+    assert queue.reserved == 1 and bytes(queue.peek_reserved(2)) == frame[:2]  # the device's to finish or drop
+
+
+def test_receive_frames_stops_where_the_buffers_are_too_few(seqpacket: tuple[socket.socket, socket.socket]) -> None:
+    _mem, driver, queue = setup(size=16)
+    driver.add_chain([(40, True)])
+    seqpacket[1].send(net_frame(20))
+    assert queue.receive_frames(seqpacket[0].fileno(), 64, 26, 8, ACCEPT_NONE, True) == (0, 0, 0, None)
+    assert queue.reserved == 1 and driver.used() == []  # nothing read: the tap still holds the frame
+    driver.add_chain([(8, True)])  # a first buffer shorter than the header
+    _, driver2, queue2 = setup(size=16)
+    driver2.add_chain([(8, True), (100, True)])
+    assert queue2.receive_frames(seqpacket[0].fileno(), 64, 26, 8, ACCEPT_NONE, True) == (0, 0, 0, None)
+
+
+def test_receive_frames_returns_a_broken_chain_after_the_frames_before(
+        seqpacket: tuple[socket.socket, socket.socket]) -> None:
+    _mem, driver, queue = setup(size=16)
+    good = driver.add_chain([(64, True)])
+    driver.add_chain([(b"readable", False), (64, True)])
+    seqpacket[1].send(net_frame(20))
+    frames, chains, nbytes, stop = queue.receive_frames(seqpacket[0].fileno(), 60, 26, 1, ACCEPT_NONE, True)
+    assert (frames, chains, nbytes) == (1, 1, 32)
+    assert isinstance(stop, QueueError) and "device-readable" in str(stop)
+    assert driver.used() == [(good, 32)]
+
+
+def test_receive_frames_refuses_a_short_table() -> None:
+    _mem, _driver, queue = setup()
+    with pytest.raises(ValueError, match="256"):
+        queue.receive_frames(0, 100, 26, 1, b"\x01" * 255, True)
 
 
 def test_reserved_buffers_beyond_one_readv_and_a_reset() -> None:

@@ -74,7 +74,8 @@ def test_both_queues_agree_through_the_frame_api(data: st.DataObject, mutate: bo
 
 def test_both_queues_agree_through_the_frame_api_on_a_thousand_seeded_rings() -> None:
     seen = steps(seeded_rings("frames", frames=True))
-    assert seen["send"] > 100 and seen["reserve"] > 50 and seen["use"] > 5, seen  # each call compared
+    # each call compared (receive_frames reserves too: fewer plain reserve steps than before it)
+    assert seen["send"] > 100 and seen["reserve"] > 40 and seen["use"] > 5 and seen["receive"] > 50, seen
 
 
 @fuzz

@@ -9,10 +9,14 @@ guest and the host kernel as is, and checksum and segmentation offloads
 Transmit gathers a chain's readable buffers into one writev() on the tap,
 straight from guest memory (Queue.send_chains). Receive reads each frame
 straight into the guest's receive buffers, one readv() over the buffers
-the queue keeps for us (Queue.reserve, readv_reserved), when they hold the
-largest frame the tap may give (mergeable receive buffers, 5.1.6.3.2, or
-one big buffer): then nothing is copied, and the header's fields are fixed
-up in place. With fewer buffers posted, a frame is read into a host buffer
+the queue keeps for us (Queue.receive_frames; reserve and readv_reserved
+one frame at a time under a rate limit), when they hold the largest frame
+the tap may give (mergeable receive buffers, 5.1.6.3.2, or one big
+buffer): then nothing is copied, and the header's fields are fixed up in
+place. The queue's loop gives back every frame whose header needs nothing
+but num_buffers (net_abi.plain_header); the first other one (too short or
+long, an offload the driver did not negotiate, a read error) it leaves in
+the buffers for this device to finish or drop and count. With fewer buffers posted, a frame is read into a host buffer
 and spread over as many as it needs once they are there; the tap is not
 read again until the guest adds buffers (its notification resumes us).
 The per-buffer work (walking chains, the iovecs, the used ring) is the
@@ -37,12 +41,25 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Protocol
 
-from microvm.backends.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, VNET_HDR_SIZE
+from microvm.backends.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN
 from microvm.checks import parse_mac
 from microvm.devices.state import Fields, State
 from microvm.devices.virtio import VIRTIO_ID_NET, QueueState, config_read
+from microvm.devices.virtio.net_abi import (  # noqa: F401  (the header's names, as net.* too)
+    ETH_HLEN,
+    NUM_BUFFERS_OFFSET,
+    VIRTIO_NET_HDR_F_DATA_VALID,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_ECN,
+    VIRTIO_NET_HDR_GSO_NONE,
+    VIRTIO_NET_HDR_GSO_TCPV4,
+    VIRTIO_NET_HDR_GSO_TCPV6,
+    VNET_HDR_SIZE,
+    gso_accepted,
+    plain_header,
+)
 from microvm.devices.virtio.queue import DescriptorChain, Queue
-from microvm.devices.virtio.ring import SEND_LONG, SEND_PARTIAL, SEND_SHORT, SEND_WRITABLE
+from microvm.devices.virtio.ring import SEND_LONG, SEND_PARTIAL, SEND_SHORT, SEND_WRITABLE, QueueError
 from microvm.memory import GuestMemory
 from microvm.ratelimit import RateLimit, Throttle
 
@@ -63,18 +80,10 @@ VIRTIO_NET_F_MRG_RXBUF = 15
 VIRTIO_NET_F_STATUS = 16
 
 VIRTIO_NET_S_LINK_UP = 1
-VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
-VIRTIO_NET_HDR_F_DATA_VALID = 2
-VIRTIO_NET_HDR_GSO_NONE = 0
-VIRTIO_NET_HDR_GSO_TCPV4 = 1
-VIRTIO_NET_HDR_GSO_TCPV6 = 4
-VIRTIO_NET_HDR_GSO_ECN = 0x80
 
 RX_QUEUE = 0
 TX_QUEUE = 1
 QUEUE_SIZE = 256
-NUM_BUFFERS_OFFSET = 10  # in struct virtio_net_hdr_v1 (VNET_HDR_SIZE, backends/tap.py)
-ETH_HLEN = 14
 MTU = 1500
 # The largest frame either way: a 64 KiB GSO segment, its Ethernet header and ours.
 MAX_FRAME = VNET_HDR_SIZE + ETH_HLEN + 65535
@@ -94,7 +103,7 @@ def _frame_bytes(chain: DescriptorChain) -> int:
     return sum(d.len for d in chain.descriptors)
 
 
-# _receive_direct's answers besides a count of chains used.
+# _direct_frame's answers besides a count of chains used.
 _NO_FRAME, _DROPPED = -1, -2
 # Errors from the tap that mean it is gone (deleted, or its netns went away).
 TAP_GONE = (errno.EBADFD, errno.EIO, errno.ENXIO, errno.ENODEV)
@@ -147,6 +156,7 @@ class VirtioNet(QueueState):
         self.config_changed: Callable[[], None] | None = None  # set by the transport
         self.mergeable = False
         self.guest_csum = self.guest_tso4 = self.guest_tso6 = self.guest_ecn = False
+        self._gso_accepted = gso_accepted(False, False, False)  # the receive offloads negotiated, per gso_type
         self._rx_view = memoryview(bytearray(MAX_FRAME + 1))  # one spare byte shows truncation
         self._pending = 0  # length of a frame read from the tap, waiting for buffers
         self._last_frame = 0  # the length of the frame _receive_direct read last
@@ -208,6 +218,7 @@ class VirtioNet(QueueState):
         self.guest_tso4 = bool(features >> VIRTIO_NET_F_GUEST_TSO4 & 1)
         self.guest_tso6 = bool(features >> VIRTIO_NET_F_GUEST_TSO6 & 1)
         self.guest_ecn = bool(features >> VIRTIO_NET_F_GUEST_ECN & 1)
+        self._gso_accepted = gso_accepted(self.guest_tso4, self.guest_tso6, self.guest_ecn)
         self._set_offload(offload_flags(features))
 
     def stats(self) -> dict[str, int]:
@@ -322,7 +333,11 @@ class VirtioNet(QueueState):
                 if not self._pending and not self.rx_throttle.ready():
                     break  # the rate limit: the Throttle's retry brings us back
                 if not self._pending:
-                    got = self._receive_direct(q)
+                    if self.rx_throttle.limiter is None:
+                        chains, got = self._receive_frames(q)
+                        used += chains
+                    else:
+                        got = self._receive_direct(q)  # one frame: each is charged
                     if got == _NO_FRAME:
                         break
                     if got == _DROPPED:
@@ -348,16 +363,35 @@ class VirtioNet(QueueState):
             if used:
                 self.signal(RX_QUEUE)
 
+    def _receive_frames(self, q: Queue) -> tuple[int, int | None]:
+        """Every frame the queue reads and gives back whole (Queue.receive_frames, in
+        C with the Cython queue), then the one it stopped at: (chains used by the
+        first, _direct_frame's answer for the other)."""
+        frames, chains, nbytes, stop = q.receive_frames(
+            self.backend.fd, MAX_FRAME, VNET_HDR_SIZE + ETH_HLEN, self._most_rx_chains(q), self._gso_accepted,
+            self.guest_csum)
+        if frames:
+            self.counters["rx_frames"] += frames
+            self.counters["rx_bytes"] += nbytes - frames * VNET_HDR_SIZE
+        if isinstance(stop, QueueError):
+            raise stop
+        return chains, (None if stop is None else self._direct_frame(q, stop))
+
     def _receive_direct(self, q: Queue) -> int | None:
         """Read one frame from the tap straight into the reserved receive buffers:
-        the chains used, _NO_FRAME (nothing to read, or the tap is gone),
-        _DROPPED (a bad frame: its buffers stay for the next), or None when the
-        buffers posted cannot take the largest frame (the copy path's turn)."""
-        most = min(MAX_RX_CHAINS, q.size) if self.mergeable else 1
+        _direct_frame's answer."""
         # (more than MAX_FRAME: one spare byte shows a frame that filled them all was cut)
-        if q.reserve(MAX_FRAME, most, VNET_HDR_SIZE) <= MAX_FRAME or q.reserved_head_len() < VNET_HDR_SIZE:
+        if (q.reserve(MAX_FRAME, self._most_rx_chains(q), VNET_HDR_SIZE) <= MAX_FRAME
+                or q.reserved_head_len() < VNET_HDR_SIZE):
             return None  # too little room, or a header split over descriptors (fixed up in the host buffer)
-        n = self._tap_result(q.readv_reserved(self.backend.fd))
+        return self._direct_frame(q, q.readv_reserved(self.backend.fd))
+
+    def _direct_frame(self, q: Queue, n: int) -> int | None:
+        """A readv into the reserved receive buffers (bytes, or -errno), finished: the
+        chains used, _NO_FRAME (nothing to read, or the tap is gone), _DROPPED (a bad
+        frame: its buffers stay for the next), or None when the buffers posted cannot
+        take the largest frame (the copy path's turn)."""
+        n = self._tap_result(n)
         if n == -errno.E2BIG:
             return None  # more buffers than one readv takes
         if n < 0:
@@ -372,6 +406,9 @@ class VirtioNet(QueueState):
         self.counters["rx_bytes"] += n - VNET_HDR_SIZE
         self._last_frame = n
         return chosen
+
+    def _most_rx_chains(self, q: Queue) -> int:
+        return min(MAX_RX_CHAINS, q.size) if self.mergeable else 1
 
     def _tap_readv(self, views: list[memoryview]) -> int:
         """Read one frame from the tap into views (see _tap_result)."""
@@ -421,7 +458,7 @@ class VirtioNet(QueueState):
     def _deliver(self, q: Queue, frame: memoryview) -> int | None:
         """Write one frame into receive buffers; the number used, or None if too few."""
         need = len(frame)
-        most = min(MAX_RX_CHAINS, q.size) if self.mergeable else 1
+        most = self._most_rx_chains(q)
         room = q.reserve(need - 1, most, VNET_HDR_SIZE)  # until they hold the frame
         if room < need:
             if not self.mergeable and q.reserved:
@@ -453,12 +490,9 @@ class VirtioNet(QueueState):
         before a renegotiation, or a persistent tap set up by someone else,
         may still carry them: such a frame is dropped, never passed on.
         """
-        gso = frame[1] & ~VIRTIO_NET_HDR_GSO_ECN
-        if gso != VIRTIO_NET_HDR_GSO_NONE:
-            allowed = {VIRTIO_NET_HDR_GSO_TCPV4: self.guest_tso4, VIRTIO_NET_HDR_GSO_TCPV6: self.guest_tso6}
-            if not allowed.get(gso) or (frame[1] & VIRTIO_NET_HDR_GSO_ECN and not self.guest_ecn):
-                self._drop("rx_offload", f"a segment (gso_type {frame[1]:#x}) the guest did not negotiate")
-                return False
+        if not plain_header(frame, self._gso_accepted, True):
+            self._drop("rx_offload", f"a segment (gso_type {frame[1]:#x}) the guest did not negotiate")
+            return False
         if not self.guest_csum:
             if frame[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM:
                 self._drop("rx_offload", "a frame with a partial checksum for a guest without GUEST_CSUM")

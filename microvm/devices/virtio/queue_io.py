@@ -5,7 +5,8 @@ same checks; the devices keep what the bytes mean.
 
 - frames (virtio-net and its tap): send_chains writes each available chain
   with one writev; reserve, readv_reserved and use_reserved keep receive
-  buffers and read a frame into them with one readv;
+  buffers and read a frame into them with one readv; receive_frames loops
+  over those for every frame that needs nothing but its num_buffers;
 - virtio-blk's reads and writes: serve_block_io moves each request's
   sectors with one preadv/pwritev, and declines everything else.
 
@@ -23,6 +24,7 @@ from collections.abc import Iterable
 
 from microvm.devices.virtio.blk_abi import HEADER_SIZE as BLK_HEADER_SIZE
 from microvm.devices.virtio.blk_abi import SECTOR_SIZE, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
+from microvm.devices.virtio.net_abi import NUM_BUFFERS_OFFSET, VNET_HDR_SIZE, plain_header
 from microvm.devices.virtio.ring import (
     IOV_MAX,
     SEND_LONG,
@@ -218,6 +220,46 @@ class QueueIo:
             left -= min(capacity, left)
         self.add_used_many(used)
         return chosen
+
+    def receive_frames(self, fd: int, max_frame: int, min_frame: int, most: int, accepted: bytes,
+                       csum: bool) -> tuple[int, int, int, int | QueueError | None]:
+        """virtio-net's receive loop (5.1.6.3, 5.1.6.4): read frames from fd straight
+        into reserved receive buffers, one readv each, keeping chains until they
+        hold more than max_frame bytes (at most `most`), and give each frame back
+        with its header's num_buffers set to the chains it took, as long as the
+        frame needs nothing else: between min_frame and max_frame bytes and a
+        plain header (net_abi.plain_header; without `csum` its offload fields are
+        cleared). Returns (frames, chains used, bytes, stop), stop saying why the
+        loop ended: None, the buffers posted cannot take a max_frame frame or the
+        first is shorter than the header (the chains stay reserved); an int, the
+        readv it did not take (bytes read, its frame in the reserved buffers, or
+        -errno: -EAGAIN when there is nothing to read), for the device to finish;
+        a QueueError, a broken receive chain (raised by reserve), after the frames
+        before it were given back."""
+        if len(accepted) != 256:
+            raise ValueError(f"accepted has {len(accepted)} entries, not one per gso_type value (256)")
+        frames = chains = nbytes = 0
+        while True:
+            try:
+                room = self.reserve(max_frame, most, VNET_HDR_SIZE)
+            except QueueError as e:
+                return frames, chains, nbytes, e
+            if room <= max_frame or self.reserved_head_len() < VNET_HDR_SIZE:
+                return frames, chains, nbytes, None
+            n = self.readv_reserved(fd)
+            if not min_frame <= n <= max_frame:
+                return frames, chains, nbytes, n
+            header = self.peek_reserved(VNET_HDR_SIZE)
+            if not plain_header(header, accepted, csum):
+                return frames, chains, nbytes, n
+            if not csum:
+                header[:NUM_BUFFERS_OFFSET] = bytes(NUM_BUFFERS_OFFSET)
+            chosen = self.chains_for(n)
+            header[NUM_BUFFERS_OFFSET:NUM_BUFFERS_OFFSET + 2] = chosen.to_bytes(2, "little")
+            self.use_reserved(n, header)
+            frames += 1
+            chains += chosen
+            nbytes += n
 
     # --- virtio-blk reads and writes: a request straight between a disk and guest memory ---
     #
