@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Iterable
 
@@ -41,7 +42,7 @@ from microvm.memory import GuestMemory
 _BLK_OUTHDR = struct.Struct("<IIQ")  # struct virtio_blk_outhdr: type, ioprio, sector
 
 
-class QueueIo:
+class QueueIo(ABC):
     """The device paths; PyQueue supplies the ring (see the module docstring)."""
 
     max_size: int
@@ -57,23 +58,23 @@ class QueueIo:
         self._reserved_room = 0
 
     # PyQueue's ring access.
-    def _mem(self) -> GuestMemory:
-        raise NotImplementedError
+    @abstractmethod
+    def _mem(self) -> GuestMemory: ...
 
-    def pop(self) -> DescriptorChain | None:
-        raise NotImplementedError
+    @abstractmethod
+    def pop(self) -> DescriptorChain | None: ...
 
-    def _peek(self) -> tuple[int, list[Descriptor]] | None:
-        raise NotImplementedError
+    @abstractmethod
+    def _peek(self) -> tuple[int, list[Descriptor]] | None: ...
 
-    def add_used_many(self, used: Iterable[tuple[int, int]]) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def add_used_many(self, used: Iterable[tuple[int, int]]) -> None: ...
 
-    def _put_used(self, mem: GuestMemory, n: int, head: int, length: int) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def _put_used(self, mem: GuestMemory, n: int, head: int, length: int) -> None: ...
 
-    def _publish_used(self, mem: GuestMemory, start: int, n: int) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def _publish_used(self, mem: GuestMemory, start: int, n: int) -> None: ...
 
     # --- frames: a chain's buffers straight to and from an fd -------------------------
     #
