@@ -297,7 +297,7 @@ def exits_cmd(exits: int, runs: int, out: Path) -> None:
 
     exits_bench.compiler()
     _measure("exits", "exit loops", runs * len(exits_bench.VARIANTS),
-             lambda advance: exits_bench.run(exits, runs, advance), _compared(exits_bench), out)
+             lambda advance: exits_bench.run(exits, runs, advance), exits_bench.table, out)
 
 
 @bench.command("startup")

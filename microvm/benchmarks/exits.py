@@ -17,7 +17,8 @@ time the whole run and divide by N, for:
           this package and compiled when the benchmark starts)
 All in one invocation, taking turns. raw-c-here against raw-c is what the
 process and its VM cost an exit (not Python: no Python runs per exit);
-noop against raw-c-here is what Python costs. A tiny guest: it runs anywhere /dev/kvm
+noop against raw-c-here is what Python costs: the second table gives it
+as differences of runs that took turns (overheads()). A tiny guest: it runs anywhere /dev/kvm
 does, PVM included, with no lane.
 """
 
@@ -32,6 +33,8 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from rich.console import Group, RenderableType
 
 from microvm import _kvm
 from microvm.arch.x86_64 import layout
@@ -52,6 +55,7 @@ RAM = 0x10000  # 64 KiB: the guest touches its code and nothing else
 PORT = 0x80  # the port GUEST writes (e6 80: out 0x80, al), POST diagnostics on a PC
 C_SOURCE = "exits_raw.c"
 VARIANTS = ("bus", "noop", "mmio", "fast", "raw-py", "raw-c-here", "raw-c")
+OVERHEAD_VARIANTS = ("bus", "noop", "mmio", "raw-py")  # paired with raw-c-here (overheads())
 METRIC = "ns_per_exit"
 METRICS = {METRIC: ("one port-I/O exit", "ns")}
 
@@ -197,7 +201,32 @@ def run(exits: int, runs: int, advance: Callable[[str], None] = lambda _: None) 
     return {"benchmark": "exits", "exits": exits,
             **report.compare({v: {METRIC: s} for v, s in samples.items()}, [METRIC],
                              [(v, "raw-c-here") for v in ("bus", "noop", "raw-py")]
-                             + [("mmio", "noop"), ("fast", "raw-c-here"), ("raw-c-here", "raw-c")])}
+                             + [("mmio", "noop"), ("fast", "raw-c-here"), ("raw-c-here", "raw-c")]),
+            "overhead_ns": overheads(samples)}
+
+
+def overheads(samples: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """What each variant adds to an exit over raw-c-here, as pairs: the variants
+    of run i took turns with each other, so their difference leaves out the
+    drift between runs (the raw C loop's own spread is wider than Python's
+    share of an exit). Per variant: the median difference, its quartiles and
+    extremes, in ns."""
+    out = {}
+    for variant in OVERHEAD_VARIANTS:
+        d = [a - b for a, b in zip(samples[variant], samples["raw-c-here"], strict=True)]
+        if d:
+            out[variant] = {"pairs": len(d), "median": report.percentile(d, 50), "p25": report.percentile(d, 25),
+                            "p75": report.percentile(d, 75), "min": min(d), "max": max(d)}
+    return out
+
+
+def table(result: dict[str, Any]) -> RenderableType:
+    """The comparison's table, and the paired overheads over the raw C loop."""
+    rows = [(f"{variant} - raw-c-here", o["pairs"], o["median"], f"{o['p25']:.0f}..{o['p75']:.0f}",
+             f"{o['min']:.0f}..{o['max']:.0f}") for variant, o in result.get("overhead_ns", {}).items()]
+    return Group(report.compare_table(title(result), METRICS, result),
+                 report.rows_table("what an exit costs over the raw C loop, per pair of runs (ns)",
+                                   ["variant", "pairs", "median", "quartiles", "min..max"], rows))
 
 
 def title(result: dict[str, Any]) -> str:

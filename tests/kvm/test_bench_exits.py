@@ -3,6 +3,10 @@ counting the guest's exits exactly (the C loop in this process included)."""
 
 from __future__ import annotations
 
+import io
+
+from rich.console import Console
+
 from microvm.benchmarks import exits
 
 
@@ -13,6 +17,20 @@ def test_every_exit_loop_runs_the_guest_to_its_halt() -> None:
         assert all(ns > 0 for ns in result["samples"][variant][exits.METRIC]), variant
     assert set(result["ratio"]) == {"bus / raw-c-here", "noop / raw-c-here", "raw-py / raw-c-here",
                                     "mmio / noop", "fast / raw-c-here", "raw-c-here / raw-c"}
+    # the paired overheads: each the median of run-by-run differences, and shown in the table
+    for variant in exits.OVERHEAD_VARIANTS:
+        o = result["overhead_ns"][variant]
+        d = sorted(a - b for a, b in zip(result["samples"][variant][exits.METRIC],
+                                         result["samples"]["raw-c-here"][exits.METRIC], strict=True))
+        assert o["pairs"] == 2 and (o["min"], o["max"]) == (d[0], d[-1]) and o["median"] == (d[0] + d[1]) / 2
+    text = _rendered(exits.table(result))
+    assert "noop - raw-c-here" in text and "per pair of runs" in text
+
+
+def _rendered(renderable: object) -> str:
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(renderable)
+    return console.export_text()
 
 
 def test_the_mmio_loop_counts_mmio_exits_through_the_page_table() -> None:
