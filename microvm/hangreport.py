@@ -93,7 +93,7 @@ def kernel_functions(kernel: Path | None, addrs: Iterable[int]) -> dict[int, str
     if kernel is None:
         return {}
     try:
-        return functions_at(kernel, addrs)  # pyelftools refuses a bzImage
+        return functions_at(kernel, addrs)  # a LoaderError for a bzImage
     except Exception:  # the report goes on without names
         return {}
 

@@ -224,13 +224,7 @@ def _parse(size: int, read: Reader, identity: tuple[int, ...] | None) -> tuple[i
         raise LoaderError("vmlinux has no loadable (PT_LOAD) segments")
 
     def sections() -> list[tuple[int, ...]]:
-        sh_end = e_shoff + e_shnum * e_shentsize
-        if sh_end > size:
-            raise LoaderError(f"vmlinux is truncated: section headers end at {sh_end:#x}, "
-                              f"file is {size} bytes")
-        if e_shnum and e_shentsize != SHDR.size:
-            raise LoaderError(f"vmlinux is corrupt: e_shentsize is {e_shentsize}, ELF64 says {SHDR.size}")
-        return list(SHDR.iter_unpack(read(e_shoff, e_shnum * SHDR.size))) if e_shnum else []
+        return _sections(read, size, e_shoff, e_shnum, e_shentsize)
 
     entry = _pvh_entry(read, size, notes)
     if entry is None:  # no PT_NOTE carried it: look in the SHT_NOTE sections
@@ -252,18 +246,55 @@ def _parse(size: int, read: Reader, identity: tuple[int, ...] | None) -> tuple[i
 _KERNEL_SYMBOLS: dict[tuple[int, ...], KernelSymbols] = {}
 
 
-def _kernel_symbols(sections: list[tuple[int, ...]], read: Reader, size: int) -> KernelSymbols:
-    """The size of the kernel's boot_command_line buffer and the address of
-    `prb` (its log buffer's pointer), from its symbol table: a raw scan, the
-    table whole (tens of thousands of symbols; once per kernel file)."""
+def _sections(read: Reader, size: int, e_shoff: int, e_shnum: int, e_shentsize: int) -> list[tuple[int, ...]]:
+    sh_end = e_shoff + e_shnum * e_shentsize
+    if sh_end > size:
+        raise LoaderError(f"vmlinux is truncated: section headers end at {sh_end:#x}, file is {size} bytes")
+    if e_shnum and e_shentsize != SHDR.size:
+        raise LoaderError(f"vmlinux is corrupt: e_shentsize is {e_shentsize}, ELF64 says {SHDR.size}")
+    return list(SHDR.iter_unpack(read(e_shoff, e_shnum * SHDR.size))) if e_shnum else []
+
+
+def _symbol_tables(sections: list[tuple[int, ...]], read: Reader, size: int) -> tuple[bytes, bytes]:
+    """The raw symbol table (ELF64_SYM entries) and its string table; empty
+    without a symbol table."""
     symtab = next((sh for sh in sections if sh[1] == SHT_SYMTAB), None)
     if symtab is None or symtab[9] != ELF64_SYM.size or not 0 <= symtab[6] < len(sections):
-        return KernelSymbols()
+        return b"", b""
     strtab = sections[symtab[6]]  # sh_link
     tables = [(symtab[4], symtab[5]), (strtab[4], strtab[5])]  # (sh_offset, sh_size)
     if any(offset + length > size for offset, length in tables):
         raise LoaderError("vmlinux is truncated: its symbol table runs past the end of the file")
-    symbols, names = read(*tables[0]), read(*tables[1])
+    return read(*tables[0]), read(*tables[1])
+
+
+def symbol_tables(path: str | os.PathLike[str]) -> tuple[bytes, bytes]:
+    """The raw symbol table and string table of an ELF64 file (loader/symbols.py
+    names addresses with them), empty without a symbol table; a LoaderError for
+    a file that is not a little-endian ELF64 one (a bzImage) or is cut short."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+
+        def read(offset: int, length: int) -> bytes:
+            return os.pread(f.fileno(), length, offset)
+
+        header = read(0, EHDR.size)
+        if len(header) < EHDR.size or header[:4] != b"\x7fELF" or header[4] != ELFCLASS64 or header[5] != ELFDATA2LSB:
+            raise LoaderError(f"{os.fspath(path)} is not a little-endian ELF64 file")
+        e_shoff, e_shentsize, e_shnum = (EHDR.unpack(header)[i] for i in (6, 11, 12))
+        try:
+            return _symbol_tables(_sections(read, size, e_shoff, e_shnum, e_shentsize), read, size)
+        except (struct.error, ValueError, OverflowError) as e:
+            raise LoaderError(f"{os.fspath(path)} is truncated or corrupt: {e}") from e
+
+
+def _kernel_symbols(sections: list[tuple[int, ...]], read: Reader, size: int) -> KernelSymbols:
+    """The size of the kernel's boot_command_line buffer and the address of
+    `prb` (its log buffer's pointer), from its symbol table: a raw scan, the
+    table whole (tens of thousands of symbols; once per kernel file)."""
+    symbols, names = _symbol_tables(sections, read, size)
+    if not symbols:
+        return KernelSymbols()
     command_line = _symbol(names, symbols, b"boot_command_line")
     log = _symbol(names, symbols, b"prb", unique=True)
     return KernelSymbols(command_line[1] if command_line and command_line[1] > 0 else DEFAULT_COMMAND_LINE_SIZE,

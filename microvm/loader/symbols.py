@@ -6,12 +6,12 @@ its link addresses, so the symbol table names them as they are."""
 from __future__ import annotations
 
 import bisect
-import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from microvm.loader.elf import ELF64_SYM, symbol_tables
+
 STT_FUNC = 2
-_ELF64_SYM = struct.Struct("<IBBHQQ")  # st_name, st_info, st_other, st_shndx, st_value, st_size
 
 
 class Symbols:
@@ -66,19 +66,12 @@ def functions_at(vmlinux: Path, addrs: Iterable[int]) -> dict[int, str]:
 
 def _symbol_tables(vmlinux: Path) -> tuple[bytes, bytes]:
     """The raw .symtab and .strtab of an ELF64 file (empty when it has none)."""
-    from elftools.elf.elffile import ELFFile
-
-    with open(vmlinux, "rb") as f:
-        elf = ELFFile(f)
-        symtab, strtab = elf.get_section_by_name(".symtab"), elf.get_section_by_name(".strtab")
-        if symtab is None or strtab is None or symtab["sh_entsize"] != _ELF64_SYM.size:
-            return b"", b""
-        return symtab.data(), strtab.data()
+    return symbol_tables(vmlinux)
 
 
 def _functions(table: bytes) -> Iterator[tuple[int, int, int]]:
     """(address, size, name offset) of each function symbol with an address."""
-    for st_name, info, _other, _shndx, value, size in _ELF64_SYM.iter_unpack(table):
+    for st_name, info, _other, _shndx, value, size in ELF64_SYM.iter_unpack(table):
         if info & 0xF == STT_FUNC and value:
             yield value, size, st_name
 

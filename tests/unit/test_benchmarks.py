@@ -774,6 +774,22 @@ def test_initcall_addresses_name_our_kernels_functions() -> None:
     assert functions_at(art.vmlinux, [addr + 3])[addr + 3].startswith("virtio_mmio_init+0x3")
 
 
+def test_symbols_come_from_an_elf64_file_only(tmp_path: Path) -> None:
+    """loader/elf.py's raw reader: a bzImage (here: not ELF) is a LoaderError, an
+    ELF without a symbol table names nothing."""
+    from microvm.errors import LoaderError
+    from microvm.loader.elf import symbol_tables
+    from microvm.loader.symbols import functions_at
+
+    not_elf = tmp_path / "bzImage"
+    not_elf.write_bytes(b"MZ" + bytes(4094))
+    with pytest.raises(LoaderError, match="not a little-endian ELF64"):
+        functions_at(not_elf, [0x1000])
+    stripped = tmp_path / "tiny.elf"
+    stripped.write_bytes(startup.tiny_kernel())
+    assert symbol_tables(stripped) == (b"", b"") and functions_at(stripped, [startup.ENTRY]) == {}
+
+
 def test_the_startup_guest_is_a_pvh_elf_our_loader_takes() -> None:
     from microvm.loader import elf
 

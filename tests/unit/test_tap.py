@@ -137,3 +137,10 @@ def test_bad_names(name: str) -> None:
 
     with pytest.raises(ConfigError):
         check_ifname(name)
+
+
+def test_the_tap_is_told_the_header_virtio_net_uses() -> None:
+    from microvm.backends import tap
+    from microvm.devices.virtio import net_abi
+
+    assert tap.VNET_HDR_SIZE == net_abi.VNET_HDR_SIZE == 12  # struct virtio_net_hdr_v1

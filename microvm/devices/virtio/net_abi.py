@@ -7,8 +7,6 @@ Names follow include/uapi/linux/virtio_net.h.
 
 from __future__ import annotations
 
-from microvm.backends.tap import VNET_HDR_SIZE
-
 __all__ = [
     "ETH_HLEN",
     "NUM_BUFFERS_OFFSET",
@@ -24,7 +22,9 @@ __all__ = [
 ]
 
 # struct virtio_net_hdr_v1: flags u8, gso_type u8, hdr_len, gso_size, csum_start,
-# csum_offset, num_buffers (le16 each): VNET_HDR_SIZE (12) bytes.
+# csum_offset, num_buffers (le16 each). The tap is told the same size
+# (backends/tap.py, which devices import and which imports no device).
+VNET_HDR_SIZE = 12
 VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
 VIRTIO_NET_HDR_F_DATA_VALID = 2
 VIRTIO_NET_HDR_GSO_NONE = 0
